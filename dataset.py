@@ -1,0 +1,843 @@
+"""Data layer: labels (the one place the class formula lives), layout parsing, splits, cache, augmentation.
+
+A dataset is one DataFrame row per photo (RECORD_COLUMNS, then add_labels), made by the parser and
+read by every consumer (splits, cache, training, inference, the notebook), so labels are decided once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from torch import nn
+
+
+NUM_CLASSES = 18
+MASK_NAMES = ("wear", "incorrect", "not_wear")
+GENDER_NAMES = ("male", "female")
+AGE_NAMES = ("<30", "30-59", "60+")
+AGE6_NAMES = ("<20", "20s", "30s", "40s", "50s", "60+")
+HEAD_SIZES = (3, 2, 3)  # mask, gender, age: the three heads of a multi-head model
+
+# photo stem -> mask state; mask1..mask5 are all "wear"
+MASK_BY_STEM = {
+    "mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
+    "incorrect_mask": 1,
+    "normal": 2,
+}
+PHOTO_STEMS = tuple(MASK_BY_STEM)
+GENDER_BY_NAME = {name: i for i, name in enumerate(GENDER_NAMES)}
+
+# number of classes each --category predicts
+CATEGORY_CLASSES = {"multi": NUM_CLASSES, "mask": 3, "gender": 2, "age": 3}
+OLD_AGE = 60  # default first age of the "60+" group
+
+
+def age_group(age, old_age: int = OLD_AGE):
+    """Years -> 0 (<30), 1 (30..old_age-1), 2 (>=old_age); scalars or arrays."""
+    age = np.asarray(age)
+    group = np.where(age < 30, 0, np.where(age < old_age, 1, 2))
+    return int(group) if group.ndim == 0 else group
+
+
+def age_bin6(age, old_age: int = OLD_AGE):
+    """Years -> 0..5 for <20, 20s, 30s, 40s, 50s, 60+ (the --age_label_num 6 bins)."""
+    age = np.asarray(age)
+    bins = np.clip(age // 10 - 1, 0, 4)
+    bins = np.where(age >= old_age, 5, bins)
+    return int(bins) if bins.ndim == 0 else bins
+
+
+def age6_to_age3(bins):
+    """Fold the 6 age bins back to the 3 scored groups (<20,20s -> 0; 30s,40s,50s -> 1; 60+ -> 2)."""
+    lookup = np.array([0, 0, 1, 1, 1, 2])
+    out = lookup[np.asarray(bins)]
+    return int(out) if out.ndim == 0 else out
+
+
+def encode_class(mask, gender, age):
+    """(mask 0..2, gender 0..1, age group 0..2) -> class 0..17; scalars, arrays or tensors."""
+    return mask * 6 + gender * 3 + age
+
+
+def decode_class(label):
+    """class 0..17 -> (mask, gender, age group); scalars, arrays or tensors."""
+    return label // 6, (label // 3) % 2, label % 3
+
+
+def category_target(label, category: str):
+    """The 18-class label seen by a run of ``category`` (multi returns it unchanged)."""
+    if category == "multi":
+        return label
+    mask, gender, age = decode_class(label)
+    return {"mask": mask, "gender": gender, "age": age}[category]
+
+
+def heads_to_class_probs(mask_probs, gender_probs, age_probs):
+    """Per-head probabilities [..., 3], [..., 2], [..., 3] -> 18-class probabilities [..., 18].
+
+    The joint is the product of the heads (they are treated as independent), laid out so that
+    index encode_class(m, g, a) holds p(m) * p(g) * p(a). Works on numpy arrays and torch tensors.
+    """
+    joint = (mask_probs[..., :, None, None] * gender_probs[..., None, :, None]
+             * age_probs[..., None, None, :])
+    return joint.reshape(*joint.shape[:-3], NUM_CLASSES)
+
+
+def class_probs_to_heads(probs):
+    """18-class probabilities [..., 18] -> marginals (mask [...,3], gender [...,2], age [...,3])."""
+    joint = probs.reshape(*probs.shape[:-1], 3, 2, 3)
+    return joint.sum(-1).sum(-1), joint.sum(-1).sum(-2), joint.sum(-2).sum(-2)
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, layout, CSV, name); scripts print it in one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout parsing: folders -> one record (a DataFrame row) per photo
+# ----------------------------------------------------------------------------------------------
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PROFILE_PATTERN = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>.+)_(?P<age>[^_]+)$")
+RECORD_COLUMNS = ["path", "profile", "id", "gender", "race", "age", "mask", "stem"]
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+MAX_LISTED_PROBLEMS = 50  # more lines than this help nobody; the count of the rest is printed
+
+
+def _problems_error(problems: list[str], what: str) -> UserError:
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    tail = [f"... and {more} more"] if more else []
+    return UserError(f"{len(problems)} problem(s) in {what}:\n" + "\n".join(shown + tail))
+
+
+def _looks_like_image(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(magic) for magic in _MAGIC)
+
+
+def parse_profile_name(name: str) -> dict:
+    """'000001_female_Asian_45' -> {'id', 'gender', 'race', 'age'}; raises ValueError why not."""
+    match = PROFILE_PATTERN.match(name)
+    if not match:
+        raise ValueError("folder name does not parse; expected <id>_<gender>_<race>_<age>")
+    gender = match["gender"].lower()
+    if gender not in GENDER_BY_NAME:
+        raise ValueError(f"gender '{match['gender']}' is not male/female")
+    if not match["age"].isdigit():
+        raise ValueError(f"age '{match['age']}' is not a number")
+    return {"id": match["id"], "gender": GENDER_BY_NAME[gender], "race": match["race"],
+            "age": int(match["age"])}
+
+
+def parse_train_dir(data_dir: str | Path, relabel: str | Path | None = None,
+                    warn=print) -> pd.DataFrame:
+    """Read the competition's train layout into one row per photo, sorted by path.
+
+    Every problem is collected and raised at once as a UserError (one line per path); profiles with
+    missing photos are only warned about. ``relabel`` applies a relabel CSV (see apply_relabel).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data dir {data_dir} does not exist or is not a folder")
+    problems: list[str] = []
+    rows: list[dict] = []
+    incomplete = 0
+    for folder in sorted(data_dir.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            profile = parse_profile_name(folder.name)
+        except ValueError as why:
+            problems.append(f"{folder}: {why}")
+            continue
+        seen: dict[str, Path] = {}
+        for photo in sorted(folder.iterdir()):
+            if photo.name.startswith("."):
+                continue
+            stem, ext = photo.stem, photo.suffix.lower()
+            if stem not in MASK_BY_STEM or ext not in IMAGE_EXTENSIONS:
+                warn(f"warning: {photo}: ignored (expected one of {', '.join(PHOTO_STEMS)} "
+                     f"with extension {'/'.join(IMAGE_EXTENSIONS)})")
+                continue
+            if stem in seen:
+                problems.append(f"{photo}: duplicate photo, {seen[stem].name} is the same photo")
+                continue
+            seen[stem] = photo
+            if not _looks_like_image(photo):
+                problems.append(f"{photo}: unreadable or not a JPEG/PNG image")
+                continue
+            rows.append({"path": str(photo), "profile": folder.name, **profile,
+                         "mask": MASK_BY_STEM[stem], "stem": stem})
+        missing = [s for s in PHOTO_STEMS if s not in seen]
+        if missing:
+            incomplete += 1
+            warn(f"warning: {folder}: missing photo(s) {', '.join(missing)}")
+    if problems:
+        raise _problems_error(problems, f"the train layout under {data_dir}")
+    if not rows:
+        raise UserError(f"no photos found under {data_dir}; expected folders "
+                        "<id>_<gender>_<race>_<age>/ with mask1..5, incorrect_mask, normal images")
+    frame = pd.DataFrame(rows, columns=RECORD_COLUMNS).sort_values("path", ignore_index=True)
+    if relabel is not None:
+        frame = apply_relabel(frame, relabel, warn=warn)
+    return frame
+
+
+def add_labels(frame: pd.DataFrame, old_age: int = OLD_AGE) -> pd.DataFrame:
+    """Add the scored labels (age group, 18-class ``label``, always with the true 60 boundary) and
+    ``train_age`` / ``train_label`` (with the run's --old_age boundary, used for training only)."""
+    frame = frame.copy()
+    frame["age_group"] = age_group(frame["age"].to_numpy())
+    frame["label"] = encode_class(frame["mask"], frame["gender"], frame["age_group"])
+    frame["train_age"] = age_group(frame["age"].to_numpy(), old_age)
+    frame["train_label"] = encode_class(frame["mask"], frame["gender"], frame["train_age"])
+    return frame
+
+
+TRUE_VALUES = {"true", "1", "yes", "y", "t"}
+FALSE_VALUES = {"false", "0", "no", "n", "f", ""}
+
+
+def apply_relabel(frame: pd.DataFrame, relabel: str | Path, warn=print) -> pd.DataFrame:
+    """Apply a relabel CSV: column ``id`` plus any of ``gender`` (male/female), ``age`` (a number)
+    and ``swap_mask`` (true: this person's incorrect_mask and normal photos are swapped).
+    Empty cells keep the label. Unknown ids and bad values are errors naming the row."""
+    relabel = Path(relabel)
+    try:
+        table = pd.read_csv(relabel, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as why:
+        raise UserError(f"relabel file {relabel}: cannot read ({why})") from None
+    allowed = {"id", "gender", "age", "swap_mask"}
+    if "id" not in table.columns or not set(table.columns) - {"id"} <= allowed - {"id"}:
+        raise UserError(f"relabel file {relabel}: columns {list(table.columns)}; expected 'id' "
+                        "and any of gender, age, swap_mask")
+    frame = frame.copy()
+    known_ids = set(frame["id"])
+    problems, changed = [], set()
+    for line, row in zip(range(2, len(table) + 2), table.to_dict("records")):
+        where = f"{relabel}:{line}"
+        person = row["id"].strip()
+        if person not in known_ids:
+            problems.append(f"{where}: id '{person}' is not a profile of the data")
+            continue
+        rows = frame["id"] == person
+        gender = row.get("gender", "").strip().lower()
+        if gender:
+            if gender not in GENDER_BY_NAME:
+                problems.append(f"{where}: gender '{row['gender']}' is not male/female")
+            else:
+                frame.loc[rows, "gender"] = GENDER_BY_NAME[gender]
+        age = row.get("age", "").strip()
+        if age:
+            if not age.isdigit():
+                problems.append(f"{where}: age '{row['age']}' is not a number")
+            else:
+                frame.loc[rows, "age"] = int(age)
+        swap = row.get("swap_mask", "").strip().lower()
+        if swap not in TRUE_VALUES | FALSE_VALUES:
+            problems.append(f"{where}: swap_mask '{row['swap_mask']}' is not true/false")
+        elif swap in TRUE_VALUES:
+            incorrect, normal = MASK_BY_STEM["incorrect_mask"], MASK_BY_STEM["normal"]
+            old = frame.loc[rows, "mask"]
+            frame.loc[rows, "mask"] = old.replace({incorrect: normal, normal: incorrect})
+        if gender or age or swap in TRUE_VALUES:
+            changed.add(person)
+    if problems:
+        raise _problems_error(problems, f"relabel file {relabel}")
+    warn(f"relabel: {len(changed)} people changed by {relabel}")
+    return frame
+
+
+def parse_eval_dir(eval_dir: str | Path) -> pd.DataFrame:
+    """Read ``<eval_dir>/info.csv`` (ImageID, ans) -> rows with ImageID and path, in info.csv's order."""
+    eval_dir = Path(eval_dir)
+    info_path = eval_dir / "info.csv"
+    info = read_csv_checked(info_path, ["ImageID"])
+    problems = []
+    duplicated = info["ImageID"][info["ImageID"].duplicated()]
+    problems += [f"{info_path}: ImageID {image_id} appears more than once"
+                 for image_id in duplicated]
+    info = info.copy()
+    info["path"] = [str(eval_dir / "images" / image_id) for image_id in info["ImageID"]]
+    for image_id, path in zip(info["ImageID"], info["path"]):
+        if not Path(path).is_file():
+            problems.append(f"{path}: no image for ImageID {image_id} of {info_path}")
+        elif not _looks_like_image(Path(path)):
+            problems.append(f"{path}: unreadable or not a JPEG/PNG image")
+    if problems:
+        raise _problems_error(problems, f"the eval layout under {eval_dir}")
+    return info
+
+
+def read_csv_checked(path: str | Path, columns: list[str]) -> pd.DataFrame:
+    """pd.read_csv that fails with one line naming the file when it is missing or lacks columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        table = pd.read_csv(path, dtype={"ImageID": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as why:
+        raise UserError(f"{path}: not a readable CSV ({str(why).splitlines()[0]})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"expected {', '.join(columns)}, found {', '.join(map(str, table.columns))}")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits: by image (the baseline's, leaky) or by person (default), k folds, balancing
+# ----------------------------------------------------------------------------------------------
+
+
+def _people(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per profile, sorted by profile name so splits never depend on listing order."""
+    people = frame.groupby("profile", sort=True).first().reset_index()
+    people["stratum"] = people["gender"] * 3 + age_group(people["age"].to_numpy())
+    return people
+
+
+def split_by_image(frame: pd.DataFrame, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random image-level split (the competition baseline's). Leaks: one person's photos land on
+    both sides, so its validation score is optimistic. Returns sorted row indices (train, val)."""
+    order = np.random.default_rng(seed).permutation(len(frame))
+    n_val = int(round(len(frame) * val_ratio))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def split_by_profile(frame: pd.DataFrame, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """People-level split: exactly round(n_people * val_ratio) people in val, stratified on
+    gender x age group where every stratum is big enough. Returns sorted row indices."""
+    people = _people(frame)
+    n_val = int(round(len(people) * val_ratio))
+    if n_val == 0:
+        return np.arange(len(frame)), np.array([], dtype=int)
+    if n_val >= len(people):
+        raise UserError(f"--val_ratio {val_ratio} leaves no training person out of {len(people)}")
+    try:
+        _, val_people = train_test_split(people["profile"], test_size=n_val, random_state=seed,
+                                         stratify=people["stratum"])
+    except ValueError:  # a stratum too small to split: fall back to a plain random split
+        _, val_people = train_test_split(people["profile"], test_size=n_val, random_state=seed)
+    is_val = frame["profile"].isin(set(val_people)).to_numpy()
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+class MaskBaseDataset:
+    """Image-level random split, kept for parity with the competition baseline. It LEAKS: the same
+    person appears in train and val, so validation F1 is optimistic."""
+    split = staticmethod(split_by_image)
+
+
+class MaskSplitByProfileDataset:
+    """People-level split stratified on gender x age (the default): no person on both sides."""
+    split = staticmethod(split_by_profile)
+
+
+DATASETS = {"MaskBaseDataset": MaskBaseDataset, "MaskSplitByProfileDataset": MaskSplitByProfileDataset}
+
+
+def kfold_assignments(frame: pd.DataFrame, n_folds: int, seed: int, category: str = "multi") -> pd.Series:
+    """Fold number per profile (index: profile) from StratifiedGroupKFold grouped by person and
+    stratified on the 18 classes (or the run's category)."""
+    if n_folds < 2:
+        raise UserError(f"--kfold {n_folds}: need at least 2 folds")
+    n_people = frame["profile"].nunique()
+    if n_folds > n_people:
+        raise UserError(f"--kfold {n_folds}: only {n_people} people to split")
+    ordered = frame.sort_values("path")
+    labels = add_labels(ordered) if "label" not in ordered else ordered
+    y = category_target(labels["label"].to_numpy(), category)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    fold_of = {}
+    for fold, (_, val_rows) in enumerate(splitter.split(ordered, y, groups=ordered["profile"])):
+        for profile in ordered["profile"].iloc[val_rows].unique():
+            fold_of[profile] = fold
+    return pd.Series(fold_of, name="fold").rename_axis("profile").sort_index()
+
+
+BALANCING = ("imbalance", "10s", "gene")
+
+
+def balance_people(frame: pd.DataFrame, train_rows: np.ndarray, mode: str, seed: int) -> np.ndarray:
+    """People-level oversampling of the TRAIN rows only: every group (gender x decade for '10s',
+    gender x age group for 'gene') is brought up to the size of the largest; a fractional expected
+    repetition count is rounded stochastically with ``seed``. Returns train rows with repeats."""
+    if mode == "imbalance":
+        return train_rows
+    if mode not in BALANCING:
+        raise UserError(f"unknown --data_balancing '{mode}'; choose one of: {', '.join(BALANCING)}")
+    people = _people(frame.iloc[train_rows])
+    if mode == "10s":
+        people["group"] = people["gender"] * 10 + np.minimum(people["age"] // 10, 6)
+    else:
+        people["group"] = people["stratum"]
+    sizes = people["group"].map(people["group"].value_counts())
+    expected = sizes.max() / sizes
+    rng = np.random.default_rng(seed)
+    repeats = np.floor(expected).astype(int) + (rng.random(len(people)) < expected % 1)
+    repeat_of = dict(zip(people["profile"], repeats))
+    train_profiles = frame["profile"].to_numpy()[train_rows]
+    counts = np.array([repeat_of[p] for p in train_profiles])
+    return np.repeat(train_rows, counts)
+
+
+def training_targets(frame: pd.DataFrame, category: str, age_label_num: int = 3,
+                     old_age: int = OLD_AGE) -> np.ndarray:
+    """Targets a model is trained on: the category's classes, with the run's old-age boundary
+    (train_label) and, for age_label_num 6, the 6 age bins (36 classes for multi)."""
+    mask, gender = frame["mask"].to_numpy(), frame["gender"].to_numpy()
+    if age_label_num == 6:
+        age = age_bin6(frame["age"].to_numpy(), old_age)
+        return {"multi": (mask * 2 + gender) * 6 + age, "mask": mask, "gender": gender,
+                "age": age}[category]
+    return category_target(frame["train_label"].to_numpy(), category)
+
+
+def num_outputs(category: str, age_label_num: int = 3) -> int:
+    """Model output width for a run's category and age bins."""
+    if age_label_num == 6:
+        return {"multi": 36, "mask": 3, "gender": 2, "age": 6}[category]
+    return CATEGORY_CLASSES[category]
+
+
+def fold_age6(probs, category: str):
+    """Probabilities over 6 age bins (age: [...,6]; multi: [...,36]) -> the scored 3 groups."""
+    groups = age6_to_age3(np.arange(6))
+    if category == "age":
+        return np.stack([probs[..., groups == g].sum(-1) for g in range(3)], -1)
+    joint = probs.reshape(*probs.shape[:-1], 3, 2, 6)
+    folded = np.stack([joint[..., groups == g].sum(-1) for g in range(3)], -1)
+    return folded.reshape(*probs.shape[:-1], NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode once: crop + resize every photo once per configuration into a uint8 cache on disk
+# ----------------------------------------------------------------------------------------------
+CROPS = ("center", "face", "none")
+CACHE_VERSION = 1  # bump when the decoding below changes what lands in a cache
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The deterministic part of the image pipeline; everything a cache (and inference) needs."""
+    resize: tuple[int, int] = (128, 96)  # H, W fed to the model
+    crop: str = "center"                  # center | face | none
+    canny: bool = False                   # add a Canny-edge 4th channel
+    face_margin: float = 0.4              # face box expansion per side, fraction of the box
+
+    @property
+    def channels(self) -> int:
+        return 4 if self.canny else 3
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "resize": list(self.resize)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocess":
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        known["resize"] = tuple(known.get("resize", cls.resize))
+        return cls(**known)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file so that readers see either the old or the complete new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def center_box(width: int, height: int, aspect_hw: float) -> tuple[int, int, int, int]:
+    """The baseline's centre crop (320 x 256 of a 512 x 384 portrait), made to aspect H/W."""
+    crop_h, crop_w = height * 0.625, width * 2 / 3
+    if crop_h / crop_w > aspect_hw:
+        crop_h = crop_w * aspect_hw
+    else:
+        crop_w = crop_h / aspect_hw
+    x0, y0 = int(round((width - crop_w) / 2)), int(round((height - crop_h) / 2))
+    return x0, y0, x0 + int(round(crop_w)), y0 + int(round(crop_h))
+
+
+def decode_image(path: str) -> np.ndarray:
+    """Decode a photo to RGB uint8 [H, W, 3]; UserError naming the file when it is corrupt."""
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UserError(f"{path}: corrupt or unreadable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def preprocess_image(image: np.ndarray, preprocess: Preprocess,
+                     box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Crop (box, or the preprocess's centre crop) and resize one RGB image -> uint8 [H, W, C]."""
+    height, width = preprocess.resize
+    if box is None and preprocess.crop == "center":
+        box = center_box(image.shape[1], image.shape[0], height / width)
+    if box is not None:
+        x0, y0, x1, y1 = (int(v) for v in box)
+        image = image[max(y0, 0):y1, max(x0, 0):x1]
+    shrinking = image.shape[0] >= height
+    resized = cv2.resize(image, (width, height),
+                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    if preprocess.canny:
+        edges = cv2.Canny(cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY), 100, 200)
+        resized = np.dstack([resized, edges])
+    return resized
+
+
+def _file_signature(paths: list[str]) -> list[tuple[str, int, int]]:
+    signature = []
+    for path in paths:
+        stat = os.stat(path)
+        signature.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    return signature
+
+
+def cache_key(paths: list[str], preprocess: Preprocess, boxes: np.ndarray | None = None) -> str:
+    """Name of the cache for these files (path, size, mtime) under this preprocessing."""
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, preprocess.to_dict(),
+                                      _file_signature(paths)]).encode())
+    if boxes is not None:
+        digest.update(np.ascontiguousarray(boxes, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_cache(paths: list[str], preprocess: Preprocess, cache_dir: str | Path,
+                boxes: np.ndarray | None = None, progress: bool = True,
+                threads: int | None = None) -> np.ndarray:
+    """Decode, crop and resize every photo once; return a read-only uint8 memmap [N, H, W, C].
+
+    The cache file is named by cache_key, so a later run (epoch, fold, process) with the same files
+    and preprocessing reuses it, and a changed image or setting builds a new one. All corrupt images
+    are reported together and nothing is written then.
+    """
+    cache_dir = Path(cache_dir)
+    key = cache_key(paths, preprocess, boxes)
+    target = cache_dir / f"images-{key}.npy"
+    if target.exists():
+        return np.load(target, mmap_mode="r")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    height, width = preprocess.resize
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".images-{key}.", suffix=".npy")
+    os.close(fd)
+    problems: list[str] = []
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(paths), height, width, preprocess.channels))
+
+        def work(i: int) -> None:
+            try:
+                image = decode_image(paths[i])
+            except UserError as why:
+                problems.append(str(why))
+                return
+            out[i] = preprocess_image(image, preprocess, None if boxes is None else boxes[i])
+
+        # OpenCV releases the GIL while decoding, so threads decode in parallel
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            jobs = pool.map(work, range(len(paths)))
+            if progress:
+                from tqdm import tqdm
+                jobs = tqdm(jobs, total=len(paths), desc=f"cache {height}x{width}", leave=False)
+            for _ in jobs:
+                pass
+        if problems:
+            raise _problems_error(sorted(problems), "the images")
+        out.flush()
+        del out
+        os.replace(tmp, target)
+        atomic_write_text(target.with_suffix(".json"), json.dumps(
+            {"preprocess": preprocess.to_dict(), "n_images": len(paths), "first": paths[:1]}))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return np.load(target, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: uint8 from the cache -> the device, where augmentation runs on whole batches
+# ----------------------------------------------------------------------------------------------
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EDGE_MEAN, EDGE_STD = 0.5, 0.5  # the Canny channel is 0/1 edges
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What an augmentation name means: its default crop and its random batch transforms."""
+    crop: str = "center"                     # default --crop of this augmentation
+    flip: bool = False                       # random horizontal flip
+    rotate: float = 0.0                      # max rotation, degrees
+    scale: tuple[float, float] = (1.0, 1.0)  # zoom range
+    translate: float = 0.0                   # max shift, fraction of the image size
+    brightness: float = 0.0                  # colour jitter strengths, as torchvision's ColorJitter
+    contrast: float = 0.0
+    saturation: float = 0.0
+    help: str = ""
+
+    @property
+    def has_affine(self) -> bool:
+        return self.rotate > 0 or self.scale != (1.0, 1.0) or self.translate > 0
+
+
+AUGMENTATIONS = {
+    "BaseAugmentation": AugmentSpec(crop="none", help="resize + normalize, nothing random"),
+    "CustomAugmentation": AugmentSpec(
+        crop="center", flip=True, rotate=10.0, scale=(0.9, 1.1), translate=0.05,
+        brightness=0.2, contrast=0.2, saturation=0.2,
+        help="centre crop, resize, flip, small rotation/zoom/shift, colour jitter"),
+    "FlipAugmentation": AugmentSpec(crop="center", flip=True, help="centre crop, resize, flip"),
+    "StrongAugmentation": AugmentSpec(
+        crop="center", flip=True, rotate=20.0, scale=(0.8, 1.2), translate=0.1,
+        brightness=0.4, contrast=0.4, saturation=0.4,
+        help="as Custom, stronger: for long runs and big models"),
+}
+
+
+class BatchAugmentation(nn.Module):
+    """uint8 [B, H, W, C] batch -> normalized float [B, C, H, W] on the batch's device.
+
+    In train mode each image gets its own random flip, affine warp (one grid_sample for rotation,
+    zoom, shift and flip) and colour jitter; in eval mode it only converts and normalizes, so
+    validation and test see exactly the cached crop.
+    """
+
+    def __init__(self, spec: AugmentSpec, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels: int = 3):
+        super().__init__()
+        self.spec = spec
+        mean, std = list(mean), list(std)
+        if channels == 4:
+            mean, std = mean + [EDGE_MEAN], std + [EDGE_STD]
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        # permute keeps the NHWC memory: the result is channels_last, as the GPU kernels like
+        images = batch.permute(0, 3, 1, 2).float().div_(255)
+        if self.training:
+            images = self._geometry(images)
+            images = self._colour(images)
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images - mean) / std
+
+    def _geometry(self, images: torch.Tensor) -> torch.Tensor:
+        spec, n, device = self.spec, images.shape[0], images.device
+        flip = (torch.rand(n, device=device) < 0.5) if spec.flip else torch.zeros(n, dtype=torch.bool, device=device)
+        if not spec.has_affine:
+            return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        height, width = images.shape[-2:]
+        angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(spec.rotate)
+        low, high = spec.scale
+        zoom = low + torch.rand(n, device=device) * (high - low)
+        shift = (torch.rand(n, 2, device=device) * 2 - 1) * spec.translate * 2
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        sign = torch.where(flip, -1.0, 1.0)
+        # output -> input mapping in normalized coordinates, corrected for the aspect ratio
+        theta = torch.stack([
+            torch.stack([cos * sign, -sin * height / width, shift[:, 0]], -1),
+            torch.stack([sin * width / height * sign, cos, shift[:, 1]], -1),
+        ], 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                             align_corners=False)
+
+    def _colour(self, images: torch.Tensor) -> torch.Tensor:
+        spec, n, device = self.spec, images.shape[0], images.device
+        rgb = images[:, :3]
+
+        def factor(strength: float) -> torch.Tensor:
+            return (1 + (torch.rand(n, 1, 1, 1, device=device) * 2 - 1) * strength)
+
+        if spec.brightness:
+            rgb = rgb * factor(spec.brightness)
+        gray_weights = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
+        if spec.contrast:
+            mean = (rgb * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+            rgb = (rgb - mean) * factor(spec.contrast) + mean
+        if spec.saturation:
+            gray = (rgb * gray_weights).sum(1, keepdim=True)
+            rgb = (rgb - gray) * factor(spec.saturation) + gray
+        rgb = rgb.clamp(0, 1)
+        return torch.cat([rgb, images[:, 3:]], 1) if images.shape[1] > 3 else rgb
+
+
+def build_augmentation(name: str, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       channels: int = 3) -> BatchAugmentation:
+    if name not in AUGMENTATIONS:
+        raise UserError(f"unknown augmentation '{name}'; choose one of: {', '.join(AUGMENTATIONS)}")
+    return BatchAugmentation(AUGMENTATIONS[name], mean, std, channels)
+
+
+def dataset_statistics(images: np.ndarray, max_images: int = 2000, seed: int = 0) -> tuple[list, list]:
+    """Per-channel RGB mean/std (0..1) of a cache, from up to max_images evenly sampled images."""
+    rows = np.random.default_rng(seed).permutation(len(images))[:max_images]
+    sample = np.asarray(images[np.sort(rows)][..., :3], dtype=np.float64) / 255
+    return sample.mean((0, 1, 2)).tolist(), sample.std((0, 1, 2)).tolist()
+
+
+def build_mixer(num_classes: int, mixup: bool, cutmix: bool, mixup_alpha: float = 0.2,
+                cutmix_alpha: float = 1.0):
+    """torchvision's batch MixUp/CutMix (one of them at random when both): hard labels in,
+    soft targets out, for losses that take soft targets. None when neither is on."""
+    from torchvision.transforms import v2
+    mixers = []
+    if mixup:
+        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix:
+        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+class CachedBatches:
+    """Iterate (uint8 images [B,H,W,C], targets [B], rows [B]) from a cache on ``device``.
+
+    The cache is copied to the device whole when it fits (GPU: under ``max_device_fraction`` of
+    the free memory; CPU: under ``max_host_bytes``), else each batch is gathered from the memmap
+    and sent pinned and non-blocking. Shuffling draws from torch's global RNG (seeded by the run,
+    saved in checkpoints), ``weights`` switch to sampling with replacement (--weightsampler).
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+                 batch_size: int, device: torch.device | str = "cpu", shuffle: bool = False,
+                 drop_last: bool = False, weights: np.ndarray | None = None,
+                 preload: bool | None = None, max_device_fraction: float = 0.5,
+                 max_host_bytes: int = 4 << 30):
+        self.device = torch.device(device)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        unique_rows, self.position = np.unique(self.rows, return_inverse=True)
+        needed = len(unique_rows) * int(np.prod(images.shape[1:]))
+        if preload is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                preload = needed < free * max_device_fraction
+            else:
+                preload = needed < max_host_bytes
+        self.images = images
+        self.resident = None
+        if preload:
+            self.resident = torch.from_numpy(np.ascontiguousarray(images[unique_rows])).to(self.device)
+            self.position = torch.as_tensor(self.position, device=self.device)
+        self.targets = self.targets.to(self.device)
+
+    def __len__(self) -> int:
+        n = len(self.rows)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.rows)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, n, replacement=True)
+        return torch.randperm(n) if self.shuffle else torch.arange(n)
+
+    def __iter__(self):
+        order = self._order()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            picks = order[start:start + self.batch_size]
+            if self.resident is not None:
+                on_device = picks.to(self.device)
+                images = self.resident[self.position[on_device]]
+            else:
+                batch = torch.from_numpy(self.images[self.rows[picks.numpy()]])
+                if self.device.type == "cuda":
+                    batch = batch.pin_memory()
+                images = batch.to(self.device, non_blocking=True)
+                on_device = picks.to(self.device)
+            yield images, self.targets[on_device], self.rows[picks.numpy()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the data is: a flag, the SageMaker-style variable, else the bundled sample
+# ----------------------------------------------------------------------------------------------
+SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
+
+
+def resolve_train_dir(data_dir: str | None, say=print) -> Path:
+    """--data_dir, else $SM_CHANNEL_TRAIN, else the bundled sample (generated on first use).
+    A folder holding ``images/`` (the competition's train/) is accepted for its images/."""
+    data_dir = data_dir or os.environ.get("SM_CHANNEL_TRAIN")
+    if not data_dir:
+        from make_sample import ensure_sample
+        train_dir, _ = ensure_sample(SAMPLE_ROOT)
+        say(f"data: no --data_dir or SM_CHANNEL_TRAIN given; using the bundled sample {train_dir}")
+        return Path(train_dir)
+    path = Path(data_dir)
+    if (path / "images").is_dir() and not any(PROFILE_PATTERN.match(p.name) for p in path.iterdir()):
+        return path / "images"
+    return path
+
+
+def resolve_eval_dir(eval_dir: str | None, say=print) -> Path:
+    """--data_dir for inference, else $SM_CHANNEL_EVAL, else the bundled sample's eval/."""
+    eval_dir = eval_dir or os.environ.get("SM_CHANNEL_EVAL")
+    if not eval_dir:
+        from make_sample import ensure_sample
+        _, sample_eval = ensure_sample(SAMPLE_ROOT)
+        say(f"data: no --data_dir or SM_CHANNEL_EVAL given; using the bundled sample {sample_eval}")
+        return Path(sample_eval)
+    return Path(eval_dir)
+
+
+def run_cli(main, parse_args, argv: list[str] | None = None) -> int:
+    """Run a script's main: a UserError becomes one 'error: ...' line on stderr and exit code 2."""
+    import sys
+    try:
+        main(parse_args(argv))
+    except UserError as why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def read_json_checked(path: str | Path) -> dict:
+    """Load a JSON object, failing with one line naming the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as why:
+        raise UserError(f"{path}: not valid JSON ({why})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object of settings")
+    return value

@@ -1,0 +1,355 @@
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dataset
+from dataset import UserError
+
+
+# ---------------------------------------------------------------------------- labels
+def test_label_round_trip_all_18_classes():
+    seen = set()
+    for mask in range(3):
+        for gender in range(2):
+            for age in range(3):
+                label = dataset.encode_class(mask, gender, age)
+                assert dataset.decode_class(label) == (mask, gender, age)
+                seen.add(label)
+    assert seen == set(range(18))
+    labels = np.arange(18)
+    assert np.array_equal(dataset.encode_class(*dataset.decode_class(labels)), labels)
+    assert dataset.encode_class(2, 1, 2) == 17 and dataset.encode_class(1, 0, 1) == 7
+
+
+def test_age_groups_bins_and_boundary():
+    ages = np.array([18, 29, 30, 57, 58, 59, 60, 75])
+    assert dataset.age_group(ages).tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert dataset.age_group(ages, old_age=58).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert dataset.age_bin6(np.array([5, 19, 20, 35, 45, 59, 60])).tolist() == [0, 0, 1, 2, 3, 4, 5]
+    # 6 bins fold back to the same 3 groups as the years themselves
+    years = np.arange(0, 90)
+    assert np.array_equal(dataset.age6_to_age3(dataset.age_bin6(years)), dataset.age_group(years))
+
+
+def test_heads_product_and_marginals():
+    rng = np.random.default_rng(0)
+    m, g, a = (rng.dirichlet(np.ones(k), size=4) for k in (3, 2, 3))
+    joint = dataset.heads_to_class_probs(m, g, a)
+    assert joint.shape == (4, 18)
+    assert np.allclose(joint.sum(1), 1)
+    assert np.isclose(joint[1, dataset.encode_class(2, 1, 0)], m[1, 2] * g[1, 1] * a[1, 0])
+    for got, want in zip(dataset.class_probs_to_heads(joint), (m, g, a)):
+        assert np.allclose(got, want)
+
+
+def test_fold_age6_sums_probabilities():
+    probs = np.random.default_rng(1).dirichlet(np.ones(36), size=5)
+    folded = dataset.fold_age6(probs, "multi")
+    assert folded.shape == (5, 18) and np.allclose(folded.sum(1), 1)
+    # class (mask 1, gender 0, age group 1) gathers the 30s, 40s, 50s bins
+    assert np.isclose(folded[0, dataset.encode_class(1, 0, 1)], probs[0, 12 + 2:12 + 5].sum())
+
+
+# ---------------------------------------------------------------------------- parsing
+def test_parser_reads_layout(tiny_train_dir):
+    frame = dataset.parse_train_dir(tiny_train_dir)
+    assert len(frame) == 24 * 7
+    assert frame["path"].is_monotonic_increasing
+    per_person = frame.groupby("profile")["mask"].apply(sorted)
+    assert all(masks == [0, 0, 0, 0, 0, 1, 2] for masks in per_person)
+    labelled = dataset.add_labels(frame)
+    assert labelled["label"].between(0, 17).all()
+
+
+def _layout(tmp_path: Path, source: Path, folders: dict[str, list[str]]) -> Path:
+    """Build a layout under tmp_path/images from one real photo copied under many names."""
+    root = tmp_path / "images"
+    for folder, names in folders.items():
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copy(source, root / folder / name)
+    return root
+
+
+ALL = [f"{stem}.jpg" for stem in dataset.PHOTO_STEMS]
+
+
+@pytest.mark.parametrize("folders, expected", [
+    ({"000001_female_Asian": ALL}, "000001_female_Asian: folder name does not parse"),
+    ({"000001_female_Asian_old": ALL}, "age 'old' is not a number"),
+    ({"000001_woman_Asian_45": ALL}, "gender 'woman' is not male/female"),
+    ({"000001_female_Asian_45": ALL + ["mask1.png"]}, "mask1.png: duplicate photo"),
+])
+def test_parser_rejects_bad_layout(tmp_path, tiny_train_dir, folders, expected):
+    source = next(tiny_train_dir.glob("*/normal.jpg"))
+    root = _layout(tmp_path, source, {"000002_male_Black_33": ALL, **folders})
+    with pytest.raises(UserError, match=expected):
+        dataset.parse_train_dir(root)
+
+
+def test_parser_reports_all_problems_at_once_and_names_paths(tmp_path, tiny_train_dir):
+    source = next(tiny_train_dir.glob("*/normal.jpg"))
+    root = _layout(tmp_path, source, {"a_b": ALL, "1_x_y_2": ALL, "3_male_z_q": ALL})
+    (root / "000009_male_Asian_20").mkdir()
+    (root / "000009_male_Asian_20" / "normal.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(UserError) as caught:
+        dataset.parse_train_dir(root)
+    text = str(caught.value)
+    assert "4 problem(s)" in text
+    for name in ("a_b", "1_x_y_2", "3_male_z_q", "000009_male_Asian_20/normal.jpg"):
+        assert name in text
+
+
+def test_missing_photos_warn_hidden_files_ignored(tmp_path, tiny_train_dir):
+    source = next(tiny_train_dir.glob("*/normal.jpg"))
+    root = _layout(tmp_path, source, {"000001_female_Asian_45": ALL[:5]})
+    (root / ".DS_Store").write_text("x")
+    (root / "000001_female_Asian_45" / "._mask1.jpg").write_text("x")
+    said = []
+    frame = dataset.parse_train_dir(root, warn=said.append)
+    assert len(frame) == 5
+    assert len(said) == 1 and "missing photo(s) incorrect_mask, normal" in said[0]
+
+
+def test_corrupt_image_reported_by_cache_and_nothing_written(tmp_path, tiny_train_dir):
+    source = next(tiny_train_dir.glob("*/normal.jpg"))
+    root = _layout(tmp_path, source, {"000001_female_Asian_45": ALL})
+    broken = root / "000001_female_Asian_45" / "mask3.jpg"
+    broken.write_bytes(source.read_bytes()[:200])  # a JPEG header, then nothing
+    frame = dataset.parse_train_dir(root)
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(UserError, match="mask3.jpg: corrupt or unreadable image"):
+        dataset.build_cache(frame["path"].tolist(), dataset.Preprocess(resize=(32, 24)), cache_dir,
+                            progress=False)
+    assert not list(cache_dir.glob("*.npy"))
+
+
+def test_eval_parsing(tiny_sample, tmp_path):
+    info = dataset.parse_eval_dir(tiny_sample / "eval")
+    assert len(info) == 4 * 7 and all(Path(p).is_file() for p in info["path"])
+    broken = tmp_path / "eval"
+    shutil.copytree(tiny_sample / "eval", broken)
+    first = info["ImageID"].iloc[0]
+    (broken / "images" / first).unlink()
+    with pytest.raises(UserError, match=f"no image for ImageID {first}"):
+        dataset.parse_eval_dir(broken)
+    pd.DataFrame({"id": [1]}).to_csv(broken / "info.csv", index=False)
+    with pytest.raises(UserError, match="missing column.*ImageID"):
+        dataset.parse_eval_dir(broken)
+
+
+# ---------------------------------------------------------------------------- splits
+def _people_frame(n_people=50, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_people):
+        gender, age = int(rng.integers(2)), int(rng.choice([20, 25, 35, 45, 55, 60]))
+        for stem, mask in dataset.MASK_BY_STEM.items():
+            rows.append({"path": f"/d/{i:06d}_x_y_{age}/{stem}.jpg", "profile": f"{i:06d}_x_y_{age}",
+                         "id": f"{i:06d}", "gender": gender, "race": "y", "age": age,
+                         "mask": mask, "stem": stem})
+    return dataset.add_labels(pd.DataFrame(rows).sort_values("path", ignore_index=True))
+
+
+def test_profile_split_no_leak_exact_count_order_independent():
+    frame = _people_frame(50)
+    train, val = dataset.split_by_profile(frame, 0.2, seed=3)
+    train_people, val_people = set(frame.profile[train]), set(frame.profile[val])
+    assert not train_people & val_people
+    assert len(val_people) == round(50 * 0.2)
+    assert len(train) + len(val) == len(frame)
+    shuffled = frame.sample(frac=1, random_state=1).reset_index(drop=True)
+    _, val2 = dataset.split_by_profile(shuffled, 0.2, seed=3)
+    assert set(shuffled.profile[val2]) == val_people
+    _, val3 = dataset.split_by_profile(frame, 0.2, seed=4)
+    assert set(frame.profile[val3]) != val_people
+
+
+def test_image_split_is_the_leaky_one():
+    frame = _people_frame(30)
+    train, val = dataset.split_by_image(frame, 0.2, seed=0)
+    assert len(val) == round(len(frame) * 0.2)
+    assert set(frame.profile[train]) & set(frame.profile[val])  # documented leak
+    assert "LEAKS" in dataset.MaskBaseDataset.__doc__
+
+
+def test_kfold_each_person_in_one_val_fold():
+    frame = _people_frame(40)
+    folds = dataset.kfold_assignments(frame, 5, seed=0)
+    assert sorted(folds.index) == sorted(frame.profile.unique())
+    assert sorted(folds.unique()) == [0, 1, 2, 3, 4]
+    shuffled = frame.sample(frac=1, random_state=2).reset_index(drop=True)
+    assert dataset.kfold_assignments(shuffled, 5, seed=0).equals(folds)
+
+
+@pytest.mark.parametrize("mode", ["10s", "gene"])
+def test_balancing_repeats_only_train_people(mode):
+    frame = _people_frame(60)
+    train, val = dataset.split_by_profile(frame, 0.25, seed=0)
+    balanced = dataset.balance_people(frame, train, mode, seed=0)
+    assert set(balanced) == set(train)  # only train rows, all of them
+    assert not set(balanced) & set(val)
+    assert len(balanced) > len(train)
+    counts = pd.Series(balanced).value_counts()
+    # a person's photos are repeated together
+    per_person = frame.loc[counts.index].assign(n=counts.values).groupby("profile")["n"].nunique()
+    assert (per_person == 1).all()
+    assert np.array_equal(dataset.balance_people(frame, train, mode, seed=0), balanced)
+    assert np.array_equal(dataset.balance_people(frame, train, "imbalance", 0), train)
+
+
+def test_training_targets_categories_and_old_age():
+    frame = _people_frame(20)
+    for category, n in dataset.CATEGORY_CLASSES.items():
+        targets = dataset.training_targets(frame, category)
+        assert targets.min() >= 0 and targets.max() < n
+    frame58 = dataset.add_labels(frame, old_age=50)
+    assert (frame58.loc[frame58.age == 55, "train_age"] == 2).all()
+    assert (frame58.loc[frame58.age == 55, "age_group"] == 1).all()  # scored with the true 60
+    six = dataset.training_targets(frame, "multi", age_label_num=6)
+    assert six.max() < 36
+    assert np.array_equal(six // 12, frame["mask"].to_numpy())
+
+
+# ---------------------------------------------------------------------------- relabel
+def test_relabel_changes_exactly_named_labels(tiny_train_dir, tmp_path):
+    frame = dataset.parse_train_dir(tiny_train_dir)
+    first, second = sorted(frame["id"].unique())[:2]
+    relabel = tmp_path / "relabel.csv"
+    old_gender = frame.loc[frame.id == first, "gender"].iloc[0]
+    relabel.write_text(f"id,gender,age,swap_mask\n{first},{dataset.GENDER_NAMES[1 - old_gender]},,\n"
+                       f"{second},,61,true\n")
+    said = []
+    fixed = dataset.parse_train_dir(tiny_train_dir, relabel=relabel, warn=said.append)
+    assert "2 people changed" in said[-1]
+    assert (fixed.loc[fixed.id == first, "gender"] == 1 - old_gender).all()
+    assert (fixed.loc[fixed.id == second, "age"] == 61).all()
+    before = frame.set_index("path")["mask"]
+    after = fixed.set_index("path")["mask"]
+    changed = before[before != after].index
+    assert sorted(Path(p).stem for p in changed) == ["incorrect_mask", "normal"]
+    others = fixed[~fixed.id.isin([first, second])]
+    assert others.equals(frame[~frame.id.isin([first, second])])
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("id,gender\nnobody,male\n", "id 'nobody' is not a profile"),
+    ("id,gender\n{id},robot\n", "gender 'robot' is not male/female"),
+    ("id,age\n{id},old\n", "age 'old' is not a number"),
+    ("id,swap_mask\n{id},maybe\n", "swap_mask 'maybe' is not true/false"),
+    ("name,gender\n{id},male\n", "expected 'id'"),
+])
+def test_relabel_bad_rows_fail_clearly(tiny_train_dir, tmp_path, content, expected):
+    some_id = dataset.parse_train_dir(tiny_train_dir)["id"].iloc[0]
+    relabel = tmp_path / "relabel.csv"
+    relabel.write_text(content.format(id=some_id))
+    with pytest.raises(UserError, match=expected):
+        dataset.parse_train_dir(tiny_train_dir, relabel=relabel)
+
+
+# ---------------------------------------------------------------------------- cache
+def test_cache_reused_then_rebuilt_after_image_change(tiny_train_dir, tmp_path):
+    frame = dataset.parse_train_dir(tiny_train_dir)
+    photos = tmp_path / "photos"
+    shutil.copytree(tiny_train_dir, photos)
+    paths = [str(photos / Path(p).parent.name / Path(p).name) for p in frame["path"][:14]]
+    pre = dataset.Preprocess(resize=(40, 30))
+    cache_dir = tmp_path / "cache"
+    first = dataset.build_cache(paths, pre, cache_dir, progress=False)
+    assert first.dtype == np.uint8 and first.shape == (14, 40, 30, 3)
+    stamp = {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")}
+    again = dataset.build_cache(paths, pre, cache_dir, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")} == stamp  # nothing rebuilt
+    assert np.array_equal(first, again)
+    # the same pixels as decoding the photo directly
+    direct = dataset.preprocess_image(dataset.decode_image(paths[3]), pre)
+    assert np.array_equal(first[3], direct)
+    shutil.copy(paths[0], paths[3])  # change one image
+    changed = dataset.build_cache(paths, pre, cache_dir, progress=False)
+    assert len(list(cache_dir.glob("*.npy"))) == 2
+    assert np.array_equal(changed[3], first[0]) and not np.array_equal(changed[3], first[3])
+    # another preprocessing is another cache
+    dataset.build_cache(paths, dataset.Preprocess(resize=(40, 30), canny=True), cache_dir,
+                        progress=False)
+    assert len(list(cache_dir.glob("*.npy"))) == 3
+
+
+# ---------------------------------------------------------------------------- augmentation
+@pytest.mark.parametrize("name", list(dataset.AUGMENTATIONS))
+@pytest.mark.parametrize("channels", [3, 4])
+def test_augmentation_shapes_dtypes_and_eval_identity(name, channels):
+    torch.manual_seed(0)
+    batch = torch.randint(0, 256, (6, 32, 24, channels), dtype=torch.uint8)
+    augment = dataset.build_augmentation(name, channels=channels)
+    augment.train()
+    out = augment(batch)
+    assert out.shape == (6, channels, 32, 24) and out.dtype == torch.float32
+    augment.eval()
+    plain = augment(batch)
+    mean = torch.tensor(list(dataset.IMAGENET_MEAN) + [0.5])[:channels].view(1, -1, 1, 1)
+    std = torch.tensor(list(dataset.IMAGENET_STD) + [0.5])[:channels].view(1, -1, 1, 1)
+    expected = (batch.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    assert torch.allclose(plain, expected, atol=1e-6)
+    # train mode stays within the normalized range of [0, 1] pixels
+    low, high = ((0 - mean) / std).min(), ((1 - mean) / std).max()
+    assert out.min() >= low - 1e-4 and out.max() <= high + 1e-4
+    if dataset.AUGMENTATIONS[name] != dataset.AugmentSpec(crop="none", help=dataset.AUGMENTATIONS[name].help):
+        assert not torch.allclose(out, plain)
+
+
+def test_flip_only_augmentation_flips_some_images_exactly():
+    torch.manual_seed(1)
+    batch = torch.randint(0, 256, (16, 8, 6, 3), dtype=torch.uint8)
+    augment = dataset.build_augmentation("FlipAugmentation").train()
+    out = augment(batch)
+    plain = augment.eval()(batch)
+    flipped = [torch.equal(o, p.flip(-1)) for o, p in zip(out, plain)]
+    same = [torch.equal(o, p) for o, p in zip(out, plain)]
+    assert all(f or s for f, s in zip(flipped, same)) and any(flipped) and any(same)
+
+
+def test_unknown_augmentation_lists_choices():
+    with pytest.raises(UserError, match="CustomAugmentation"):
+        dataset.build_augmentation("CustomAugmentaton")
+
+
+def test_mixup_cutmix_targets_are_soft_and_sum_to_one():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 16, 12)
+    labels = torch.randint(0, 18, (8,))
+    for flags in [(True, False), (False, True), (True, True)]:
+        mixer = dataset.build_mixer(18, *flags)
+        mixed, soft = mixer(images, labels)
+        assert mixed.shape == images.shape and soft.shape == (8, 18)
+        assert torch.allclose(soft.sum(1), torch.ones(8))
+    assert dataset.build_mixer(18, False, False) is None
+
+
+def test_cached_batches_cover_rows_in_order_and_shuffled():
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    rows = np.array([7, 3, 3, 9, 0])
+    targets = np.array([70, 30, 30, 90, 0])
+    ordered = list(dataset.CachedBatches(images, targets, rows, 2, preload=False))
+    assert [b[2].tolist() for b in ordered] == [[7, 3], [3, 9], [0]]
+    for batch_images, batch_targets, batch_rows in ordered:
+        assert np.array_equal(batch_images.numpy(), images[batch_rows])
+        assert batch_targets.tolist() == [r * 10 for r in batch_rows]
+    torch.manual_seed(0)
+    resident = list(dataset.CachedBatches(images, targets, rows, 2, shuffle=True, preload=True))
+    torch.manual_seed(0)
+    streamed = list(dataset.CachedBatches(images, targets, rows, 2, shuffle=True, preload=False))
+    for a, b in zip(resident, streamed):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert sorted(np.concatenate([b[2] for b in resident]).tolist()) == sorted(rows.tolist())
+
+
+def test_center_box_inside_image_with_aspect():
+    for width, height, aspect in [(384, 512, 128 / 96), (384, 512, 1.0), (1000, 500, 2.0)]:
+        x0, y0, x1, y1 = dataset.center_box(width, height, aspect)
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert abs((y1 - y0) / (x1 - x0) - aspect) < 0.05
