@@ -543,19 +543,35 @@ def build_cache(paths: list[str], preprocess: Preprocess, cache_dir: str | Path,
     and preprocessing reuses it, and a changed image or setting builds a new one. All corrupt images
     are reported together and nothing is written then.
     """
+    return build_caches(paths, [(preprocess, boxes)], cache_dir, progress, threads)[0]
+
+
+def build_caches(paths: list[str], variants: list[tuple[Preprocess, np.ndarray | None]],
+                 cache_dir: str | Path, progress: bool = True,
+                 threads: int | None = None) -> list[np.ndarray]:
+    """build_cache for several (preprocess, boxes) variants at once, decoding each photo once
+    (an ensemble of models at different resolutions or crops)."""
     cache_dir = Path(cache_dir)
-    key = cache_key(paths, preprocess, boxes)
-    target = cache_dir / f"images-{key}.npy"
-    if target.exists():
-        return np.load(target, mmap_mode="r")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    height, width = preprocess.resize
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".images-{key}.", suffix=".npy")
-    os.close(fd)
+    targets = [cache_dir / f"images-{cache_key(paths, pre, boxes)}.npy" for pre, boxes in variants]
+    todo = [i for i, target in enumerate(targets) if not target.exists()]
+    if todo:
+        _fill_caches(paths, [variants[i] for i in todo], [targets[i] for i in todo], progress,
+                     threads)
+    return [np.load(target, mmap_mode="r") for target in targets]
+
+
+def _fill_caches(paths, variants, targets, progress, threads) -> None:
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    temps, outputs = [], []
     problems: list[str] = []
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(paths), height, width, preprocess.channels))
+        for (pre, _), target in zip(variants, targets):
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".npy")
+            os.close(fd)
+            temps.append(tmp)
+            height, width = pre.resize
+            outputs.append(np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(paths), height, width, pre.channels)))
 
         def work(i: int) -> None:
             try:
@@ -563,26 +579,29 @@ def build_cache(paths: list[str], preprocess: Preprocess, cache_dir: str | Path,
             except UserError as why:
                 problems.append(str(why))
                 return
-            out[i] = preprocess_image(image, preprocess, None if boxes is None else boxes[i])
+            for out, (pre, boxes) in zip(outputs, variants):
+                out[i] = preprocess_image(image, pre, None if boxes is None else boxes[i])
 
         # OpenCV releases the GIL while decoding, so threads decode in parallel
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             jobs = pool.map(work, range(len(paths)))
             if progress:
                 from tqdm import tqdm
-                jobs = tqdm(jobs, total=len(paths), desc=f"cache {height}x{width}", leave=False)
+                jobs = tqdm(jobs, total=len(paths), desc="decoding photos into the cache",
+                            leave=False)
             for _ in jobs:
                 pass
         if problems:
             raise _problems_error(sorted(problems), "the images")
-        out.flush()
-        del out
-        os.replace(tmp, target)
-        atomic_write_text(target.with_suffix(".json"), json.dumps(
-            {"preprocess": preprocess.to_dict(), "n_images": len(paths), "first": paths[:1]}))
+        for out, tmp, target, (pre, _) in zip(outputs, temps, targets, variants):
+            out.flush()
+            os.replace(tmp, target)
+            atomic_write_text(target.with_suffix(".json"), json.dumps(
+                {"preprocess": pre.to_dict(), "n_images": len(paths), "first": paths[:1]}))
     finally:
-        Path(tmp).unlink(missing_ok=True)
-    return np.load(target, mmap_mode="r")
+        del outputs
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,17 +748,19 @@ class CachedBatches:
     The cache is copied to the device whole when it fits (GPU: under ``max_device_fraction`` of
     the free memory; CPU: under ``max_host_bytes``), else each batch is gathered from the memmap
     and sent pinned and non-blocking. Shuffling draws from torch's global RNG (seeded by the run,
-    saved in checkpoints), ``weights`` switch to sampling with replacement (--weightsampler).
+    saved in checkpoints), ``weights`` switch to sampling with replacement (--weightsampler), and
+    a ``sampler`` over range(len(rows)) (DistributedSampler under torchrun) decides the order.
     """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
                  batch_size: int, device: torch.device | str = "cpu", shuffle: bool = False,
                  drop_last: bool = False, weights: np.ndarray | None = None,
                  preload: bool | None = None, max_device_fraction: float = 0.5,
-                 max_host_bytes: int = 4 << 30):
+                 max_host_bytes: int = 4 << 30, sampler=None):
         self.device = torch.device(device)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.sampler = sampler
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
         unique_rows, self.position = np.unique(self.rows, return_inverse=True)
@@ -758,11 +779,13 @@ class CachedBatches:
         self.targets = self.targets.to(self.device)
 
     def __len__(self) -> int:
-        n = len(self.rows)
+        n = len(self.sampler) if self.sampler is not None else len(self.rows)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _order(self) -> torch.Tensor:
         n = len(self.rows)
+        if self.sampler is not None:
+            return torch.as_tensor(list(self.sampler), dtype=torch.long)
         if self.weights is not None:
             return torch.multinomial(self.weights, n, replacement=True)
         return torch.randperm(n) if self.shuffle else torch.arange(n)

@@ -1,0 +1,232 @@
+"""Vote submission CSVs (ImageID,ans) into one, joined by ImageID: hard (weighted) or soft."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import dataset
+from dataset import NUM_CLASSES, UserError
+
+PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
+DEFAULT_DIR = Path("output")
+PROBS_SUFFIX = "_probs.csv"
+SUM_TOLERANCE = 1e-3  # probabilities written with a few decimals do not sum to exactly 1
+TIE_TOLERANCE = 1e-9  # float weights (0.1 + 0.2 vs 0.3) must still count as ties
+
+
+def _aligned_matrix(columns: list[pd.Series] | list[pd.DataFrame]) -> np.ndarray:
+    """Stack the tables on the first one's ImageID order -> [files, rows(, classes)]."""
+    index = columns[0].index
+    stacked = [table.reindex(index).to_numpy() for table in columns]
+    if any(len(table) != len(index) or pd.isna(values).any()
+           for table, values in zip(columns, stacked)):
+        raise ValueError("the tables do not hold the same ImageIDs")
+    return np.stack(stacked)
+
+
+def _weights(weights: Sequence[float] | None, n_files: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n_files)
+    if len(weights) != n_files:
+        raise ValueError(f"{len(weights)} weight(s) for {n_files} files")
+    return np.asarray(weights, dtype=np.float64)
+
+
+def hard_vote(predictions: list[pd.Series], weights: Sequence[float] | None = None
+              ) -> tuple[pd.Series, int]:
+    """Weighted majority of class predictions (Series indexed by ImageID) -> (ans, ties broken).
+
+    Among the classes tied for the most votes, the winner is the class of the earliest file that
+    predicted one of them. The result is in the first Series' order.
+    """
+    votes = _aligned_matrix(predictions).astype(np.int64)  # [files, rows]
+    weight = _weights(weights, len(predictions))
+    rows = np.arange(votes.shape[1])
+    scores = np.zeros((votes.shape[1], NUM_CLASSES))
+    for file_votes, file_weight in zip(votes, weight):  # loop over files, vectorised over rows
+        scores[rows, file_votes] += file_weight
+    best = scores.max(axis=1, keepdims=True)
+    tied = scores >= best - TIE_TOLERANCE * max(1.0, weight.sum())
+    voted_for_tied = tied[rows[None, :], votes]  # [files, rows]
+    first_file = voted_for_tied.argmax(axis=0)  # earliest file whose class is among the best
+    answer = votes[first_file, rows]
+    n_ties = int((tied.sum(axis=1) > 1).sum())
+    return pd.Series(answer, index=predictions[0].index, name="ans"), n_ties
+
+
+def soft_vote(probabilities: list[pd.DataFrame], weights: Sequence[float] | None = None
+              ) -> tuple[pd.Series, pd.DataFrame]:
+    """Weighted mean of p0..p17 tables (indexed by ImageID) -> (argmax ans, mean probabilities)."""
+    stacked = _aligned_matrix([table[PROB_COLUMNS] for table in probabilities])
+    weight = _weights(weights, len(probabilities))
+    mean = np.tensordot(weight / weight.sum(), stacked.astype(np.float64), axes=1)
+    index = probabilities[0].index
+    return (pd.Series(mean.argmax(axis=1), index=index, name="ans"),
+            pd.DataFrame(mean, index=index, columns=PROB_COLUMNS))
+
+
+def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    table = dataset.read_csv_checked(path, ["ImageID", *columns])
+    if table.empty:
+        raise UserError(f"{path}: no rows")
+    ids = table["ImageID"]
+    if ids.isna().any():
+        raise UserError(f"{path}: empty ImageID in row {int(ids.isna().to_numpy().argmax()) + 2}")
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        raise UserError(f"{path}: {len(duplicated)} duplicated ImageID(s) "
+                        f"(first: {duplicated.iloc[0]})")
+    return table.set_index("ImageID")
+
+
+def _first_bad(path: Path, table: pd.DataFrame, bad: np.ndarray, column: str,
+               expected: str) -> UserError:
+    row = int(bad.argmax())
+    return UserError(f"{path}: {int(bad.sum())} bad {column} value(s), expected {expected} "
+                     f"(first: ImageID {table.index[row]}, {column}={table[column].iloc[row]!r})")
+
+
+def read_predictions(path: Path) -> pd.Series:
+    """A submission CSV -> its ans (int 0..17) indexed by ImageID; UserError naming the file."""
+    table = _read_table(path, ["ans"])
+    numbers = pd.to_numeric(table["ans"], errors="coerce")
+    numbers = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        not_integer = ~np.isfinite(numbers) | (numbers != np.round(numbers))
+        if not_integer.any():
+            raise _first_bad(path, table, not_integer, "ans", "an integer class")
+        out_of_range = (numbers < 0) | (numbers >= NUM_CLASSES)
+    if out_of_range.any():
+        raise _first_bad(path, table, out_of_range, "ans", f"a class 0..{NUM_CLASSES - 1}")
+    return pd.Series(numbers.astype(np.int64), index=table.index, name="ans")
+
+
+def read_probabilities(path: Path) -> pd.DataFrame:
+    """A probability CSV (ImageID, p0..p17) -> float table indexed by ImageID, rows checked."""
+    table = _read_table(path, PROB_COLUMNS)[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    values = table.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad_values = (~np.isfinite(values) | (values < 0) | (values > 1)).any(axis=1)
+    if bad_values.any():
+        row = int(bad_values.argmax())
+        raise UserError(f"{path}: {int(bad_values.sum())} row(s) with a probability that is not a "
+                        f"number in [0, 1] (first: ImageID {table.index[row]})")
+    sums = values.sum(axis=1)
+    bad_sums = np.abs(sums - 1) > SUM_TOLERANCE
+    if bad_sums.any():
+        row = int(bad_sums.argmax())
+        raise UserError(f"{path}: {int(bad_sums.sum())} row(s) whose p0..p{NUM_CLASSES - 1} do not "
+                        f"sum to 1 (first: ImageID {table.index[row]}, sum {sums[row]:.4f})")
+    return table
+
+
+def check_same_ids(tables: list[pd.Series] | list[pd.DataFrame], paths: list[Path]) -> None:
+    """Every file must hold exactly the first file's ImageIDs (rows are joined by ImageID)."""
+    first_ids, first = tables[0].index, paths[0]
+    for table, path in zip(tables[1:], paths[1:]):
+        extra = table.index[~table.index.isin(first_ids)]
+        if len(extra):
+            raise UserError(f"{path}: {len(extra)} ImageIDs not in {first} (first: {extra[0]})")
+        missing = first_ids[~first_ids.isin(table.index)]
+        if len(missing):
+            raise UserError(f"{path}: lacks {len(missing)} ImageIDs of {first} "
+                            f"(first: {missing[0]})")
+
+
+def find_inputs(output: Path, probs_output: Path | None, soft: bool) -> list[Path]:
+    """No files given: the CSVs in ./output (probability files when --soft), minus our outputs."""
+    ours = {output.resolve()} | ({probs_output.resolve()} if probs_output else set())
+    found = [path for path in sorted(DEFAULT_DIR.glob("*.csv"))
+             if path.resolve() not in ours and path.name.endswith(PROBS_SUFFIX) == soft]
+    kind = f"*{PROBS_SUFFIX} probability" if soft else "submission"
+    names = ", ".join(path.name for path in found)
+    print(f"using {len(found)} {kind} file(s) from {DEFAULT_DIR}/: {names}")
+    return found
+
+
+def check_inputs(paths: list[Path], weights: list[float] | None, outputs: list[Path]) -> None:
+    if len(paths) < 2:
+        raise UserError(f"need at least 2 CSV files to vote, got {len(paths)}")
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        if path.resolve() in seen:
+            raise UserError(f"{path}: given twice (same file as {seen[path.resolve()]})")
+        seen[path.resolve()] = path
+    for output in outputs:
+        if output.resolve() in seen:
+            raise UserError(f"{output}: is both an input and an output")
+    if weights is not None:
+        if len(weights) != len(paths):
+            raise UserError(f"--weights: {len(weights)} weight(s) for {len(paths)} files")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise UserError("--weights: must be positive numbers, got "
+                            + " ".join(f"{w:g}" for w in weights))
+
+
+def main(args: argparse.Namespace) -> pd.DataFrame:
+    """Vote the files named by ``args`` and write the result; returns it (ImageID, ans)."""
+    output = Path(args.output)
+    probs_output = Path(args.probs_output) if args.probs_output else None
+    if probs_output and not args.soft:
+        raise UserError("--probs_output needs --soft (hard votes have no probabilities)")
+    paths = [Path(p) for p in args.files] or find_inputs(output, probs_output, args.soft)
+    check_inputs(paths, args.weights, [output] + ([probs_output] if probs_output else []))
+    reader = read_probabilities if args.soft else read_predictions
+    tables = [reader(path) for path in paths]
+    check_same_ids(tables, paths)
+    n_ties = None
+    if args.soft:
+        answer, mean_probs = soft_vote(tables, args.weights)
+        file_answers = _aligned_matrix([table[PROB_COLUMNS] for table in tables]).argmax(axis=2)
+    else:
+        answer, n_ties = hard_vote(tables, args.weights)
+        file_answers = _aligned_matrix(tables)
+    result = answer.rename_axis("ImageID").reset_index()
+    dataset.atomic_write_text(output, result.to_csv(index=False))
+    if probs_output:
+        probs = mean_probs.rename_axis("ImageID").reset_index()
+        dataset.atomic_write_text(probs_output, probs.to_csv(index=False))
+
+    agreement = (file_answers == answer.to_numpy()).mean(axis=1)
+    weights = args.weights or [1] * len(paths)
+    mode = "soft" if args.soft else "hard"
+    print(f"{mode} vote of {len(paths)} files, {len(result)} images -> {output}")
+    for path, weight, agrees in zip(paths, weights, agreement):
+        print(f"  {path}  weight {weight:g}  agreement with the result {agrees:.4f}")
+    if n_ties is not None:
+        print(f"ties broken: {n_ties}")
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Vote submission CSVs (ImageID,ans) into one. Rows are joined by ImageID; the "
+                    "result keeps the first file's row order.",
+        epilog="Tie rule: among the classes tied for the most (weighted) votes, the winner is the "
+               "class predicted by the earliest file on the command line that predicted one of "
+               "them. With no files: every *.csv in ./output, sorted by name, except the result "
+               f"and *{PROBS_SUFFIX} (with --soft: only the *{PROBS_SUFFIX} files).")
+    parser.add_argument("files", nargs="*", help="CSV files to vote (default: see below)")
+    parser.add_argument("-o", "--output", default=str(DEFAULT_DIR / "ensemble.csv"),
+                        help="result CSV (default: %(default)s)")
+    parser.add_argument("--weights", type=float, nargs="+", default=None,
+                        help="one positive weight per file, in order; put it after the files "
+                             "(default: all 1)")
+    parser.add_argument("--soft", action="store_true",
+                        help="inputs are probability CSVs (ImageID, p0..p17): average, then argmax")
+    parser.add_argument("--probs_output", default=None,
+                        help="with --soft: also write the mean probabilities (ImageID, p0..p17)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(dataset.run_cli(main, parse_args))

@@ -1,0 +1,490 @@
+"""Predict the eval set from trained run folders and write the competition's submission.
+
+    python inference.py --model_dir model/exp                        # one model
+    python inference.py --model_dir model/kfold model/exp2 --ensemble --tta flip
+    python inference.py --model_dir model/exp --answers eval/answers.csv   # also score it
+    python inference.py --fit_calibration model/kfold                # offsets from oof.csv
+
+Every model is rebuilt from its checkpoint alone (architecture, preprocessing, normalization,
+category), so no training flag is repeated here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import confusion_matrix, f1_score
+from torch import nn
+
+import dataset
+import model as models
+import train
+from dataset import NUM_CLASSES, UserError
+
+HEAD_CATEGORIES = ("mask", "gender", "age")
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_GRID = np.linspace(-2.0, 2.0, 17)  # coarse on purpose: a fine grid overfits the OOF
+PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
+
+VOTING_RULE = """\
+soft voting:
+  Every checkpoint is one model (each fold of a k-fold run counts as one). A model's
+  probabilities are averaged over its views (--tta flip: original + mirrored), then:
+  - 18-class models (plain or multi-head) each give one 18-class estimate;
+  - per-category models (--category mask/gender/age; 6 age bins folded to 3) are averaged
+    per category, and a complete mask+gender+age trio gives ONE 18-class estimate
+    p(mask) * p(gender) * p(age);
+  - the answer's probabilities are the mean of all 18-class estimates.
+  Probabilities are averaged, never logits. Per-category models without a complete trio need
+  an 18-class model (they are then ignored, with a warning); otherwise it is an error.
+  ans = argmax(log p + calibration offsets) when calibrated; the _probs.csv keeps the raw p."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Write the submission CSV from trained run folders.",
+                                epilog=VOTING_RULE, formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--model_dir", nargs="+", action="extend", default=None, metavar="RUN_DIR",
+        help="run folder(s) of train.py, or best.pth files; repeatable (when not given: "
+             "$SM_CHANNEL_MODEL, else ./model/exp)")
+    add("--data_dir", default=None, metavar="EVAL_DIR",
+        help="folder with info.csv and images/ ($SM_CHANNEL_EVAL, else the bundled sample)")
+    add("--output_dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "./output"),
+        help="where the CSVs go ($SM_OUTPUT_DATA_DIR if set)")
+    add("--name_csv", default="output.csv", help="submission file name; probabilities go to "
+                                                 "<stem>_probs.csv next to it")
+    add("--batch_size", type=int, default=256, help="inference batch size")
+    add("--resize", type=int, nargs=2, default=None, metavar=("H", "W"),
+        help="override every model's training input size (warns when it differs)")
+    add("--augmentation", default=None, choices=list(dataset.AUGMENTATIONS),
+        help="override the augmentation (in eval mode it only normalizes)")
+    add("--crop", default=None, choices=dataset.CROPS, help="override the training crop")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", default="auto", choices=train.AMP_MODES,
+        help="mixed precision (auto: bf16 on CUDA)")
+    add("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
+    add("--ensemble", action="store_true",
+        help="use every model given (all folds of a k-fold run); needed for more than one model")
+    add("--tta", default="none", choices=("none", "flip"),
+        help="test-time augmentation: flip averages the original and mirrored view")
+    add("--answers", default=None, metavar="FILE",
+        help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, confusion")
+    add("--calibrate", default=None, metavar="FILE",
+        help=f"JSON with 18 per-class log-prob 'offsets' (when not given: the "
+             f"{CALIBRATION_FILE} of a run folder, if there is one)")
+    add("--no_calibrate", action="store_true", help=f"ignore any {CALIBRATION_FILE}")
+    add("--fit_calibration", default=None, metavar="RUN_DIR",
+        help=f"only fit offsets on RUN_DIR/oof.csv and write RUN_DIR/{CALIBRATION_FILE}")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return get_args_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and loading models
+# ----------------------------------------------------------------------------------------------
+def find_checkpoints(run_dirs: Sequence[str | Path]) -> list[Path]:
+    """best.pth of each run folder, or every fold*/best.pth of a k-fold run, in fold order."""
+    found: list[Path] = []
+    for run_dir in map(Path, run_dirs):
+        if run_dir.is_file() and run_dir.suffix == ".pth":
+            found.append(run_dir)
+            continue
+        if not run_dir.is_dir():
+            raise UserError(f"--model_dir {run_dir}: no such run folder")
+        folds = sorted((d for d in run_dir.glob("fold*") if d.is_dir() and d.name[4:].isdigit()),
+                       key=lambda d: int(d.name[4:]))
+        if folds:
+            unfinished = [d.name for d in folds if not (d / "best.pth").is_file()]
+            if unfinished:
+                raise UserError(f"--model_dir {run_dir}: {', '.join(unfinished)} has no best.pth "
+                                "(an unfinished k-fold run? finish it with train.py --resume)")
+            found += [d / "best.pth" for d in folds]
+        elif (run_dir / "best.pth").is_file():
+            found.append(run_dir / "best.pth")
+        else:
+            raise UserError(f"--model_dir {run_dir}: no best.pth or fold*/best.pth inside; "
+                            "expected a run folder of train.py")
+    twice = sorted({str(p) for p in found if [q.resolve() for q in found].count(p.resolve()) > 1})
+    if twice:
+        raise UserError(f"--model_dir: {', '.join(twice)} given more than once")
+    return found
+
+
+@dataclass
+class LoadedModel:
+    """A restored network and everything its checkpoint says about feeding it."""
+    path: Path
+    net: nn.Module
+    name: str
+    category: str
+    age_label_num: int
+    preprocess: dataset.Preprocess
+    augmentation: str
+    normalize: dict
+    face: dict
+
+    def describe(self) -> str:
+        height, width = self.preprocess.resize
+        bins = " (6 age bins)" if self.age_label_num == 6 else ""
+        return (f"model: {self.path} | {self.name} | {self.category}{bins} | "
+                f"resize {height}x{width} | crop {self.preprocess.crop}")
+
+
+def _shown(value) -> str:
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+CHECKPOINT_KEYS = ("model_config", "model", "preprocess", "normalize", "category")
+
+
+def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
+                crop: str | None = None, augmentation: str | None = None,
+                say: Callable[[str], None] = print) -> list[LoadedModel]:
+    """Restore every checkpoint (eval mode, on the CPU); flags given override the training
+    settings, with a warning where they differ."""
+    loaded = []
+    for path in paths:
+        checkpoint = train.load_checkpoint(path)
+        missing = [k for k in CHECKPOINT_KEYS
+                   if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if missing:
+            raise UserError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+        preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
+        trained_aug = checkpoint.get("augmentation", "BaseAugmentation")
+        changes = {"resize": tuple(resize) if resize else None, "crop": crop}
+        for field, value in changes.items():
+            if value is not None and value != getattr(preprocess, field):
+                say(f"warning: {path}: --{field} {_shown(value)} but the model was trained with "
+                    f"{field} {_shown(getattr(preprocess, field))}")
+                preprocess = replace(preprocess, **{field: value})
+        if augmentation and augmentation != trained_aug:
+            say(f"warning: {path}: --augmentation {augmentation} but the model was trained with "
+                f"{trained_aug}")
+        try:
+            net = models.restore_model(checkpoint).eval()
+        except UserError as why:
+            raise UserError(f"{path}: {why}") from None
+        config = checkpoint.get("config") or {}
+        name = config.get("model") or checkpoint["model_config"].get("name")
+        loaded.append(LoadedModel(
+            path=Path(path), net=net, name=str(name), category=checkpoint["category"],
+            age_label_num=int(checkpoint.get("age_label_num", 3)), preprocess=preprocess,
+            augmentation=augmentation or trained_aug, normalize=checkpoint["normalize"],
+            face=checkpoint.get("face") or {}))
+        say(loaded[-1].describe())
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and probabilities
+# ----------------------------------------------------------------------------------------------
+def _variant_key(m: LoadedModel) -> tuple:
+    # face boxes depend on the run's face statistics too; other crops only on the preprocess
+    face = json.dumps(m.face, sort_keys=True) if m.preprocess.crop == "face" else None
+    return m.preprocess, face
+
+
+def build_image_caches(loaded: Sequence[LoadedModel], paths: list[str],
+                       cache_dir: str | Path) -> list[np.ndarray]:
+    """One cache per model (shared by models of equal preprocessing); each photo decoded once."""
+    owners = {}  # variant -> the first model needing it (its face statistics place the boxes)
+    for m in loaded:
+        owners.setdefault(_variant_key(m), m)
+    keys = list(owners)
+    variants = []
+    for key, owner in owners.items():
+        boxes = None
+        if owner.preprocess.crop == "face":
+            import face
+            boxes = face.crop_boxes_for_inference(paths, owner.preprocess, cache_dir, owner.face)
+        variants.append((owner.preprocess, boxes))
+    caches = dataset.build_caches(paths, variants, cache_dir)
+    return [caches[keys.index(_variant_key(m))] for m in loaded]
+
+
+def _mirrored(batches):
+    for images, targets, rows in batches:  # uint8 [B, H, W, C]: W is dim 2
+        yield images.flip(2), targets, rows
+
+
+def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, batch_size: int,
+                  autocast_dtype: torch.dtype | None = None, tta: str = "none") -> np.ndarray:
+    """Scored-space probabilities [N, 18|3|2] of one model, averaged over its TTA views."""
+    net = m.net.to(device)
+    augment = dataset.build_augmentation(m.augmentation, m.normalize["mean"], m.normalize["std"],
+                                         m.preprocess.channels).to(device)
+    batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=np.int64),
+                                    np.arange(len(images)), batch_size, device)
+    views = [batches, _mirrored(batches)] if tta == "flip" else [batches]
+    probs = [train.predict_probabilities(net, view, augment, category=m.category,
+                                         age_label_num=m.age_label_num,
+                                         autocast_dtype=autocast_dtype)[0] for view in views]
+    m.net.cpu()  # an ensemble holds one model at a time on the device
+    return ensemble_probabilities(probs)
+
+
+def ensemble_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
+    """Soft vote: the mean of probability arrays of one shape (never logits: rows must sum to 1)."""
+    if not probabilities:
+        raise ValueError("no probabilities to average")
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])
+    if (stacked < 0).any() or not np.allclose(stacked.sum(-1), 1.0, atol=1e-3):
+        raise ValueError("expected probabilities (non-negative, rows summing to 1), not logits")
+    return stacked.mean(0)
+
+
+def check_categories(categories: Sequence[str]) -> list[str]:
+    """Missing head categories of an incomplete trio; an error when nothing makes 18 classes."""
+    heads = {c for c in categories if c in HEAD_CATEGORIES}
+    missing = [c for c in HEAD_CATEGORIES if c not in heads]
+    if heads and missing and "multi" not in categories:
+        raise UserError(f"models for {', '.join(sorted(heads))} but none for {', '.join(missing)}: "
+                        "add a model of each missing category, or an 18-class model")
+    if not categories:
+        raise UserError("no models given")
+    return missing if heads else []
+
+
+def combine_categories(probs_by_category: dict[str, list[np.ndarray]],
+                       say: Callable[[str], None] = print) -> np.ndarray:
+    """18-class probabilities from 18-class models and/or a mask+gender+age trio (see --help)."""
+    present = [c for c, probs in probs_by_category.items() if len(probs)]
+    missing = check_categories(present)
+    estimates = list(probs_by_category.get("multi", []))
+    if missing:
+        say(f"warning: no {', '.join(missing)} model; the per-category models are ignored")
+    elif any(c in present for c in HEAD_CATEGORIES):
+        heads = [ensemble_probabilities(probs_by_category[c]) for c in HEAD_CATEGORIES]
+        estimates.append(dataset.heads_to_class_probs(*heads))
+    return ensemble_probabilities(estimates)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: per-class offsets on log-probabilities
+# ----------------------------------------------------------------------------------------------
+def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    if offsets is None:
+        return probs.argmax(1)
+    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int = NUM_CLASSES) -> float:
+    """sklearn's macro F1 (over the labels present in either array) from one bincount: the
+    calibration search scores hundreds of candidates, where sklearn's checks dominate."""
+    counts = np.bincount(truth * n_classes + predicted, minlength=n_classes * n_classes)
+    counts = counts.reshape(n_classes, n_classes)
+    both = counts.sum(0) + counts.sum(1)
+    present = both > 0
+    return float(np.mean(2 * np.diag(counts)[present] / both[present]))
+
+
+def fit_calibration(oof_probs: np.ndarray, labels: np.ndarray, iterations: int = 3,
+                    grid: np.ndarray = CALIBRATION_GRID) -> np.ndarray:
+    """Per-class log-prob offsets maximising macro F1, by coordinate ascent over ``grid``.
+    A change is kept only when it raises F1, so F1 never falls and offsets stay at 0 otherwise."""
+    log_probs = np.log(np.clip(oof_probs, 1e-12, None))
+    labels = np.asarray(labels, dtype=np.int64)
+    n_classes = oof_probs.shape[1]
+    offsets = np.zeros(n_classes)
+    best = macro_f1(labels, log_probs.argmax(1), n_classes)
+    for _ in range(iterations):
+        improved = False
+        for c in range(n_classes):
+            for value in grid:
+                trial = offsets.copy()
+                trial[c] = value
+                f1 = macro_f1(labels, (log_probs + trial).argmax(1), n_classes)
+                if f1 > best + 1e-12:
+                    best, offsets, improved = f1, trial, True
+        if not improved:
+            break
+    return offsets
+
+
+def calibrate_run(run_dir: Path, say: Callable[[str], None] = print) -> dict:
+    """--fit_calibration: fit offsets on RUN_DIR/oof.csv, write RUN_DIR/calibration.json."""
+    oof_path = run_dir / "oof.csv"
+    if not oof_path.is_file():
+        raise UserError(f"--fit_calibration {run_dir}: no oof.csv (k-fold runs write one: "
+                        "train with --kfold K)")
+    oof = dataset.read_csv_checked(oof_path, ["label"])
+    if not set(PROB_COLUMNS) <= set(oof.columns):
+        raise UserError(f"{oof_path}: calibration needs the 18 columns p0..p17 of a "
+                        "--category multi run")
+    probs, labels = oof[PROB_COLUMNS].to_numpy(float), oof["label"].to_numpy(int)
+    offsets = fit_calibration(probs, labels)
+    before = f1_score(labels, probs.argmax(1), average="macro")
+    after = f1_score(labels, calibrated_predictions(probs, offsets), average="macro")
+    target = run_dir / CALIBRATION_FILE
+    result = {"offsets": offsets.tolist(), "f1_before": before, "f1_after": after}
+    dataset.atomic_write_text(target, json.dumps(result, indent=2))
+    say(f"calibration: OOF macro F1 {before:.4f} -> {after:.4f} (optimistic: fitted on the same "
+        f"OOF) -> {target}")
+    return {**result, "path": target}
+
+
+def read_calibration(path: Path) -> np.ndarray:
+    offsets = dataset.read_json_checked(path).get("offsets")
+    if (not isinstance(offsets, list) or len(offsets) != NUM_CLASSES
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in offsets)):
+        raise UserError(f"{path}: expected \"offsets\": a list of {NUM_CLASSES} finite numbers")
+    return np.asarray(offsets, dtype=float)
+
+
+def resolve_calibration(args: argparse.Namespace, run_dirs: Sequence[Path],
+                        say: Callable[[str], None] = print) -> np.ndarray | None:
+    if args.no_calibrate:
+        return None
+    if args.calibrate:
+        return read_calibration(Path(args.calibrate))
+    found = [d / CALIBRATION_FILE for d in run_dirs if (d / CALIBRATION_FILE).is_file()]
+    if len(found) > 1:
+        raise UserError(f"several {CALIBRATION_FILE} ({', '.join(map(str, found))}); choose one "
+                        "with --calibrate FILE or pass --no_calibrate")
+    if found:
+        say(f"calibration: using {found[0]} (--no_calibrate to turn it off)")
+        return read_calibration(found[0])
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Submission checks and scoring
+# ----------------------------------------------------------------------------------------------
+def _check_labels(values: pd.Series, where: str) -> None:
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = values[numbers.isna() | (numbers % 1 != 0) | (numbers < 0) | (numbers >= NUM_CLASSES)]
+    if len(bad):
+        raise UserError(f"{where}: {len(bad)} ans value(s) not an integer 0..{NUM_CLASSES - 1}, "
+                        f"e.g. {bad.iloc[0]!r}")
+
+
+def check_answers(answers: pd.DataFrame, image_ids: Sequence[str], where: str) -> None:
+    """The answers must hold exactly the ImageIDs of info.csv, once each, with labels 0..17."""
+    given, expected = answers["ImageID"], set(image_ids)
+    extra = sorted(set(given) - expected)
+    absent = sorted(expected - set(given))
+    doubled = sorted(set(given[given.duplicated()]))
+    for problem, ids in (("not in info.csv", extra), ("of info.csv missing", absent),
+                         ("listed twice", doubled)):
+        if ids:
+            raise UserError(f"{where}: {len(ids)} ImageID(s) {problem}, e.g. {ids[0]}; "
+                            "the answers must match info.csv's ImageIDs")
+    _check_labels(answers["ans"], where)
+
+
+def validate_submission(info: pd.DataFrame, submission: pd.DataFrame) -> None:
+    """One row per info.csv ImageID in info.csv's order, ans an integer 0..17."""
+    if list(submission.columns) != ["ImageID", "ans"]:
+        raise UserError(f"submission columns {list(submission.columns)}; expected ImageID, ans")
+    if len(submission) != len(info) or not (submission["ImageID"].to_numpy()
+                                             == info["ImageID"].to_numpy()).all():
+        raise UserError("submission ImageIDs differ from info.csv's (count or order)")
+    if not pd.api.types.is_integer_dtype(submission["ans"]):
+        raise UserError(f"submission ans has dtype {submission['ans'].dtype}; expected integers")
+    _check_labels(submission["ans"], "submission")
+
+
+def score_answers(predictions: pd.DataFrame, answers_df: pd.DataFrame) -> dict:
+    """Macro F1 (sklearn), accuracy, per-head F1 and the 18x18 confusion matrix (rows: truth)."""
+    check_answers(answers_df, predictions["ImageID"].tolist(), "answers")
+    truth = answers_df.set_index("ImageID")["ans"].loc[predictions["ImageID"]].to_numpy(int)
+    predicted = predictions["ans"].to_numpy(int)
+    # one-hot rows are probabilities whose argmax is the prediction: train.score's metrics apply
+    metrics = train.score(np.eye(NUM_CLASSES)[predicted], truth, "multi")
+    metrics["confusion"] = confusion_matrix(truth, predicted, labels=list(range(NUM_CLASSES)))
+    return metrics
+
+
+def print_scores(metrics: dict, say: Callable[[str], None] = print) -> None:
+    say(f"answers: macro F1 {metrics['f1']:.4f}, accuracy {metrics['acc']:.4f} | F1 mask "
+        f"{metrics['f1_mask']:.4f}, gender {metrics['f1_gender']:.4f}, age {metrics['f1_age']:.4f}")
+    table = pd.DataFrame(metrics["confusion"], index=[f"t{c}" for c in range(NUM_CLASSES)],
+                         columns=[f"p{c}" for c in range(NUM_CLASSES)])
+    say("confusion matrix (rows: true class, columns: predicted):\n" + table.to_string())
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def output_paths(output_dir: str | Path, name_csv: str) -> tuple[Path, Path]:
+    if Path(name_csv).name != name_csv or not name_csv.endswith(".csv"):
+        raise UserError(f"--name_csv {name_csv}: expected a file name ending in .csv")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
+    return output_dir / name_csv, output_dir / f"{Path(name_csv).stem}_probs.csv"
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Predict as ``args`` says; returns {'predictions', 'probs', 'output_csv', ...}."""
+    if args.fit_calibration:
+        return calibrate_run(Path(args.fit_calibration))
+    # everything the user gave is checked before any model loads or image decodes
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
+    if args.resize and min(args.resize) < 16:
+        raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
+    device = train.resolve_device(args.device)
+    autocast_dtype = train.amp_dtype(args.amp, device)
+    run_dirs = [Path(p) for p in (args.model_dir
+                                  or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
+    checkpoints = find_checkpoints(run_dirs)
+    if len(checkpoints) > 1 and not args.ensemble:
+        raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "
+                        "add --ensemble to average them")
+    output_csv, probs_csv = output_paths(args.output_dir, args.name_csv)
+    info = dataset.parse_eval_dir(dataset.resolve_eval_dir(args.data_dir))
+    answers = None
+    if args.answers:
+        answers = dataset.read_csv_checked(args.answers, ["ImageID", "ans"])
+        check_answers(answers, info["ImageID"].tolist(), args.answers)
+    offsets = resolve_calibration(args, run_dirs)
+
+    loaded = load_models(checkpoints, resize=args.resize, crop=args.crop,
+                         augmentation=args.augmentation)
+    check_categories([m.category for m in loaded])
+    caches = build_image_caches(loaded, info["path"].tolist(), args.cache_dir)
+    probs_by_category: dict[str, list[np.ndarray]] = {}
+    for m, images in zip(loaded, caches):
+        probs_by_category.setdefault(m.category, []).append(predict_model(
+            m, images, device=device, batch_size=args.batch_size, autocast_dtype=autocast_dtype,
+            tta=args.tta))
+    probs = combine_categories(probs_by_category)
+
+    predictions = pd.DataFrame({"ImageID": info["ImageID"].to_numpy(),
+                                "ans": calibrated_predictions(probs, offsets).astype(np.int64)})
+    validate_submission(info, predictions)
+    probs_table = pd.concat([predictions[["ImageID"]],
+                             pd.DataFrame(probs, columns=PROB_COLUMNS)], axis=1)
+    dataset.atomic_write_text(output_csv, predictions.to_csv(index=False))
+    dataset.atomic_write_text(probs_csv, probs_table.to_csv(index=False, float_format="%.6f"))
+    metrics = None
+    if answers is not None:
+        metrics = score_answers(predictions, answers)
+        print_scores(metrics)
+    print(f"wrote {output_csv} and {probs_csv} ({len(predictions)} images, {len(loaded)} "
+          f"model(s), tta {args.tta}{', calibrated' if offsets is not None else ''})")
+    return {"predictions": predictions, "probs": probs, "output_csv": output_csv,
+            "probs_csv": probs_csv, "metrics": metrics, "offsets": offsets,
+            "models": [{"path": m.path, "name": m.name, "category": m.category,
+                        "preprocess": m.preprocess} for m in loaded],
+            "caches": caches}
+
+
+if __name__ == "__main__":
+    sys.exit(dataset.run_cli(main, parse_args))

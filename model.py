@@ -1,0 +1,327 @@
+"""Model registry: a small CPU-friendly CNN, torchvision classifiers and any timm model.
+
+Every model that build_model returns has the same shape: ``edge_mix`` (Canny runs only) ->
+``backbone`` (pooled features) -> ``dropout`` -> ``heads`` (one linear or cosine head, or three
+for multi-head runs, whose logits are concatenated). One layout keeps weight loading, checkpoints
+and per-part learning rates the same for every architecture.
+"""
+from __future__ import annotations
+
+import difflib
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import dataset
+from dataset import HEAD_SIZES, NUM_CLASSES, UserError
+
+# Bare names that mean the torchvision model (the ones a local ImageNet state dict usually fits).
+# They win over timm models of the same name; "timm/<name>" reaches timm's, "tv_<name>" any other
+# torchvision classifier.
+TORCHVISION_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mobilenet_v2": torchvision.models.mobilenet_v2,
+    "mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "efficientnet_b0": torchvision.models.efficientnet_b0,
+}
+TORCHVISION_PREFIX = "tv_"
+TIMM_PREFIX = "timm/"
+# auxiliary heads would make forward return tuples in train mode
+_TORCHVISION_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True},
+                       "googlenet": {"aux_logits": False, "init_weights": True}}
+MODEL_NAMES = ["BaseModel", *TORCHVISION_MODELS]  # plus tv_<name> and every timm name
+MODEL_HELP = ("BaseModel, a torchvision model (" + ", ".join(TORCHVISION_MODELS)
+              + ", or tv_<any torchvision classifier>) or a timm name (see timm.list_models())")
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def _pool() -> nn.MaxPool2d:
+    # ceil_mode keeps a 1-pixel map at 1 pixel, so inputs below 32 px (e.g. 32x24) still work
+    return nn.MaxPool2d(2, ceil_mode=True)
+
+
+class BaseModel(nn.Module):
+    """Small CNN that trains in minutes on a CPU at 128x96; any input size works (1/32 at the end).
+
+    Two stride-2 convs bring the image to 1/4 size before any wide layer, because full-resolution
+    activations (and their BatchNorm) dominate CPU time; three conv+pool blocks reach 1/32.
+    """
+
+    def __init__(self, num_classes: int, drop_rate: float = 0.2, in_channels: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn_relu(in_channels, 16, stride=2),
+            _conv_bn_relu(16, 32, stride=2),
+            _conv_bn_relu(32, 48), _pool(),
+            _conv_bn_relu(48, 96), _pool(),
+            _conv_bn_relu(96, 128), _pool(),
+            _conv_bn_relu(128, 128),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.num_features = 128
+        self.dropout = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.features(images)))
+
+
+class ImageClassifier(nn.Module):
+    """[edge_mix] -> backbone -> dropout -> heads; returns the heads' logits concatenated."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, head_sizes: tuple[int, ...], *,
+                 drop_rate: float = 0.0, cosine_head: bool = False, cosine_scale: float = 30.0,
+                 canny: bool = False) -> None:
+        super().__init__()
+        self.edge_mix: nn.Conv2d | None = None
+        if canny:
+            # starts as "pass RGB through, ignore edges" so RGB-pretrained backbones are not
+            # disturbed; training learns how much edge signal to mix in
+            self.edge_mix = nn.Conv2d(4, 3, kernel_size=1)
+            with torch.no_grad():
+                self.edge_mix.weight.zero_()
+                self.edge_mix.weight[:, :3, 0, 0] = torch.eye(3)
+                self.edge_mix.bias.zero_()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(drop_rate)
+        if cosine_head:
+            from loss import CosineClassifier  # loss.py imports heavier deps; only arcface needs it
+            self.heads = nn.ModuleList(CosineClassifier(num_features, n, cosine_scale)
+                                       for n in head_sizes)
+        else:
+            self.heads = nn.ModuleList(nn.Linear(num_features, n) for n in head_sizes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.edge_mix is not None:
+            images = self.edge_mix(images)
+        features = self.dropout(self.backbone(images))
+        return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+def _resolve(name: str) -> tuple[str, str]:
+    """name -> (family, name inside that family); unknown names raise ValueError."""
+    if name == "BaseModel":
+        return "base", name
+    if name in TORCHVISION_MODELS:
+        return "torchvision", name
+    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in _torchvision_names():
+        return "torchvision", name[len(TORCHVISION_PREFIX):]
+    timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    if timm.is_model(timm_name):
+        return "timm", timm_name
+    known = list(dict.fromkeys([*MODEL_NAMES, *(TORCHVISION_PREFIX + n for n in _torchvision_names()),
+                                *timm.list_models()]))
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    raise ValueError(f"unknown model {name!r}; choose {MODEL_HELP}; close matches: "
+                     + (", ".join(close) if close else "none"))
+
+
+def _torchvision_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def validate_model_name(name: str) -> None:
+    """Raise ValueError for a name build_model would reject, without building anything."""
+    _resolve(name)
+
+
+def _strip_torchvision_head(net: nn.Module, name: str) -> int:
+    """Replace the classifier of a torchvision model by Identity; returns the feature width."""
+    linears = [(path, m) for path, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"torchvision model {name!r} has no linear classifier to replace")
+    path, linear = linears[-1]
+    parent_path, _, child = path.rpartition(".")
+    parent = net.get_submodule(parent_path)
+    if parent_path and isinstance(parent, nn.Sequential) and all(
+            isinstance(m, (nn.Dropout, nn.Linear)) for m in parent):
+        # a dropout+linear head goes whole, so the wrapper's drop_rate is the only dropout
+        parent_path, _, child = parent_path.rpartition(".")
+        parent = net.get_submodule(parent_path)
+    setattr(parent, child, nn.Identity())
+    return linear.in_features
+
+
+def _pretrained_host(timm_name: str) -> str | None:
+    """Host timm would download ``timm_name``'s weights from (None: it has no pretrained weights)."""
+    import huggingface_hub.constants as hf_constants
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        return None
+    url = hf_constants.ENDPOINT if cfg.hf_hub_id else (cfg.url or "")
+    return urllib.parse.urlparse(url).hostname or ""
+
+
+def _reachable(host: str, timeout_s: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _timm_backbone(timm_name: str, pretrained: bool) -> nn.Module:
+    if not pretrained:
+        return timm.create_model(timm_name, num_classes=0)
+    import huggingface_hub.constants as hf_constants
+
+    offline_msg = (f"cannot download pretrained weights for {timm_name!r} (no internet?); "
+                   "pass --weights FILE with a local state dict instead")
+    host = _pretrained_host(timm_name)
+    if host is None:
+        raise UserError(f"timm has no pretrained weights for {timm_name!r}; "
+                        "drop --pretrained or pass --weights FILE")
+    # hub downloads retry for about a minute when offline; a 3 s probe fails fast instead.
+    # HF_HUB_OFFLINE=1 means the user wants the local hub cache, which needs no network.
+    if not hf_constants.HF_HUB_OFFLINE and not _reachable(host):
+        raise UserError(offline_msg)
+    try:
+        return timm.create_model(timm_name, pretrained=True, num_classes=0)
+    except Exception as error:  # network and hub errors come in many types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{offline_msg} ({reason})") from error
+
+
+def _build_backbone(family: str, name: str, pretrained: bool) -> tuple[nn.Module, int]:
+    if family == "base":
+        if pretrained:
+            raise UserError("BaseModel has no pretrained weights; drop --pretrained")
+        backbone = BaseModel(num_classes=1, drop_rate=0.0)
+        backbone.classifier = nn.Identity()
+        return backbone, backbone.num_features
+    if family == "torchvision":
+        if pretrained:
+            raise UserError(f"torchvision weights are not downloaded for {name!r}; "
+                            "pass --weights FILE with a local state dict instead of --pretrained")
+        builder = TORCHVISION_MODELS.get(name) or torchvision.models.get_model_builder(name)
+        backbone = builder(weights=None, **_TORCHVISION_KWARGS.get(name, {}))
+        return backbone, _strip_torchvision_head(backbone, name)
+    backbone = _timm_backbone(name, pretrained)
+    # models with a pre-logits layer (mobilenetv3's conv_head) output head_hidden_size features
+    return backbone, getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
+def build_model(name: str, num_classes: int, *, multi_head: bool = False, canny: bool = False,
+                cosine_head: bool = False, cosine_scale: float = 30.0, pretrained: bool = False,
+                weights: str | None = None, drop_rate: float = 0.0) -> nn.Module:
+    """Build a classifier returning logits [B, num_classes], or [B, 8] (mask, gender, age) heads.
+
+    ``model.model_config`` holds every argument needed to rebuild it with build_model(**config).
+    """
+    family, inner_name = _resolve(name)
+    if multi_head and num_classes != NUM_CLASSES:
+        raise ValueError(f"multi_head predicts all {NUM_CLASSES} classes; got num_classes={num_classes}")
+    backbone, num_features = _build_backbone(family, inner_name, pretrained)
+    head_sizes = HEAD_SIZES if multi_head else (num_classes,)
+    net = ImageClassifier(backbone, num_features, head_sizes, drop_rate=drop_rate,
+                          cosine_head=cosine_head, cosine_scale=cosine_scale, canny=canny)
+    net.model_config = {"name": name, "num_classes": num_classes, "multi_head": multi_head,
+                        "canny": canny, "cosine_head": cosine_head, "drop_rate": drop_rate}
+    if cosine_head:  # the arcface loss reads cosines back as logits / scale: both must agree
+        net.model_config["cosine_scale"] = cosine_scale
+    if weights:
+        load_weights(net, weights)
+    return net
+
+
+def multi_head_class_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Multi-head logits [..., 8] -> 18-class probabilities: the product of the head softmaxes."""
+    mask, gender, age = torch.split(logits, HEAD_SIZES, dim=-1)
+    return dataset.heads_to_class_probs(mask.softmax(-1), gender.softmax(-1), age.softmax(-1))
+
+
+def class_probabilities(model_config: dict, logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of a model's logits; multi-head logits must not be summed or softmaxed whole."""
+    if model_config.get("multi_head"):
+        return multi_head_class_probs(logits)
+    return F.softmax(logits, dim=-1)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            saved = load_file(str(path))
+        else:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for truncated or foreign files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read weights file {path}: {reason}") from error
+    if isinstance(saved, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(saved.get(key), dict):
+                saved = saved[key]
+                break
+    if not isinstance(saved, dict) or not saved or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in saved.items()):
+        raise UserError(f"weights file {path}: expected a state dict (name -> tensor), "
+                        "or a dict holding one under 'model' or 'state_dict'")
+    return _strip_wrapper_prefixes(saved)
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DataParallel and torch.compile add these prefixes when their state dict is saved
+    for prefix in ("module.", "_orig_mod."):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> tuple[int, list[str]]:
+    """Copy every tensor of a local state dict whose name and shape fit; returns (loaded, skipped).
+
+    The file may hold a whole model of this kind (e.g. a checkpoint) or a plain backbone (e.g.
+    torchvision's ImageNet mobilenet_v2): names are matched against the model and against its
+    backbone, and whichever fits more tensors is used. Heads of another size are skipped.
+    """
+    path = Path(path)
+    saved = _read_state_dict(path)
+    targets = [model]
+    if isinstance(getattr(model, "backbone", None), nn.Module):
+        targets.append(model.backbone)
+
+    def fitting(target: nn.Module) -> dict[str, torch.Tensor]:
+        own = target.state_dict()
+        return {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+
+    target = max(targets, key=lambda t: len(fitting(t)))  # max keeps the first on ties
+    matched = fitting(target)
+    if not matched:
+        raise UserError(f"weights file {path}: no tensor matches the model by name and shape")
+    own = target.state_dict()  # shares storage with the parameters, so copy_ loads in place
+    with torch.no_grad():
+        for key, tensor in matched.items():
+            own[key].copy_(tensor)
+    skipped = [k for k in saved if k not in matched]
+    shown = ", ".join(skipped[:10]) + (f", ... ({len(skipped) - 10} more)" if len(skipped) > 10 else "")
+    print(f"weights: loaded {len(matched)}/{len(saved)} tensors from {path}"
+          + (f"; not loaded (shape/name mismatch): {shown}" if skipped else ""))
+    return len(matched), skipped
+
+
+def restore_model(checkpoint: dict) -> nn.Module:
+    """Rebuild a trained model, in eval mode, from a checkpoint holding 'model_config' and 'model'."""
+    if not isinstance(checkpoint, dict) or not {"model_config", "model"} <= set(checkpoint):
+        raise UserError("checkpoint lacks 'model_config' or 'model' (not written by train.py?)")
+    net = build_model(**checkpoint["model_config"])
+    try:
+        net.load_state_dict(_strip_wrapper_prefixes(checkpoint["model"]), strict=True)
+    except RuntimeError as error:
+        raise UserError(f"checkpoint weights do not fit its model_config "
+                        f"{checkpoint['model_config']}: {str(error).splitlines()[0]}") from error
+    return net.eval()

@@ -1,0 +1,261 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dataset import NUM_CLASSES, UserError  # noqa: E402
+from ensemble_csv import PROB_COLUMNS, hard_vote, main, parse_args, soft_vote  # noqa: E402
+
+
+def write_submission(path: Path, ids, answers) -> Path:
+    pd.DataFrame({"ImageID": list(ids), "ans": list(answers)}).to_csv(path, index=False)
+    return path
+
+
+def write_probs(path: Path, ids, rows) -> Path:
+    table = pd.DataFrame(np.asarray(rows, dtype=float), columns=PROB_COLUMNS)
+    table.insert(0, "ImageID", list(ids))
+    table.to_csv(path, index=False)
+    return path
+
+
+def series(answers, ids=None) -> pd.Series:
+    ids = ids if ids is not None else [f"{i}.jpg" for i in range(len(answers))]
+    return pd.Series(answers, index=pd.Index(ids, name="ImageID"))
+
+
+def run(files, *flags) -> pd.DataFrame:
+    return main(parse_args([str(f) for f in files] + [str(f) for f in flags]))
+
+
+def reference_vote(votes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The tie rule written out one row at a time, to check the vectorised one against."""
+    answers = []
+    for row in votes.T:
+        scores: dict[int, float] = {}
+        for label, weight in zip(row, weights):
+            scores[label] = scores.get(label, 0) + weight
+        best = max(scores.values())
+        tied = {label for label, score in scores.items() if np.isclose(score, best)}
+        answers.append(next(label for label in row if label in tied))
+    return np.array(answers)
+
+
+def test_majority_vote():
+    answer, n_ties = hard_vote([series([1, 2, 3, 4]), series([1, 5, 3, 7]), series([0, 5, 3, 7])],
+                               None)
+    assert answer.tolist() == [1, 5, 3, 7]
+    assert n_ties == 0
+
+
+def test_vectorised_vote_matches_the_rule_row_by_row():
+    rng = np.random.default_rng(0)
+    votes = rng.integers(0, 4, size=(7, 2000))  # few classes: many ties
+    for weights in (np.ones(7), rng.integers(1, 4, size=7).astype(float)):
+        answer, n_ties = hard_vote([series(v) for v in votes], weights)
+        np.testing.assert_array_equal(answer.to_numpy(), reference_vote(votes, weights))
+        assert n_ties > 0
+
+
+def test_hard_vote_joins_on_image_id(tmp_path):
+    rng = np.random.default_rng(1)
+    ids = [f"img{i:03d}.jpg" for i in range(60)]
+    votes = rng.integers(0, NUM_CLASSES, size=(3, len(ids)))
+    paths = []
+    for k, file_votes in enumerate(votes):
+        order = np.arange(len(ids)) if k == 0 else rng.permutation(len(ids))
+        paths.append(write_submission(tmp_path / f"{k}.csv", np.array(ids)[order],
+                                      file_votes[order]))
+    result = run(paths, "-o", tmp_path / "out.csv")
+    aligned, _ = hard_vote([series(v, ids) for v in votes], None)
+    assert result["ImageID"].tolist() == ids
+    assert result["ans"].tolist() == aligned.tolist()
+    positional = pd.read_csv(paths[1])["ans"].to_numpy()
+    assert (result["ans"].to_numpy() != positional).any()  # a by-position vote would differ
+    assert pd.read_csv(tmp_path / "out.csv", dtype={"ImageID": str}).equals(result)
+
+
+def test_weights_change_the_result(tmp_path):
+    ids = ["a.jpg", "b.jpg"]
+    paths = [write_submission(tmp_path / "a.csv", ids, [1, 4]),
+             write_submission(tmp_path / "b.csv", ids, [2, 4]),
+             write_submission(tmp_path / "c.csv", ids, [2, 4])]
+    assert run(paths, "-o", tmp_path / "o.csv")["ans"].tolist() == [2, 4]
+    assert run(paths, "-o", tmp_path / "o.csv", "--weights", 3, 1, 1)["ans"].tolist() == [1, 4]
+    assert run(paths, "-o", tmp_path / "o.csv", "--weights", 1.4, 1, 0.5)["ans"].tolist() == [2, 4]
+    # 1.5 against 1 + 0.5: a tie, which goes to the first file
+    assert run(paths, "-o", tmp_path / "o.csv", "--weights", 1.5, 1, 0.5)["ans"].tolist() == [1, 4]
+
+
+@pytest.mark.parametrize("votes, weights, expected", [
+    ([[7], [3], [5]], None, 7),             # 1-1-1: the first file's class
+    ([[3], [7], [5]], None, 3),
+    ([[7], [3]], [1, 1], 7),                # two files disagreeing: the first file's
+    ([[0], [1], [2], [1], [2]], None, 1),   # tie 1 vs 2, file 1 has neither: the second file's
+    ([[0], [2], [1], [1], [2]], None, 2),
+    ([[4], [6], [6]], [2, 1, 1], 4),        # weighted tie
+    ([[4], [6], [6]], [0.3, 0.1, 0.2], 4),  # 0.1 + 0.2 > 0.3 in floats: still a tie
+])
+def test_tie_rule(votes, weights, expected):
+    answer, n_ties = hard_vote([series(v) for v in votes], weights)
+    assert answer.tolist() == [expected]
+    assert n_ties == 1
+
+
+def test_mismatched_ids_fail_and_write_nothing(tmp_path):
+    a = write_submission(tmp_path / "a.csv", ["x.jpg", "y.jpg", "z.jpg"], [1, 2, 3])
+    b = write_submission(tmp_path / "b.csv", ["x.jpg", "y.jpg", "w.jpg"], [1, 2, 3])
+    out = tmp_path / "out" / "result.csv"
+    with pytest.raises(UserError, match=r"b\.csv: 1 ImageIDs not in .*a\.csv \(first: w\.jpg\)"):
+        run([a, b], "-o", out)
+    assert not out.parent.exists()
+    out.parent.mkdir()
+    out.write_text("old result\n")
+    with pytest.raises(UserError, match="b.csv"):
+        run([a, b], "-o", out)
+    assert out.read_text() == "old result\n"
+    assert [p.name for p in out.parent.iterdir()] == ["result.csv"]  # no temp file left behind
+
+
+def test_missing_ids_in_a_later_file_fail(tmp_path):
+    a = write_submission(tmp_path / "a.csv", ["x.jpg", "y.jpg"], [1, 2])
+    b = write_submission(tmp_path / "b.csv", ["x.jpg", "y.jpg"], [1, 2])
+    c = write_submission(tmp_path / "c.csv", ["x.jpg"], [1])
+    with pytest.raises(UserError, match=r"c\.csv: lacks 1 ImageIDs .*\(first: y\.jpg\)"):
+        run([a, b, c], "-o", tmp_path / "o.csv")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("ImageID,label\nx.jpg,1\ny.jpg,2\n", "missing column"),
+    ("ImageID,ans\nx.jpg,1\ny.jpg,18\n", r"expected a class 0\.\.17 .*y\.jpg"),
+    ("ImageID,ans\nx.jpg,-1\ny.jpg,2\n", "expected a class 0..17"),
+    ("ImageID,ans\nx.jpg,1.5\ny.jpg,2\n", r"expected an integer class .*x\.jpg"),
+    ("ImageID,ans\nx.jpg,mask\ny.jpg,2\n", "expected an integer class"),
+    ("ImageID,ans\nx.jpg,\ny.jpg,2\n", "expected an integer class"),
+    ("ImageID,ans\nx.jpg,1\nx.jpg,2\n", r"1 duplicated ImageID\(s\) \(first: x\.jpg\)"),
+    ("ImageID,ans\n", "no rows"),
+])
+def test_bad_submission_fails_clearly(tmp_path, content, message):
+    good = write_submission(tmp_path / "good.csv", ["x.jpg", "y.jpg"], [1, 2])
+    bad = tmp_path / "bad.csv"
+    bad.write_text(content)
+    with pytest.raises(UserError, match=message) as error:
+        run([good, bad], "-o", tmp_path / "o.csv")
+    assert str(error.value).startswith(str(bad)) and "\n" not in str(error.value)
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    a = write_submission(tmp_path / "a.csv", ["x.jpg"], [1])
+    b = write_submission(tmp_path / "b.csv", ["x.jpg"], [2])
+    out = tmp_path / "o.csv"
+    with pytest.raises(UserError, match="at least 2"):
+        run([a], "-o", out)
+    with pytest.raises(UserError, match="given twice"):
+        run([a, b, tmp_path / "." / "a.csv"], "-o", out)
+    with pytest.raises(UserError, match="3 weight"):
+        run([a, b], "-o", out, "--weights", 1, 2, 3)
+    with pytest.raises(UserError, match="positive"):
+        run([a, b], "-o", out, "--weights", 1, -1)
+    with pytest.raises(UserError, match="both an input and an output"):
+        run([a, b], "-o", a)
+    with pytest.raises(UserError, match="file not found"):
+        run([a, tmp_path / "nope.csv"], "-o", out)
+    assert not out.exists()
+
+
+def probs(label: int, p_label: float, other: int, p_other: float) -> list[float]:
+    """A probability row: ``label`` and ``other`` as given, the rest spread evenly."""
+    row = np.full(NUM_CLASSES, (1 - p_label - p_other) / (NUM_CLASSES - 2))
+    row[label], row[other] = p_label, p_other
+    return row.tolist()
+
+
+def mild(label: int, other: int) -> list[float]:
+    return probs(label, 0.55, other, 0.05)
+
+
+def confident(label: int, other: int) -> list[float]:
+    return probs(label, 0.90, other, 0.05)
+
+
+def test_soft_vote_averages_probabilities(tmp_path):
+    ids = ["x.jpg", "y.jpg"]
+    # x: one file confidently wrong (5), two mildly right (3); y: one confidently right (8) against
+    # two barely wrong (2 by a hair over 8): a hard vote of the argmaxes would say 2
+    barely = probs(2, 0.35, 8, 0.30)
+    first = write_probs(tmp_path / "a_probs.csv", ids, [confident(5, 3), confident(8, 2)])
+    second = write_probs(tmp_path / "b_probs.csv", ids[::-1], [barely, mild(3, 5)])
+    third = write_probs(tmp_path / "c_probs.csv", ids, [mild(3, 5), barely])
+    probs_out = tmp_path / "mean_probs.csv"
+    result = run([first, second, third], "--soft", "-o", tmp_path / "o.csv",
+                 "--probs_output", probs_out)
+    assert result["ImageID"].tolist() == ids
+    assert result["ans"].tolist() == [3, 8]
+    written = pd.read_csv(probs_out).set_index("ImageID")
+    expected = (np.array([confident(5, 3), confident(8, 2)])
+                + 2 * np.array([mild(3, 5), barely])) / 3
+    np.testing.assert_allclose(written.loc[ids, PROB_COLUMNS].to_numpy(), expected)
+    # enough weight on the confident file turns x its way
+    weighted = run([first, second, third], "--soft", "-o", tmp_path / "o.csv", "--weights", 4, 1, 1)
+    assert weighted["ans"].tolist() == [5, 8]
+
+
+def test_soft_vote_function_weights():
+    table = lambda rows: pd.DataFrame(rows, columns=PROB_COLUMNS, index=["x.jpg"])  # noqa: E731
+    answer, mean = soft_vote([table([confident(1, 2)]), table([confident(2, 1)])], [1, 3])
+    assert answer.tolist() == [2]
+    np.testing.assert_allclose(mean.to_numpy().sum(axis=1), 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.drop(columns="p17"), "missing column.*p17"),
+    (lambda t: t.assign(p0=t.p0 + 0.2), "do not sum to 1"),
+    (lambda t: t.assign(p0=-0.1, p1=t.p1 + 0.1), r"not a number in \[0, 1\]"),
+])
+def test_bad_probability_file_fails(tmp_path, change, message):
+    ids = ["x.jpg", "y.jpg"]
+    good = write_probs(tmp_path / "good_probs.csv", ids, [mild(3, 5)] * 2)
+    bad = tmp_path / "bad_probs.csv"
+    change(pd.read_csv(good)).to_csv(bad, index=False)
+    with pytest.raises(UserError, match=message) as error:
+        run([good, bad], "--soft", "-o", tmp_path / "o.csv")
+    assert str(error.value).startswith(str(bad))
+
+
+def test_no_files_uses_the_output_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "output"
+    folder.mkdir()
+    ids = ["x.jpg", "y.jpg"]
+    write_submission(folder / "b.csv", ids, [1, 2])
+    write_submission(folder / "a.csv", ids, [1, 3])
+    write_submission(folder / "c.csv", ids, [4, 3])
+    write_submission(folder / "ensemble.csv", ["other.jpg"], [0])  # an old result: not an input
+    write_probs(folder / "a_probs.csv", ids, [mild(5, 3)] * 2)
+    result = run([])
+    assert "a.csv, b.csv, c.csv" in capsys.readouterr().out
+    assert result["ans"].tolist() == [1, 3]
+    assert pd.read_csv(folder / "ensemble.csv")["ans"].tolist() == [1, 3]
+
+    write_probs(folder / "b_probs.csv", ids, [mild(3, 5)] * 2)
+    run(["--soft", "-o", "output/soft.csv"])
+    assert "a_probs.csv, b_probs.csv" in capsys.readouterr().out
+
+
+def test_cli_bad_file_exits_2_with_one_line(tmp_path):
+    good = write_submission(tmp_path / "good.csv", ["x.jpg"], [1])
+    bad = write_submission(tmp_path / "bad.csv", ["x.jpg"], [42])
+    out = tmp_path / "o.csv"
+    done = subprocess.run([sys.executable, "ensemble_csv.py", str(good), str(bad), "-o", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and str(bad) in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert not out.exists()

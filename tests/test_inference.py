@@ -1,0 +1,272 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+import dataset
+import inference
+import train
+from dataset import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_hot_ish(winner: int, p_winner: float, runner_up: int, p_runner_up: float) -> np.ndarray:
+    """18-class probabilities: two named classes, the rest spread evenly."""
+    probs = np.full(18, (1 - p_winner - p_runner_up) / 16)
+    probs[winner], probs[runner_up] = p_winner, p_runner_up
+    return probs[None, :]
+
+
+# ---------------------------------------------------------------------------- pure functions
+def test_soft_vote_averages_probabilities_not_logits():
+    confident_wrong = one_hot_ish(0, 0.999, 1, 0.0005)
+    mildly_right = one_hot_ish(1, 0.8, 0, 0.15)
+    members = [confident_wrong, mildly_right, mildly_right]
+    averaged = inference.ensemble_probabilities(members)
+    assert averaged.argmax(1).tolist() == [1]
+    assert np.allclose(averaged, (confident_wrong + 2 * mildly_right) / 3)
+    # averaging logits (log-probabilities) would follow the confident model: the test can tell
+    assert np.mean([np.log(p) for p in members], 0).argmax(1).tolist() == [0]
+    with pytest.raises(ValueError, match="not logits"):
+        inference.ensemble_probabilities([np.log(confident_wrong)])
+
+
+def test_trio_is_heads_product_and_counts_as_one_model():
+    rng = np.random.default_rng(0)
+
+    def softmax(n: int, size: int) -> np.ndarray:
+        x = np.exp(rng.normal(size=(n, size)) * 3)
+        return x / x.sum(1, keepdims=True)
+
+    masks, genders, ages = [softmax(5, 3), softmax(5, 3)], [softmax(5, 2)], [softmax(5, 3)]
+    trio = inference.combine_categories({"mask": masks, "gender": genders, "age": ages})
+    expected = dataset.heads_to_class_probs((masks[0] + masks[1]) / 2, genders[0], ages[0])
+    assert np.allclose(trio, expected)
+    # the argmax of the product decodes to the argmax of each (averaged) head
+    mask, gender, age = dataset.decode_class(trio.argmax(1))
+    assert np.array_equal(mask, ((masks[0] + masks[1]) / 2).argmax(1))
+    assert np.array_equal(gender, genders[0].argmax(1)) and np.array_equal(age, ages[0].argmax(1))
+    # two 18-class models and a trio: three equal votes
+    multi = [softmax(5, 18), softmax(5, 18)]
+    mixed = inference.combine_categories({"multi": multi, "mask": masks, "gender": genders,
+                                          "age": ages})
+    assert np.allclose(mixed, (multi[0] + multi[1] + expected) / 3)
+
+
+def test_incomplete_trio_without_18_class_model_names_the_missing():
+    probs = np.full((2, 3), 1 / 3)
+    with pytest.raises(UserError, match="none for gender, age"):
+        inference.combine_categories({"mask": [probs]})
+    multi = np.full((2, 18), 1 / 18)
+    said = []
+    out = inference.combine_categories({"multi": [multi], "mask": [probs]}, say=said.append)
+    assert np.allclose(out, multi) and "ignored" in said[0]
+
+
+def test_validate_submission_rejects_bad_rows():
+    info = pd.DataFrame({"ImageID": ["a.jpg", "b.jpg", "c.jpg"]})
+    good = pd.DataFrame({"ImageID": ["a.jpg", "b.jpg", "c.jpg"], "ans": np.array([0, 17, 5])})
+    inference.validate_submission(info, good)
+    for bad, message in [
+        (good.assign(ans=[0, 18, 5]), "not an integer 0..17"),
+        (good.assign(ans=[0, -1, 5]), "not an integer 0..17"),
+        (good.assign(ans=[0.0, 1.5, 5.0]), "expected integers"),
+        (good.iloc[[1, 0, 2]].reset_index(drop=True), "order"),
+        (good.iloc[:2], "count"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            inference.validate_submission(info, bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_calibration_never_lowers_f1_on_its_data(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 18, 300)
+    logits = rng.normal(size=(300, 18))
+    logits[np.arange(300), labels] += 1.0
+    logits[:, 3] += 1.5  # a biased class: offsets can undo it
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    offsets = inference.fit_calibration(probs, labels, iterations=2)
+    before = f1_score(labels, probs.argmax(1), average="macro")
+    after = f1_score(labels, inference.calibrated_predictions(probs, offsets), average="macro")
+    assert after > before  # the bias is worth correcting, so the fit must find something
+    predicted = inference.calibrated_predictions(probs, offsets)
+    assert inference.macro_f1(labels, predicted) == pytest.approx(after)
+    assert inference.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
+        f1_score(labels[:5], predicted[:5], average="macro"))  # labels absent on one side
+    assert offsets.shape == (18,) and np.abs(offsets).max() <= 2
+
+
+# ---------------------------------------------------------------------------- with trained runs
+@pytest.fixture(scope="module")
+def trained_run(tiny_sample, tmp_path_factory) -> Path:
+    """A BaseModel (with dropout) trained one epoch at 48x32 on the tiny sample."""
+    tmp = tmp_path_factory.mktemp("runs")
+    args = train.parse_args(["--data_dir", str(tiny_sample / "train" / "images"), "--epochs", "1",
+                             "--resize", "48", "32", "--model_dir", str(tmp),
+                             "--cache_dir", str(tmp / "cache"), "--batch_size", "32",
+                             "--drop_rate", "0.5", "--val_ratio", "0", "--device", "cpu"])
+    return Path(train.main(args)["run_dir"])
+
+
+def infer(tiny_sample, out: Path, model_dirs, *flags: str) -> dict:
+    argv = ["--model_dir", *map(str, model_dirs), "--data_dir", str(tiny_sample / "eval"),
+            "--output_dir", str(out), "--cache_dir", str(out / "cache"), "--device", "cpu", *flags]
+    return inference.main(inference.parse_args(argv))
+
+
+def test_submission_order_resize_and_scores(tiny_sample, trained_run, tmp_path, capsys):
+    answers_path = tiny_sample / "eval" / "answers.csv"
+    result = infer(tiny_sample, tmp_path, [trained_run], "--answers", str(answers_path))
+    info = pd.read_csv(tiny_sample / "eval" / "info.csv", dtype={"ImageID": str})
+    written = pd.read_csv(tmp_path / "output.csv", dtype={"ImageID": str})
+    assert list(written.columns) == ["ImageID", "ans"]
+    assert written["ImageID"].tolist() == info["ImageID"].tolist()
+    assert written["ans"].between(0, 17).all()
+    probs = pd.read_csv(tmp_path / "output_probs.csv", dtype={"ImageID": str})
+    assert probs["ImageID"].tolist() == info["ImageID"].tolist()
+    assert np.allclose(probs[inference.PROB_COLUMNS].sum(1), 1, atol=1e-4)
+    # no --resize given: the checkpoint's 48x32 is used
+    assert result["models"][0]["preprocess"].resize == (48, 32)
+    assert result["caches"][0].shape == (len(info), 48, 32, 3)
+    truth = pd.read_csv(answers_path, dtype={"ImageID": str}).set_index("ImageID")["ans"]
+    expected = f1_score(truth.loc[written["ImageID"]], written["ans"], average="macro")
+    assert result["metrics"]["f1"] == pytest.approx(expected)
+    assert result["metrics"]["confusion"].shape == (18, 18)
+    printed = capsys.readouterr().out
+    assert f"model: {trained_run / 'best.pth'}" in printed and "resize 48x32" in printed
+    assert "macro F1" in printed and str(tmp_path / "output.csv") in printed.splitlines()[-1]
+
+
+def test_resize_override_warns(tiny_sample, trained_run, tmp_path, capsys):
+    result = infer(tiny_sample, tmp_path, [trained_run], "--resize", "64", "48")
+    assert result["caches"][0].shape[1:3] == (64, 48)
+    assert "trained with resize 48x32" in capsys.readouterr().out
+
+
+def test_eval_mode_gives_identical_outputs(tiny_sample, trained_run, tmp_path):
+    (loaded,) = inference.load_models([trained_run / "best.pth"], say=lambda _: None)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in loaded.net.modules())
+    info = dataset.parse_eval_dir(tiny_sample / "eval")
+    (images,) = inference.build_image_caches([loaded], info["path"].tolist(), tmp_path)
+    loaded.net.train()  # prediction must switch to eval itself
+    runs = [inference.predict_model(loaded, images, device=torch.device("cpu"), batch_size=8,
+                                    tta="flip") for _ in range(2)]
+    assert np.array_equal(runs[0], runs[1])
+    assert not loaded.net.training
+
+
+def test_mismatched_answers_fail_before_work(tiny_sample, trained_run, tmp_path):
+    answers = pd.read_csv(tiny_sample / "eval" / "answers.csv", dtype={"ImageID": str})
+    answers.loc[0, "ImageID"] = "not-an-eval-image.jpg"
+    bad = tmp_path / "bad_answers.csv"
+    answers.to_csv(bad, index=False)
+    with pytest.raises(UserError, match="not in info.csv"):
+        infer(tiny_sample, tmp_path / "out", [trained_run], "--answers", str(bad))
+    assert not (tmp_path / "out").exists()  # nothing decoded, nothing written
+
+
+def test_several_models_need_ensemble_and_calibration_is_found(tiny_sample, trained_run,
+                                                               tmp_path, capsys):
+    twin = tmp_path / "twin"
+    shutil.copytree(trained_run, twin)
+    with pytest.raises(UserError, match="add --ensemble"):
+        infer(tiny_sample, tmp_path / "a", [trained_run, twin])
+    plain = infer(tiny_sample, tmp_path / "a", [trained_run, twin], "--ensemble")
+    offsets = [0.0] * 18
+    offsets[5] = 50.0  # overwhelms every probability: all answers become class 5
+    (twin / "calibration.json").write_text(json.dumps({"offsets": offsets}))
+    calibrated = infer(tiny_sample, tmp_path / "b", [trained_run, twin], "--ensemble")
+    assert "calibration: using" in capsys.readouterr().out
+    assert set(calibrated["predictions"]["ans"]) == {5}
+    assert np.allclose(calibrated["probs"], plain["probs"])  # the probs CSV stays uncalibrated
+    off = infer(tiny_sample, tmp_path / "c", [trained_run, twin], "--ensemble", "--no_calibrate")
+    assert off["predictions"]["ans"].tolist() == plain["predictions"]["ans"].tolist()
+
+
+def test_fit_calibration_cli_writes_json(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 18, 200)
+    probs = rng.dirichlet(np.ones(18), 200)
+    probs[np.arange(200), labels] += 0.3
+    probs /= probs.sum(1, keepdims=True)
+    oof = pd.DataFrame({"path": "x", "profile": "p", "fold": 0, "label": labels})
+    oof = pd.concat([oof, pd.DataFrame(probs, columns=inference.PROB_COLUMNS)], axis=1)
+    oof.to_csv(tmp_path / "oof.csv", index=False)
+    inference.main(inference.parse_args(["--fit_calibration", str(tmp_path)]))
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    assert len(saved["offsets"]) == 18 and saved["f1_after"] >= saved["f1_before"]
+    assert "OOF macro F1" in capsys.readouterr().out
+
+
+def test_cli_missing_run_folder_is_one_line_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir",
+                           str(tmp_path / "nowhere"), "--data_dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
+
+
+def test_find_checkpoints_takes_every_fold_in_order(tmp_path):
+    kfold = tmp_path / "kfold"
+    for fold in (0, 1, 2, 10):
+        (kfold / f"fold{fold}").mkdir(parents=True)
+        (kfold / f"fold{fold}" / "best.pth").touch()
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "best.pth").touch()
+    found = inference.find_checkpoints([kfold, single])
+    assert [p.parent.name for p in found] == ["fold0", "fold1", "fold2", "fold10", "single"]
+    with pytest.raises(UserError, match="more than once"):
+        inference.find_checkpoints([single, single / "best.pth"])
+    (kfold / "fold2" / "best.pth").unlink()
+    with pytest.raises(UserError, match="fold2 has no best.pth"):
+        inference.find_checkpoints([kfold])
+    with pytest.raises(UserError, match="no best.pth"):
+        inference.find_checkpoints([tmp_path / "single" / ".."])
+
+
+@pytest.fixture(scope="module")
+def category_runs(tiny_sample, tmp_path_factory) -> dict[str, Path]:
+    """One-epoch mask, gender and age (6 bins) models at different sizes."""
+    tmp = tmp_path_factory.mktemp("category-runs")
+    runs = {}
+    for category, size, extra in (("mask", ["48", "32"], []), ("gender", ["64", "48"], []),
+                                  ("age", ["48", "32"], ["--age_label_num", "6"])):
+        args = train.parse_args(["--data_dir", str(tiny_sample / "train" / "images"),
+                                 "--epochs", "1", "--resize", *size, "--category", category,
+                                 "--model_dir", str(tmp), "--name", category, "--device", "cpu",
+                                 "--cache_dir", str(tmp / "cache"), "--batch_size", "64",
+                                 "--val_ratio", "0",
+                                 *extra])
+        runs[category] = Path(train.main(args)["run_dir"])
+    return runs
+
+
+def test_category_trio_from_real_checkpoints(tiny_sample, category_runs, trained_run, tmp_path):
+    trio = [category_runs[c] for c in ("mask", "gender", "age")]
+    result = infer(tiny_sample, tmp_path / "trio", trio, "--ensemble")
+    assert [m["category"] for m in result["models"]] == ["mask", "gender", "age"]
+    heads = [inference.predict_model(m, images, device=torch.device("cpu"), batch_size=64)
+             for m, images in zip(inference.load_models([r / "best.pth" for r in trio],
+                                                        say=lambda _: None), result["caches"])]
+    assert [h.shape[1] for h in heads] == [3, 2, 3]  # the 6 age bins come folded to 3 groups
+    assert np.allclose(result["probs"], dataset.heads_to_class_probs(*heads), atol=1e-6)
+    # each eval photo decoded once into two sizes: two distinct caches for three models
+    assert len({id(c) for c in result["caches"]}) == 2
+    mixed = infer(tiny_sample, tmp_path / "mixed", [trained_run, *trio], "--ensemble")
+    plain = infer(tiny_sample, tmp_path / "plain", [trained_run])
+    assert np.allclose(mixed["probs"], (plain["probs"] + result["probs"]) / 2, atol=1e-6)
+    with pytest.raises(UserError, match="none for age"):
+        infer(tiny_sample, tmp_path / "partial", trio[:2], "--ensemble")
+    assert not (tmp_path / "partial").exists()

@@ -1,0 +1,213 @@
+"""model.py: shapes, heads, Canny input, weight loading, name validation and offline errors."""
+from unittest import mock
+
+import pytest
+import torch
+import torchvision
+
+import dataset
+import model as models
+from dataset import UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors gain nothing from threads, and spinning threads crawl on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def images(channels: int = 3, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, channels, 64, 48, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("num_classes", [18, 3, 2])
+def test_base_model_output_shape(num_classes):
+    assert models.BaseModel(num_classes)(images()).shape == (2, num_classes)
+    built = models.build_model("BaseModel", num_classes).eval()
+    assert built(images()).shape == (2, num_classes)
+
+
+def test_base_model_accepts_smallest_and_odd_sizes():
+    net = models.BaseModel(5).eval()
+    assert net(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    assert net(torch.randn(1, 3, 45, 33)).shape == (1, 5)
+    assert net(torch.randn(1, 3, 32, 24)).shape == (1, 5)
+    assert net(torch.randn(1, 3, 16, 16)).shape == (1, 5)
+
+
+def test_multi_head_probabilities_are_product_of_head_softmaxes():
+    net = models.build_model("BaseModel", 18, multi_head=True).eval()
+    logits = net(images())
+    assert logits.shape == (2, 8)
+    probs = models.class_probabilities(net.model_config, logits)
+    assert probs.shape == (2, 18)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+    mask, gender, age = (p.softmax(-1) for p in torch.split(logits, dataset.HEAD_SIZES, dim=1))
+    for m, g, a in [(0, 0, 0), (1, 1, 2), (2, 0, 1), (2, 1, 2)]:
+        expected = mask[:, m] * gender[:, g] * age[:, a]
+        torch.testing.assert_close(probs[:, dataset.encode_class(m, g, a)], expected)
+
+
+def test_plain_class_probabilities_are_softmax():
+    logits = torch.tensor([[1.0, 2.0, 0.5]])
+    config = models.build_model("BaseModel", 3).model_config
+    torch.testing.assert_close(models.class_probabilities(config, logits), logits.softmax(1))
+
+
+def test_multi_head_needs_18_classes():
+    with pytest.raises(ValueError, match="18"):
+        models.build_model("BaseModel", 3, multi_head=True)
+
+
+def test_canny_model_takes_four_channels_and_starts_as_rgb_passthrough():
+    net = models.build_model("BaseModel", 18, canny=True).eval()
+    x = images(4)
+    assert net(x).shape == (2, 18)
+    with_other_edges = x.clone()
+    with_other_edges[:, 3] = torch.randn_like(x[:, 3])
+    torch.testing.assert_close(net(x), net(with_other_edges))  # edge channel starts ignored
+    torch.testing.assert_close(net.edge_mix(x), x[:, :3])
+
+
+def test_cosine_head_logits_bounded_by_scale():
+    net = models.build_model("BaseModel", 18, cosine_head=True).eval()
+    logits = net(images() * 100)
+    assert logits.shape == (2, 18)
+    assert logits.abs().max() <= 30.0 + 1e-4
+    multi = models.build_model("BaseModel", 18, cosine_head=True, multi_head=True).eval()
+    assert multi(images()).shape == (2, 8)
+    assert multi(images()).abs().max() <= 30.0 + 1e-4
+
+
+def test_timm_model_builds_with_num_classes():
+    net = models.build_model("mobilenetv3_small_050", 3).eval()
+    assert net(images()).shape == (2, 3)
+    multi = models.build_model("timm/resnet18", 18, multi_head=True).eval()
+    assert multi(images()).shape == (2, 8)
+    assert "fc.weight" not in multi.backbone.state_dict()  # timm's head removed, ours used
+
+
+def test_unknown_name_lists_close_matches_without_building():
+    with mock.patch.object(models, "_build_backbone", side_effect=AssertionError("built")):
+        with pytest.raises(ValueError, match="unknown model 'resnet19'.*close matches:.*resnet18"):
+            models.validate_model_name("resnet19")
+        with pytest.raises(ValueError, match="mobilenet_v2"):
+            models.validate_model_name("mobilenet_v22")
+        models.validate_model_name("tv_shufflenet_v2_x0_5")
+        models.validate_model_name("mobilenetv3_small_050")
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("not_a_model_at_all", 18)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(name="BaseModel", num_classes=3, drop_rate=0.3, canny=True, cosine_head=True),
+    dict(name="mobilenet_v2", num_classes=18, multi_head=True),
+    dict(name="timm/mobilenetv3_small_050", num_classes=2),
+])
+def test_model_config_round_trip(kwargs):
+    original = models.build_model(**kwargs)
+    rebuilt = models.build_model(**original.model_config)
+    assert rebuilt.model_config == original.model_config
+    rebuilt.load_state_dict(original.state_dict(), strict=True)
+    if kwargs["name"] == "BaseModel":  # one forward shows the rebuilt model computes the same
+        original.eval(), rebuilt.eval()
+        torch.testing.assert_close(rebuilt(images(4)), original(images(4)))
+
+
+def test_restore_model_rebuilds_trained_model_without_flags():
+    trained = models.build_model("BaseModel", 18, multi_head=True, drop_rate=0.1).eval()
+    checkpoint = {"model_config": trained.model_config,
+                  "model": {f"_orig_mod.{k}": v for k, v in trained.state_dict().items()}}
+    restored = models.restore_model(checkpoint)
+    assert not restored.training
+    torch.testing.assert_close(restored(images()), trained(images()))
+    with pytest.raises(UserError, match="model_config"):
+        models.restore_model({"model": trained.state_dict()})
+    wrong = {**checkpoint, "model_config": {**trained.model_config, "multi_head": False}}
+    with pytest.raises(UserError, match="do not fit"):
+        models.restore_model(wrong)
+
+
+def test_load_weights_skips_head_of_other_size(tmp_path, capsys):
+    source = models.build_model("BaseModel", 18)
+    torch.save({"model": source.state_dict()}, tmp_path / "w.pth")
+    target = models.build_model("BaseModel", 3)
+    loaded, skipped = models.load_weights(target, tmp_path / "w.pth")
+    assert sorted(skipped) == ["heads.0.bias", "heads.0.weight"]
+    assert loaded == len(source.state_dict()) - 2
+    for key, value in source.backbone.state_dict().items():
+        torch.testing.assert_close(target.backbone.state_dict()[key], value)
+    assert "loaded" in capsys.readouterr().out
+
+
+def test_load_weights_strips_module_prefix_and_builds_with_weights(tmp_path):
+    source = models.build_model("BaseModel", 3)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "dp.pth")
+    target = models.build_model("BaseModel", 3, weights=str(tmp_path / "dp.pth")).eval()
+    torch.testing.assert_close(target(images()), source.eval()(images()))
+
+
+def test_torchvision_state_dict_loads_into_multi_head_backbone(tmp_path):
+    plain = torchvision.models.mobilenet_v2(weights=None)
+    torch.save(plain.state_dict(), tmp_path / "mnv2.pth")
+    net = models.build_model("mobilenet_v2", 18, multi_head=True)
+    loaded, skipped = models.load_weights(net, tmp_path / "mnv2.pth")
+    assert sorted(skipped) == ["classifier.1.bias", "classifier.1.weight"]
+    assert loaded == len(plain.state_dict()) - 2
+    torch.testing.assert_close(net.backbone.features[0][0].weight, plain.features[0][0].weight)
+
+
+def test_bad_weights_files_raise_user_error_naming_file(tmp_path):
+    net = models.build_model("BaseModel", 3)
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(UserError, match="missing.pth"):
+        models.load_weights(net, missing)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="corrupt.pth"):
+        models.load_weights(net, corrupt)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"other.weight": torch.zeros(7, 7)}, foreign)
+    with pytest.raises(UserError, match="foreign.pth"):
+        models.load_weights(net, foreign)
+
+
+def test_pretrained_offline_fails_fast_with_hint():
+    if models._reachable("huggingface.co", timeout_s=2.0):
+        pytest.skip("the hub is reachable; this test checks the offline error")
+    with pytest.raises(UserError, match="cannot download pretrained weights.*--weights"):
+        models.build_model("mobilenetv3_small_050", 3, pretrained=True)
+
+
+def test_pretrained_refused_for_models_without_downloads():
+    with pytest.raises(UserError, match="--weights"):
+        models.build_model("mobilenet_v2", 3, pretrained=True)
+    with pytest.raises(UserError, match="BaseModel"):
+        models.build_model("BaseModel", 3, pretrained=True)
+
+
+def test_base_model_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    net = models.build_model("BaseModel", 3)
+    x, y = images(batch=8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_channels_last_does_not_change_outputs():
+    net = models.build_model("mobilenet_v2", 18, multi_head=True, canny=True).eval()
+    x = images(4)
+    expected = net(x)
+    net.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last)), expected,
+                               rtol=1e-4, atol=1e-4)

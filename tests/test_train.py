@@ -1,0 +1,179 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dataset
+import model as models
+import train
+from dataset import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(train_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--data_dir", str(train_dir), "--model_dir", str(tmp_path / "runs"),
+            "--cache_dir", str(tmp_path.parent / "shared-cache"), "--resize", "32", "24",
+            "--batch_size", "32", "--valid_batch_size", "64", *extra]
+
+
+def run(train_dir, tmp_path, *extra):
+    return train.main(train.parse_args(tiny_args(train_dir, tmp_path, *extra)))
+
+
+def summary_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("flag, values", [
+    ("--optimizer", train.OPTIMIZERS), ("--scheduler", train.SCHEDULERS),
+    ("--criterion", list(__import__("loss").LOSSES)), ("--augmentation", list(dataset.AUGMENTATIONS)),
+    ("--dataset", list(dataset.DATASETS)), ("--category", list(dataset.CATEGORY_CLASSES)),
+    ("--data_balancing", dataset.BALANCING), ("--amp", train.AMP_MODES), ("--crop", dataset.CROPS),
+])
+def test_every_choice_parses_and_a_typo_lists_the_choices(flag, values, capsys):
+    for value in values:
+        assert getattr(train.parse_args([flag, value]), flag[2:]) == value
+    with pytest.raises(SystemExit):
+        train.parse_args([flag, str(values[0]) + "x"])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and str(values[-1]) in err
+
+
+def test_old_spellings_and_defaults():
+    args = train.parse_args(["--age_lable_num", "6"])
+    assert args.age_label_num == 6
+    defaults = train.parse_args([])
+    assert (defaults.seed, defaults.epochs, defaults.batch_size, defaults.valid_batch_size,
+            defaults.val_ratio, defaults.lr, defaults.early_stopping_patience) == (42, 1, 64, 1000, 0.2, 1e-3, 5)
+    assert defaults.dataset == "MaskSplitByProfileDataset" and defaults.model == "BaseModel"
+    assert defaults.augmentation == "CustomAugmentation" and defaults.name == "exp"
+
+
+def test_model_typo_rejected_before_data_loads(tmp_path):
+    args = train.parse_args(["--model", "resnet1888", "--data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="resnet18"):
+        train.main(args)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--data_dir", str(tmp_path / "none")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:") and "none" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_folder_numbering_with_dotted_names(tmp_path):
+    names = [train.new_run_dir(tmp_path, "lr1e-3.v2").name for _ in range(3)]
+    assert names == ["lr1e-3.v2", "lr1e-3.v22", "lr1e-3.v23"]
+    assert [train.new_run_dir(tmp_path, "exp").name for _ in range(2)] == ["exp", "exp2"]
+
+
+# ---------------------------------------------------------------------------- runs
+def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path):
+    result = run(tiny_train_dir, tmp_path, "--epochs", "2", "--name", "first")
+    run_dir = result["run_dir"]
+    for name in ("config.json", "best.pth", "last.pth", "summary.csv"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    rows = summary_rows(run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(train.SUMMARY_FIELDS) <= set(rows[0])
+    best = torch.load(run_dir / "best.pth", weights_only=False)
+    assert best["preprocess"]["resize"] == [32, 24]
+    rebuilt = models.restore_model(best)
+    assert isinstance(rebuilt, torch.nn.Module) and not rebuilt.training
+    assert np.isclose(float(max(r["val_f1"] for r in rows)), best["metrics"]["f1"])
+    # TensorBoard holds the scalars and figures
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert {"Loss/train", "Loss/val", "F1/val", "Acc/val", "LR", "F1/mask"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"]
+    # --config replays: same flags, a new run folder, same result
+    replay = train.main(train.parse_args(["--config", str(run_dir / "config.json"), "--name", "again"]))
+    assert replay["run_dir"].name == "again"
+    assert replay["best_f1"] == pytest.approx(result["best_f1"])
+    saved = json.loads((replay["run_dir"] / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["resize"] == [32, 24]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path):
+    common = [sys.executable, "train.py", *tiny_args(tiny_train_dir, tmp_path, "--epochs", "3",
+                                                      "--early_stopping_patience", "0")]
+    subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    victim = subprocess.Popen(common + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    killed_dir = tmp_path / "runs" / "killed"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once the first epoch is checkpointed
+        if (killed_dir / "summary.csv").is_file():
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    rows = summary_rows(killed_dir)
+    assert len(rows) < 3, "the run finished before it could be killed"
+    subprocess.run([sys.executable, "train.py", "--resume", str(killed_dir)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    whole = torch.load(tmp_path / "runs" / "whole" / "last.pth", weights_only=False)
+    resumed = torch.load(killed_dir / "last.pth", weights_only=False)
+    assert resumed["epoch"] == whole["epoch"] == 3
+    for key, tensor in whole["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    assert len(summary_rows(killed_dir)) == 3
+
+
+@pytest.mark.parametrize("extra", [
+    ["--multi_head", "--criterion", "focal"],
+    ["--canny", "--mixup", "--cutmix", "--criterion", "label_smoothing"],
+    ["--category", "age", "--age_label_num", "6", "--criterion", "f1", "--weightsampler"],
+    ["--criterion", "arcface", "--optimizer", "momentum", "--scheduler", "cycliclr"],
+    ["--criterion", "bce", "--data_balancing", "gene", "--dataset", "MaskBaseDataset",
+     "--scheduler", "reducelronplateau", "--warmup_epochs", "1", "--drop_ages", "57-59",
+     "--old_age", "58", "--normalize", "dataset", "--channels_last", "--augmentation", "StrongAugmentation"],
+])
+def test_model_and_loss_variants_train(tiny_train_dir, tmp_path, extra):
+    result = run(tiny_train_dir, tmp_path, "--epochs", "2", *extra)
+    rows = summary_rows(result["run_dir"])
+    assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
+    assert 0 <= result["best_f1"] <= 1
+
+
+def test_weights_file_loads_into_another_head_size(tiny_train_dir, tmp_path, capsys):
+    donor = models.build_model("BaseModel", 3)
+    weights = tmp_path / "donor.pth"
+    torch.save(donor.state_dict(), weights)
+    result = run(tiny_train_dir, tmp_path, "--epochs", "1", "--weights", str(weights))
+    out = capsys.readouterr().out
+    assert "weights: loaded" in out and "not loaded" in out
+    assert (result["run_dir"] / "best.pth").is_file()
+
+
+def test_early_stopping_stops(tiny_train_dir, tmp_path, capsys):
+    # lr 0: nothing improves after the first epoch, so patience 2 stops at epoch 3
+    result = run(tiny_train_dir, tmp_path, "--epochs", "6", "--lr", "0", "--early_stopping_patience", "2")
+    assert len(summary_rows(result["run_dir"])) == 3
+    assert "--early_stopping_patience 0" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_train_dir, tmp_path):
+    with pytest.raises(UserError, match=r"loss is (nan|inf).*batch \d+ \(lr"):
+        run(tiny_train_dir, tmp_path, "--epochs", "2", "--lr", "1e30", "--optimizer", "sgd")
+
+
+def test_pretrained_offline_names_weights_flag(tiny_train_dir, tmp_path):
+    with pytest.raises(UserError, match="--weights"):
+        run(tiny_train_dir, tmp_path, "--model", "resnet18", "--pretrained")
