@@ -182,8 +182,8 @@ def check_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             raise UserError(f"--{flag} {path}: file not found")
-    if args.resume and not (Path(args.resume) / "last.pth").is_file():
-        raise UserError(f"--resume {args.resume}: no last.pth there to resume from")
+    if args.resume and not (Path(args.resume) / "config.json").is_file():
+        raise UserError(f"--resume {args.resume}: not a run folder (no config.json there)")
     resolve_device(args.device)
 
 
@@ -567,7 +567,9 @@ def build_network(args: argparse.Namespace, n_out: int, device: torch.device,
                              cosine_head=args.criterion == "arcface", cosine_scale=args.arc_scale,
                              pretrained=args.pretrained, weights=args.weights,
                              drop_rate=args.drop_rate)
-    if args.sync_bn and procs.distributed:
+    if args.sync_bn and procs.distributed and device.type != "cuda":
+        say(procs, "--sync_bn: SyncBatchNorm runs on CUDA only; ignored on CPU")
+    elif args.sync_bn and procs.distributed:
         config = net.model_config
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net.model_config = config

@@ -1,0 +1,430 @@
+"""Speed of the toolkit next to the competition baseline's pipeline, measured in one run.
+
+    python benchmark.py                                    # BaseModel 224x224 on the bundled sample
+    python benchmark.py --resize 128 96                    # the toolkit's default input size
+    python benchmark.py --model resnet18 --amp bf16 --output benchmarks/r18.md
+
+Prints one table (measurement | images/s, seconds or MB | ratio):
+  1. data path: the baseline's loader (PIL + torchvision transforms in a DataLoader) against the
+     toolkit's (decode-once cache -> CachedBatches -> BatchAugmentation on the device);
+  2. train step: the model's ceiling (a synthetic batch already on the device) against the real
+     training loop (train.train_one_epoch over cached photos, augmentation included);
+  3. inference with and without flip TTA (train.predict_probabilities);
+  4. cache build time from a cold cache, its size on disk, and the peak memory of the process.
+Every rate is the median of --repeats timed windows of --batches batches, after warm-up batches.
+The last line holds the two headline figures in a fixed form, for scripts to parse:
+    data path ratio: 8.3x; train loop / ceiling: 85%
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchvision import transforms
+
+import dataset
+import inference
+import loss as losses
+import model as models
+import train
+from dataset import UserError
+
+# Measured on 2 busy CPU cores: 8 batches x 3 repeats of BaseModel at 224x224 take about 2 minutes.
+DEFAULT_BATCHES = 8
+DEFAULT_REPEATS = 3
+SMOKE_BATCHES, SMOKE_REPEATS = 2, 1
+# the baseline's CustomAugmentation crops 320 x 256 (H x W) out of the 512 x 384 portraits
+BASELINE_CENTER_CROP = (320, 256)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark the toolkit's data path, training loop and "
+                                            "inference against the competition baseline's loader.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--data_dir", default=None,
+        help="train images folder ($SM_CHANNEL_TRAIN, else the bundled sample)")
+    add("--model", default="BaseModel", help=models.MODEL_HELP)
+    add("--resize", type=int, nargs=2, default=[224, 224], metavar=("H", "W"), help="model input size")
+    add("--batch_size", type=int, default=64, help="batch size of every measurement")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", default="auto", choices=train.AMP_MODES, help="mixed precision (auto: bf16 on CUDA)")
+    add("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+        help="channels_last memory format (default: on for CUDA)")
+    add("--augmentation", default="CustomAugmentation", choices=list(dataset.AUGMENTATIONS),
+        help="the toolkit's batch augmentation (train.py's default); its crop also decides "
+             "whether the reference loader centre-crops first")
+    add("--optimizer", default="adam", choices=train.OPTIMIZERS, help="optimizer of the train steps")
+    add("--batches", type=int, default=None,
+        help=f"batches per timed window (default {DEFAULT_BATCHES}; {SMOKE_BATCHES} with --smoke)")
+    add("--repeats", type=int, default=None,
+        help=f"timed windows per measurement; the median is reported (default {DEFAULT_REPEATS}; "
+             f"{SMOKE_REPEATS} with --smoke)")
+    add("--workers", type=int, default=multiprocessing.cpu_count() // 2,
+        help="reference DataLoader workers (the baseline's cpu_count() // 2)")
+    add("--cache_dir", default=None,
+        help="where the cold cache is built (a fresh folder inside it, removed at the end; "
+             "default: the system's temp folder)")
+    add("--output", default=None, metavar="FILE", help="also write the table as markdown here")
+    add("--smoke", action="store_true", help="tiny run for the test suite: few batches, one repeat")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = get_args_parser().parse_args(argv)
+    if args.batches is None:
+        args.batches = SMOKE_BATCHES if args.smoke else DEFAULT_BATCHES
+    if args.repeats is None:
+        args.repeats = SMOKE_REPEATS if args.smoke else DEFAULT_REPEATS
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    try:
+        models.validate_model_name(args.model)
+    except ValueError as why:
+        raise UserError(str(why)) from None
+    for flag in ("batches", "repeats", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: expected 0 or more")
+    if min(args.resize) < 16:
+        raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
+
+
+def train_settings(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """train.py's flags for this benchmark, so model, optimizer, loss and amp are built as it would."""
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    flags = ["--model", args.model, "--resize", *map(str, args.resize),
+             "--batch_size", str(args.batch_size), "--device", str(device), "--amp", args.amp,
+             "--augmentation", args.augmentation, "--optimizer", args.optimizer]
+    return train.get_args_parser().parse_args(flags + (["--channels_last"] if channels_last else []))
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    # CUDA kernels run asynchronously: a timer read without this measures only the launches
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(images: int, seconds: list[float]) -> dict:
+    """{'images', 'seconds' (each window), 'images_per_s' (median window)}."""
+    return {"images": images, "seconds": seconds,
+            "images_per_s": images / max(statistics.median(seconds), 1e-9)}
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": str(device),
+            "load_average": round(os.getloadavg()[0], 1)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# The two data paths
+# ----------------------------------------------------------------------------------------------
+def reference_transform(resize, mean=dataset.IMAGENET_MEAN, std=dataset.IMAGENET_STD,
+                        center_crop: bool = False) -> transforms.Compose:
+    """The baseline's BaseAugmentation (Resize, ToTensor, Normalize); with center_crop, the
+    CenterCrop its CustomAugmentation applies first."""
+    steps = [transforms.CenterCrop(BASELINE_CENTER_CROP)] if center_crop else []
+    steps += [transforms.Resize(tuple(resize), Image.BILINEAR), transforms.ToTensor(),
+              transforms.Normalize(mean=mean, std=std)]
+    return transforms.Compose(steps)
+
+
+class ReferenceDataset(Dataset):
+    """The baseline's dataset: every item opens and decodes its JPEG with PIL, then transforms it."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, transform: transforms.Compose):
+        self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.open(self.paths[index])), int(self.labels[index])
+
+
+def reference_loader(paths: list[str], labels: np.ndarray, *, resize, batch_size: int,
+                     workers: int, n_images: int, center_crop: bool = False, shuffle: bool = True,
+                     pin_memory: bool = False, mean=dataset.IMAGENET_MEAN,
+                     std=dataset.IMAGENET_STD) -> DataLoader:
+    """The baseline's DataLoader over ``n_images`` draws (whole shuffled epochs, as shuffle=True
+    gives, continued into a further epoch when more images than the data are needed)."""
+    data = ReferenceDataset(paths, labels, reference_transform(resize, mean, std, center_crop))
+    if shuffle:
+        sampler = RandomSampler(data, num_samples=n_images)
+    else:
+        sampler = np.resize(np.arange(len(data)), n_images).tolist()
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=True)
+
+
+def toolkit_batches(images: np.ndarray, targets: np.ndarray, n_images: int, batch_size: int,
+                    device: torch.device | str, shuffle: bool = True) -> dataset.CachedBatches:
+    """CachedBatches over ``n_images`` rows of the cache (rows repeat when the data is smaller)."""
+    rows = np.resize(np.arange(len(images)), n_images)
+    return dataset.CachedBatches(images, np.asarray(targets)[rows], rows, batch_size, device,
+                                 shuffle=shuffle)
+
+
+def measure_cache(paths: list[str], preprocess: dataset.Preprocess, cache_dir: Path) -> dict:
+    """Build the cache from cold into ``cache_dir``; returns its time, size and the memmap."""
+    started = time.perf_counter()
+    images = dataset.build_cache(paths, preprocess, cache_dir, progress=False)
+    seconds = time.perf_counter() - started
+    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+    return {"images": len(paths), "seconds": seconds, "mb": size / 1e6,
+            "mb_per_1000": size / 1e6 / len(paths) * 1000, "array": images}
+
+
+def measure_data_path(paths: list[str], labels: np.ndarray, images: np.ndarray, *,
+                      settings: argparse.Namespace, preprocess: dataset.Preprocess,
+                      device: torch.device, batches: int, repeats: int, workers: int) -> dict:
+    """images/s of the reference loader and of the toolkit's cached path, each to a normalized
+    float [B, 3, H, W] batch on the device."""
+    batch_size = settings.batch_size
+    # one warm-up batch per worker: the workers start together, so by the time the first batch
+    # arrives the others are nearly done, and timing from there would flatter the reference
+    warmup = max(workers, 1)
+    loader = reference_loader(paths, labels, resize=settings.resize, batch_size=batch_size,
+                              workers=workers, n_images=(warmup + batches * repeats) * batch_size,
+                              center_crop=preprocess.crop == "center",
+                              pin_memory=device.type == "cuda")
+    stream = iter(loader)
+    for _ in range(warmup):
+        next(stream)[0].to(device, non_blocking=True)
+    reference_seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(batches):
+            next(stream)[0].to(device, non_blocking=True)
+        synchronize(device)
+        reference_seconds.append(time.perf_counter() - started)
+    next(stream, None)  # exhausted: the workers exit and stop competing for the CPU
+    del stream, loader
+
+    augment = dataset.build_augmentation(settings.augmentation).to(device).train()
+    for uint8_images, _, _ in toolkit_batches(images, labels, batch_size, batch_size, device):
+        augment(uint8_images)
+    epoch = toolkit_batches(images, labels, batches * batch_size, batch_size, device)
+    toolkit_seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        for uint8_images, _, _ in epoch:
+            augment(uint8_images)
+        synchronize(device)
+        toolkit_seconds.append(time.perf_counter() - started)
+    reference = rate(batches * batch_size, reference_seconds)
+    toolkit = rate(batches * batch_size, toolkit_seconds)
+    return {"reference": reference, "toolkit": toolkit, "workers": workers,
+            "ratio": toolkit["images_per_s"] / reference["images_per_s"]}
+
+
+def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
+                     device: torch.device, batches: int, repeats: int) -> dict:
+    """Train-step images/s: synthetic batches already on the device (the ceiling) against the real
+    loop on cached photos, both through train.train_one_epoch with the same model and optimizer;
+    the windows alternate so background load hits both alike. Returns the model for inference."""
+    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+    torch.manual_seed(settings.seed)
+    net, runner = train.build_network(settings, n_out, device, train.Processes())
+    criterion = losses.build_loss(settings.criterion, n_out, smoothing=settings.smoothing,
+                                  gamma=settings.focal_gamma, scale=settings.arc_scale,
+                                  margin=settings.arc_margin).to(device)
+    optimizer = train.build_optimizer(settings, net.parameters(), device)
+    autocast_dtype = train.amp_dtype(settings.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    augment = dataset.build_augmentation(settings.augmentation).to(device)
+    batch_size, (height, width) = settings.batch_size, settings.resize
+
+    synthetic = torch.randn(batch_size, 3, height, width, device=device)
+    if settings.channels_last:
+        synthetic = synthetic.contiguous(memory_format=torch.channels_last)
+    synthetic_targets = torch.randint(0, n_out, (batch_size,), device=device)
+    # an identity "augmentation" over ready batches: the very same step code, minus the data
+    ready = [(synthetic, synthetic_targets, None)] * batches
+    real = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
+
+    def one_epoch(epoch_batches, epoch_augment) -> float:
+        result = train.train_one_epoch(runner, criterion, optimizer, epoch_batches, epoch_augment,
+                                       scaler=scaler, autocast_dtype=autocast_dtype,
+                                       channels_last=settings.channels_last, progress=False)
+        return result["images_per_s"]
+
+    # cuDNN's autotuner (benchmark mode) tries kernels on the first batches of each shape
+    warmup = 3 if device.type == "cuda" else 1
+    one_epoch(ready[:warmup], nn.Identity())
+    one_epoch(toolkit_batches(images, targets, warmup * batch_size, batch_size, device), augment)
+    ceiling_rates, loop_rates = [], []
+    for _ in range(repeats):
+        ceiling_rates.append(one_epoch(ready, nn.Identity()))
+        loop_rates.append(one_epoch(real, augment))
+    ceiling = {"images": batches * batch_size, "images_per_s": statistics.median(ceiling_rates),
+               "rates": ceiling_rates}
+    loop = {"images": batches * batch_size, "images_per_s": statistics.median(loop_rates),
+            "rates": loop_rates}
+    return {"ceiling": ceiling, "loop": loop,
+            "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
+            "model": net, "autocast_dtype": autocast_dtype}
+
+
+def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.ndarray, *,
+                      device: torch.device, autocast_dtype, batches: int, repeats: int) -> dict:
+    """Eval-mode images/s through train.predict_probabilities, alone and with flip TTA (a second
+    pass over the mirrored batches, averaged as inference.py does); windows alternate."""
+    augment = dataset.build_augmentation(settings.augmentation).to(device)
+    batch_size = settings.batch_size
+    zeros = np.zeros(len(images), dtype=np.int64)
+
+    def predict(view) -> np.ndarray:
+        return train.predict_probabilities(net, view, augment, category="multi",
+                                           autocast_dtype=autocast_dtype,
+                                           channels_last=settings.channels_last)[0]
+
+    predict(toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False))
+    epoch = toolkit_batches(images, zeros, batches * batch_size, batch_size, device, shuffle=False)
+    plain_seconds, flip_seconds = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        predict(epoch)  # ends on a copy to the host, so the device is done
+        plain_seconds.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        inference.ensemble_probabilities([predict(epoch), predict(inference._mirrored(epoch))])
+        flip_seconds.append(time.perf_counter() - started)
+    plain = rate(batches * batch_size, plain_seconds)
+    flip = rate(batches * batch_size, flip_seconds)
+    return {"plain": plain, "flip": flip, "ratio": flip["images_per_s"] / plain["images_per_s"]}
+
+
+def peak_memory_mb() -> dict:
+    # ru_maxrss is in kilobytes on Linux; children = the largest finished loader worker
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"process": own, "largest_worker": workers}
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def headline(results: dict) -> str:
+    return (f"data path ratio: {results['data_path']['ratio']:.1f}x; "
+            f"train loop / ceiling: {results['train']['percent']:.0f}%")
+
+
+def format_report(results: dict) -> str:
+    """Markdown: a header naming model, size and machine, then the table."""
+    c, d, t, i, m = (results[k] for k in ("config", "data_path", "train", "inference", "memory"))
+    cache, machine = results["cache"], results["machine"]
+    height, width = c["resize"]
+    gpu = f", GPU {machine['gpu']}" if "gpu" in machine else ""
+    lines = [
+        f"## {c['model']} {height}x{width}, batch {c['batch_size']}, {machine['device']} "
+        f"(amp {c['amp']}, channels_last {'on' if c['channels_last'] else 'off'}, "
+        f"{c['augmentation']})",
+        "",
+        f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, device {machine['device']}"
+        f"{gpu}, load average {machine['load_average']} at start",
+        f"data: {c['n_photos']} photos in {c['data_dir']} | timed: {c['batches']} batches x "
+        f"{c['repeats']} repeats, median reported | whole benchmark {c['wall_s']:.0f} s",
+        "",
+        "| measurement | images/s (or seconds/MB) | ratio |",
+        "|---|---:|---:|",
+        f"| data path: reference (PIL + torchvision, DataLoader {d['workers']} workers) "
+        f"| {d['reference']['images_per_s']:,.0f} img/s | 1.0x |",
+        f"| data path: toolkit (cache -> CachedBatches -> {c['augmentation']}) "
+        f"| {d['toolkit']['images_per_s']:,.0f} img/s | {d['ratio']:.1f}x |",
+        f"| train step: ceiling (synthetic batch on {machine['device']}) "
+        f"| {t['ceiling']['images_per_s']:,.1f} img/s | 100% |",
+        f"| train step: toolkit loop (train_one_epoch, real photos) "
+        f"| {t['loop']['images_per_s']:,.1f} img/s | {t['percent']:.0f}% |",
+        f"| inference (predict_probabilities) | {i['plain']['images_per_s']:,.0f} img/s | 1.00x |",
+        f"| inference with flip TTA | {i['flip']['images_per_s']:,.0f} img/s | {i['ratio']:.2f}x |",
+        f"| cache build, cold ({cache['images']:,} photos) | {cache['seconds']:.1f} s "
+        f"| {cache['images'] / max(cache['seconds'], 1e-9):,.0f} img/s |",
+        f"| cache size on disk | {cache['mb']:,.1f} MB | {cache['mb_per_1000']:,.1f} MB / 1,000 photos |",
+        f"| peak memory (ru_maxrss) | {m['process']:,.0f} MB "
+        f"| largest loader worker {m['largest_worker']:,.0f} MB |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run every measurement as ``args`` says; prints and returns the results."""
+    started = time.perf_counter()
+    check_args(args)
+    device = train.resolve_device(args.device)
+    settings = train_settings(args, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py: fixed input sizes
+    machine = machine_info(device)
+    data_dir = dataset.resolve_train_dir(args.data_dir)
+    frame = dataset.add_labels(dataset.parse_train_dir(data_dir))
+    paths = frame["path"].tolist()
+    targets = dataset.training_targets(frame, "multi")
+    preprocess = train.preprocess_of(settings)
+    batches, repeats = args.batches, args.repeats
+
+    parent = Path(args.cache_dir) if args.cache_dir else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(tempfile.mkdtemp(prefix="benchmark-cache-", dir=parent))
+    try:
+        cache = measure_cache(paths, preprocess, cache_dir)
+        images = cache.pop("array")
+        data_path = measure_data_path(paths, targets, images, settings=settings,
+                                      preprocess=preprocess, device=device, batches=batches,
+                                      repeats=repeats, workers=args.workers)
+        training = measure_training(settings, images, targets, device=device, batches=batches,
+                                    repeats=repeats)
+        net, autocast_dtype = training.pop("model"), training.pop("autocast_dtype")
+        inferred = measure_inference(net, settings, images, device=device,
+                                     autocast_dtype=autocast_dtype, batches=batches,
+                                     repeats=repeats)
+        del images
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    results = {
+        "config": {"model": args.model, "resize": list(settings.resize),
+                   "batch_size": args.batch_size, "amp": str(autocast_dtype or "off").replace(
+                       "torch.", ""), "channels_last": settings.channels_last,
+                   "augmentation": args.augmentation, "batches": batches, "repeats": repeats,
+                   "data_dir": str(data_dir), "n_photos": len(paths),
+                   "wall_s": time.perf_counter() - started},
+        "machine": machine, "cache": cache, "data_path": data_path, "train": training,
+        "inference": inferred, "memory": peak_memory_mb(),
+    }
+    report = format_report(results)
+    if args.output:
+        dataset.atomic_write_text(args.output, report)
+    results["table"] = report
+    results["data_path_ratio"] = data_path["ratio"]
+    results["train_loop_percent"] = training["percent"]
+    results["headline"] = headline(results)
+    print(report)
+    print(results["headline"], flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(dataset.run_cli(main, parse_args))
