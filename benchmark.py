@@ -5,13 +5,18 @@
     python benchmark.py --model resnet18 --amp bf16 --output benchmarks/r18.md
 
 Prints one table (measurement | images/s, seconds or MB | ratio):
-  1. data path: the baseline's loader (PIL + torchvision transforms in a DataLoader) against the
-     toolkit's (decode-once cache -> CachedBatches -> BatchAugmentation on the device);
+  1. data path: the baseline's loader (PIL + torchvision Resize/ToTensor/Normalize in a
+     DataLoader) against the toolkit's (decode-once cache -> CachedBatches -> BatchAugmentation
+     in train mode on the device): with --augmentation (the headline; train.py's default does
+     random flip, affine and colour jitter, which the reference does not) and with
+     BaseAugmentation, the same work as the reference;
   2. train step: the model's ceiling (a synthetic batch already on the device) against the real
      training loop (train.train_one_epoch over cached photos, augmentation included);
   3. inference with and without flip TTA (train.predict_probabilities);
   4. cache build time from a cold cache, its size on disk, and the peak memory of the process.
 Every rate is the median of --repeats timed windows of --batches batches, after warm-up batches.
+On a shared CPU, other busy processes slow torch's threads far more than the reference's
+single-threaded workers: compare runs whose load average (printed) stayed low.
 The last line holds the two headline figures in a fixed form, for scripts to parse:
     data path ratio: 8.3x; train loop / ceiling: 85%
 """
@@ -48,6 +53,7 @@ DEFAULT_REPEATS = 3
 SMOKE_BATCHES, SMOKE_REPEATS = 2, 1
 # the baseline's CustomAugmentation crops 320 x 256 (H x W) out of the 512 x 384 portraits
 BASELINE_CENTER_CROP = (320, 256)
+AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -132,7 +138,7 @@ def rate(images: int, seconds: list[float]) -> dict:
 
 def machine_info(device: torch.device) -> dict:
     info = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": str(device),
-            "load_average": round(os.getloadavg()[0], 1)}
+            "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 1)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -224,22 +230,33 @@ def measure_data_path(paths: list[str], labels: np.ndarray, images: np.ndarray, 
     next(stream, None)  # exhausted: the workers exit and stop competing for the CPU
     del stream, loader
 
-    augment = dataset.build_augmentation(settings.augmentation).to(device).train()
+    reference = rate(batches * batch_size, reference_seconds)
+    # the run's augmentation, and BaseAugmentation: the same work as the reference (no random ops)
+    names = dict.fromkeys([settings.augmentation, "BaseAugmentation"])
+    toolkit = {name: time_toolkit_path(images, labels, name, batch_size=batch_size, device=device,
+                                       batches=batches, repeats=repeats) for name in names}
+    return {"reference": reference, "toolkit": toolkit[settings.augmentation],
+            "toolkit_base": toolkit["BaseAugmentation"], "workers": workers,
+            "ratio": toolkit[settings.augmentation]["images_per_s"] / reference["images_per_s"],
+            "ratio_base": toolkit["BaseAugmentation"]["images_per_s"] / reference["images_per_s"]}
+
+
+def time_toolkit_path(images: np.ndarray, labels: np.ndarray, augmentation: str, *,
+                      batch_size: int, device: torch.device, batches: int, repeats: int) -> dict:
+    """CachedBatches -> BatchAugmentation (train mode) for ``batches`` batches, ``repeats`` times."""
+    augment = dataset.build_augmentation(augmentation).to(device).train()
     for uint8_images, _, _ in toolkit_batches(images, labels, batch_size, batch_size, device):
         augment(uint8_images)
     epoch = toolkit_batches(images, labels, batches * batch_size, batch_size, device)
-    toolkit_seconds = []
+    seconds = []
     for _ in range(repeats):
         synchronize(device)
         started = time.perf_counter()
         for uint8_images, _, _ in epoch:
             augment(uint8_images)
         synchronize(device)
-        toolkit_seconds.append(time.perf_counter() - started)
-    reference = rate(batches * batch_size, reference_seconds)
-    toolkit = rate(batches * batch_size, toolkit_seconds)
-    return {"reference": reference, "toolkit": toolkit, "workers": workers,
-            "ratio": toolkit["images_per_s"] / reference["images_per_s"]}
+        seconds.append(time.perf_counter() - started)
+    return rate(batches * batch_size, seconds)
 
 
 def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
@@ -345,16 +362,22 @@ def format_report(results: dict) -> str:
         f"{c['augmentation']})",
         "",
         f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, device {machine['device']}"
-        f"{gpu}, load average {machine['load_average']} at start",
+        f"{gpu}, {machine['threads']} torch threads, load average {machine['load_average']} at "
+        f"start, {machine['load_average_end']} at end",
         f"data: {c['n_photos']} photos in {c['data_dir']} | timed: {c['batches']} batches x "
-        f"{c['repeats']} repeats, median reported | whole benchmark {c['wall_s']:.0f} s",
+        f"{c['repeats']} repeats, median reported | whole benchmark {c['wall_s']:.1f} s",
         "",
         "| measurement | images/s (or seconds/MB) | ratio |",
         "|---|---:|---:|",
         f"| data path: reference (PIL + torchvision, DataLoader {d['workers']} workers) "
         f"| {d['reference']['images_per_s']:,.0f} img/s | 1.0x |",
-        f"| data path: toolkit (cache -> CachedBatches -> {c['augmentation']}) "
+        f"| data path: toolkit (cache -> CachedBatches -> {c['augmentation']}, train mode) "
         f"| {d['toolkit']['images_per_s']:,.0f} img/s | {d['ratio']:.1f}x |",
+    ]
+    if c["augmentation"] != "BaseAugmentation":
+        lines.append(f"| data path: toolkit with BaseAugmentation (the reference's work) "
+                     f"| {d['toolkit_base']['images_per_s']:,.0f} img/s | {d['ratio_base']:.1f}x |")
+    lines += [
         f"| train step: ceiling (synthetic batch on {machine['device']}) "
         f"| {t['ceiling']['images_per_s']:,.1f} img/s | 100% |",
         f"| train step: toolkit loop (train_one_epoch, real photos) "
@@ -406,13 +429,14 @@ def main(args: argparse.Namespace) -> dict:
         shutil.rmtree(cache_dir, ignore_errors=True)
     results = {
         "config": {"model": args.model, "resize": list(settings.resize),
-                   "batch_size": args.batch_size, "amp": str(autocast_dtype or "off").replace(
-                       "torch.", ""), "channels_last": settings.channels_last,
+                   "batch_size": args.batch_size, "amp": AMP_NAMES[autocast_dtype],
+                   "channels_last": settings.channels_last,
                    "augmentation": args.augmentation, "batches": batches, "repeats": repeats,
                    "data_dir": str(data_dir), "n_photos": len(paths),
                    "wall_s": time.perf_counter() - started},
-        "machine": machine, "cache": cache, "data_path": data_path, "train": training,
-        "inference": inferred, "memory": peak_memory_mb(),
+        "machine": {**machine, "load_average_end": round(os.getloadavg()[0], 1)},
+        "cache": cache, "data_path": data_path, "train": training, "inference": inferred,
+        "memory": peak_memory_mb(),
     }
     report = format_report(results)
     if args.output:

@@ -164,7 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> None:
     """Reject every bad name or combination before data loads."""
-    models.validate_model_name(args.model)
+    try:
+        models.validate_model_name(args.model)
+    except ValueError as why:
+        raise UserError(f"--model: {why}") from None
     if args.multi_head and (args.category != "multi" or args.age_label_num != 3):
         raise UserError("--multi_head needs --category multi and --age_label_num 3")
     if args.criterion == "arcface" and args.multi_head:
@@ -478,12 +481,12 @@ def preprocess_of(args: argparse.Namespace) -> dataset.Preprocess:
                               face_margin=args.face_margin)
 
 
-def build_image_cache(args: argparse.Namespace, frame, preprocess: dataset.Preprocess):
+def build_image_cache(args: argparse.Namespace, frame, preprocess: dataset.Preprocess, say=print):
     """The decode-once cache for every training photo (and the face boxes when cropping faces)."""
     boxes, face_info = None, {}
     if preprocess.crop == "face":
         import face
-        boxes, face_info = face.crop_boxes_for_training(frame, preprocess, args.cache_dir)
+        boxes, face_info = face.crop_boxes_for_training(frame, preprocess, args.cache_dir, say=say)
     images = dataset.build_cache(frame["path"].tolist(), preprocess, args.cache_dir, boxes=boxes,
                                  threads=args.num_workers or None)
     return images, face_info
@@ -812,7 +815,7 @@ def main(args: argparse.Namespace) -> dict:
     preprocess = preprocess_of(args)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
         procs.barrier()
-    images, face_info = build_image_cache(args, frame, preprocess)
+    images, face_info = build_image_cache(args, frame, preprocess, say=lambda m: say(procs, m))
     if procs.main:
         procs.barrier()
         run_dir = prepare_run_dir(args)

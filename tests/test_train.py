@@ -62,8 +62,12 @@ def test_old_spellings_and_defaults():
 
 def test_model_typo_rejected_before_data_loads(tmp_path):
     args = train.parse_args(["--model", "resnet1888", "--data_dir", str(tmp_path / "nowhere")])
-    with pytest.raises(ValueError, match="resnet18"):
+    with pytest.raises(UserError, match="resnet18"):
         train.main(args)
+    result = subprocess.run([sys.executable, "train.py", "--model", "efficentnet_b0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "efficientnet_b0" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

@@ -1,0 +1,648 @@
+"""Face boxes: offline Haar-cascade detection, a per-photo cache, fallbacks, and crops around the face.
+
+Cropping every photo around the face, identically at train and test, was the winners' biggest gain.
+Detection has to work offline, so it uses only the Haar cascades shipped in the opencv-python-headless
+wheel. Masks hide the nose and mouth that frontal cascades rely on, so `detect_face` tries a chain of
+detectors, strongest first, and falls back to estimating the face from a pair of detected eyes.
+
+Typical use (training, then inference):
+
+    boxes, n_detected = detect_boxes(train_paths, person_ids, Path("face_boxes.csv"))
+    stats = median_box_stats(boxes)            # save in the run's config
+    ...
+    boxes, _ = detect_boxes(eval_paths, None, Path("face_boxes.csv"), **stats)
+    x0, y0, x1, y1 = crop_box(row_box, image_w, image_h, margin=DEFAULT_MARGIN, aspect_hw=h / w)
+
+CLI: `python face.py DATA_DIR [--cache FILE] [--limit N] [--grid out.png]` detects on a folder (train
+layout <person>/<stem>.jpg, or a flat folder of eval images), prints `detection_report` and can write a
+PNG grid of crops per mask state.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from dataset import MASK_BY_STEM, MASK_NAMES, UserError
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
+
+# Faces in these portraits are at least 20% of the image height, so detecting on a copy ~170 px tall
+# keeps them >= 34 px, above the cascades' 20-24 px windows, at a fraction of the full-size cost.
+DETECT_HEIGHT = 170
+# A plausible face box: its height is 20-80% of the image height (portraits show one person, 20-70%
+# observed, with slack for loose boxes), at least 85% of it lies inside the image, and its centre is
+# in the upper 70% (boxes lower down are masks or collars that look like a face to a cascade).
+MIN_FACE_FRACTION = 0.2
+MAX_FACE_FRACTION = 0.8
+MIN_INSIDE_FRACTION = 0.85
+MAX_CENTER_Y_FRACTION = 0.7
+# Face-cascade hits need this many merged neighbour windows (at scaleFactor 1.1): on the dev set,
+# masked-face hits with fewer were wrong (a box on the mask) about half the time. scaleFactor 1.05
+# with 8 neighbours found 0.6% more right boxes but cost 40% more time and made twice the wrong ones.
+MIN_NEIGHBOURS = 6
+
+# Eye pair -> face box, fitted on the dev set's unmasked photos against frontalface_default boxes so
+# that every detector returns boxes in the same convention: side = 2.6 x the distance between the
+# eye centres, centre = eye midpoint shifted right 0.03 and down 0.30 eye distances.
+EYE_DISTANCE_TO_FACE_SIDE = 2.6
+EYE_MIDPOINT_TO_FACE_CENTER = (0.03, 0.30)
+EYE_SEARCH_HEIGHT_FRACTION = 0.7  # eyes are searched in the upper 70% of the image only
+
+# The built-in fallback when no box was ever detected and no median was supplied: a square of side
+# 0.55 x image width centred at (0.5 W, 0.4 H), i.e. x 86..298, y 99..310 on a 384 x 512 portrait.
+DEFAULT_BOX_SIDE_FRACTION = 0.55
+DEFAULT_BOX_CENTER_FRACTION = (0.5, 0.4)
+
+# Crop = face box grown by this fraction of its size on every side (see crop_box). On the dev set the
+# box runs from the hairline to the chin and a mask pulled under the chin ends within ~0.3 box
+# heights below it, so 0.4 keeps the whole mask, the forehead and some hair with a little slack.
+DEFAULT_MARGIN = 0.4
+# The competition baseline centre-crops 320 tall x 256 wide out of 512 x 384.
+BASELINE_CENTER_CROP_WIDTH_FRACTION = 256 / 384
+
+# An own box whose side is under this fraction of the median box side is discarded: the photos of a
+# set share their framing, and on the dev set 10 of the 22 such boxes were a mask taken for a face
+# (IoU < 0.3 with the person's unmasked box) and only 4 were right; right boxes measured 0.68-1.4 x
+# the median side. Photos standing alone (inference) got 0.8% wrong boxes without it, 0.1% with.
+MIN_SIZE_RATIO_TO_MEDIAN = 0.65
+# A photo's own box is replaced by its person's profile box when they overlap less than this.
+PROFILE_DISAGREEMENT_IOU = 0.3
+PROFILE_STEMS = ("normal", "incorrect_mask")  # where a person's profile box comes from, in order
+FALLBACK_KINDS = ("none", "profile", "median")
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+TABLE_COLUMNS = ("path", *BOX_COLUMNS, "score", "method", "fallback", "detected", "image_w",
+                 "image_h")
+CACHE_COLUMNS = ("path", "size", "mtime_ns", "detector", "image_w", "image_h", *BOX_COLUMNS, "score",
+                 "method")
+
+
+@dataclass(frozen=True)
+class CascadeStep:
+    """Run a face cascade on the downscaled, contrast-equalised image."""
+
+    method: str
+    cascade_file: str
+    scale_factor: float = 1.1
+
+
+@dataclass(frozen=True)
+class EyePairStep:
+    """Detect eyes, pair them up and estimate the face box from the pair (works with a mask on)."""
+
+    method: str
+    cascade_file: str
+    detect_height: int  # eyes are ~1/10 of a face: they need more pixels than faces
+    min_neighbors: int = 2
+
+
+# Tried in order; the first step with a plausible box wins (its largest box). Cumulative share of the
+# dev set's masked photos given a right box (IoU >= 0.5 with the box of the person's unmasked photo)
+# after each step: default 49%, alt2 58%, alt 59%, eye pairs at 256 px 74%, at 512 px 81% (the
+# last step costs ~45 ms but runs only when all others failed), with 0.8% wrong boxes (IoU < 0.3).
+# Incorrectly worn masks: 82% -> 98%; unmasked photos: 99.7%.
+DETECTION_STEPS: tuple[CascadeStep | EyePairStep, ...] = (
+    CascadeStep("frontal_default", "haarcascade_frontalface_default.xml"),
+    CascadeStep("frontal_alt2", "haarcascade_frontalface_alt2.xml"),
+    CascadeStep("frontal_alt", "haarcascade_frontalface_alt.xml"),
+    EyePairStep("eye_pair_256", "haarcascade_eye.xml", detect_height=256),
+    EyePairStep("eye_pair_512", "haarcascade_eye.xml", detect_height=512),
+)
+
+
+class FaceBoxes(NamedTuple):
+    """`detect_boxes` result: the box table and how many images were run through the detector."""
+
+    table: pd.DataFrame
+    n_detected: int
+
+
+@functools.lru_cache(maxsize=None)
+def _cascade(file_name: str) -> cv2.CascadeClassifier:
+    path = os.path.join(cv2.data.haarcascades, file_name)
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise UserError(f"{path}: cannot load the Haar cascade (expected it in the opencv wheel)")
+    return cascade
+
+
+def _equalised_gray(gray: np.ndarray, height: int) -> np.ndarray:
+    """Downscale to `height` rows and equalise contrast locally.
+
+    CLAHE rather than a global histogram equalisation: a dark mask takes a large share of the
+    histogram and a global equalisation then flattens the eyes (CLAHE found 6% more masked faces).
+    """
+    scale = min(1.0, height / gray.shape[0])
+    if scale < 1.0:
+        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(gray)
+
+
+def _is_plausible(box: tuple[float, float, float, float], image_w: int, image_h: int) -> bool:
+    x0, y0, x1, y1 = box
+    width, height = x1 - x0, y1 - y0
+    if width <= 0 or not MIN_FACE_FRACTION * image_h <= height <= MAX_FACE_FRACTION * image_h:
+        return False
+    inside_w = max(0.0, min(x1, image_w) - max(x0, 0))
+    inside_h = max(0.0, min(y1, image_h) - max(y0, 0))
+    if inside_w * inside_h < MIN_INSIDE_FRACTION * width * height:
+        return False
+    return (y0 + y1) / 2 <= MAX_CENTER_Y_FRACTION * image_h
+
+
+def _cascade_candidates(gray: np.ndarray, step: CascadeStep) -> list[tuple[tuple, float]]:
+    small = _equalised_gray(gray, DETECT_HEIGHT)
+    scale = small.shape[0] / gray.shape[0]
+    height = small.shape[0]
+    rects, neighbours = _cascade(step.cascade_file).detectMultiScale2(
+        small, scaleFactor=step.scale_factor, minNeighbors=MIN_NEIGHBOURS - 1,
+        minSize=(int(0.15 * height),) * 2, maxSize=(int(0.85 * height),) * 2)
+    return [((x / scale, y / scale, (x + w) / scale, (y + h) / scale), float(n))
+            for (x, y, w, h), n in zip(rects, neighbours)]
+
+
+def _eye_pair_candidates(gray: np.ndarray, step: EyePairStep) -> list[tuple[tuple, float]]:
+    small = _equalised_gray(gray, step.detect_height)
+    scale = small.shape[0] / gray.shape[0]
+    height = small.shape[0]
+    upper = small[: int(EYE_SEARCH_HEIGHT_FRACTION * height)]
+    rects, neighbours = _cascade(step.cascade_file).detectMultiScale2(
+        upper, scaleFactor=1.1, minNeighbors=step.min_neighbors,
+        minSize=(int(0.03 * height),) * 2, maxSize=(int(0.2 * height),) * 2)
+    eyes = [(x + w / 2, y + h / 2, (w + h) / 2, n) for (x, y, w, h), n in zip(rects, neighbours)]
+    candidates = []
+    for left in eyes:
+        for right in eyes:
+            distance = right[0] - left[0]
+            mean_size = (left[2] + right[2]) / 2
+            # two eyes of one face: level, of similar size, 1.2-3.5 eye widths apart
+            if (distance <= 0 or abs(right[1] - left[1]) > 0.25 * distance
+                    or not 1.2 * mean_size < distance < 3.5 * mean_size
+                    or max(left[2], right[2]) > 1.5 * min(left[2], right[2])):
+                continue
+            side = EYE_DISTANCE_TO_FACE_SIDE * distance
+            center_x = (left[0] + right[0]) / 2 + EYE_MIDPOINT_TO_FACE_CENTER[0] * distance
+            center_y = (left[1] + right[1]) / 2 + EYE_MIDPOINT_TO_FACE_CENTER[1] * distance
+            box = (center_x - side / 2, center_y - side / 2, center_x + side / 2, center_y + side / 2)
+            candidates.append((tuple(v / scale for v in box), float(left[3] + right[3])))
+    return candidates
+
+
+def _clip_box(box: tuple[float, float, float, float], image_w: int, image_h: int) -> Box:
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x0, x1 = max(0, min(x0, image_w - 1)), max(1, min(x1, image_w))
+    y0, y1 = max(0, min(y0, image_h - 1)), max(1, min(y1, image_h))
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def detect_face(image_bgr: np.ndarray) -> tuple[Box, float, str] | None:
+    """Find the face in a portrait: (box, score, method), or None when no detector finds one.
+
+    Steps of DETECTION_STEPS run in order and the first one with a plausible box wins; among its
+    plausible boxes the largest is the face (a portrait shows one person; smaller hits are masks,
+    ears or background). score is the number of merged detection windows (face cascades) or the
+    summed neighbour counts of the two eyes (eye pairs): higher is more confident. The box is
+    clipped to the image.
+    """
+    if image_bgr is None or image_bgr.ndim not in (2, 3) or image_bgr.size == 0:
+        raise UserError("detect_face: expected an H x W x 3 BGR image, got shape "
+                        f"{getattr(image_bgr, 'shape', None)}")
+    gray = image_bgr if image_bgr.ndim == 2 else cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
+    image_h, image_w = gray.shape
+    for step in DETECTION_STEPS:
+        if isinstance(step, CascadeStep):
+            candidates = _cascade_candidates(gray, step)
+        else:
+            candidates = _eye_pair_candidates(gray, step)
+        plausible = [(box, score) for box, score in candidates if _is_plausible(box, image_w, image_h)]
+        if plausible:
+            box, score = max(plausible, key=lambda c: ((c[0][2] - c[0][0]) * (c[0][3] - c[0][1]), c[1]))
+            return _clip_box(box, image_w, image_h), score, step.method
+    return None
+
+
+def box_iou(box_a: tuple, box_b: tuple) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    inter_w = max(0.0, min(box_a[2], box_b[2]) - max(box_a[0], box_b[0]))
+    inter_h = max(0.0, min(box_a[3], box_b[3]) - max(box_a[1], box_b[1]))
+    inter = inter_w * inter_h
+    union = ((box_a[2] - box_a[0]) * (box_a[3] - box_a[1])
+             + (box_b[2] - box_b[0]) * (box_b[3] - box_b[1]) - inter)
+    return inter / union if union > 0 else 0.0
+
+
+def _fit_size(width: float, aspect_hw: float, image_w: int, image_h: int) -> tuple[int, int]:
+    """Integer (w, h) with h ~= w * aspect_hw (within half a pixel), shrunk to fit the image."""
+    largest_w = min(image_w, int(np.floor(image_h / aspect_hw + 1e-9)))
+    crop_w = max(1, min(int(round(width)), largest_w))
+    return crop_w, max(1, min(int(round(crop_w * aspect_hw)), image_h))
+
+
+def crop_box(box: tuple, image_w: int, image_h: int, margin: float = DEFAULT_MARGIN,
+             aspect_hw: float = 4 / 3) -> Box:
+    """The crop around a face box: grown by `margin`, of aspect H/W `aspect_hw`, inside the image.
+
+    The box grows by margin x its width (height) on the left and right (top and bottom); then the
+    shorter side grows until height / width == aspect_hw (so the face and its margin are never cut),
+    the crop shrinks about its centre, keeping the aspect, only if it is larger than the image, and
+    finally shifts to lie inside it. Pass aspect_hw = resize height / resize width of training so
+    the crop is resized without distortion. Its height is width x aspect_hw to within half a pixel.
+    """
+    if margin < 0 or aspect_hw <= 0 or image_w <= 0 or image_h <= 0:
+        raise UserError(f"crop_box: expected margin >= 0, aspect_hw > 0 and a non-empty image, got "
+                        f"margin={margin}, aspect_hw={aspect_hw}, image {image_w}x{image_h}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    center_x, center_y = (x0 + x1) / 2, (y0 + y1) / 2
+    width = max(x1 - x0, 1.0) * (1 + 2 * margin)
+    height = max(y1 - y0, 1.0) * (1 + 2 * margin)
+    if height / width < aspect_hw:
+        height = width * aspect_hw
+    else:
+        width = height / aspect_hw
+    crop_w, crop_h = _fit_size(width, aspect_hw, image_w, image_h)
+    left = min(max(int(round(center_x - crop_w / 2)), 0), image_w - crop_w)
+    top = min(max(int(round(center_y - crop_h / 2)), 0), image_h - crop_h)
+    return left, top, left + crop_w, top + crop_h
+
+
+def center_box(image_w: int, image_h: int, aspect_hw: float = 320 / 256) -> Box:
+    """The baseline's centre crop: 2/3 of the width (256 of 384), height = width x aspect_hw.
+
+    With the default aspect it is the competition baseline's CenterCrop of 320 tall x 256 wide on a
+    512 x 384 photo; with another aspect it keeps the width and is shrunk only to fit the image.
+    """
+    if aspect_hw <= 0 or image_w <= 0 or image_h <= 0:
+        raise UserError(f"center_box: expected aspect_hw > 0 and a non-empty image, got "
+                        f"aspect_hw={aspect_hw}, image {image_w}x{image_h}")
+    crop_w, crop_h = _fit_size(BASELINE_CENTER_CROP_WIDTH_FRACTION * image_w, aspect_hw, image_w,
+                               image_h)
+    left, top = (image_w - crop_w) // 2, (image_h - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def default_box(image_w: int, image_h: int) -> Box:
+    """The built-in box of last resort: the portrait's upper middle (see DEFAULT_BOX_*)."""
+    side = DEFAULT_BOX_SIDE_FRACTION * image_w
+    center_x = DEFAULT_BOX_CENTER_FRACTION[0] * image_w
+    center_y = DEFAULT_BOX_CENTER_FRACTION[1] * image_h
+    return _clip_box((center_x - side / 2, center_y - side / 2, center_x + side / 2,
+                      center_y + side / 2), image_w, image_h)
+
+
+def median_box_stats(table: pd.DataFrame) -> dict[str, tuple[float, float] | None]:
+    """Median size (w, h) and centre (x, y), in pixels, of the photos' own detections.
+
+    Save these in a run's config and pass them to `detect_boxes` at inference, so undetected test
+    photos get the box that undetected training photos got. None when nothing was detected.
+    """
+    own = table[table["detected"].astype(bool) & (table["fallback"] == "none")]
+    if own.empty:
+        return {"median_size": None, "median_center": None}
+    width, height = own["x1"] - own["x0"], own["y1"] - own["y0"]
+    center_x, center_y = (own["x0"] + own["x1"]) / 2, (own["y0"] + own["y1"]) / 2
+    return {"median_size": (float(width.median()), float(height.median())),
+            "median_center": (float(center_x.median()), float(center_y.median()))}
+
+
+def _median_fallback_box(image_w: int, image_h: int, median_size: tuple[float, float] | None,
+                         median_center: tuple[float, float] | None) -> tuple[Box, str]:
+    if median_size is None:
+        return default_box(image_w, image_h), "default"
+    center_x, center_y = median_center or (DEFAULT_BOX_CENTER_FRACTION[0] * image_w,
+                                           DEFAULT_BOX_CENTER_FRACTION[1] * image_h)
+    width, height = median_size
+    return _clip_box((center_x - width / 2, center_y - height / 2, center_x + width / 2,
+                      center_y + height / 2), image_w, image_h), "median"
+
+
+def detector_signature() -> str:
+    """A short digest of every setting that changes what detect_face returns: cached boxes found
+    with other settings are detected again."""
+    settings = repr((DETECTION_STEPS, DETECT_HEIGHT, MIN_NEIGHBOURS, MIN_FACE_FRACTION,
+                     MAX_FACE_FRACTION, MIN_INSIDE_FRACTION, MAX_CENTER_Y_FRACTION,
+                     EYE_DISTANCE_TO_FACE_SIDE, EYE_MIDPOINT_TO_FACE_CENTER,
+                     EYE_SEARCH_HEIGHT_FRACTION, cv2.__version__))
+    return hashlib.sha1(settings.encode()).hexdigest()[:12]
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the image ({error.strerror})") from None
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+def _read_cache(cache_file: Path | None) -> dict[str, dict]:
+    if cache_file is None or not Path(cache_file).exists():
+        return {}
+    try:
+        cached = pd.read_csv(cache_file, keep_default_na=False,
+                             dtype={"path": str, "detector": str, "method": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise UserError(f"{cache_file}: unreadable face-box cache ({error}); delete it to "
+                        "rebuild") from None
+    missing = [c for c in CACHE_COLUMNS if c not in cached.columns]
+    if missing:
+        raise UserError(f"{cache_file}: not a face-box cache (missing columns {missing}); delete it "
+                        "to rebuild")
+    return {row["path"]: row for row in cached.to_dict("records")}
+
+
+def _write_csv_atomically(frame: pd.DataFrame, target: Path) -> None:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as temp_file:
+            frame.to_csv(temp_file, index=False)
+        os.replace(temp_name, target)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def _detect_entry(path: str, key: tuple[str, int, int], signature: str) -> dict:
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"{path}: cannot decode the image (expected a JPEG/PNG photo)")
+    found = detect_face(image)
+    box, score, method = found if found is not None else ((-1, -1, -1, -1), 0.0, "none")
+    return dict(zip(CACHE_COLUMNS, (key[0], key[1], key[2], signature, image.shape[1],
+                                    image.shape[0], *box, score, method)))
+
+
+def _profile_indices(own_boxes: list[Box | None], paths: list[str],
+                     profile_ids: list[str]) -> dict[str, int]:
+    """person id -> index of the photo whose own box stands for the person's framing."""
+    index_by_person_stem = {(person, Path(path).stem): index
+                            for index, (path, person) in enumerate(zip(paths, profile_ids))
+                            if own_boxes[index] is not None}
+    profiles = {}
+    for person in dict.fromkeys(profile_ids):
+        for stem in PROFILE_STEMS:
+            if (person, stem) in index_by_person_stem:
+                profiles[person] = index_by_person_stem[(person, stem)]
+                break
+    return profiles
+
+
+def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Path | None,
+                 progress: bool = True, median_size: tuple[float, float] | None = None,
+                 median_center: tuple[float, float] | None = None,
+                 min_size_ratio: float = MIN_SIZE_RATIO_TO_MEDIAN) -> FaceBoxes:
+    """The face box of every photo, detected once and cached; returns (table, n_detected).
+
+    table has one row per path, in order: path (as given), x0, y0, x1, y1 (ints), score, method,
+    fallback, detected. `detected` says whether the photo's own detection gave a usable box: one was
+    found and its side is at least min_size_ratio x the median box side (smaller ones are mostly a
+    mask mistaken for a face, see MIN_SIZE_RATIO_TO_MEDIAN; 0 keeps them all). The box is:
+    - fallback "none": the photo's own detection (method = the detector that found it);
+    - fallback "profile" (only with profile_ids, i.e. training): the box of the person's `normal`
+      photo (or, when that has none, their `incorrect_mask` photo), used when the photo's own
+      detection failed or overlaps it with IoU < PROFILE_DISAGREEMENT_IOU: a person's 7 photos share
+      their framing, and a masked face's detection is the less reliable one. method = the profile
+      photo's detector;
+    - fallback "median": a box of the median detected size centred at the median detected centre of
+      this set (method "median"); median_size / median_center, when given (at inference, from
+      `median_box_stats` of the training set), replace this set's medians. With no detection at all
+      and none given, the built-in `default_box` (method "default").
+    Own detections are cached in `cache_file` (CSV, written atomically) keyed by absolute path, file
+    size, mtime_ns and `detector_signature()`: a photo is detected again only when it or the detector
+    settings changed; n_detected counts the photos run through the detector in this call. Entries of
+    other paths in the cache are kept.
+    """
+    paths = [str(p) for p in paths]
+    if profile_ids is not None and len(profile_ids) != len(paths):
+        raise UserError(f"detect_boxes: {len(profile_ids)} profile_ids for {len(paths)} paths; "
+                        "expected one person id per path")
+    cached = _read_cache(cache_file)
+    keys = [_file_key(path) for path in paths]
+    signature = detector_signature()
+    to_detect = [i for i, key in enumerate(keys) if key[0] not in cached
+                 or (int(cached[key[0]]["size"]), int(cached[key[0]]["mtime_ns"]),
+                     str(cached[key[0]]["detector"])) != (key[1], key[2], signature)]
+    iterator = to_detect
+    if progress and to_detect:
+        from tqdm import tqdm
+        iterator = tqdm(to_detect, desc="face boxes", unit="img")
+    for index in iterator:
+        cached[keys[index][0]] = _detect_entry(paths[index], keys[index], signature)
+    if to_detect and cache_file is not None:
+        _write_csv_atomically(pd.DataFrame(list(cached.values()), columns=list(CACHE_COLUMNS)),
+                              Path(cache_file))
+    entries = [cached[key[0]] for key in keys]
+    table = _resolve_fallbacks(entries, paths, profile_ids, median_size, median_center,
+                               min_size_ratio)
+    return FaceBoxes(table, len(to_detect))
+
+
+def _resolve_fallbacks(entries: list[dict], paths: list[str], profile_ids: list[str] | None,
+                       median_size: tuple[float, float] | None,
+                       median_center: tuple[float, float] | None,
+                       min_size_ratio: float) -> pd.DataFrame:
+    own_boxes = [tuple(int(entry[c]) for c in BOX_COLUMNS) if entry["method"] != "none" else None
+                 for entry in entries]
+    detected_boxes = np.array([box for box in own_boxes if box is not None], dtype=float)
+    if len(detected_boxes):
+        median_size = median_size or (float(np.median(detected_boxes[:, 2] - detected_boxes[:, 0])),
+                                      float(np.median(detected_boxes[:, 3] - detected_boxes[:, 1])))
+        median_center = median_center or (float(np.median(detected_boxes[:, [0, 2]].mean(1))),
+                                          float(np.median(detected_boxes[:, [1, 3]].mean(1))))
+    if median_size is not None and min_size_ratio > 0:
+        min_side = min_size_ratio * float(np.sqrt(median_size[0] * median_size[1]))
+        own_boxes = [box if box is not None and _box_side(box) >= min_side else None
+                     for box in own_boxes]
+    profiles = _profile_indices(own_boxes, paths, profile_ids) if profile_ids is not None else {}
+    rows = []
+    for index, (entry, path, own_box) in enumerate(zip(entries, paths, own_boxes)):
+        image_w, image_h = int(entry["image_w"]), int(entry["image_h"])
+        box, score, method, fallback = own_box, float(entry["score"]), entry["method"], "none"
+        profile_index = profiles.get(profile_ids[index]) if profile_ids is not None else None
+        if profile_index is not None and profile_index != index:
+            profile_box = own_boxes[profile_index]
+            if own_box is None or box_iou(own_box, profile_box) < PROFILE_DISAGREEMENT_IOU:
+                box, fallback = profile_box, "profile"
+                score = float(entries[profile_index]["score"])
+                method = entries[profile_index]["method"]
+        if box is None:
+            box, method = _median_fallback_box(image_w, image_h, median_size, median_center)
+            score, fallback = 0.0, "median"
+        rows.append((path, *box, score, method, fallback, own_box is not None, image_w, image_h))
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    return table.astype({c: int for c in BOX_COLUMNS})
+
+
+def _box_side(box: tuple) -> float:
+    return float(np.sqrt((box[2] - box[0]) * (box[3] - box[1])))
+
+
+FACE_BOX_CACHE = "face_boxes.csv"  # in the image cache folder: shared by train, val, folds, inference
+
+
+def crop_boxes(table: pd.DataFrame, preprocess) -> np.ndarray:
+    """Face-box table -> crop boxes [N, 4] for dataset.build_cache (margin and aspect of the run)."""
+    height, width = preprocess.resize
+    return np.array([crop_box(tuple(row[c] for c in BOX_COLUMNS), row["image_w"], row["image_h"],
+                              preprocess.face_margin, height / width)
+                     for row in table.to_dict("records")], dtype=np.int64)
+
+
+def crop_boxes_for_training(frame: pd.DataFrame, preprocess, cache_dir: str | Path,
+                            say=print) -> tuple[np.ndarray, dict]:
+    """Crop boxes of every training photo (with the profile fallback) and the face info a run
+    keeps for inference: median box size/centre and how many photos fell back."""
+    table, n_detected = detect_boxes(frame["path"].tolist(), frame["profile"].tolist(),
+                                     Path(cache_dir) / FACE_BOX_CACHE)
+    say(f"face boxes: {n_detected} photos detected now, {len(table) - n_detected} from the cache")
+    say(detection_report(table))
+    stats = median_box_stats(table)
+    info = {key: list(value) if value is not None else None for key, value in stats.items()}
+    info["fallbacks"] = table["fallback"].value_counts().to_dict()
+    return crop_boxes(table, preprocess), info
+
+
+def crop_boxes_for_inference(paths: list[str], preprocess, cache_dir: str | Path,
+                             face_info: dict, say=print) -> np.ndarray:
+    """Crop boxes of test photos: each photo stands alone; an undetected face gets the training
+    run's median box (face_info from the checkpoint)."""
+    median_size, median_center = face_info.get("median_size"), face_info.get("median_center")
+    table, _ = detect_boxes(paths, None, Path(cache_dir) / FACE_BOX_CACHE,
+                            median_size=tuple(median_size) if median_size else None,
+                            median_center=tuple(median_center) if median_center else None)
+    fell_back = int((table["fallback"] != "none").sum())
+    say(f"face boxes: {len(table) - fell_back}/{len(table)} detected, {fell_back} use the "
+        "training median box")
+    return crop_boxes(table, preprocess)
+
+
+def _mask_state(path: str) -> str | None:
+    mask = MASK_BY_STEM.get(Path(path).stem)
+    return None if mask is None else MASK_NAMES[mask]
+
+
+def detection_report(table: pd.DataFrame) -> str:
+    """Own-detection rate and fallbacks per mask state (from the file stem) and over all photos.
+
+    Photos whose stem is not a training stem (eval images) only count in the "all" row.
+    """
+    states = table["path"].map(_mask_state)
+    groups = [(name, table[states == name]) for name in MASK_NAMES if (states == name).any()]
+    groups.append(("all", table))
+    header = f"{'state':<10}{'photos':>8}{'detected':>10}" + "".join(f"{k:>10}" for k in FALLBACK_KINDS)
+    lines = ["face boxes: own detection rate, then the box each photo got (fallback kind)", header]
+    for name, group in groups:
+        count = len(group)
+        rate = group["detected"].astype(bool).mean() if count else 0.0
+        kinds = group["fallback"].value_counts()
+        lines.append(f"{name:<10}{count:>8}{rate:>10.1%}"
+                     + "".join(f"{int(kinds.get(k, 0)):>10}" for k in FALLBACK_KINDS))
+    methods = table.loc[table["fallback"] == "none", "method"].value_counts()
+    lines.append("own boxes by detector: " + ", ".join(f"{m} {n}" for m, n in methods.items()))
+    return "\n".join(lines)
+
+
+def _list_photos(data_dir: Path, limit: int | None) -> tuple[list[str], list[str] | None]:
+    """Train layout (<person>/<stem>.jpg) -> paths and person ids; a flat folder -> paths only."""
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: not a directory (expected a train or eval images folder)")
+    suffixes = {".jpg", ".jpeg", ".png"}
+    people = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if people:
+        people = people[:limit] if limit else people
+        photos = [(str(f), person.name) for person in people for f in sorted(person.iterdir())
+                  if f.suffix.lower() in suffixes and not f.name.startswith(".")]
+        return [p for p, _ in photos], [person for _, person in photos]
+    files = sorted(str(f) for f in data_dir.iterdir()
+                   if f.suffix.lower() in suffixes and not f.name.startswith("."))
+    if not files:
+        raise UserError(f"{data_dir}: no person folders or images found")
+    return (files[:limit] if limit else files), None
+
+
+def _write_png_atomically(image: np.ndarray, target: Path) -> None:
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise UserError(f"{target}: cannot encode the grid image")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(handle, "wb") as temp_file:
+        temp_file.write(encoded.tobytes())
+    os.replace(temp_name, target)
+
+
+def write_crop_grid(table: pd.DataFrame, target: Path, margin: float, aspect_hw: float,
+                    per_row: int = 10, tile_w: int = 96) -> None:
+    """A PNG of crops: one block of rows per mask state (or one block for unlabelled photos), the
+    fallbacks of each state first. Frame colour: green own box, orange profile, red median."""
+    colours = {"none": (0, 180, 0), "profile": (0, 140, 255), "median": (0, 0, 255)}
+    tile_h = int(round(tile_w * aspect_hw))
+    states = table["path"].map(_mask_state).fillna("all")
+    rows = []
+    for state in [*MASK_NAMES, "all"]:
+        group = table[states == state]
+        if group.empty:
+            continue
+        group = pd.concat([group[group["fallback"] != "none"], group[group["fallback"] == "none"]])
+        tiles = []
+        for row in group.head(per_row * 2).itertuples():
+            image = cv2.imread(row.path, cv2.IMREAD_COLOR)
+            x0, y0, x1, y1 = crop_box((row.x0, row.y0, row.x1, row.y1), image.shape[1],
+                                      image.shape[0], margin, aspect_hw)
+            tile = cv2.resize(image[y0:y1, x0:x1], (tile_w, tile_h), interpolation=cv2.INTER_AREA)
+            cv2.rectangle(tile, (0, 0), (tile_w - 1, tile_h - 1), colours[row.fallback], 3)
+            tiles.append(tile)
+        tiles += [np.zeros((tile_h, tile_w, 3), np.uint8)] * (-len(tiles) % per_row)
+        label = np.full((18, tile_w * per_row, 3), 255, np.uint8)
+        cv2.putText(label, f"{state} ({len(group)} photos)", (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 0, 0), 1)
+        rows.append(label)
+        rows += [np.hstack(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
+    _write_png_atomically(np.vstack(rows), Path(target))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Detect face boxes on a folder and report the rates.")
+    parser.add_argument("data_dir", type=Path, help="train images folder (<person>/<stem>.jpg) or a "
+                        "flat folder of eval images")
+    parser.add_argument("--cache", type=Path, default=None, help="face-box cache CSV (default: one "
+                        "per folder in the system temp dir)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N people (train) or "
+                        "images (flat folder)")
+    parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of crops here")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    parser.add_argument("--aspect", type=float, default=4 / 3, help="crop height / width")
+    args = parser.parse_args(argv)
+    try:
+        paths, profile_ids = _list_photos(args.data_dir, args.limit)
+        folder_digest = hashlib.sha1(str(args.data_dir.resolve()).encode()).hexdigest()[:12]
+        cache = args.cache or Path(tempfile.gettempdir()) / f"face_boxes_{folder_digest}.csv"
+        started = time.perf_counter()
+        table, n_detected = detect_boxes(paths, profile_ids, cache)
+        elapsed = time.perf_counter() - started
+        print(detection_report(table))
+        per_image = f", {1000 * elapsed / n_detected:.1f} ms/image" if n_detected else ""
+        print(f"{len(paths)} photos, {n_detected} detected now{per_image}; cache {cache}")
+        if args.grid is not None:
+            write_crop_grid(table, args.grid, args.margin, args.aspect)
+            print(f"grid written to {args.grid}")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+import re
+
+import pytest
+import torch
+
+import benchmark
+import dataset
+from dataset import UserError
+
+HEADLINE = re.compile(r"^data path ratio: \d+\.\dx; train loop / ceiling: \d+%$")
+
+
+def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys):
+    table = tmp_path / "out" / "table.md"
+    cache_root = tmp_path / "cache"
+    results = benchmark.main(benchmark.parse_args([
+        "--smoke", "--data_dir", str(tiny_train_dir), "--resize", "64", "48", "--batch_size", "16",
+        "--device", "cpu", "--cache_dir", str(cache_root), "--output", str(table)]))
+    for figure in (results["data_path_ratio"], results["train_loop_percent"]):
+        assert isinstance(figure, float) and figure > 0
+    rates = [results["data_path"]["reference"], results["data_path"]["toolkit"],
+             results["train"]["ceiling"], results["train"]["loop"],
+             results["inference"]["plain"], results["inference"]["flip"]]
+    assert all(r["images_per_s"] > 0 and r["images"] == benchmark.SMOKE_BATCHES * 16 for r in rates)
+    assert results["cache"]["images"] == 24 * 7 and results["cache"]["mb"] > 0
+    assert results["memory"]["process"] > 0
+
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert HEADLINE.match(printed[-1]), printed[-1]
+    assert printed[-1] == results["headline"]
+    written = table.read_text()
+    assert written == results["table"] and "| measurement |" in written and "BaseModel 64x48" in written
+    assert not list(table.parent.glob(".*"))  # the atomic write left no temp file behind
+    assert not any(cache_root.iterdir())  # the cold cache is removed afterwards
+
+
+def test_headline_format_rounds_as_documented():
+    line = benchmark.headline({"data_path": {"ratio": 12.345}, "train": {"percent": 84.6}})
+    assert line == "data path ratio: 12.3x; train loop / ceiling: 85%"
+    assert HEADLINE.match(line)
+
+
+@pytest.mark.parametrize("crop, augmentation", [("none", "BaseAugmentation"),
+                                                ("center", "CustomAugmentation")])
+def test_reference_and_toolkit_batches_match(tiny_train_dir, tmp_path, crop, augmentation):
+    frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
+    paths, labels = frame["path"].tolist()[:16], frame["label"].to_numpy()[:16]
+    images = dataset.build_cache(paths, dataset.Preprocess((64, 48), crop=crop), tmp_path,
+                                 progress=False)
+    reference, reference_labels = next(iter(benchmark.reference_loader(
+        paths, labels, resize=(64, 48), batch_size=16, workers=0, n_images=16,
+        center_crop=crop == "center", shuffle=False)))
+    uint8_images, toolkit_labels, _ = next(iter(benchmark.toolkit_batches(
+        images, labels, 16, 16, "cpu", shuffle=False)))
+    toolkit = dataset.build_augmentation(augmentation).train()(uint8_images)
+
+    assert reference.shape == toolkit.shape == (16, 3, 64, 48)
+    assert reference.dtype == toolkit.dtype == torch.float32
+    assert torch.equal(reference_labels, toolkit_labels)
+    if augmentation == "BaseAugmentation":  # nothing random: the same photos, resized alike
+        # PIL's bilinear and OpenCV's area resize differ by about a grey level per pixel
+        assert (reference - toolkit).abs().mean() < 0.05
+        # and the comparison can fail: the same batch in another order is far off
+        assert (reference - toolkit.flip(0)).abs().mean() > 0.5
+
+
+def test_reference_loader_draws_more_than_one_epoch(tiny_train_dir):
+    frame = dataset.parse_train_dir(tiny_train_dir)
+    paths = frame["path"].tolist()[:10]
+    loader = benchmark.reference_loader(paths, [0] * 10, resize=(32, 24), batch_size=8,
+                                        workers=0, n_images=24)
+    assert [len(images) for images, _ in loader] == [8, 8, 8]
+
+
+def test_unknown_model_is_a_user_error_before_any_work(tiny_train_dir, tmp_path):
+    with pytest.raises(UserError, match="resnet1800"):
+        benchmark.main(benchmark.parse_args(["--model", "resnet1800", "--data_dir",
+                                             str(tiny_train_dir), "--cache_dir", str(tmp_path)]))
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,74 @@
+"""Train and inference must feed the model the same pixels for the same photo and config."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dataset
+import face
+import inference
+import train
+
+
+def eval_copy_of_train_photos(train_dir, tmp_path, stem="normal"):
+    """An eval folder whose images are byte copies of each person's <stem> photo."""
+    eval_dir = tmp_path / "eval"
+    (eval_dir / "images").mkdir(parents=True)
+    sources = sorted(train_dir.glob(f"*/{stem}.jpg"))
+    ids = [f"{p.parent.name}.jpg" for p in sources]
+    for source, image_id in zip(sources, ids):
+        shutil.copy2(source, eval_dir / "images" / image_id)
+    pd.DataFrame({"ImageID": ids, "ans": 0}).to_csv(eval_dir / "info.csv", index=False)
+    return eval_dir, sources
+
+
+@pytest.mark.parametrize("crop", ["face", "center", "none"])
+def test_train_and_inference_use_the_same_pixels(tiny_train_dir, tmp_path, crop):
+    cache_dir = tmp_path / "cache"
+    result = train.main(train.parse_args([
+        "--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"), "--cache_dir",
+        str(cache_dir), "--resize", "48", "32", "--epochs", "1", "--crop", crop]))
+    checkpoint = torch.load(result["run_dir"] / "best.pth", weights_only=False)
+    preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
+    assert preprocess.crop == crop
+    frame = dataset.parse_train_dir(tiny_train_dir)
+    boxes = None
+    if crop == "face":
+        assert checkpoint["face"]["median_size"] is not None
+        boxes, _ = face.crop_boxes_for_training(frame, preprocess, cache_dir)
+    train_images = dataset.build_cache(frame["path"].tolist(), preprocess, cache_dir, boxes=boxes)
+
+    eval_dir, sources = eval_copy_of_train_photos(tiny_train_dir, tmp_path)
+    out = inference.main(inference.parse_args([
+        "--model_dir", str(result["run_dir"]), "--data_dir", str(eval_dir), "--output_dir",
+        str(tmp_path / "out"), "--cache_dir", str(cache_dir)]))
+    eval_images = out["caches"][0]
+    rows = frame.reset_index().set_index("path").loc[[str(s) for s in sources], "index"].to_numpy()
+    same = [np.array_equal(eval_images[i], train_images[row]) for i, row in enumerate(rows)]
+    if crop != "face":
+        assert all(same)
+        return
+    # a face crop is the same wherever train and test found the same own box; at inference a
+    # photo stands alone, so only training photos that used their own detection must match
+    train_table, _ = face.detect_boxes(frame["path"].tolist(), frame["profile"].tolist(),
+                                       cache_dir / face.FACE_BOX_CACHE, progress=False)
+    own = (train_table["fallback"].to_numpy()[rows] == "none")
+    assert own.sum() >= len(rows) // 2, "the detector should find most unmasked synthetic faces"
+    assert all(s for s, o in zip(same, own) if o)
+
+
+def test_face_boxes_are_detected_once_and_shared(tiny_train_dir, tmp_path):
+    frame = dataset.parse_train_dir(tiny_train_dir).head(21)
+    pre = dataset.Preprocess(resize=(48, 32), crop="face")
+    said = []
+    first, info = face.crop_boxes_for_training(frame, pre, tmp_path, say=said.append)
+    assert said[0].startswith("face boxes: 21 photos detected now")
+    again, _ = face.crop_boxes_for_training(frame, pre, tmp_path, say=said.append)
+    assert said[2].startswith("face boxes: 0 photos detected now")
+    assert np.array_equal(first, again)
+    for x0, y0, x1, y1 in first:  # inside the 384 x 512 photo, with the run's aspect
+        assert 0 <= x0 < x1 <= 384 and 0 <= y0 < y1 <= 512
+        assert abs((y1 - y0) / (x1 - x0) - 48 / 32) < 0.02
+    assert sum(info["fallbacks"].values()) == 21

@@ -1,0 +1,296 @@
+"""face.py: crops stay inside the image with the requested aspect, the box cache is reused and
+invalidated, fallbacks (profile / median / default) behave as documented, the report adds up.
+
+Images are generated here; the fallback tests replace `face.detect_face` by a table lookup on each
+image's (unique) grey level so that they test the bookkeeping, not the Haar cascades.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import face
+from dataset import UserError
+
+IMAGE_W, IMAGE_H = 384, 512
+
+
+def draw_cartoon_face(scale: float = 0.8) -> np.ndarray:
+    """A drawn frontal face (skin ellipse, eyes, brows, nose, mouth) that frontal_alt2 detects."""
+    image = np.full((IMAGE_H, IMAGE_W, 3), 180, np.uint8)
+    center_x, center_y = 192, 200
+    cv2.ellipse(image, (center_x, center_y), (int(80 * scale), int(105 * scale)), 0, 0, 360,
+                (150, 170, 210), -1)
+    for side in (-1, 1):
+        eye_x, eye_y = center_x + side * int(35 * scale), center_y - int(25 * scale)
+        cv2.ellipse(image, (eye_x, eye_y), (int(18 * scale), int(9 * scale)), 0, 0, 360,
+                    (255, 255, 255), -1)
+        cv2.circle(image, (eye_x, eye_y), int(7 * scale), (30, 30, 30), -1)
+        cv2.line(image, (eye_x - int(20 * scale), eye_y - int(20 * scale)),
+                 (eye_x + int(20 * scale), eye_y - int(22 * scale)), (40, 40, 60), int(5 * scale))
+    cv2.line(image, (center_x, center_y - int(15 * scale)),
+             (center_x - int(8 * scale), center_y + int(25 * scale)), (110, 120, 160), int(4 * scale))
+    cv2.ellipse(image, (center_x, center_y + int(55 * scale)), (int(30 * scale), int(10 * scale)), 0,
+                0, 180, (60, 60, 150), int(5 * scale))
+    return cv2.GaussianBlur(image, (5, 5), 0)
+
+
+class FakeDetector:
+    """Stands in for face.detect_face: the image's grey level selects the answer; counts calls."""
+
+    def __init__(self, answers: dict[int, tuple | None]):
+        self.answers = answers
+        self.calls = 0
+
+    def __call__(self, image_bgr: np.ndarray):
+        self.calls += 1
+        return self.answers[int(image_bgr[0, 0, 0])]
+
+
+def write_flat_image(path: Path, grey_level: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((IMAGE_H, IMAGE_W, 3), grey_level, np.uint8))
+    return str(path)
+
+
+def write_people(root: Path, photos: dict[str, dict[str, int]]) -> tuple[list[str], list[str]]:
+    """{person: {stem: grey level}} -> paths (PNG, lossless so the grey level survives) and ids."""
+    paths, ids = [], []
+    for person, stems in photos.items():
+        for stem, grey_level in stems.items():
+            paths.append(write_flat_image(root / person / f"{stem}.png", grey_level))
+            ids.append(person)
+    return paths, ids
+
+
+def row_box(table, path: str) -> tuple[int, int, int, int]:
+    row = table[table["path"] == path].iloc[0]
+    return int(row.x0), int(row.y0), int(row.x1), int(row.y1)
+
+
+def test_crop_box_stays_inside_the_image_with_the_requested_aspect():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        image_w, image_h = (int(v) for v in rng.integers(16, 1200, size=2))
+        # boxes anywhere, partly outside the image, tiny or larger than the image
+        x0, x1 = np.sort(rng.uniform(-0.5, 1.5, size=2) * image_w)
+        y0, y1 = np.sort(rng.uniform(-0.5, 1.5, size=2) * image_h)
+        margin = float(rng.uniform(0, 2))
+        aspect = float(rng.uniform(0.3, 3.0))
+        left, top, right, bottom = face.crop_box((x0, y0, x1, y1), image_w, image_h, margin, aspect)
+        assert all(isinstance(v, int) for v in (left, top, right, bottom))
+        assert 0 <= left < right <= image_w and 0 <= top < bottom <= image_h
+        if min(image_w, image_h / aspect) >= 2:
+            assert abs((bottom - top) - (right - left) * aspect) <= 0.5 + 1e-9
+
+
+def test_crop_box_keeps_the_grown_face_when_it_fits():
+    rng = np.random.default_rng(1)
+    checked = 0
+    for _ in range(2000):
+        x0, y0 = rng.uniform(0, 300, size=2)
+        size = rng.uniform(20, 200)
+        box = (x0, y0, x0 + size, y0 + size * rng.uniform(0.8, 1.3))
+        margin, aspect = float(rng.uniform(0, 0.8)), float(rng.uniform(0.5, 2.0))
+        grown = (box[0] - margin * size, box[1] - margin * (box[3] - box[1]),
+                 box[2] + margin * size, box[3] + margin * (box[3] - box[1]))
+        crop = face.crop_box(box, IMAGE_W, IMAGE_H, margin, aspect)
+        grown_fits = (grown[0] >= 0 and grown[1] >= 0 and grown[2] <= IMAGE_W and grown[3] <= IMAGE_H)
+        width_needed = max(grown[2] - grown[0], (grown[3] - grown[1]) / aspect)
+        if grown_fits and width_needed <= IMAGE_W - 2 and width_needed * aspect <= IMAGE_H - 2:
+            checked += 1
+            assert crop[0] <= grown[0] + 1 and crop[1] <= grown[1] + 1
+            assert crop[2] >= grown[2] - 1 and crop[3] >= grown[3] - 1
+    assert checked > 100
+
+
+def test_crop_box_shifts_before_shrinking():
+    # centred far from the edges: exactly the grown box
+    assert face.crop_box((100, 100, 200, 200), 1000, 1000, 0.5, 1.0) == (50, 50, 250, 250)
+    # too tall to be centred on the face near the top edge: shifted down, not shrunk
+    assert face.crop_box((100, 100, 200, 200), 1000, 1000, 0.5, 2.0) == (50, 0, 250, 400)
+    # larger than the image: shrunk to the image width, keeping the aspect
+    assert face.crop_box((0, 0, 384, 512), IMAGE_W, IMAGE_H, 0.4, 1.0) == (0, 64, 384, 448)
+
+
+def test_center_box_is_the_baseline_center_crop():
+    assert face.center_box(IMAGE_W, IMAGE_H, 320 / 256) == (64, 96, 320, 416)
+    left, top, right, bottom = face.center_box(IMAGE_W, IMAGE_H, 2.0)
+    assert (right - left) * 2 == bottom - top and bottom <= IMAGE_H and top >= 0
+
+
+def test_detect_face_finds_a_drawn_face_and_nothing_on_blank_images():
+    found = face.detect_face(draw_cartoon_face())
+    assert found is not None
+    (x0, y0, x1, y1), score, method = found
+    assert x0 < 192 < x1 and y0 < 200 < y1  # the drawn face's centre
+    assert 0.2 * IMAGE_H <= y1 - y0 <= 0.8 * IMAGE_H
+    assert score > 0 and method in {step.method for step in face.DETECTION_STEPS}
+    assert face.detect_face(np.full((IMAGE_H, IMAGE_W, 3), 128, np.uint8)) is None
+    gradient = np.tile(np.linspace(0, 255, IMAGE_W, dtype=np.uint8), (IMAGE_H, 1))
+    assert face.detect_face(cv2.merge([gradient] * 3)) is None
+
+
+def test_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, monkeypatch):
+    detector = FakeDetector({10: ((50, 60, 250, 260), 9.0, "fake"), 20: None,
+                             30: ((40, 40, 240, 240), 3.0, "fake")})
+    monkeypatch.setattr(face, "detect_face", detector)
+    paths, ids = write_people(tmp_path / "train", {"p1": {"normal": 10, "mask1": 20}})
+    cache = tmp_path / "cache" / "boxes.csv"
+
+    first, n_first = face.detect_boxes(paths, ids, cache, progress=False)
+    assert n_first == 2 and detector.calls == 2 and cache.exists()
+    second, n_second = face.detect_boxes(paths, ids, cache, progress=False)
+    assert n_second == 0 and detector.calls == 2  # nothing detected again
+    assert first.equals(second)
+    assert [p.name for p in cache.parent.iterdir()] == ["boxes.csv"]  # no temp file left behind
+
+    write_flat_image(Path(paths[1]), 30)  # the masked photo changes: now a face is found
+    stat = os.stat(paths[1])
+    os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+    third, n_third = face.detect_boxes(paths, ids, cache, progress=False)
+    assert n_third == 1 and detector.calls == 3
+    assert row_box(third, paths[1]) == (40, 40, 240, 240)
+    assert third.set_index("path").loc[paths[1], "fallback"] == "none"
+
+    monkeypatch.setattr(face, "MIN_NEIGHBOURS", face.MIN_NEIGHBOURS + 1)  # other detector settings
+    _, n_fourth = face.detect_boxes(paths, ids, cache, progress=False)
+    assert n_fourth == 2 and detector.calls == 5
+
+
+def test_profile_fallback_copies_the_normal_photos_box(tmp_path, monkeypatch):
+    normal_box = (60, 50, 300, 290)
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: (normal_box, 12.0, "frontal_default"),
+        2: None,                                       # not found
+        3: ((100, 300, 200, 400), 8.0, "frontal_alt2"),  # found elsewhere: IoU < 0.3
+        4: ((70, 60, 305, 295), 8.0, "frontal_alt2"),    # agrees with the normal photo
+    }))
+    paths, ids = write_people(tmp_path, {"p1": {"normal": 1, "mask1": 2, "mask2": 3, "mask3": 4}})
+    table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False, min_size_ratio=0)
+    by_stem = table.assign(stem=[Path(p).stem for p in table["path"]]).set_index("stem")
+    assert list(by_stem["fallback"]) == ["none", "profile", "profile", "none"]
+    assert list(by_stem["detected"]) == [True, False, True, True]
+    for stem in ("mask1", "mask2"):
+        assert tuple(by_stem.loc[stem, ["x0", "y0", "x1", "y1"]]) == normal_box
+        assert by_stem.loc[stem, "method"] == "frontal_default"
+    assert tuple(by_stem.loc["mask3", ["x0", "y0", "x1", "y1"]]) == (70, 60, 305, 295)
+
+    # at inference the same photos stand alone: no profile, the disagreeing box is kept
+    alone, _ = face.detect_boxes(paths, None, tmp_path / "boxes.csv", progress=False, min_size_ratio=0)
+    assert "profile" not in set(alone["fallback"])
+    assert row_box(alone, paths[2]) == (100, 300, 200, 400)
+
+
+def test_profile_falls_back_to_the_incorrect_mask_photo_and_ignores_too_small_boxes(tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: ((150, 150, 190, 190), 9.0, "f"),     # p1's normal photo: a 40 px box, far too small
+        2: ((60, 50, 300, 290), 9.0, "alt2"),    # p1's incorrect_mask photo
+        3: None,
+        4: ((62, 52, 302, 292), 9.0, "f"),
+    }))
+    paths, ids = write_people(tmp_path, {"p1": {"normal": 1, "incorrect_mask": 2, "mask1": 3},
+                                         "p2": {"normal": 4}})
+    table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False)
+    by_stem = table[table["path"].str.contains("p1")].assign(
+        stem=lambda t: [Path(p).stem for p in t["path"]]).set_index("stem")
+    assert list(by_stem["fallback"]) == ["profile", "none", "profile"]
+    assert list(by_stem["detected"]) == [False, True, False]
+    assert all(row_box(table, path) == (60, 50, 300, 290) for path in paths[:3])
+    assert set(by_stem["method"]) == {"alt2"}
+
+
+def test_median_fallback_uses_the_sets_median_box(tmp_path, monkeypatch):
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: ((100, 100, 200, 200), 9.0, "f"), 2: ((120, 110, 240, 230), 9.0, "f"),
+        3: ((140, 120, 280, 260), 9.0, "f"), 4: None,
+    }))
+    paths, ids = write_people(tmp_path, {"p1": {"mask1": 1, "mask2": 2}, "p2": {"mask1": 3, "mask2": 4}})
+    table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False)
+    row = table.set_index("path").loc[paths[3]]
+    # no normal photo for p2 -> median box: size 120 x 120, centred at the median centre (180, 170)
+    assert (row.fallback, row.method, bool(row.detected)) == ("median", "median", False)
+    assert row_box(table, paths[3]) == (120, 110, 240, 230)
+    assert face.median_box_stats(table) == {"median_size": (120.0, 120.0),
+                                            "median_center": (180.0, 170.0)}
+
+
+def test_inference_uses_the_supplied_median_and_drops_too_small_boxes(tmp_path, monkeypatch):
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: None, 2: ((150, 150, 210, 210), 9.0, "f"), 3: ((90, 80, 290, 280), 9.0, "f")}))
+    paths = [write_flat_image(tmp_path / f"{name}.png", level) for name, level in
+             (("a", 1), ("b", 2), ("c", 3))]
+    table, _ = face.detect_boxes(paths, None, tmp_path / "boxes.csv", progress=False,
+                                 median_size=(200.0, 220.0), median_center=(190.0, 200.0))
+    assert list(table["fallback"]) == ["median", "median", "none"]
+    assert list(table["detected"]) == [False, False, True]  # 60 px < 0.65 x the 210 px median side
+    assert row_box(table, paths[0]) == (90, 90, 290, 310)
+    assert row_box(table, paths[2]) == (90, 80, 290, 280)
+
+
+def test_default_box_when_nothing_is_detected(tmp_path):
+    paths, ids = write_people(tmp_path, {"p1": {"normal": 0, "mask1": 255}})  # real detector, blank
+    table, n_detected = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False)
+    assert n_detected == 2
+    assert set(table["fallback"]) == {"median"} and set(table["method"]) == {"default"}
+    expected = face.default_box(IMAGE_W, IMAGE_H)
+    assert expected == (86, 99, 298, 310)  # the documented upper-middle square
+    assert all(row_box(table, path) == expected for path in paths)
+
+
+def test_detection_report_counts_add_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: ((60, 50, 300, 290), 12.0, "frontal_default"), 2: None}))
+    # p1's misses take p1's normal box; p2 has no detected normal/incorrect_mask photo -> median
+    photos = {"p1": {"normal": 1, "mask1": 2, "mask2": 1, "incorrect_mask": 2},
+              "p2": {"normal": 2, "mask1": 2, "mask2": 1}}
+    paths, ids = write_people(tmp_path, photos)
+    table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False)
+    report = face.detection_report(table)
+    rows = {line.split()[0]: line.split() for line in report.splitlines()[2:-1]}
+    assert set(rows) == {"wear", "incorrect", "not_wear", "all"}
+    for name, fields in rows.items():
+        photos_in_row, none, profile, median = int(fields[1]), *map(int, fields[3:6])
+        assert none + profile + median == photos_in_row
+    assert sum(int(rows[n][1]) for n in ("wear", "incorrect", "not_wear")) == int(rows["all"][1]) == 7
+    assert rows["wear"][1:] == ["4", "50.0%", "2", "1", "1"]
+    assert rows["incorrect"][1:] == ["1", "0.0%", "0", "1", "0"]
+    assert rows["not_wear"][1:] == ["2", "50.0%", "1", "0", "1"]
+    assert rows["all"][1:] == ["7", "42.9%", "3", "2", "2"]
+
+    eval_table, _ = face.detect_boxes([write_flat_image(tmp_path / "eval" / "x1.png", 1)], None,
+                                      tmp_path / "boxes.csv", progress=False)
+    eval_rows = face.detection_report(eval_table).splitlines()[2:-1]
+    assert [line.split()[:2] for line in eval_rows] == [["all", "1"]]
+
+
+def test_bad_inputs_raise_user_errors(tmp_path):
+    broken = tmp_path / "p1" / "normal.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match="normal.jpg"):
+        face.detect_boxes([str(broken)], ["p1"], tmp_path / "boxes.csv", progress=False)
+    with pytest.raises(UserError, match="missing.jpg"):
+        face.detect_boxes([str(tmp_path / "missing.jpg")], None, None, progress=False)
+    with pytest.raises(UserError, match="profile_ids"):
+        face.detect_boxes([str(broken)], [], None, progress=False)
+    not_a_cache = tmp_path / "other.csv"
+    not_a_cache.write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="other.csv"):
+        face.detect_boxes([str(broken)], None, not_a_cache, progress=False)
+
+
+def test_cli_prints_the_report_and_writes_a_grid(tmp_path, capsys):
+    write_people(tmp_path / "images", {"p1": {"normal": 90, "mask1": 200}})
+    cache, grid = tmp_path / "boxes.csv", tmp_path / "grid.png"
+    assert face.main([str(tmp_path / "images"), "--cache", str(cache), "--grid", str(grid)]) == 0
+    output = capsys.readouterr().out
+    assert "not_wear" in output and "2 photos, 2 detected now" in output
+    assert cv2.imread(str(grid)) is not None
+    assert face.main([str(tmp_path / "nowhere")]) == 2
+    assert "error:" in capsys.readouterr().err
