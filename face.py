@@ -437,7 +437,7 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
     iterator = to_detect
     if progress and to_detect:
         from tqdm import tqdm
-        iterator = tqdm(to_detect, desc="face boxes", unit="img")
+        iterator = tqdm(to_detect, desc="face boxes", unit="img", disable=None)  # None: off in logs
     for index in iterator:
         cached[keys[index][0]] = _detect_entry(paths[index], keys[index], signature)
     if to_detect and cache_file is not None:

@@ -435,6 +435,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.fit_calibration:
         return calibrate_run(Path(args.fit_calibration))
     # everything the user gave is checked before any model loads or image decodes
+    dataset.tune_host_allocator()
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
     if args.resize and min(args.resize) < 16:

@@ -338,7 +338,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer, batches, 
     seen, started = 0, time.perf_counter()
     base_lrs = [group["initial_lr"] if "initial_lr" in group else group["lr"]
                 for group in optimizer.param_groups]
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+    # disable=None hides the bar when stderr is not a terminal (logs, CI)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=None if progress else True)
     for step, (images, targets, _) in enumerate(bar):
         if warmup is not None:  # linear warm-up over the first warmup epochs, per batch
             done, total = warmup[0] + step + 1, warmup[1]
@@ -805,6 +806,7 @@ def normalization(args: argparse.Namespace, images: np.ndarray, train_rows: np.n
 def main(args: argparse.Namespace) -> dict:
     """Train as ``args`` says; returns {'run_dir', 'best_f1', ...}. Knows nothing of argparse."""
     check_args(args)
+    dataset.tune_host_allocator()
     procs = start_processes(args.device)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
