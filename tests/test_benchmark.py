@@ -35,7 +35,7 @@ def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys
 
 
 def test_headline_format_rounds_as_documented():
-    line = benchmark.headline({"data_path": {"ratio": 12.345}, "train": {"percent": 84.6}})
+    line = benchmark.headline({"data_path": {"ratio_base": 12.345}, "train": {"percent": 84.6}})
     assert line == "data path ratio: 12.3x; train loop / ceiling: 85%"
     assert HEADLINE.match(line)
 
