@@ -69,8 +69,6 @@ DEFAULT_BOX_CENTER_FRACTION = (0.5, 0.4)
 # box runs from the hairline to the chin and a mask pulled under the chin ends within ~0.3 box
 # heights below it, so 0.4 keeps the whole mask, the forehead and some hair with a little slack.
 DEFAULT_MARGIN = 0.4
-# The competition baseline centre-crops 320 tall x 256 wide out of 512 x 384.
-BASELINE_CENTER_CROP_WIDTH_FRACTION = 256 / 384
 
 # An own box whose side is under this fraction of the median box side is discarded: the photos of a
 # set share their framing, and on the dev set 10 of the 22 such boxes were a mask taken for a face
@@ -273,21 +271,6 @@ def crop_box(box: tuple, image_w: int, image_h: int, margin: float = DEFAULT_MAR
     crop_w, crop_h = _fit_size(width, aspect_hw, image_w, image_h)
     left = min(max(int(round(center_x - crop_w / 2)), 0), image_w - crop_w)
     top = min(max(int(round(center_y - crop_h / 2)), 0), image_h - crop_h)
-    return left, top, left + crop_w, top + crop_h
-
-
-def center_box(image_w: int, image_h: int, aspect_hw: float = 320 / 256) -> Box:
-    """The baseline's centre crop: 2/3 of the width (256 of 384), height = width x aspect_hw.
-
-    With the default aspect it is the competition baseline's CenterCrop of 320 tall x 256 wide on a
-    512 x 384 photo; with another aspect it keeps the width and is shrunk only to fit the image.
-    """
-    if aspect_hw <= 0 or image_w <= 0 or image_h <= 0:
-        raise UserError(f"center_box: expected aspect_hw > 0 and a non-empty image, got "
-                        f"aspect_hw={aspect_hw}, image {image_w}x{image_h}")
-    crop_w, crop_h = _fit_size(BASELINE_CENTER_CROP_WIDTH_FRACTION * image_w, aspect_hw, image_w,
-                               image_h)
-    left, top = (image_w - crop_w) // 2, (image_h - crop_h) // 2
     return left, top, left + crop_w, top + crop_h
 
 

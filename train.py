@@ -219,12 +219,10 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "fp16":
         return torch.float16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16 if mode == "auto" else _fail(f"--amp bf16: not supported by this GPU")
+        if mode == "bf16":
+            raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
+        return torch.float16
     return torch.bfloat16
-
-
-def _fail(message: str):
-    raise UserError(message)
 
 
 # ----------------------------------------------------------------------------------------------

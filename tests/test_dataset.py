@@ -350,6 +350,7 @@ def test_cached_batches_cover_rows_in_order_and_shuffled():
 
 
 def test_center_box_inside_image_with_aspect():
+    assert dataset.center_box(384, 512, 320 / 256) == (64, 96, 320, 416)  # the baseline's crop
     for width, height, aspect in [(384, 512, 128 / 96), (384, 512, 1.0), (1000, 500, 2.0)]:
         x0, y0, x1, y1 = dataset.center_box(width, height, aspect)
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height

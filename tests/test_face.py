@@ -117,12 +117,6 @@ def test_crop_box_shifts_before_shrinking():
     assert face.crop_box((0, 0, 384, 512), IMAGE_W, IMAGE_H, 0.4, 1.0) == (0, 64, 384, 448)
 
 
-def test_center_box_is_the_baseline_center_crop():
-    assert face.center_box(IMAGE_W, IMAGE_H, 320 / 256) == (64, 96, 320, 416)
-    left, top, right, bottom = face.center_box(IMAGE_W, IMAGE_H, 2.0)
-    assert (right - left) * 2 == bottom - top and bottom <= IMAGE_H and top >= 0
-
-
 def test_detect_face_finds_a_drawn_face_and_nothing_on_blank_images():
     found = face.detect_face(draw_cartoon_face())
     assert found is not None
