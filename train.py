@@ -44,7 +44,12 @@ SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_ma
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a face-mask classifier.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
+
+    def add(*flags: str, **options):
+        # the competition's users type --batch_size; --batch-size works as well
+        aliases = [f.replace("_", "-") for f in flags if "_" in f]
+        return p.add_argument(*flags, *aliases, **options)
+
     # run
     add("--seed", type=int, default=42, help="random seed (split, init, order, augmentation)")
     add("--epochs", type=int, default=1, help="number of epochs")

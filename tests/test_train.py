@@ -53,6 +53,8 @@ def test_every_choice_parses_and_a_typo_lists_the_choices(flag, values, capsys):
 def test_old_spellings_and_defaults():
     args = train.parse_args(["--age_lable_num", "6"])
     assert args.age_label_num == 6
+    hyphenated = train.parse_args(["--batch-size", "8", "--early-stopping-patience", "0"])
+    assert hyphenated.batch_size == 8 and hyphenated.early_stopping_patience == 0
     defaults = train.parse_args([])
     assert (defaults.seed, defaults.epochs, defaults.batch_size, defaults.valid_batch_size,
             defaults.val_ratio, defaults.lr, defaults.early_stopping_patience) == (42, 1, 64, 1000, 0.2, 1e-3, 5)
