@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dataset import MASK_BY_STEM, MASK_NAMES, UserError
+from dataset import MASK_BY_STEM, MASK_NAMES, UserError, atomic_write_bytes, atomic_write_text
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
 
@@ -343,20 +343,6 @@ def _read_cache(cache_file: Path | None) -> dict[str, dict]:
     return {row["path"]: row for row in cached.to_dict("records")}
 
 
-def _write_csv_atomically(frame: pd.DataFrame, target: Path) -> None:
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as temp_file:
-            frame.to_csv(temp_file, index=False)
-        os.replace(temp_name, target)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-
-
 def _detect_entry(path: str, key: tuple[str, int, int], signature: str) -> dict:
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
@@ -424,8 +410,8 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
     for index in iterator:
         cached[keys[index][0]] = _detect_entry(paths[index], keys[index], signature)
     if to_detect and cache_file is not None:
-        _write_csv_atomically(pd.DataFrame(list(cached.values()), columns=list(CACHE_COLUMNS)),
-                              Path(cache_file))
+        atomic_write_text(cache_file, pd.DataFrame(list(cached.values()),
+                                                columns=list(CACHE_COLUMNS)).to_csv(index=False))
     entries = [cached[key[0]] for key in keys]
     table = _resolve_fallbacks(entries, paths, profile_ids, median_size, median_center,
                                min_size_ratio)
@@ -555,17 +541,6 @@ def _list_photos(data_dir: Path, limit: int | None) -> tuple[list[str], list[str
     return (files[:limit] if limit else files), None
 
 
-def _write_png_atomically(image: np.ndarray, target: Path) -> None:
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise UserError(f"{target}: cannot encode the grid image")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(handle, "wb") as temp_file:
-        temp_file.write(encoded.tobytes())
-    os.replace(temp_name, target)
-
-
 def write_crop_grid(table: pd.DataFrame, target: Path, margin: float, aspect_hw: float,
                     per_row: int = 10, tile_w: int = 96) -> None:
     """A PNG of crops: one block of rows per mask state (or one block for unlabelled photos), the
@@ -593,7 +568,10 @@ def write_crop_grid(table: pd.DataFrame, target: Path, margin: float, aspect_hw:
                     (0, 0, 0), 1)
         rows.append(label)
         rows += [np.hstack(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
-    _write_png_atomically(np.vstack(rows), Path(target))
+    ok, encoded = cv2.imencode(".png", np.vstack(rows))
+    if not ok:
+        raise UserError(f"{target}: cannot encode the grid image")
+    atomic_write_bytes(target, encoded.tobytes())
 
 
 def main(argv: list[str] | None = None) -> int:
