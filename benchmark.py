@@ -3,6 +3,7 @@
     python benchmark.py                                    # BaseModel 224x224 on the bundled sample
     python benchmark.py --resize 128 96                    # the toolkit's default input size
     python benchmark.py --model resnet18 --amp bf16 --output benchmarks/r18.md
+    python benchmark.py --side_by_side 2                   # do folds side by side pay here?
 
 Prints one table (measurement | images/s, seconds or MB | ratio):
   1. data path: the baseline's loader (PIL + torchvision Resize/ToTensor/Normalize in a
@@ -13,7 +14,10 @@ Prints one table (measurement | images/s, seconds or MB | ratio):
   2. train step: the model's ceiling (a synthetic batch already on the device) against the real
      training loop (train.train_one_epoch over cached photos, augmentation included);
   3. inference with and without flip TTA (train.predict_probabilities);
-  4. cache build time from a cold cache, its size on disk, and the peak memory of the process.
+  4. cache build time from a cold cache, its size on disk, and the peak memory of the process;
+  5. with --side_by_side N: N training processes at once on the device (k-fold's folds run as
+     `train.py --fold i &`) against one, in images/s trained in all (one window of
+     batches x repeats batches each; it pays where the ratio is clearly above 1).
 Every rate is the median of --repeats timed windows of --batches batches, after warm-up batches.
 On a shared CPU, other busy processes slow torch's threads far more than the reference's
 single-threaded workers: compare runs whose load average (printed) stayed low.
@@ -52,6 +56,7 @@ from dataset import UserError
 DEFAULT_BATCHES = 6
 DEFAULT_REPEATS = 3
 SMOKE_BATCHES, SMOKE_REPEATS = 2, 1
+SIDE_BY_SIDE_TIMEOUT_S = 600  # a side-by-side process that has not reported by then is stuck
 # the baseline's CustomAugmentation crops 320 x 256 (H x W) out of the 512 x 384 portraits
 BASELINE_CENTER_CROP = (320, 256)
 AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -75,6 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the toolkit's batch augmentation (train.py's default); its crop also decides "
              "whether the reference loader centre-crops first")
     add("--optimizer", default="adam", choices=train.OPTIMIZERS, help="optimizer of the train steps")
+    add("--compile", action="store_true", help="torch.compile the model (as train.py --compile)")
+    add("--side_by_side", type=int, nargs="+", default=[], metavar="N",
+        help="also time N training processes at once on the device (folds run side by side) "
+             "against one, e.g. --side_by_side 2 4; off when not given")
     add("--batches", type=int, default=None,
         help=f"batches per timed window (default {DEFAULT_BATCHES}; {SMOKE_BATCHES} with --smoke)")
     add("--repeats", type=int, default=None,
@@ -107,6 +116,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("batches", "repeats", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
+    if any(n < 1 for n in args.side_by_side):
+        raise UserError(f"--side_by_side {' '.join(map(str, args.side_by_side))}: expected "
+                        "process counts of at least 1")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
     if min(args.resize) < 16:
@@ -119,7 +131,9 @@ def train_settings(args: argparse.Namespace, device: torch.device) -> argparse.N
     flags = ["--model", args.model, "--resize", *map(str, args.resize),
              "--batch_size", str(args.batch_size), "--device", str(device), "--amp", args.amp,
              "--augmentation", args.augmentation, "--optimizer", args.optimizer]
-    return train.get_args_parser().parse_args(flags + (["--channels_last"] if channels_last else []))
+    flags += ["--channels_last"] if channels_last else []
+    flags += ["--compile"] if args.compile else []
+    return train.get_args_parser().parse_args(flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,12 +190,14 @@ class ReferenceDataset(Dataset):
 def reference_loader(paths: list[str], labels: np.ndarray, *, resize, batch_size: int,
                      workers: int, n_images: int, center_crop: bool = False, shuffle: bool = True,
                      pin_memory: bool = False, mean=dataset.IMAGENET_MEAN,
-                     std=dataset.IMAGENET_STD) -> DataLoader:
+                     std=dataset.IMAGENET_STD, seed: int | None = None) -> DataLoader:
     """The baseline's DataLoader over ``n_images`` draws (whole shuffled epochs, as shuffle=True
-    gives, continued into a further epoch when more images than the data are needed)."""
+    gives, continued into a further epoch when more images than the data are needed). With a
+    ``seed`` it shuffles as CachedBatches does after torch.manual_seed(seed)."""
     data = ReferenceDataset(paths, labels, reference_transform(resize, mean, std, center_crop))
     if shuffle:
-        sampler = RandomSampler(data, num_samples=n_images)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(data, num_samples=n_images, generator=generator)
     else:
         sampler = np.resize(np.arange(len(data)), n_images).tolist()
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -275,52 +291,156 @@ def time_toolkit_path(images: np.ndarray, labels: np.ndarray, augmentation: str,
     return rate(batches * batch_size, seconds)
 
 
+def build_trainer(settings: argparse.Namespace, device: torch.device) -> dict:
+    """Model, loss, optimizer, scaler and augmentation as train.py builds them for ``settings``."""
+    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+    net, runner = train.build_network(settings, n_out, device, train.Processes())
+    autocast_dtype = train.amp_dtype(settings.amp, device)
+    return {
+        "net": net, "runner": runner, "n_out": n_out, "autocast_dtype": autocast_dtype,
+        "criterion": losses.build_loss(settings.criterion, n_out, smoothing=settings.smoothing,
+                                       gamma=settings.focal_gamma, scale=settings.arc_scale,
+                                       margin=settings.arc_margin).to(device),
+        "optimizer": train.build_optimizer(settings, net.parameters(), device),
+        "scaler": torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None,
+        "augment": dataset.build_augmentation(settings.augmentation).to(device),
+        "channels_last": settings.channels_last,
+    }
+
+
+def train_epoch(trainer: dict, batches, augment: nn.Module | None = None) -> dict:
+    """train.train_one_epoch over ``batches`` with the trainer's parts (its augmentation unless
+    another is given)."""
+    return train.train_one_epoch(
+        trainer["runner"], trainer["criterion"], trainer["optimizer"], batches,
+        trainer["augment"] if augment is None else augment, scaler=trainer["scaler"],
+        autocast_dtype=trainer["autocast_dtype"], channels_last=trainer["channels_last"],
+        progress=False)
+
+
+def warmup_batches(device: torch.device) -> int:
+    # cuDNN's autotuner (benchmark mode) tries kernels on the first batches of each shape
+    return 3 if device.type == "cuda" else 1
+
+
 def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
                      device: torch.device, batches: int, repeats: int) -> dict:
     """Train-step images/s: synthetic batches already on the device (the ceiling) against the real
     loop on cached photos, both through train.train_one_epoch with the same model and optimizer;
     the windows alternate so background load hits both alike. Returns the model for inference."""
-    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
     torch.manual_seed(settings.seed)
-    net, runner = train.build_network(settings, n_out, device, train.Processes())
-    criterion = losses.build_loss(settings.criterion, n_out, smoothing=settings.smoothing,
-                                  gamma=settings.focal_gamma, scale=settings.arc_scale,
-                                  margin=settings.arc_margin).to(device)
-    optimizer = train.build_optimizer(settings, net.parameters(), device)
-    autocast_dtype = train.amp_dtype(settings.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
-    augment = dataset.build_augmentation(settings.augmentation).to(device)
+    trainer = build_trainer(settings, device)
     batch_size, (height, width) = settings.batch_size, settings.resize
 
     synthetic = torch.randn(batch_size, 3, height, width, device=device)
     if settings.channels_last:
         synthetic = synthetic.contiguous(memory_format=torch.channels_last)
-    synthetic_targets = torch.randint(0, n_out, (batch_size,), device=device)
+    synthetic_targets = torch.randint(0, trainer["n_out"], (batch_size,), device=device)
     # an identity "augmentation" over ready batches: the very same step code, minus the data
     ready = [(synthetic, synthetic_targets, None)] * batches
     real = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
 
-    def one_epoch(epoch_batches, epoch_augment) -> float:
-        result = train.train_one_epoch(runner, criterion, optimizer, epoch_batches, epoch_augment,
-                                       scaler=scaler, autocast_dtype=autocast_dtype,
-                                       channels_last=settings.channels_last, progress=False)
-        return result["images_per_s"]
-
-    # cuDNN's autotuner (benchmark mode) tries kernels on the first batches of each shape
-    warmup = 3 if device.type == "cuda" else 1
-    one_epoch(ready[:warmup], nn.Identity())
-    one_epoch(toolkit_batches(images, targets, warmup * batch_size, batch_size, device), augment)
+    warmup = warmup_batches(device)
+    train_epoch(trainer, ready[:warmup], nn.Identity())
+    train_epoch(trainer, toolkit_batches(images, targets, warmup * batch_size, batch_size, device))
     ceiling_rates, loop_rates = [], []
     for _ in range(repeats):
-        ceiling_rates.append(one_epoch(ready, nn.Identity()))
-        loop_rates.append(one_epoch(real, augment))
+        ceiling_rates.append(train_epoch(trainer, ready, nn.Identity())["images_per_s"])
+        loop_rates.append(train_epoch(trainer, real)["images_per_s"])
     ceiling = {"images": batches * batch_size, "images_per_s": statistics.median(ceiling_rates),
                "rates": ceiling_rates}
     loop = {"images": batches * batch_size, "images_per_s": statistics.median(loop_rates),
             "rates": loop_rates}
     return {"ceiling": ceiling, "loop": loop,
             "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
-            "model": net, "autocast_dtype": autocast_dtype}
+            "model": trainer["net"], "autocast_dtype": trainer["autocast_dtype"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Several training processes side by side on one device (folds of a k-fold run, `--fold i &`)
+# ----------------------------------------------------------------------------------------------
+def side_by_side_worker(settings: argparse.Namespace, cache_path: str, targets: np.ndarray,
+                        batches: int, threads: int, seed: int, barrier, reports) -> None:
+    """One of N processes training at once on one device, as `train.py --fold i` would: its own
+    model and optimizer over the shared cache file. Warms up, waits for the others, trains
+    ``batches`` batches, and reports when it started and ended (or what went wrong)."""
+    try:
+        torch.set_num_threads(threads)
+        dataset.tune_host_allocator()
+        device = torch.device(settings.device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        images = np.load(cache_path, mmap_mode="r")
+        torch.manual_seed(seed)
+        trainer = build_trainer(settings, device)
+        batch_size = settings.batch_size
+        train_epoch(trainer, toolkit_batches(images, targets, warmup_batches(device) * batch_size,
+                                             batch_size, device))
+        epoch = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
+        barrier.wait(timeout=SIDE_BY_SIDE_TIMEOUT_S)
+        started = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+        images_done = train_epoch(trainer, epoch)["images"]
+        reports.put({"images": images_done, "started": started, "ended": time.perf_counter()})
+    except BaseException as why:  # the parent turns this into one error line
+        barrier.abort()
+        reports.put({"error": f"{type(why).__name__}: {why}"})
+
+
+def measure_side_by_side(settings: argparse.Namespace, cache_path: str | Path,
+                         targets: np.ndarray, *, counts: list[int], batches: int) -> list[dict]:
+    """Train-loop images/s of N processes training at once on ``settings.device``, for 1 and each
+    N in ``counts``: all images trained over the time from the common start to the last finish.
+    The CPU threads are shared out (each process gets threads // N), so on a CPU this asks whether
+    N small jobs beat one job with all the cores; on a GPU, whether one job leaves it idle."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot start again in a forked child
+    threads = torch.get_num_threads()
+    rows = []
+    for n in sorted({1, *counts}):
+        barrier, reports = context.Barrier(n), context.Queue()
+        workers = [context.Process(target=side_by_side_worker, daemon=True, args=(
+            settings, str(cache_path), targets, batches, max(1, threads // n), settings.seed + i,
+            barrier, reports)) for i in range(n)]
+        for worker in workers:
+            worker.start()
+        try:
+            done = collect_reports(reports, workers)
+        finally:
+            for worker in workers:
+                worker.join(timeout=30)
+                if worker.is_alive():
+                    worker.kill()
+        errors = [r["error"] for r in done if "error" in r]
+        if errors:
+            raise UserError(f"side-by-side run of {n} process(es) on {settings.device} failed: "
+                            f"{errors[0]}")
+        seconds = max(r["ended"] for r in done) - min(r["started"] for r in done)
+        images = sum(r["images"] for r in done)
+        rows.append({"processes": n, "images": images, "seconds": seconds,
+                     "threads_each": max(1, threads // n),
+                     "images_per_s": images / max(seconds, 1e-9)})
+    for row in rows:
+        row["ratio"] = row["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def collect_reports(reports, workers: list) -> list[dict]:
+    """One report per worker; a worker that died without one (killed, out of memory) is reported
+    as an error instead of waiting for it forever."""
+    import queue
+    done: list[dict] = []
+    deadline = time.monotonic() + SIDE_BY_SIDE_TIMEOUT_S
+    while len(done) < len(workers):
+        try:
+            done.append(reports.get(timeout=1.0))
+            continue
+        except queue.Empty:
+            pass
+        dead = [w for w in workers if w.exitcode not in (None, 0)]
+        if dead:
+            return done + [{"error": f"a process exited with code {dead[0].exitcode}"}]
+        if time.monotonic() > deadline:
+            return done + [{"error": f"no result after {SIDE_BY_SIDE_TIMEOUT_S} s"}]
+    return done
 
 
 def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.ndarray, *,
@@ -376,7 +496,7 @@ def format_report(results: dict) -> str:
     lines = [
         f"## {c['model']} {height}x{width}, batch {c['batch_size']}, {machine['device']} "
         f"(amp {c['amp']}, channels_last {'on' if c['channels_last'] else 'off'}, "
-        f"{c['augmentation']})",
+        f"{'compiled, ' if c['compile'] else ''}{c['augmentation']})",
         "",
         f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, device {machine['device']}"
         f"{gpu}, {machine['threads']} torch threads, load average {machine['load_average']} at "
@@ -410,6 +530,11 @@ def format_report(results: dict) -> str:
         f"| peak memory (ru_maxrss) | {m['process']:,.0f} MB "
         f"| largest loader worker {m['largest_worker']:,.0f} MB |",
     ]
+    for row in results.get("side_by_side", []):
+        what = ("1 training process" if row["processes"] == 1
+                else f"{row['processes']} training processes at once, in all")
+        lines.append(f"| side by side: {what} ({row['threads_each']} CPU threads each) "
+                     f"| {row['images_per_s']:,.1f} img/s | {row['ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -445,19 +570,26 @@ def main(args: argparse.Namespace) -> dict:
         inferred = measure_inference(net, settings, images, device=device,
                                      autocast_dtype=autocast_dtype, batches=batches,
                                      repeats=repeats)
+        del net
+        memory = peak_memory_mb()  # before the side-by-side processes count as children
+        side_by_side = []
+        if args.side_by_side:
+            side_by_side = measure_side_by_side(settings, images.filename, targets,
+                                                counts=args.side_by_side,
+                                                batches=batches * repeats)
         del images
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     results = {
         "config": {"model": args.model, "resize": list(settings.resize),
                    "batch_size": args.batch_size, "amp": AMP_NAMES[autocast_dtype],
-                   "channels_last": settings.channels_last,
+                   "channels_last": settings.channels_last, "compile": settings.compile,
                    "augmentation": args.augmentation, "batches": batches, "repeats": repeats,
                    "data_dir": str(data_dir), "n_photos": len(paths),
                    "wall_s": time.perf_counter() - started},
         "machine": {**machine, "load_average_end": round(os.getloadavg()[0], 1)},
         "cache": cache, "data_path": data_path, "train": training, "inference": inferred,
-        "memory": peak_memory_mb(),
+        "memory": memory, "side_by_side": side_by_side,
     }
     report = format_report(results)
     if args.output:

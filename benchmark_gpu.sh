@@ -10,8 +10,11 @@
 # Models are randomly initialised (nothing is downloaded): weights do not change speed.
 # ViTs have a fixed input size in timm, so 224 uses vit_small_patch16_224 and 384 uses
 # vit_small_patch16_384 (whose default img_size is 384).
-# Budget: about 5 minutes on one H200 (6 runs of 30 batches of 128 x 3 repeats each, plus
-# start-up and, on a fresh machine, about half a minute generating the bundled sample).
+# resnet18 and efficientnet_b0 at 224 also time 2 and 4 training processes at once on the GPU
+# against one (--side_by_side: do k-fold's folds pay to run side by side on one GPU?).
+# Budget, estimated, never yet run: about 7 minutes on one H200 (6 runs of 30 batches of 128 x 3
+# repeats each, 2 x 7 side-by-side processes that each start torch and train 90 batches, and, on a
+# fresh machine, about half a minute generating the bundled sample).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -21,9 +24,10 @@ common=(--batch_size 128 --amp bf16 --channels_last --batches 30 --repeats 3)
 if [[ -n "$data_dir" ]]; then
     common+=(--data_dir "$data_dir")
 fi
+# model, size, extra flags
 runs=(
-    "resnet18 224" "resnet18 384"
-    "efficientnet_b0 224" "efficientnet_b0 384"
+    "resnet18 224 --side_by_side 2 4" "resnet18 384"
+    "efficientnet_b0 224 --side_by_side 2 4" "efficientnet_b0 384"
     "vit_small_patch16_224 224" "vit_small_patch16_384 384"
 )
 
@@ -41,9 +45,11 @@ trap 'rm -f "$partial" "$table"' EXIT
 
 started=$SECONDS
 for run in "${runs[@]}"; do
-    read -r model size <<< "$run"
-    echo "=== $model ${size}x${size} ($((SECONDS - started)) s so far)"
-    python benchmark.py --model "$model" --resize "$size" "$size" "${common[@]}" --output "$table"
+    read -r model size extra <<< "$run"
+    echo "=== $model ${size}x${size} ${extra} ($((SECONDS - started)) s so far)"
+    # shellcheck disable=SC2086  # extra is a list of flags
+    python benchmark.py --model "$model" --resize "$size" "$size" "${common[@]}" $extra \
+        --output "$table"
     { echo; cat "$table"; } >> "$partial"
 done
 

@@ -746,7 +746,8 @@ class BatchAugmentation(nn.Module):
                                     borderMode=cv2.BORDER_REFLECT_101)
             out[i] = warped.reshape(out[i].shape)  # cv2 drops a trailing channel of 1
 
-        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        # torch's thread count, so OMP_NUM_THREADS=1 for folds run side by side holds here too
+        with ThreadPoolExecutor(min(4, torch.get_num_threads())) as pool:
             list(pool.map(warp, range(n)))
         return torch.from_numpy(out)
 

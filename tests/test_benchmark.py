@@ -1,5 +1,6 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,8 @@ def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys
     cache_root = tmp_path / "cache"
     results = benchmark.main(benchmark.parse_args([
         "--smoke", "--data_dir", str(tiny_train_dir), "--resize", "64", "48", "--batch_size", "16",
-        "--device", "cpu", "--cache_dir", str(cache_root), "--output", str(table)]))
+        "--device", "cpu", "--cache_dir", str(cache_root), "--output", str(table),
+        "--side_by_side", "2"]))
     for figure in (results["data_path_ratio"], results["train_loop_percent"]):
         assert isinstance(figure, float) and figure > 0
     rates = [results["data_path"]["reference"], results["data_path"]["toolkit"],
@@ -24,12 +26,17 @@ def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys
     assert all(r["images_per_s"] > 0 and r["images"] == benchmark.SMOKE_BATCHES * 16 for r in rates)
     assert results["cache"]["images"] == 24 * 7 and results["cache"]["mb"] > 0
     assert results["memory"]["process"] > 0
+    one, two = results["side_by_side"]
+    assert (one["processes"], two["processes"]) == (1, 2) and one["ratio"] == 1.0
+    assert one["images"] == benchmark.SMOKE_BATCHES * 16 and two["images"] == 2 * one["images"]
+    assert two["images_per_s"] > 0 and two["threads_each"] == max(1, one["threads_each"] // 2)
 
     printed = capsys.readouterr().out.strip().splitlines()
     assert HEADLINE.match(printed[-1]), printed[-1]
     assert printed[-1] == results["headline"]
     written = table.read_text()
     assert written == results["table"] and "| measurement |" in written and "BaseModel 64x48" in written
+    assert "| side by side: 2 training processes at once" in written
     assert not list(table.parent.glob(".*"))  # the atomic write left no temp file behind
     assert not any(cache_root.iterdir())  # the cold cache is removed afterwards
 
@@ -62,6 +69,34 @@ def test_reference_and_toolkit_batches_match(tiny_train_dir, tmp_path, crop, aug
         assert (reference - toolkit).abs().mean() < 0.05
         # and the comparison can fail: the same batch in another order is far off
         assert (reference - toolkit.flip(0)).abs().mean() > 0.5
+
+
+def test_reference_and_toolkit_shuffle_alike_for_the_same_seed(tiny_train_dir, tmp_path):
+    frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
+    paths, labels = frame["path"].tolist()[:24], frame["label"].to_numpy()[:24]
+    images = dataset.build_cache(paths, dataset.Preprocess((32, 24), crop="none"), tmp_path,
+                                 progress=False)
+    reference = benchmark.reference_loader(paths, labels, resize=(32, 24), batch_size=8,
+                                           workers=0, n_images=24, seed=7)
+    torch.manual_seed(7)
+    # drawn before the DataLoader starts, which takes a base seed from torch's global RNG
+    toolkit = list(benchmark.toolkit_batches(images, labels, 24, 8, "cpu", shuffle=True))
+    augment = dataset.build_augmentation("BaseAugmentation").train()
+    shuffled = False
+    for (ref_images, ref_labels), (uint8_images, toolkit_labels, rows) in zip(reference, toolkit):
+        assert torch.equal(ref_labels, toolkit_labels)
+        assert (ref_images - augment(uint8_images)).abs().mean() < 0.05
+        shuffled |= not np.array_equal(rows, np.sort(rows))
+    assert shuffled  # the order really was drawn, not the identity
+
+
+def test_side_by_side_failure_is_one_user_error_not_a_hang(tiny_train_dir, tmp_path):
+    settings = benchmark.train_settings(benchmark.parse_args(["--resize", "32", "24"]),
+                                        torch.device("cpu"))
+    missing = tmp_path / "no-such-cache.npy"
+    with pytest.raises(UserError, match="side-by-side run of 1 process.*no-such-cache.npy"):
+        benchmark.measure_side_by_side(settings, missing, np.zeros(10, dtype=int), counts=[2],
+                                       batches=1)
 
 
 def test_reference_loader_draws_more_than_one_epoch(tiny_train_dir):
