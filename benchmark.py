@@ -109,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    """Reject bad flags before any work (device, data, cache), naming the flag."""
     try:
         models.validate_model_name(args.model)
     except ValueError as why:
@@ -123,6 +124,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
     if min(args.resize) < 16:
         raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
+    # both are only used after minutes of measuring: a path of the wrong kind must fail now
+    if args.output:
+        dataset.check_output_path(args.output, "--output")
+    if args.cache_dir:
+        dataset.check_output_path(args.cache_dir, "--cache_dir", folder=True)
 
 
 def train_settings(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:

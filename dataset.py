@@ -11,6 +11,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,7 +119,10 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 MAX_LISTED_PROBLEMS = 50  # more lines than this help nobody; the count of the rest is printed
 
 
-def _problems_error(problems: list[str], what: str) -> UserError:
+def problems_error(problems: list[str], what: str) -> UserError:
+    """All the problems found in ``what`` at once: one line each (just the line when alone)."""
+    if len(problems) == 1:
+        return UserError(problems[0])
     shown = problems[:MAX_LISTED_PROBLEMS]
     more = len(problems) - len(shown)
     tail = [f"... and {more} more"] if more else []
@@ -192,7 +196,7 @@ def parse_train_dir(data_dir: str | Path, relabel: str | Path | None = None,
             incomplete += 1
             warn(f"warning: {folder}: missing photo(s) {', '.join(missing)}")
     if problems:
-        raise _problems_error(problems, f"the train layout under {data_dir}")
+        raise problems_error(problems, f"the train layout under {data_dir}")
     if not rows:
         raise UserError(f"no photos found under {data_dir}; expected folders "
                         "<id>_<gender>_<race>_<age>/ with mask1..5, incorrect_mask, normal images")
@@ -262,17 +266,23 @@ def apply_relabel(frame: pd.DataFrame, relabel: str | Path, warn=print) -> pd.Da
         if gender or age or swap in TRUE_VALUES:
             changed.add(person)
     if problems:
-        raise _problems_error(problems, f"relabel file {relabel}")
+        raise problems_error(problems, f"relabel file {relabel}")
     warn(f"relabel: {len(changed)} people changed by {relabel}")
     return frame
 
 
-def parse_eval_dir(eval_dir: str | Path) -> pd.DataFrame:
-    """Read ``<eval_dir>/info.csv`` (ImageID, ans) -> rows with ImageID and path, in info.csv's order."""
+def parse_eval_dir(eval_dir: str | Path, warn=print) -> pd.DataFrame:
+    """Read ``<eval_dir>/info.csv`` (ImageID, ans) -> rows with ImageID and path, in info.csv's order.
+    Images that info.csv does not list are not predicted; ``warn`` says how many."""
     eval_dir = Path(eval_dir)
     info_path = eval_dir / "info.csv"
     info = read_csv_checked(info_path, ["ImageID"])
-    problems = []
+    if info.empty:
+        raise UserError(f"{info_path}: no rows; expected one ImageID per eval image")
+    problems = [f"{info_path}: row {row + 2} has no ImageID"
+                for row in np.flatnonzero(info["ImageID"].isna().to_numpy())]
+    if problems:
+        raise problems_error(problems, info_path)
     duplicated = info["ImageID"][info["ImageID"].duplicated()]
     problems += [f"{info_path}: ImageID {image_id} appears more than once"
                  for image_id in duplicated]
@@ -284,13 +294,21 @@ def parse_eval_dir(eval_dir: str | Path) -> pd.DataFrame:
         elif not _looks_like_image(Path(path)):
             problems.append(f"{path}: unreadable or not a JPEG/PNG image")
     if problems:
-        raise _problems_error(problems, f"the eval layout under {eval_dir}")
+        raise problems_error(problems, f"the eval layout under {eval_dir}")
+    listed = set(info["ImageID"])
+    unlisted = sorted(p.name for p in (eval_dir / "images").iterdir()
+                      if p.is_file() and not p.name.startswith(".") and p.name not in listed)
+    if unlisted:
+        warn(f"eval: {len(unlisted)} image(s) in {eval_dir / 'images'} are not in {info_path} "
+             f"and get no prediction (first: {unlisted[0]})")
     return info
 
 
 def read_csv_checked(path: str | Path, columns: list[str]) -> pd.DataFrame:
     """pd.read_csv that fails with one line naming the file when it is missing or lacks columns."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a CSV file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
@@ -302,6 +320,14 @@ def read_csv_checked(path: str | Path, columns: list[str]) -> pd.DataFrame:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
                         f"expected {', '.join(columns)}, found {', '.join(map(str, table.columns))}")
     return table
+
+
+def shown_cell(value: object) -> str:
+    """A CSV cell as the user wrote it, for error messages: 'empty' for a blank one, 18 rather
+    than np.int64(18)."""
+    if pd.isna(value):
+        return "empty"
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,9 +382,11 @@ class MaskSplitByProfileDataset:
 DATASETS = {"MaskBaseDataset": MaskBaseDataset, "MaskSplitByProfileDataset": MaskSplitByProfileDataset}
 
 
-def kfold_assignments(frame: pd.DataFrame, n_folds: int, seed: int, category: str = "multi") -> pd.Series:
+def kfold_assignments(frame: pd.DataFrame, n_folds: int, seed: int, category: str = "multi",
+                      warn=print) -> pd.Series:
     """Fold number per profile (index: profile) from StratifiedGroupKFold grouped by person and
-    stratified on the 18 classes (or the run's category)."""
+    stratified on the 18 classes (or the run's category). A class with fewer people than folds
+    is missing from some folds' validation: ``warn`` says so in one line."""
     if n_folds < 2:
         raise UserError(f"--kfold {n_folds}: need at least 2 folds")
     n_people = frame["profile"].nunique()
@@ -367,9 +395,17 @@ def kfold_assignments(frame: pd.DataFrame, n_folds: int, seed: int, category: st
     ordered = frame.sort_values("path")
     labels = add_labels(ordered) if "label" not in ordered else ordered
     y = category_target(labels["label"].to_numpy(), category)
+    people_per_class = ordered.groupby(y)["profile"].nunique()
+    rare = people_per_class[people_per_class < n_folds]
+    if len(rare):
+        warn(f"folds: {len(rare)} class(es) have fewer people than the {n_folds} folds "
+             f"(class {rare.index[0]}: {rare.iloc[0]}), so some folds validate without them")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold_of = {}
-    for fold, (_, val_rows) in enumerate(splitter.split(ordered, y, groups=ordered["profile"])):
+    with warnings.catch_warnings():  # said above in one line, instead of sklearn's two
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        splits = list(splitter.split(ordered, y, groups=ordered["profile"]))
+    for fold, (_, val_rows) in enumerate(splits):
         for profile in ordered["profile"].iloc[val_rows].unique():
             fold_of[profile] = fold
     return pd.Series(fold_of, name="fold").rename_axis("profile").sort_index()
@@ -484,6 +520,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def check_output_path(path: str | Path, flag: str, folder: bool = False) -> Path:
+    """Fail before any work when ``path`` cannot be written as a file (or, with ``folder``, made
+    a folder): it exists as the other kind, or something on its way is a file."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; expected a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def center_box(width: int, height: int, aspect_hw: float) -> tuple[int, int, int, int]:
     """The baseline's centre crop (320 x 256 of a 512 x 384 portrait), made to aspect H/W."""
     crop_h, crop_w = height * 0.625, width * 2 / 3
@@ -495,12 +547,18 @@ def center_box(width: int, height: int, aspect_hw: float) -> tuple[int, int, int
     return x0, y0, x0 + int(round(crop_w)), y0 + int(round(crop_h))
 
 
+MIN_IMAGE_SIDE = 16  # pixels; anything smaller is no photo of a person (and cannot be cropped)
+
+
 def decode_image(path: str) -> np.ndarray:
     """Decode a photo to RGB uint8 [H, W, 3]; UserError naming the file when it is corrupt."""
     data = np.fromfile(path, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise UserError(f"{path}: corrupt or unreadable image")
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels; expected a "
+                        f"photo of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -597,7 +655,7 @@ def _fill_caches(paths, variants, targets, progress, threads) -> None:
             for _ in jobs:
                 pass
         if problems:
-            raise _problems_error(sorted(problems), "the images")
+            raise problems_error(sorted(problems), "the images")
         for out, tmp, target, (pre, _) in zip(outputs, temps, targets, variants):
             out.flush()
             os.replace(tmp, target)
@@ -933,6 +991,10 @@ def run_cli(main, parse_args, argv: list[str] | None = None) -> int:
         main(parse_args(argv))
     except UserError as why:
         print(f"error: {why}", file=sys.stderr)
+        return 2
+    except OSError as why:  # disk full, permissions, a path of the wrong kind: name it, no traceback
+        where = f"{why.filename}: " if why.filename else ""
+        print(f"error: {where}{why.strerror or why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

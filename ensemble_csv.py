@@ -89,7 +89,8 @@ def _first_bad(path: Path, table: pd.DataFrame, bad: np.ndarray, column: str,
                expected: str) -> UserError:
     row = int(bad.argmax())
     return UserError(f"{path}: {int(bad.sum())} bad {column} value(s), expected {expected} "
-                     f"(first: ImageID {table.index[row]}, {column}={table[column].iloc[row]!r})")
+                     f"(first: ImageID {table.index[row]}, "
+                     f"{column}={dataset.shown_cell(table[column].iloc[row])})")
 
 
 def read_predictions(path: Path) -> pd.Series:
@@ -160,6 +161,8 @@ def check_inputs(paths: list[Path], weights: list[float] | None, outputs: list[P
     for output in outputs:
         if output.resolve() in seen:
             raise UserError(f"{output}: is both an input and an output")
+    if len({output.resolve() for output in outputs}) < len(outputs):
+        raise UserError(f"{outputs[-1]}: --output and --probs_output name the same file")
     if weights is not None:
         if len(weights) != len(paths):
             raise UserError(f"--weights: {len(weights)} weight(s) for {len(paths)} files")
@@ -170,10 +173,12 @@ def check_inputs(paths: list[Path], weights: list[float] | None, outputs: list[P
 
 def main(args: argparse.Namespace) -> pd.DataFrame:
     """Vote the files named by ``args`` and write the result; returns it (ImageID, ans)."""
-    output = Path(args.output)
-    probs_output = Path(args.probs_output) if args.probs_output else None
-    if probs_output and not args.soft:
+    if args.probs_output and not args.soft:
         raise UserError("--probs_output needs --soft (hard votes have no probabilities)")
+    # both outputs checked before any input is read: neither is written when one cannot be
+    output = dataset.check_output_path(args.output, "--output")
+    probs_output = (dataset.check_output_path(args.probs_output, "--probs_output")
+                    if args.probs_output else None)
     paths = [Path(p) for p in args.files] or find_inputs(output, probs_output, args.soft)
     check_inputs(paths, args.weights, [output] + ([probs_output] if probs_output else []))
     reader = read_probabilities if args.soft else read_predictions

@@ -22,19 +22,22 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import math
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from dataset import MASK_BY_STEM, MASK_NAMES, UserError, atomic_write_bytes, atomic_write_text
+from dataset import (IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES, UserError, problems_error,
+                     atomic_write_bytes, atomic_write_text, check_output_path, decode_image,
+                     run_cli)
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
 
@@ -84,6 +87,7 @@ TABLE_COLUMNS = ("path", *BOX_COLUMNS, "score", "method", "fallback", "detected"
                  "image_h")
 CACHE_COLUMNS = ("path", "size", "mtime_ns", "detector", "image_w", "image_h", *BOX_COLUMNS, "score",
                  "method")
+INT_CACHE_COLUMNS = ("size", "mtime_ns", "image_w", "image_h", *BOX_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -309,13 +313,18 @@ def _median_fallback_box(image_w: int, image_h: int, median_size: tuple[float, f
                       center_y + height / 2), image_w, image_h), "median"
 
 
+# how photos are read for detection; part of the cache key, as a box from another decoder (e.g.
+# cv2.imread, which pads a truncated JPEG with grey) may stand for a photo this one rejects
+DECODER = "dataset.decode_image"
+
+
 def detector_signature() -> str:
     """A short digest of every setting that changes what detect_face returns: cached boxes found
     with other settings are detected again."""
     settings = repr((DETECTION_STEPS, DETECT_HEIGHT, MIN_NEIGHBOURS, MIN_FACE_FRACTION,
                      MAX_FACE_FRACTION, MIN_INSIDE_FRACTION, MAX_CENTER_Y_FRACTION,
                      EYE_DISTANCE_TO_FACE_SIDE, EYE_MIDPOINT_TO_FACE_CENTER,
-                     EYE_SEARCH_HEIGHT_FRACTION, cv2.__version__))
+                     EYE_SEARCH_HEIGHT_FRACTION, cv2.__version__, DECODER))
     return hashlib.sha1(settings.encode()).hexdigest()[:12]
 
 
@@ -327,26 +336,77 @@ def _file_key(path: str) -> tuple[str, int, int]:
     return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
 
 
-def _read_cache(cache_file: Path | None) -> dict[str, dict]:
+def _read_cache(cache_file: Path | None, warn: Callable[[str], None]) -> tuple[dict[str, dict], int]:
+    """The cache's valid entries by absolute path, and how many malformed rows were dropped (1 for
+    an empty file): the cache is then rewritten even when no photo needs detecting.
+
+    A file that is not recognisably a face-box cache (not CSV, other columns) is an error rather
+    than rebuilt: --cache may name a file of the user's that must not be overwritten. Malformed
+    rows of a real cache (hand edits, a disk error) are only dropped with a warning: their photos
+    are detected again and the rewritten cache is clean.
+    """
     if cache_file is None or not Path(cache_file).exists():
-        return {}
+        return {}, 0
     try:
-        cached = pd.read_csv(cache_file, keep_default_na=False,
-                             dtype={"path": str, "detector": str, "method": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        # every field as text: numbers are checked row by row below, and mtime_ns (~1.8e18) must
+        # not pass through float64, which cannot hold it exactly
+        cached = pd.read_csv(cache_file, keep_default_na=False, dtype=str)
+    except pd.errors.EmptyDataError:  # an empty file holds nothing to lose: rebuilt
+        warn(f"warning: {cache_file}: empty face-box cache; it is rebuilt")
+        return {}, 1
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise UserError(f"{cache_file}: unreadable face-box cache ({error}); delete it to "
                         "rebuild") from None
     missing = [c for c in CACHE_COLUMNS if c not in cached.columns]
     if missing:
         raise UserError(f"{cache_file}: not a face-box cache (missing columns {missing}); delete it "
                         "to rebuild")
-    return {row["path"]: row for row in cached.to_dict("records")}
+    entries, malformed = {}, []
+    for line, row in enumerate(cached[list(CACHE_COLUMNS)].to_dict("records"), start=2):
+        try:
+            entry = _parse_cache_row(row)
+        except ValueError as why:
+            malformed.append(f"line {line}: {why}")
+            continue
+        entries[entry["path"]] = entry
+    if malformed:
+        more = f" (and {len(malformed) - 1} more)" if len(malformed) > 1 else ""
+        warn(f"warning: {cache_file}: ignoring {len(malformed)} malformed row(s), {malformed[0]}"
+             f"{more}; their photos are detected again")
+    return entries, len(malformed)
+
+
+def _parse_cache_row(row: dict[str, str]) -> dict:
+    """One cache row (all text) -> an entry with int/float fields; ValueError says what is wrong."""
+    entry: dict = dict(row)
+    for column in INT_CACHE_COLUMNS:
+        try:
+            entry[column] = int(row[column])
+        except ValueError:
+            raise ValueError(f"{column} {row[column]!r} is not an integer") from None
+    try:
+        entry["score"] = float(row["score"])
+    except ValueError:
+        entry["score"] = math.nan
+    if not math.isfinite(entry["score"]):
+        raise ValueError(f"score {row['score']!r} is not a number")
+    if not row["path"] or not row["method"]:
+        raise ValueError("empty path or method")
+    if entry["image_w"] < 1 or entry["image_h"] < 1:
+        raise ValueError(f"image size {row['image_w']}x{row['image_h']} is empty")
+    x0, y0, x1, y1 = (entry[c] for c in BOX_COLUMNS)
+    # detected boxes are clipped to the image (_clip_box); "none" rows carry -1s
+    if row["method"] != "none" and not (0 <= x0 < x1 <= entry["image_w"]
+                                        and 0 <= y0 < y1 <= entry["image_h"]):
+        raise ValueError(f"box {x0},{y0},{x1},{y1} is not inside the "
+                         f"{entry['image_w']}x{entry['image_h']} image")
+    return entry
 
 
 def _detect_entry(path: str, key: tuple[str, int, int], signature: str) -> dict:
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"{path}: cannot decode the image (expected a JPEG/PNG photo)")
+    # decoded exactly as training and inference decode, so all three agree on which photos are
+    # corrupt or too small: cv2.imread pads a truncated JPEG with grey, decode_image rejects it
+    image = cv2.cvtColor(decode_image(path), cv2.COLOR_RGB2BGR)
     found = detect_face(image)
     box, score, method = found if found is not None else ((-1, -1, -1, -1), 0.0, "none")
     return dict(zip(CACHE_COLUMNS, (key[0], key[1], key[2], signature, image.shape[1],
@@ -371,7 +431,8 @@ def _profile_indices(own_boxes: list[Box | None], paths: list[str],
 def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Path | None,
                  progress: bool = True, median_size: tuple[float, float] | None = None,
                  median_center: tuple[float, float] | None = None,
-                 min_size_ratio: float = MIN_SIZE_RATIO_TO_MEDIAN) -> FaceBoxes:
+                 min_size_ratio: float = MIN_SIZE_RATIO_TO_MEDIAN,
+                 warn: Callable[[str], None] = print) -> FaceBoxes:
     """The face box of every photo, detected once and cached; returns (table, n_detected).
 
     table has one row per path, in order: path (as given), x0, y0, x1, y1 (ints), score, method,
@@ -391,27 +452,46 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
     Own detections are cached in `cache_file` (CSV, written atomically) keyed by absolute path, file
     size, mtime_ns and `detector_signature()`: a photo is detected again only when it or the detector
     settings changed; n_detected counts the photos run through the detector in this call. Entries of
-    other paths in the cache are kept.
+    other paths in the cache are kept; malformed rows are dropped with a warning (`warn`).
+    Missing photos are reported, all at once, before any detection; photos that cannot be decoded
+    (corrupt, truncated, too small: dataset.decode_image) all at once after it. The boxes of the
+    readable photos are cached even then, so fixing the bad ones does not cost a second full pass,
+    and nothing is cached for an unreadable photo.
     """
     paths = [str(p) for p in paths]
     if profile_ids is not None and len(profile_ids) != len(paths):
         raise UserError(f"detect_boxes: {len(profile_ids)} profile_ids for {len(paths)} paths; "
                         "expected one person id per path")
-    cached = _read_cache(cache_file)
-    keys = [_file_key(path) for path in paths]
+    if cache_file is not None:
+        check_output_path(cache_file, "face-box cache")
+    cached, n_malformed = _read_cache(cache_file, warn)
+    keys, problems = [], []
+    for path in paths:
+        try:
+            keys.append(_file_key(path))
+        except UserError as why:
+            problems.append(str(why))
+    if problems:
+        raise problems_error(problems, "the images")
     signature = detector_signature()
     to_detect = [i for i, key in enumerate(keys) if key[0] not in cached
-                 or (int(cached[key[0]]["size"]), int(cached[key[0]]["mtime_ns"]),
-                     str(cached[key[0]]["detector"])) != (key[1], key[2], signature)]
+                 or (cached[key[0]]["size"], cached[key[0]]["mtime_ns"],
+                     cached[key[0]]["detector"]) != (key[1], key[2], signature)]
     iterator = to_detect
     if progress and to_detect:
         from tqdm import tqdm
         iterator = tqdm(to_detect, desc="face boxes", unit="img", disable=None)  # None: off in logs
     for index in iterator:
-        cached[keys[index][0]] = _detect_entry(paths[index], keys[index], signature)
-    if to_detect and cache_file is not None:
+        try:
+            cached[keys[index][0]] = _detect_entry(paths[index], keys[index], signature)
+        except UserError as why:
+            problems.append(str(why))
+            cached.pop(keys[index][0], None)  # a stale box of an earlier, readable version
+    if (to_detect or n_malformed) and cache_file is not None:
         atomic_write_text(cache_file, pd.DataFrame(list(cached.values()),
                                                 columns=list(CACHE_COLUMNS)).to_csv(index=False))
+    if problems:
+        raise problems_error(problems, "the images")
     entries = [cached[key[0]] for key in keys]
     table = _resolve_fallbacks(entries, paths, profile_ids, median_size, median_center,
                                min_size_ratio)
@@ -474,7 +554,7 @@ def crop_boxes_for_training(frame: pd.DataFrame, preprocess, cache_dir: str | Pa
     """Crop boxes of every training photo (with the profile fallback) and the face info a run
     keeps for inference: median box size/centre and how many photos fell back."""
     table, n_detected = detect_boxes(frame["path"].tolist(), frame["profile"].tolist(),
-                                     Path(cache_dir) / FACE_BOX_CACHE)
+                                     Path(cache_dir) / FACE_BOX_CACHE, warn=say)
     say(f"face boxes: {n_detected} photos detected now, {len(table) - n_detected} from the cache")
     say(detection_report(table))
     stats = median_box_stats(table)
@@ -490,7 +570,8 @@ def crop_boxes_for_inference(paths: list[str], preprocess, cache_dir: str | Path
     median_size, median_center = face_info.get("median_size"), face_info.get("median_center")
     table, _ = detect_boxes(paths, None, Path(cache_dir) / FACE_BOX_CACHE,
                             median_size=tuple(median_size) if median_size else None,
-                            median_center=tuple(median_center) if median_center else None)
+                            median_center=tuple(median_center) if median_center else None,
+                            warn=say)
     fell_back = int((table["fallback"] != "none").sum())
     say(f"face boxes: {len(table) - fell_back}/{len(table)} detected, {fell_back} use the "
         "training median box")
@@ -527,17 +608,24 @@ def _list_photos(data_dir: Path, limit: int | None) -> tuple[list[str], list[str
     """Train layout (<person>/<stem>.jpg) -> paths and person ids; a flat folder -> paths only."""
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: not a directory (expected a train or eval images folder)")
-    suffixes = {".jpg", ".jpeg", ".png"}
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                      and f.suffix.lower() in IMAGE_EXTENSIONS)
+
     people = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if people:
         people = people[:limit] if limit else people
-        photos = [(str(f), person.name) for person in people for f in sorted(person.iterdir())
-                  if f.suffix.lower() in suffixes and not f.name.startswith(".")]
+        photos = [(str(f), person.name) for person in people for f in images_in(person)]
+        if not photos:
+            where = f"the first {len(people)} person folder(s) of {data_dir}" if limit else data_dir
+            raise UserError(f"no photos found under {where}; expected <person>/<stem> files of "
+                            f"type {'/'.join(IMAGE_EXTENSIONS)}")
         return [p for p, _ in photos], [person for _, person in photos]
-    files = sorted(str(f) for f in data_dir.iterdir()
-                   if f.suffix.lower() in suffixes and not f.name.startswith("."))
+    files = [str(f) for f in images_in(data_dir)]
     if not files:
-        raise UserError(f"{data_dir}: no person folders or images found")
+        raise UserError(f"no photos found under {data_dir}; expected person folders or "
+                        f"{'/'.join(IMAGE_EXTENSIONS)} images")
     return (files[:limit] if limit else files), None
 
 
@@ -556,7 +644,7 @@ def write_crop_grid(table: pd.DataFrame, target: Path, margin: float, aspect_hw:
         group = pd.concat([group[group["fallback"] != "none"], group[group["fallback"] == "none"]])
         tiles = []
         for row in group.head(per_row * 2).itertuples():
-            image = cv2.imread(row.path, cv2.IMREAD_COLOR)
+            image = cv2.cvtColor(decode_image(row.path), cv2.COLOR_RGB2BGR)  # as detection read it
             x0, y0, x1, y1 = crop_box((row.x0, row.y0, row.x1, row.y1), image.shape[1],
                                       image.shape[0], margin, aspect_hw)
             tile = cv2.resize(image[y0:y1, x0:x1], (tile_w, tile_h), interpolation=cv2.INTER_AREA)
@@ -574,7 +662,7 @@ def write_crop_grid(table: pd.DataFrame, target: Path, margin: float, aspect_hw:
     atomic_write_bytes(target, encoded.tobytes())
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Detect face boxes on a folder and report the rates.")
     parser.add_argument("data_dir", type=Path, help="train images folder (<person>/<stem>.jpg) or a "
                         "flat folder of eval images")
@@ -585,24 +673,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of crops here")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
     parser.add_argument("--aspect", type=float, default=4 / 3, help="crop height / width")
-    args = parser.parse_args(argv)
-    try:
-        paths, profile_ids = _list_photos(args.data_dir, args.limit)
-        folder_digest = hashlib.sha1(str(args.data_dir.resolve()).encode()).hexdigest()[:12]
-        cache = args.cache or Path(tempfile.gettempdir()) / f"face_boxes_{folder_digest}.csv"
-        started = time.perf_counter()
-        table, n_detected = detect_boxes(paths, profile_ids, cache)
-        elapsed = time.perf_counter() - started
-        print(detection_report(table))
-        per_image = f", {1000 * elapsed / n_detected:.1f} ms/image" if n_detected else ""
-        print(f"{len(paths)} photos, {n_detected} detected now{per_image}; cache {cache}")
-        if args.grid is not None:
-            write_crop_grid(table, args.grid, args.margin, args.aspect)
-            print(f"grid written to {args.grid}")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad flags before the (slow) detection pass, naming the flag."""
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: expected at least 1 (people of a train folder or "
+                        "images of a flat folder)")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        raise UserError(f"--margin {args.margin:g}: expected >= 0 (a fraction of the face box)")
+    if not (math.isfinite(args.aspect) and args.aspect > 0):
+        raise UserError(f"--aspect {args.aspect:g}: expected a crop height / width > 0")
+    if args.cache is not None:
+        check_output_path(args.cache, "--cache")
+    if args.grid is not None:
+        check_output_path(args.grid, "--grid")
+        if args.cache is not None and args.grid.resolve() == args.cache.resolve():
+            raise UserError(f"--grid {args.grid}: is the --cache file; expected another file")
+
+
+def run(args: argparse.Namespace) -> None:
+    """The CLI: detect on args.data_dir, print the report, optionally write the crop grid."""
+    check_args(args)
+    paths, profile_ids = _list_photos(args.data_dir, args.limit)
+    folder_digest = hashlib.sha1(str(args.data_dir.resolve()).encode()).hexdigest()[:12]
+    cache = args.cache or Path(tempfile.gettempdir()) / f"face_boxes_{folder_digest}.csv"
+    started = time.perf_counter()
+    table, n_detected = detect_boxes(paths, profile_ids, cache)
+    elapsed = time.perf_counter() - started
+    print(detection_report(table))
+    per_image = f", {1000 * elapsed / n_detected:.1f} ms/image" if n_detected else ""
+    print(f"{len(paths)} photos, {n_detected} detected now{per_image}; cache {cache}")
+    if args.grid is not None:
+        write_crop_grid(table, args.grid, args.margin, args.aspect)
+        print(f"grid written to {args.grid}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, get_args_parser().parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -152,18 +152,35 @@ def _shown(value) -> str:
 CHECKPOINT_KEYS = ("model_config", "model", "preprocess", "normalize", "category")
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A train.py checkpoint whose keys and architecture name are checked, without building the
+    network; UserError naming ``path`` otherwise."""
+    checkpoint = train.load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    config = checkpoint["model_config"]
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise UserError(f"{path}: model_config {config!r}; expected a dict with a model 'name'")
+    try:
+        models.validate_model_name(config["name"])
+    except ValueError as why:  # the name comes from the file, so the file is what to name
+        raise UserError(f"{path}: model_config: {why}") from None
+    return checkpoint
+
+
 def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
                 crop: str | None = None, augmentation: str | None = None,
                 say: Callable[[str], None] = print) -> list[LoadedModel]:
     """Restore every checkpoint (eval mode, on the CPU); flags given override the training
     settings, with a warning where they differ."""
+    # every file is read and checked before any network is built: a bad last fold of an
+    # ensemble fails before the others are restored
+    checkpoints = [read_checkpoint(path) for path in paths]
     loaded = []
-    for path in paths:
-        checkpoint = train.load_checkpoint(path)
-        missing = [k for k in CHECKPOINT_KEYS
-                   if not isinstance(checkpoint, dict) or k not in checkpoint]
-        if missing:
-            raise UserError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    for i, path in enumerate(paths):
+        checkpoint, checkpoints[i] = checkpoints[i], None  # freed once its network holds it
         preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
         trained_aug = checkpoint.get("augmentation", "BaseAugmentation")
         changes = {"resize": tuple(resize) if resize else None, "crop": crop}
@@ -177,7 +194,7 @@ def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
                 f"{trained_aug}")
         try:
             net = models.restore_model(checkpoint).eval()
-        except UserError as why:
+        except (UserError, ValueError, TypeError) as why:  # model_config arguments from the file
             raise UserError(f"{path}: {why}") from None
         config = checkpoint.get("config") or {}
         name = config.get("model") or checkpoint["model_config"].get("name")
@@ -316,21 +333,40 @@ def fit_calibration(oof_probs: np.ndarray, labels: np.ndarray, iterations: int =
     return offsets
 
 
-def calibrate_run(run_dir: Path, say: Callable[[str], None] = print) -> dict:
-    """--fit_calibration: fit offsets on RUN_DIR/oof.csv, write RUN_DIR/calibration.json."""
-    oof_path = run_dir / "oof.csv"
-    if not oof_path.is_file():
-        raise UserError(f"--fit_calibration {run_dir}: no oof.csv (k-fold runs write one: "
-                        "train with --kfold K)")
+def read_oof(oof_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """oof.csv of a --category multi k-fold run -> (probabilities [N, 18], labels [N]), every
+    cell checked: a bad one would otherwise surface as a numpy error or a silent NaN score."""
     oof = dataset.read_csv_checked(oof_path, ["label"])
     if not set(PROB_COLUMNS) <= set(oof.columns):
         raise UserError(f"{oof_path}: calibration needs the 18 columns p0..p17 of a "
                         "--category multi run")
-    probs, labels = oof[PROB_COLUMNS].to_numpy(float), oof["label"].to_numpy(int)
+    if oof.empty:
+        raise UserError(f"{oof_path}: no rows; expected one scored photo per row")
+    labels = _check_labels(oof["label"], str(oof_path), "label")
+    table = oof[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    probs = table.to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        name = PROB_COLUMNS[column]
+        raise UserError(f"{oof_path}: {int(bad.sum())} p0..p{NUM_CLASSES - 1} value(s) not a "
+                        f"number in [0, 1] (first: line {row + 2}, "
+                        f"{name}={dataset.shown_cell(oof[name].iloc[row])})")
+    return probs, labels
+
+
+def calibrate_run(run_dir: Path, say: Callable[[str], None] = print) -> dict:
+    """--fit_calibration: fit offsets on RUN_DIR/oof.csv, write RUN_DIR/calibration.json."""
+    oof_path = run_dir / "oof.csv"
+    if not oof_path.exists():  # a folder of that name is read_csv_checked's to report
+        raise UserError(f"--fit_calibration {run_dir}: no oof.csv (k-fold runs write one: "
+                        "train with --kfold K)")
+    target = dataset.check_output_path(run_dir / CALIBRATION_FILE, "--fit_calibration")
+    probs, labels = read_oof(oof_path)
     offsets = fit_calibration(probs, labels)
     before = f1_score(labels, probs.argmax(1), average="macro")
     after = f1_score(labels, calibrated_predictions(probs, offsets), average="macro")
-    target = run_dir / CALIBRATION_FILE
     result = {"offsets": offsets.tolist(), "f1_before": before, "f1_after": after}
     dataset.atomic_write_text(target, json.dumps(result, indent=2))
     say(f"calibration: OOF macro F1 {before:.4f} -> {after:.4f} (optimistic: fitted on the same "
@@ -365,12 +401,17 @@ def resolve_calibration(args: argparse.Namespace, run_dirs: Sequence[Path],
 # ----------------------------------------------------------------------------------------------
 # Submission checks and scoring
 # ----------------------------------------------------------------------------------------------
-def _check_labels(values: pd.Series, where: str) -> None:
+def _check_labels(values: pd.Series, where: str, column: str = "ans") -> np.ndarray:
+    """Class labels as int64; UserError naming the first bad CSV line (header is line 1)."""
     numbers = pd.to_numeric(values, errors="coerce")
-    bad = values[numbers.isna() | (numbers % 1 != 0) | (numbers < 0) | (numbers >= NUM_CLASSES)]
-    if len(bad):
-        raise UserError(f"{where}: {len(bad)} ans value(s) not an integer 0..{NUM_CLASSES - 1}, "
-                        f"e.g. {bad.iloc[0]!r}")
+    bad = numbers.isna() | (numbers % 1 != 0) | (numbers < 0) | (numbers >= NUM_CLASSES)
+    bad = bad.to_numpy()
+    if bad.any():
+        row = int(bad.argmax())
+        raise UserError(f"{where}: {int(bad.sum())} {column} value(s) not an integer "
+                        f"0..{NUM_CLASSES - 1} (first: line {row + 2}, "
+                        f"{column}={dataset.shown_cell(values.iloc[row])})")
+    return numbers.to_numpy(dtype=np.int64)
 
 
 def check_answers(answers: pd.DataFrame, image_ids: Sequence[str], where: str) -> None:
@@ -422,12 +463,15 @@ def print_scores(metrics: dict, say: Callable[[str], None] = print) -> None:
 # main
 # ----------------------------------------------------------------------------------------------
 def output_paths(output_dir: str | Path, name_csv: str) -> tuple[Path, Path]:
+    """The submission and probability CSV paths, checked to be writable as files before any
+    model loads: neither written means no half-written output."""
     if Path(name_csv).name != name_csv or not name_csv.endswith(".csv"):
         raise UserError(f"--name_csv {name_csv}: expected a file name ending in .csv")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
-    return output_dir / name_csv, output_dir / f"{Path(name_csv).stem}_probs.csv"
+    output_dir = dataset.check_output_path(output_dir, "--output_dir", folder=True)
+    paths = output_dir / name_csv, output_dir / f"{Path(name_csv).stem}_probs.csv"
+    for path in paths:
+        dataset.check_output_path(path, "--output_dir/--name_csv")
+    return paths
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -449,6 +493,10 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "
                         "add --ensemble to average them")
     output_csv, probs_csv = output_paths(args.output_dir, args.name_csv)
+    dataset.check_output_path(args.cache_dir, "--cache_dir", folder=True)
+    # the eval layout (info.csv, every image present and JPEG/PNG) before any checkpoint is read;
+    # a photo that only fails to decode shows up later, when the caches are built: its
+    # preprocessing comes from the checkpoints
     info = dataset.parse_eval_dir(dataset.resolve_eval_dir(args.data_dir))
     answers = None
     if args.answers:

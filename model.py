@@ -251,7 +251,10 @@ def class_probabilities(model_config: dict, logits: torch.Tensor) -> torch.Tenso
     return F.softmax(logits, dim=-1)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The name -> tensor dict of a local weights file (torch.save or .safetensors), or a
+    UserError naming the file and what was expected."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     try:
@@ -261,8 +264,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for truncated or foreign files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"cannot read weights file {path}: {reason}") from error
+        raise UserError(f"weights file {path}: unreadable ({type(error).__name__}); expected a "
+                        "state dict saved by torch.save, or a .safetensors file") from None
     if isinstance(saved, dict):
         for key in ("model", "state_dict"):
             if isinstance(saved.get(key), dict):
@@ -290,7 +293,7 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[int, list[str]]:
     backbone, and whichever fits more tensors is used. Heads of another size are skipped.
     """
     path = Path(path)
-    saved = _read_state_dict(path)
+    saved = read_state_dict(path)
     targets = [model]
     if isinstance(getattr(model, "backbone", None), nn.Module):
         targets.append(model.backbone)

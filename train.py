@@ -160,15 +160,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
     saved = {k: v for k, v in saved.items() if k not in ("config", "resume")}
+    for action in parser._actions:
+        if action.dest in saved:
+            check_replayed(action, saved[action.dest], replay)
     parser.set_defaults(**saved)
     return parser.parse_args(argv)
+
+
+def check_replayed(action: argparse.Action, value, source: str) -> None:
+    """A setting of a saved config.json has the shape and type its flag would give (a hand-edited
+    file skips argparse's conversion, so '"resize": 32' would fail deep inside training)."""
+    names = {int: "an integer", float: "a number"}
+    expected = names.get(action.type, "a string")
+    if action.nargs == 0:  # store_true / store_false
+        expected, fits = "true or false", isinstance(value, bool)
+    elif isinstance(action.nargs, int):
+        expected = f"a list of {action.nargs} values"
+        fits = isinstance(value, list) and len(value) == action.nargs and all(
+            action.type is None or isinstance(v, action.type) for v in value)
+    elif value is None:
+        fits = action.default is None or action.type is None
+    elif action.type in (int, float):
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            action.type is float or float(value).is_integer())
+    else:
+        fits = isinstance(value, str)
+    if fits and value is not None and action.choices is not None and value not in action.choices:
+        expected, fits = "one of " + ", ".join(map(str, action.choices)), False
+    if not fits:
+        raise UserError(f"{source}: setting '{action.dest}' is {json.dumps(value)}; "
+                        f"expected {expected}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation before any work
 # ----------------------------------------------------------------------------------------------
+# flag -> (is the value fine?, what was expected): checked before any data loads
+LIMITS = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "valid_batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v >= 0, "a learning rate of 0 or more"),  # 0 freezes: a sanity check
+    "momentum": (lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "gamma": (lambda v: v > 0, "a decay factor above 0"),
+    "lr_decay_step": (lambda v: v >= 1, "at least 1 epoch"),
+    "tmax": (lambda v: v is None or v >= 1, "at least 1 epoch"),
+    "maxlr": (lambda v: v is None or v > 0, "a learning rate above 0"),
+    "factor": (lambda v: 0 < v < 1, "0 < factor < 1"),
+    "patience": (lambda v: v >= 0, "0 or more epochs"),
+    "threshold": (lambda v: v >= 0, "0 or more"),
+    "warmup_epochs": (lambda v: v >= 0, "0 or more epochs"),
+    "early_stopping_patience": (lambda v: v >= -1, "-1 or 0 (off) or a number of epochs"),
+    "log_interval": (lambda v: v >= 1, "at least 1 batch"),
+    "num_workers": (lambda v: v >= 0, "0 (one per core) or more"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "0 <= seed < 2**32"),
+    "mixup_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
+    "cutmix_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
+    "smoothing": (lambda v: 0 <= v < 1, "0 <= smoothing < 1"),
+    "focal_gamma": (lambda v: v >= 0, "0 or more"),
+    "arc_scale": (lambda v: v > 0, "a scale above 0"),
+    "arc_margin": (lambda v: 0 <= v < math.pi / 2, "0 <= margin < pi/2 radians"),
+    "drop_rate": (lambda v: 0 <= v < 1, "0 <= rate < 1"),
+    "face_margin": (lambda v: v >= 0, "0 or more (a fraction of the face box per side)"),
+    "old_age": (lambda v: v > 30, "an age above 30 (30..old_age-1 is the middle group)"),
+}
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Reject every bad name or combination before data loads."""
+    """Reject every bad name, number or combination before data loads."""
+    for flag, (fine, expected) in LIMITS.items():
+        if not fine(getattr(args, flag)):
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
+    if args.name in ("", ".", "..") or Path(args.name).name != args.name or "\\" in args.name:
+        raise UserError(f"--name '{args.name}': expected a plain folder name (no '/'); "
+                        "use --model_dir for where run folders go")
+    dataset.check_output_path(args.model_dir, "--model_dir", folder=True)
+    dataset.check_output_path(args.cache_dir, "--cache_dir", folder=True)
     try:
         models.validate_model_name(args.model)
     except ValueError as why:
@@ -192,6 +260,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {path}: file not found")
     if args.resume and not (Path(args.resume) / "config.json").is_file():
         raise UserError(f"--resume {args.resume}: not a run folder (no config.json there)")
+    if args.resume:  # before its config.json is rewritten with this call's flags
+        for last in [Path(args.resume) / "last.pth", *Path(args.resume).glob("fold*/last.pth")]:
+            if last.is_file():
+                load_checkpoint(last, mmap=True)
+    if args.weights:
+        models.read_state_dict(args.weights)
     resolve_device(args.device)
 
 
@@ -202,6 +276,8 @@ def drop_range(text: str | None) -> tuple[int, int] | None:
         low, high = (int(v) for v in text.split("-"))
     except ValueError:
         raise UserError(f"--drop_ages '{text}': expected LO-HI, e.g. 57-59") from None
+    if low > high:
+        raise UserError(f"--drop_ages '{text}': expected LO <= HI, e.g. 57-59")
     return low, high
 
 
@@ -374,15 +450,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer, batches, 
             if not math.isfinite(value):
                 raise NonFiniteLoss(
                     f"loss is {value} at epoch {epoch + 1}, batch {step + 1} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); stopped, last good checkpoint kept; "
-                    "try a lower --lr or --amp off")
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); stopped, the checkpoints of "
+                    "earlier epochs (if any) are kept; try a lower --lr or --amp off")
             bar.set_postfix(loss=f"{value:.4f}")
             if writer is not None and (step + 1) % log_interval == 0:
                 writer.add_scalar("Loss/train_batch", value, epoch * len(batches) + step)
     mean_loss = (total_loss / max(seen, 1)).item()
     if not math.isfinite(mean_loss):
         raise NonFiniteLoss(f"loss is {mean_loss} in epoch {epoch + 1} "
-                            f"(lr {optimizer.param_groups[0]['lr']:.3g}); last good checkpoint kept")
+                            f"(lr {optimizer.param_groups[0]['lr']:.3g}); the checkpoints of "
+                            "earlier epochs (if any) are kept")
     seconds = time.perf_counter() - started
     return {"loss": mean_loss, "images": seen, "seconds": seconds,
             "images_per_s": seen / max(seconds, 1e-9)}
@@ -502,6 +579,8 @@ def train_rows_after_policies(args: argparse.Namespace, frame, train_rows: np.nd
     if dropped:
         ages = frame["age"].to_numpy()[train_rows]
         train_rows = train_rows[(ages < dropped[0]) | (ages > dropped[1])]
+        if not len(train_rows):
+            raise UserError(f"--drop_ages {args.drop_ages} leaves no training photo")
     return dataset.balance_people(frame, train_rows, args.data_balancing, args.seed)
 
 
@@ -766,11 +845,13 @@ def strip_arrays(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A train.py checkpoint; ``mmap`` only maps it (a cheap check that it is whole)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as why:  # a torn or foreign file: name it instead of a traceback
-        raise UserError(f"{path}: not a readable checkpoint ({type(why).__name__})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(why).__name__}); expected a "
+                        "whole file written by train.py") from None
 
 
 def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.ndarray,
@@ -817,6 +898,13 @@ def main(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest
     data_dir, frame = load_records(args, say=lambda m: say(procs, m))
     args.data_dir = str(data_dir)  # recorded resolved, so --config/--resume find the same data
+    # split or folds decided (and checked) before any photo is decoded or folder written
+    if args.kfold or args.folds:
+        folds = checked_folds(args, frame, warn=lambda m: say(procs, m))
+    else:
+        split = dataset.DATASETS[args.dataset].split
+        train_rows, val_rows = split(frame, args.val_ratio, args.seed)
+        train_rows = train_rows_after_policies(args, frame, train_rows)
     preprocess = preprocess_of(args)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
         procs.barrier()
@@ -829,10 +917,7 @@ def main(args: argparse.Namespace) -> dict:
                f"{args.model} {args.category} {preprocess.resize[0]}x{preprocess.resize[1]} crop "
                f"{preprocess.crop} | {process_device(args, procs)} x {procs.world} process(es)")
     if args.kfold or args.folds:
-        return run_kfold(args, frame, images, run_dir, preprocess, face_info, procs)
-    split = dataset.DATASETS[args.dataset].split
-    train_rows, val_rows = split(frame, args.val_ratio, args.seed)
-    train_rows = train_rows_after_policies(args, frame, train_rows)
+        return run_kfold(args, frame, folds, images, run_dir, preprocess, face_info, procs)
     mean, std = normalization(args, images, train_rows)
     say(procs, f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                f"repeats), {len(val_rows)} val photos")
@@ -856,10 +941,10 @@ def prepare_run_dir(args: argparse.Namespace) -> Path:
     return run_dir
 
 
-def fold_assignments(args: argparse.Namespace, frame: pd.DataFrame) -> pd.Series:
+def fold_assignments(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> pd.Series:
     """Fold per profile: from --folds FILE (checked against the data), else StratifiedGroupKFold."""
     if not args.folds:
-        return dataset.kfold_assignments(frame, args.kfold, args.seed, args.category)
+        return dataset.kfold_assignments(frame, args.kfold, args.seed, args.category, warn=warn)
     table = dataset.read_csv_checked(args.folds, ["profile", "fold"])
     folds = table.set_index("profile")["fold"]
     missing = sorted(set(frame["profile"]) - set(folds.index))
@@ -875,14 +960,23 @@ def fold_assignments(args: argparse.Namespace, frame: pd.DataFrame) -> pd.Series
     return folds.loc[sorted(set(frame["profile"]))]
 
 
-def run_kfold(args: argparse.Namespace, frame, images: np.ndarray, run_dir: Path,
-              preprocess: dataset.Preprocess, face_info: dict, procs: Processes) -> dict:
-    """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
-    each); finished folds are skipped on --resume. Writes folds.csv (profile -> fold) and, once
-    every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
-    folds = fold_assignments(args, frame)
+def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> pd.Series:
+    """fold_assignments, with --fold and every fold's training photos checked."""
+    folds = fold_assignments(args, frame, warn)
     if args.fold is not None and not 0 <= args.fold < args.kfold:
         raise UserError(f"--fold {args.fold}: expected 0..{args.kfold - 1}")
+    fold_of_row = frame["profile"].map(folds).to_numpy()
+    for fold in range(args.kfold):
+        train_rows_after_policies(args, frame, np.flatnonzero(fold_of_row != fold))
+    return folds
+
+
+def run_kfold(args: argparse.Namespace, frame, folds: pd.Series, images: np.ndarray,
+              run_dir: Path, preprocess: dataset.Preprocess, face_info: dict,
+              procs: Processes) -> dict:
+    """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
+    each; ``folds`` maps profile -> fold); finished folds are skipped on --resume. Writes folds.csv
+    and, once every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
     if procs.main:
         dataset.atomic_write_text(run_dir / "folds.csv", folds.to_frame("fold").to_csv())
     fold_of_row = frame["profile"].map(folds).to_numpy()

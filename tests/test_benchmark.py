@@ -112,3 +112,25 @@ def test_unknown_model_is_a_user_error_before_any_work(tiny_train_dir, tmp_path)
         benchmark.main(benchmark.parse_args(["--model", "resnet1800", "--data_dir",
                                              str(tiny_train_dir), "--cache_dir", str(tmp_path)]))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "{tmp}/adir"], "--output .*adir: is a folder"),
+    (["--output", "{tmp}/afile/table.md"], "--output .*afile/table.md: .*afile is a file"),
+    (["--cache_dir", "{tmp}/afile"], "--cache_dir .*afile: is a file; expected a folder"),
+    (["--cache_dir", "{tmp}/afile/cache"], "--cache_dir .*afile is a file"),
+])
+def test_output_paths_of_the_wrong_kind_fail_before_any_work(tiny_train_dir, tmp_path, monkeypatch,
+                                                             flags, message):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the benchmark started before its output paths were checked")
+
+    monkeypatch.setattr(benchmark, "measure_cache", no_work)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    argv = ["--smoke", "--resize", "32", "24", "--data_dir", str(tiny_train_dir), "--device", "cpu",
+            "--cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(UserError, match=message):
+        benchmark.main(benchmark.parse_args(argv + [f.format(tmp=tmp_path) for f in flags]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no cache, no output
+    assert not any((tmp_path / "adir").iterdir())

@@ -129,6 +129,37 @@ def test_corrupt_image_reported_by_cache_and_nothing_written(tmp_path, tiny_trai
     assert not list(cache_dir.glob("*.npy"))
 
 
+def test_tiny_image_is_named_not_a_crash(tmp_path):
+    import cv2
+    tiny = tmp_path / "mask1.jpg"
+    cv2.imwrite(str(tiny), np.zeros((1, 1, 3), np.uint8))
+    with pytest.raises(UserError, match=r"mask1.jpg: image is 1x1 pixels; expected a photo of at least 16x16"):
+        dataset.build_cache([str(tiny)], dataset.Preprocess(resize=(32, 24)), tmp_path / "cache",
+                            progress=False)
+
+
+def test_output_paths_checked(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert dataset.check_output_path(tmp_path / "new" / "out.csv", "-o") == tmp_path / "new" / "out.csv"
+    with pytest.raises(UserError, match="^-o .*a_file/out.csv: .*a_file is a file, not a folder"):
+        dataset.check_output_path(a_file / "out.csv", "-o")
+    with pytest.raises(UserError, match="is a folder; expected a file name"):
+        dataset.check_output_path(tmp_path, "-o")
+    with pytest.raises(UserError, match="is a file; expected a folder"):
+        dataset.check_output_path(a_file, "--model_dir", folder=True)
+    with pytest.raises(UserError, match="is a folder; expected a CSV file"):
+        dataset.read_csv_checked(tmp_path, ["ImageID"])
+
+
+def test_os_errors_become_one_line(tmp_path, capsys):
+    def main(_):
+        open(tmp_path)  # a folder: IsADirectoryError
+    assert dataset.run_cli(main, lambda argv: None, []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path}: Is a directory"
+
+
 def test_eval_parsing(tiny_sample, tmp_path):
     info = dataset.parse_eval_dir(tiny_sample / "eval")
     assert len(info) == 4 * 7 and all(Path(p).is_file() for p in info["path"])
@@ -141,6 +172,17 @@ def test_eval_parsing(tiny_sample, tmp_path):
     pd.DataFrame({"id": [1]}).to_csv(broken / "info.csv", index=False)
     with pytest.raises(UserError, match="missing column.*ImageID"):
         dataset.parse_eval_dir(broken)
+    (broken / "info.csv").write_text("ImageID,ans\n")
+    with pytest.raises(UserError, match="info.csv: no rows"):
+        dataset.parse_eval_dir(broken)
+    (broken / "info.csv").write_text(f"ImageID,ans\n{first},0\n,0\n")
+    with pytest.raises(UserError, match="info.csv: row 3 has no ImageID"):
+        dataset.parse_eval_dir(broken)
+    second = info["ImageID"].iloc[1]
+    (broken / "info.csv").write_text(f"ImageID,ans\n{second},0\n")
+    said = []
+    assert list(dataset.parse_eval_dir(broken, warn=said.append)["ImageID"]) == [second]
+    assert len(said) == 1 and f"{4 * 7 - 2} image(s)" in said[0] and "no prediction" in said[0]
 
 
 # ---------------------------------------------------------------------------- splits
@@ -185,6 +227,14 @@ def test_kfold_each_person_in_one_val_fold():
     assert sorted(folds.unique()) == [0, 1, 2, 3, 4]
     shuffled = frame.sample(frac=1, random_state=2).reset_index(drop=True)
     assert dataset.kfold_assignments(shuffled, 5, seed=0).equals(folds)
+
+
+def test_kfold_says_in_one_line_when_a_class_is_rarer_than_the_folds(recwarn):
+    frame = _people_frame(12)
+    said = []
+    dataset.kfold_assignments(frame, 5, seed=0, warn=said.append)
+    assert len(said) == 1 and "fewer people than the 5 folds" in said[0]
+    assert not [w for w in recwarn if "least populated" in str(w.message)]
 
 
 @pytest.mark.parametrize("mode", ["10s", "gene"])

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import dataset  # noqa: E402
 from dataset import NUM_CLASSES, UserError  # noqa: E402
 from ensemble_csv import PROB_COLUMNS, hard_vote, main, parse_args, soft_vote  # noqa: E402
 
@@ -133,11 +135,11 @@ def test_missing_ids_in_a_later_file_fail(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("ImageID,label\nx.jpg,1\ny.jpg,2\n", "missing column"),
-    ("ImageID,ans\nx.jpg,1\ny.jpg,18\n", r"expected a class 0\.\.17 .*y\.jpg"),
+    ("ImageID,ans\nx.jpg,1\ny.jpg,18\n", r"expected a class 0\.\.17 .*y\.jpg, ans=18\)"),
     ("ImageID,ans\nx.jpg,-1\ny.jpg,2\n", "expected a class 0..17"),
     ("ImageID,ans\nx.jpg,1.5\ny.jpg,2\n", r"expected an integer class .*x\.jpg"),
     ("ImageID,ans\nx.jpg,mask\ny.jpg,2\n", "expected an integer class"),
-    ("ImageID,ans\nx.jpg,\ny.jpg,2\n", "expected an integer class"),
+    ("ImageID,ans\nx.jpg,\ny.jpg,2\n", r"expected an integer class .*x\.jpg, ans=empty\)"),
     ("ImageID,ans\nx.jpg,1\nx.jpg,2\n", r"1 duplicated ImageID\(s\) \(first: x\.jpg\)"),
     ("ImageID,ans\n", "no rows"),
 ])
@@ -259,3 +261,40 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path):
     assert done.stderr.startswith("error: ") and str(bad) in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("soft, output, probs_output, message", [
+    (False, "DIR", None, r"--output .*DIR: is a folder; expected a file name"),
+    (True, "DIR", None, r"--output .*DIR: is a folder; expected a file name"),
+    (False, "afile/r.csv", None, r"--output .*afile/r\.csv: .*afile is a file, not a folder"),
+    (True, "r.csv", "DIR", r"--probs_output .*DIR: is a folder; expected a file name"),
+    (True, "r.csv", "afile/p.csv", r"--probs_output .*afile/p\.csv: .*afile is a file"),
+    (True, "r.csv", "r.csv", r"r\.csv: --output and --probs_output name the same file"),
+], ids=["hard_dir", "soft_dir", "under_file", "probs_dir", "probs_under_file", "same_file"])
+def test_unwritable_outputs_fail_before_reading_or_writing(tmp_path, capsys, soft, output,
+                                                           probs_output, message):
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "afile").write_text("a file\n")
+    ids = ["x.jpg", "y.jpg"]
+    if soft:
+        inputs = [write_probs(tmp_path / f"{n}_probs.csv", ids, [mild(3, 5)] * 2) for n in "ab"]
+    else:
+        inputs = [write_submission(tmp_path / f"{n}.csv", ids, [1, 2]) for n in "ab"]
+    inputs[1].write_text("not,a\nvote\n")  # an input error would be reported if read first
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = [*map(str, inputs), "-o", str(tmp_path / output)] + (["--soft"] if soft else [])
+    argv += ["--probs_output", str(tmp_path / probs_output)] if probs_output else []
+    assert dataset.run_cli(main, parse_args, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no result, no temp file
+    assert not any((tmp_path / "DIR").iterdir())
+
+
+def test_folder_given_as_input_says_so(tmp_path):
+    a = write_submission(tmp_path / "a.csv", ["x.jpg"], [1])
+    (tmp_path / "DIR").mkdir()
+    with pytest.raises(UserError, match=r"DIR: is a folder; expected a CSV file"):
+        run([a, tmp_path / "DIR"], "-o", tmp_path / "r.csv")
+    assert not (tmp_path / "r.csv").exists()

@@ -7,12 +7,15 @@ image's (unique) grey level so that they test the bookkeeping, not the Haar casc
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
+import dataset
 import face
 from dataset import UserError
 
@@ -288,3 +291,126 @@ def test_cli_prints_the_report_and_writes_a_grid(tmp_path, capsys):
     assert cv2.imread(str(grid)) is not None
     assert face.main([str(tmp_path / "nowhere")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def write_truncated_jpeg(path: Path) -> str:
+    """The first third of a real JPEG: cv2.imread pads the rest with grey, decode_image rejects it."""
+    ok, encoded = cv2.imencode(".jpg", draw_cartoon_face())
+    assert ok
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoded.tobytes()[: encoded.size // 3])
+    return str(path)
+
+
+def test_unreadable_photos_are_reported_together_and_never_cached(tmp_path, monkeypatch, capsys):
+    detector = FakeDetector({10: ((50, 60, 250, 260), 9.0, "fake")})
+    monkeypatch.setattr(face, "detect_face", detector)
+    paths, ids = write_people(tmp_path / "train", {"p1": {"normal": 10}, "p2": {"normal": 10}})
+    truncated = write_truncated_jpeg(tmp_path / "train" / "p1" / "mask1.jpg")
+    tiny = tmp_path / "train" / "p2" / "mask1.png"
+    assert cv2.imwrite(str(tiny), np.full((8, 8, 3), 10, np.uint8))
+    # the bad photos come last: the whole pass runs, then reports both
+    paths, ids = [*paths, truncated, str(tiny)], [*ids, "p1", "p2"]
+    cache = tmp_path / "cache" / "boxes.csv"
+
+    with pytest.raises(UserError) as error:
+        face.detect_boxes(paths, ids, cache, progress=False)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "2 problem(s) in the images:"
+    assert truncated in lines[1] and "corrupt" in lines[1]
+    assert str(tiny) in lines[2] and "8x8" in lines[2]
+    assert detector.calls == 2
+    # the readable photos' boxes are kept, nothing is cached for the unreadable ones
+    assert sorted(pd.read_csv(cache)["path"]) == sorted(os.path.abspath(p) for p in paths[:2])
+    assert [p.name for p in cache.parent.iterdir()] == ["boxes.csv"]
+
+    # the CLI says the same in one error and exits 2
+    assert face.main([str(tmp_path / "train"), "--cache", str(tmp_path / "cli.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 problem(s) in the images:") and truncated in err
+    assert "Traceback" not in err
+
+    # once fixed, only the two photos that failed are detected
+    Path(truncated).unlink()
+    paths[2] = write_flat_image(Path(truncated).with_suffix(".png"), 10)
+    write_flat_image(tiny, 10)
+    _, n_detected = face.detect_boxes(paths, ids, cache, progress=False)
+    assert n_detected == 2 and detector.calls == 6  # 2 + 2 by the CLI + these 2
+
+
+def test_malformed_cache_rows_are_dropped_with_a_warning_on_every_path(tmp_path, monkeypatch):
+    detector = FakeDetector({10: ((50, 60, 250, 260), 9.0, "fake"), 20: None})
+    monkeypatch.setattr(face, "detect_face", detector)
+    paths, ids = write_people(tmp_path / "train", {"p1": {"normal": 10, "mask1": 20, "mask2": 10}})
+    cache_dir = tmp_path / "cache"
+    cache = cache_dir / face.FACE_BOX_CACHE
+    face.detect_boxes(paths, ids, cache, progress=False)
+    assert detector.calls == 3
+
+    def damage() -> None:
+        rows = pd.read_csv(cache, dtype=str, keep_default_na=False)
+        rows.loc[0, "size"] = "abc"
+        rows.loc[2, "x1"] = "9999"  # a box outside its 384 px wide image
+        cache.write_text(rows.to_csv(index=False))
+
+    damage()
+    warnings: list[str] = []
+    table, n_detected = face.detect_boxes(paths, ids, cache, progress=False, warn=warnings.append)
+    assert n_detected == 2 and detector.calls == 5 and len(table) == 3
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {cache}: ignoring 2 malformed")
+    assert "line 2: size 'abc' is not an integer" in warnings[0]
+    _, n_detected = face.detect_boxes(paths, ids, cache, progress=False, warn=warnings.append)
+    assert n_detected == 0 and len(warnings) == 1  # the rewritten cache is clean
+
+    # train.py --crop face and inference read the same cache the same way
+    preprocess = dataset.Preprocess((64, 48), crop="face")
+    frame = pd.DataFrame({"path": paths, "profile": ids})
+    for detect in (lambda say: face.crop_boxes_for_training(frame, preprocess, cache_dir, say=say),
+                   lambda say: face.crop_boxes_for_inference(paths, preprocess, cache_dir, {},
+                                                             say=say)):
+        damage()
+        said: list[str] = []
+        detect(said.append)
+        assert said[0].startswith(f"warning: {cache}: ignoring 2 malformed row(s)")
+    assert detector.calls == 9
+
+    cache.write_text("")  # an empty file holds nothing to keep: rebuilt, not an error
+    _, n_detected = face.detect_boxes(paths, ids, cache, progress=False, warn=warnings.append)
+    assert n_detected == 3 and warnings[-1] == f"warning: {cache}: empty face-box cache; it is rebuilt"
+    assert len(pd.read_csv(cache)) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cache", "{tmp}/adir"], "--cache .*adir: is a folder"),
+    (["--grid", "{tmp}/afile/g.png"], "--grid .*afile/g.png: .*afile is a file"),
+    (["--grid", "{tmp}/adir"], "--grid .*adir: is a folder"),
+    (["--grid", "{tmp}/out/boxes.csv"], "--grid .*is the --cache file"),
+    (["--margin", "-1", "--grid", "{tmp}/out/g.png"], "--margin -1: expected >= 0"),
+    (["--aspect", "0", "--grid", "{tmp}/out/g.png"], "--aspect 0: expected .* > 0"),
+    (["--limit", "-1"], "--limit -1: expected at least 1"),
+    (["--limit", "0"], "--limit 0: expected at least 1"),
+])
+def test_cli_rejects_bad_flags_before_any_detection(tmp_path, monkeypatch, capsys, flags, message):
+    detector = FakeDetector({})  # any call fails the test: the check must come first
+    monkeypatch.setattr(face, "detect_face", detector)
+    write_people(tmp_path / "images", {"p1": {"normal": 10}, "p2": {"normal": 10}})
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    argv = [str(tmp_path / "images"), "--cache", str(tmp_path / "out" / "boxes.csv")]
+    assert face.main(argv + [flag.format(tmp=tmp_path) for flag in flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+    assert detector.calls == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "images"]
+    assert not any((tmp_path / "adir").iterdir())
+
+
+def test_cli_rejects_person_folders_without_photos(tmp_path, capsys):
+    (tmp_path / "images" / "p1").mkdir(parents=True)
+    (tmp_path / "images" / "p2").mkdir()
+    (tmp_path / "images" / "p2" / "notes.txt").write_text("no photo")
+    assert face.main([str(tmp_path / "images"), "--cache", str(tmp_path / "boxes.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no photos found under {tmp_path / 'images'}")
+    assert not (tmp_path / "boxes.csv").exists()

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -270,3 +271,157 @@ def test_category_trio_from_real_checkpoints(tiny_sample, category_runs, trained
     with pytest.raises(UserError, match="none for age"):
         infer(tiny_sample, tmp_path / "partial", trio[:2], "--ensemble")
     assert not (tmp_path / "partial").exists()
+
+
+# ---------------------------------------------------------------------------- bad input, early
+def garbage_run(tmp_path: Path) -> Path:
+    """A run folder whose best.pth cannot be read: any error other than its own proves that the
+    check ran before a checkpoint was touched."""
+    run = tmp_path / "garbage_run"
+    run.mkdir()
+    (run / "best.pth").write_bytes(b"not a checkpoint")
+    return run
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """inference.py in-process as the command line runs it: (exit code, stderr)."""
+    code = dataset.run_cli(inference.main, inference.parse_args, [str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _header_only(eval_dir: Path) -> str:
+    (eval_dir / "info.csv").write_text("ImageID,ans\n")
+    return "info.csv"
+
+
+def _empty_image_id(eval_dir: Path) -> str:
+    header, rows = (eval_dir / "info.csv").read_text().split("\n", 1)
+    (eval_dir / "info.csv").write_text(f"{header}\n,0\n{rows}")
+    return "info.csv"
+
+
+def _drop_first_image(eval_dir: Path) -> str:
+    first = pd.read_csv(eval_dir / "info.csv", dtype={"ImageID": str})["ImageID"][0]
+    (eval_dir / "images" / first).unlink()
+    return first
+
+
+def _not_an_image(eval_dir: Path) -> str:
+    first = pd.read_csv(eval_dir / "info.csv", dtype={"ImageID": str})["ImageID"][0]
+    (eval_dir / "images" / first).write_text("GIF89a, not a JPEG")
+    return first
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (_header_only, r"info\.csv: no rows"),
+    (_empty_image_id, r"info\.csv: row 2 has no ImageID"),
+    (_drop_first_image, "no image for ImageID"),
+    (_not_an_image, "not a JPEG/PNG image"),
+], ids=["header_only", "empty_image_id", "missing_image", "not_an_image"])
+def test_bad_eval_layout_is_reported_before_any_checkpoint_is_read(tiny_sample, tmp_path, capsys,
+                                                                    spoil, message):
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(tiny_sample / "eval", eval_dir)
+    named = spoil(eval_dir)
+    out = tmp_path / "out"
+    code, err = cli(capsys, "--model_dir", garbage_run(tmp_path), "--data_dir", eval_dir,
+                    "--output_dir", out, "--cache_dir", out / "cache", "--device", "cpu")
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert re.search(message, err) and str(eval_dir) in err and named in err
+    assert "not a readable checkpoint" not in err  # the layout came first
+    assert not out.exists()
+
+
+def test_unknown_architecture_names_the_checkpoint_before_any_model_is_built(
+        tiny_sample, trained_run, tmp_path, capsys):
+    checkpoint = torch.load(trained_run / "best.pth", map_location="cpu", weights_only=False)
+    checkpoint["model_config"]["name"] = "nonexistent_net"
+    bad = tmp_path / "bad_run"
+    bad.mkdir()
+    torch.save(checkpoint, bad / "best.pth")
+    for model_dirs, flags in (([bad], ()), ([trained_run, bad], ("--ensemble",))):
+        with pytest.raises(UserError) as error:
+            infer(tiny_sample, tmp_path / "out", model_dirs, *flags)
+        assert str(error.value).startswith(f"{bad / 'best.pth'}: ")
+        assert "unknown model 'nonexistent_net'" in str(error.value)
+        assert "model:" not in capsys.readouterr().out  # the good model was not built first
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make, flag_value, message", [
+    (lambda o: (o / "output_probs.csv").mkdir(parents=True), "out",
+     r"out/output_probs\.csv: is a folder; expected a file name"),
+    (lambda o: (o / "output.csv").mkdir(parents=True), "out",
+     r"out/output\.csv: is a folder; expected a file name"),
+    (lambda o: o.write_text("a file"), "out", r"--output_dir .*out: is a file; expected a folder"),
+    (lambda o: o.write_text("a file"), "out/sub", r"--output_dir .*out/sub: .*out is a file"),
+], ids=["probs_csv_is_folder", "output_csv_is_folder", "output_dir_is_file", "under_a_file"])
+def test_unwritable_outputs_fail_before_any_work(tiny_sample, tmp_path, capsys, make,
+                                                 flag_value, message):
+    out = tmp_path / "out"
+    make(out)
+    before = leftovers(out) if out.is_dir() else None
+    code, err = cli(capsys, "--model_dir", garbage_run(tmp_path), "--data_dir",
+                    tiny_sample / "eval", "--output_dir", tmp_path / flag_value,
+                    "--cache_dir", tmp_path / "cache", "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err) and "not a readable checkpoint" not in err
+    if before is not None:
+        assert leftovers(out) == before  # neither CSV, nor a temp file, was written
+    assert not (tmp_path / "cache").exists()
+
+
+def write_oof(run_dir: Path, rows: int = 60, seed: int = 4) -> Path:
+    """An oof.csv as train.py writes it for a --category multi k-fold run."""
+    rng = np.random.default_rng(seed)
+    oof = pd.DataFrame({"path": [f"p{i}.jpg" for i in range(rows)], "profile": "p", "fold": 0,
+                        "label": rng.integers(0, 18, rows)})
+    probs = pd.DataFrame(rng.dirichlet(np.ones(18), rows), columns=inference.PROB_COLUMNS)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pd.concat([oof, probs], axis=1).to_csv(run_dir / "oof.csv", index=False)
+    return run_dir / "oof.csv"
+
+
+def _set_cell(column: str, value: str):
+    def change(lines: list[str]) -> list[str]:
+        header = lines[0].split(",")
+        cells = lines[3].split(",")
+        cells[header.index(column)] = value
+        return lines[:3] + [",".join(cells)] + lines[4:]
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set_cell("label", "99"), r"1 label value\(s\) not an integer 0\.\.17 \(first: line 4, "
+                               r"label=99\)"),
+    (_set_cell("label", ""), r"label value\(s\) not an integer 0\.\.17 \(first: line 4, "
+                             r"label=empty\)"),
+    (_set_cell("label", "mask"), r"label=.mask."),
+    (_set_cell("p3", "abc"), r"p0\.\.p17 value\(s\) not a number in \[0, 1\] \(first: line 4, "
+                             r"p3='abc'\)"),
+    (_set_cell("p17", "inf"), r"not a number in \[0, 1\] \(first: line 4, p17="),
+    (lambda lines: lines[:1], r"no rows"),
+], ids=["label_99", "label_empty", "label_text", "p_text", "p_inf", "header_only"])
+def test_fit_calibration_rejects_a_bad_oof_cell(tmp_path, capsys, change, message):
+    oof_path = write_oof(tmp_path / "run")
+    lines = oof_path.read_text().splitlines()
+    oof_path.write_text("\n".join(change(lines)) + "\n")
+    code, err = cli(capsys, "--fit_calibration", tmp_path / "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {oof_path}: ") and re.search(message, err)
+    assert leftovers(tmp_path / "run") == ["oof.csv"]  # no calibration.json, no temp file
+
+
+def test_fit_calibration_paths_of_the_wrong_kind(tmp_path, capsys):
+    (tmp_path / "a" / "oof.csv").mkdir(parents=True)
+    code, err = cli(capsys, "--fit_calibration", tmp_path / "a")
+    assert code == 2 and "oof.csv: is a folder; expected a CSV file" in err
+    write_oof(tmp_path / "b")
+    (tmp_path / "b" / "calibration.json").mkdir()
+    code, err = cli(capsys, "--fit_calibration", tmp_path / "b")
+    assert code == 2 and "calibration.json: is a folder; expected a file name" in err
+    assert "calibration:" not in capsys.readouterr().out  # refused before fitting

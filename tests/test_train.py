@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,77 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error:") and "none" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--epochs", "0"), ("--batch_size", "0"), ("--valid_batch_size", "-5"), ("--lr", "-1"),
+    ("--weight_decay", "-1"), ("--momentum", "-1"), ("--num_workers", "-1"), ("--seed", "-1"),
+    ("--lr_decay_step", "0"), ("--mixup_alpha", "-1"), ("--cutmix_alpha", "0"),
+    ("--log_interval", "0"), ("--gamma", "-1"), ("--old_age", "20"), ("--warmup_epochs", "-1"),
+    ("--patience", "-1"), ("--face_margin", "-1"), ("--smoothing", "1.5"),
+])
+def test_bad_numbers_rejected_before_any_work(flag, value, tmp_path):
+    args = train.parse_args([flag, value, "--data_dir", str(tmp_path / "nowhere"),
+                             "--model_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c")])
+    with pytest.raises(UserError, match=f"^{flag} {value}.*expected"):
+        train.main(args)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--name", "a/b"], "--name 'a/b': expected a plain folder name"),
+    (["--name", ".."], "--name '..'"),
+    (["--drop_ages", "59-57"], "expected LO <= HI"),
+    (["--model_dir", "{file}"], "is a file; expected a folder"),
+    (["--cache_dir", "{file}/cache"], "is a file, not a folder"),
+])
+def test_bad_names_and_paths_rejected_before_any_work(extra, expected, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    extra = [e.replace("{file}", str(a_file)) for e in extra]
+    args = train.parse_args(["--data_dir", str(tmp_path / "nowhere"), "--model_dir",
+                             str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c"), *extra])
+    with pytest.raises(UserError, match=re.escape(expected)):
+        train.main(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--val_ratio", "0.99"], "leaves no training person"),
+    (["--drop_ages", "0-200"], "--drop_ages 0-200 leaves no training photo"),
+    (["--kfold", "500"], "--kfold 500: only"),
+    (["--kfold", "2", "--fold", "5"], "--fold 5: expected 0..1"),
+    (["--kfold", "2", "--drop_ages", "0-200"], "leaves no training photo"),
+])
+def test_split_problems_found_before_decoding_or_run_folders(tiny_train_dir, tmp_path, extra,
+                                                             expected):
+    args = train.parse_args(["--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"),
+                             "--cache_dir", str(tmp_path / "cache"), *extra])
+    with pytest.raises(UserError, match=re.escape(expected)):
+        train.main(args)
+    assert not any(tmp_path.iterdir())  # no cache decoded, no run folder made
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"resize": 32}, "setting 'resize' is 32; expected a list of 2 values"),
+    ({"epochs": "3"}, "setting 'epochs' is \"3\"; expected an integer"),
+    ({"amp": "bogus"}, "setting 'amp' is \"bogus\"; expected one of auto, bf16, fp16, off"),
+    ({"channels_last": 1}, "setting 'channels_last' is 1; expected true or false"),
+])
+def test_hand_edited_config_is_checked_like_flags(setting, expected, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"lr": 0.01, "crop": None, **setting}))
+    with pytest.raises(UserError, match=re.escape(f"{config}: {expected}")):
+        train.parse_args(["--config", str(config)])
+
+
+def test_unreadable_weights_named_before_data_loads(tmp_path):
+    weights = tmp_path / "notes.pth"
+    weights.write_text("these are not weights")
+    args = train.parse_args(["--weights", str(weights), "--data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match=f"weights file {re.escape(str(weights))}: unreadable.*"
+                                        "expected a state dict"):
+        train.main(args)
 
 
 def test_run_folder_numbering_with_dotted_names(tmp_path):
@@ -166,6 +238,17 @@ def test_weights_file_loads_into_another_head_size(tiny_train_dir, tmp_path, cap
     out = capsys.readouterr().out
     assert "weights: loaded" in out and "not loaded" in out
     assert (result["run_dir"] / "best.pth").is_file()
+
+
+def test_resume_of_a_torn_checkpoint_leaves_the_run_folder_alone(tiny_train_dir, tmp_path):
+    run_dir = run(tiny_train_dir, tmp_path, "--epochs", "1")["run_dir"]
+    last = run_dir / "last.pth"
+    last.write_bytes(last.read_bytes()[:3000])  # a copy cut short
+    config_before = (run_dir / "config.json").read_text()
+    with pytest.raises(UserError, match=f"{re.escape(str(last))}: not a readable checkpoint"):
+        train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2",
+                                     "--cache_dir", str(tmp_path / "elsewhere")]))
+    assert (run_dir / "config.json").read_text() == config_before
 
 
 def test_early_stopping_stops(tiny_train_dir, tmp_path, capsys):
