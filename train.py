@@ -916,14 +916,27 @@ def main(args: argparse.Namespace) -> dict:
     say(procs, f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
                f"{args.model} {args.category} {preprocess.resize[0]}x{preprocess.resize[1]} crop "
                f"{preprocess.crop} | {process_device(args, procs)} x {procs.world} process(es)")
-    if args.kfold or args.folds:
-        return run_kfold(args, frame, folds, images, run_dir, preprocess, face_info, procs)
-    mean, std = normalization(args, images, train_rows)
-    say(procs, f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
-               f"repeats), {len(val_rows)} val photos")
-    result = fit(args, frame, images, train_rows, val_rows, run_dir, preprocess=preprocess,
-                 mean=mean, std=std, extra={"face": face_info}, procs=procs)
+    try:
+        if args.kfold or args.folds:
+            return run_kfold(args, frame, folds, images, run_dir, preprocess, face_info, procs)
+        mean, std = normalization(args, images, train_rows)
+        say(procs, f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
+                   f"repeats), {len(val_rows)} val photos")
+        result = fit(args, frame, images, train_rows, val_rows, run_dir, preprocess=preprocess,
+                     mean=mean, std=std, extra={"face": face_info}, procs=procs)
+    except UserError:
+        if procs.main and not args.resume and args.fold is None:
+            remove_if_no_checkpoint(run_dir)
+        raise
     return {"run_dir": run_dir, **result}
+
+
+def remove_if_no_checkpoint(run_dir: Path) -> None:
+    """A new run that failed before its first checkpoint (no weights offline, a loss that blew up
+    at once) leaves no folder behind: it would only hold a config and an empty log."""
+    if not any(run_dir.rglob("*.pth")):
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def prepare_run_dir(args: argparse.Namespace) -> Path:

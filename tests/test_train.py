@@ -261,8 +261,10 @@ def test_early_stopping_stops(tiny_train_dir, tmp_path, capsys):
 def test_non_finite_loss_stops_with_a_clear_message(tiny_train_dir, tmp_path):
     with pytest.raises(UserError, match=r"loss is (nan|inf).*batch \d+ \(lr"):
         run(tiny_train_dir, tmp_path, "--epochs", "2", "--lr", "1e30", "--optimizer", "sgd")
+    assert not any((tmp_path / "runs").iterdir())  # no checkpoint yet: no run folder left
 
 
 def test_pretrained_offline_names_weights_flag(tiny_train_dir, tmp_path):
     with pytest.raises(UserError, match="--weights"):
         run(tiny_train_dir, tmp_path, "--model", "resnet18", "--pretrained")
+    assert not any((tmp_path / "runs").iterdir())
