@@ -580,6 +580,8 @@ def main(args: argparse.Namespace) -> dict:
         memory = peak_memory_mb()  # before the side-by-side processes count as children
         side_by_side = []
         if args.side_by_side:
+            if device.type == "cuda":  # hand this process's cached blocks back for the others
+                torch.cuda.empty_cache()
             side_by_side = measure_side_by_side(settings, images.filename, targets,
                                                 counts=args.side_by_side,
                                                 batches=batches * repeats)
