@@ -402,9 +402,9 @@ def measure_side_by_side(settings: argparse.Namespace, cache_path: str | Path,
     threads = torch.get_num_threads()
     rows = []
     for n in sorted({1, *counts}):
-        barrier, reports = context.Barrier(n), context.Queue()
+        barrier, reports, threads_each = context.Barrier(n), context.Queue(), max(1, threads // n)
         workers = [context.Process(target=side_by_side_worker, daemon=True, args=(
-            settings, str(cache_path), targets, batches, max(1, threads // n), settings.seed + i,
+            settings, str(cache_path), targets, batches, threads_each, settings.seed + i,
             barrier, reports)) for i in range(n)]
         for worker in workers:
             worker.start()
@@ -422,7 +422,7 @@ def measure_side_by_side(settings: argparse.Namespace, cache_path: str | Path,
         seconds = max(r["ended"] for r in done) - min(r["started"] for r in done)
         images = sum(r["images"] for r in done)
         rows.append({"processes": n, "images": images, "seconds": seconds,
-                     "threads_each": max(1, threads // n),
+                     "threads_each": threads_each,
                      "images_per_s": images / max(seconds, 1e-9)})
     for row in rows:
         row["ratio"] = row["images_per_s"] / rows[0]["images_per_s"]

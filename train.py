@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -900,7 +901,7 @@ def main(args: argparse.Namespace) -> dict:
     args.data_dir = str(data_dir)  # recorded resolved, so --config/--resume find the same data
     # split or folds decided (and checked) before any photo is decoded or folder written
     if args.kfold or args.folds:
-        folds = checked_folds(args, frame, warn=lambda m: say(procs, m))
+        fold_plan = checked_folds(args, frame, warn=lambda m: say(procs, m))
     else:
         split = dataset.DATASETS[args.dataset].split
         train_rows, val_rows = split(frame, args.val_ratio, args.seed)
@@ -918,7 +919,8 @@ def main(args: argparse.Namespace) -> dict:
                f"{preprocess.crop} | {process_device(args, procs)} x {procs.world} process(es)")
     try:
         if args.kfold or args.folds:
-            return run_kfold(args, frame, folds, images, run_dir, preprocess, face_info, procs)
+            return run_kfold(args, frame, fold_plan, images, run_dir, preprocess, face_info,
+                             procs)
         mean, std = normalization(args, images, train_rows)
         say(procs, f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                    f"repeats), {len(val_rows)} val photos")
@@ -935,7 +937,6 @@ def remove_if_no_checkpoint(run_dir: Path) -> None:
     """A new run that failed before its first checkpoint (no weights offline, a loss that blew up
     at once) leaves no folder behind: it would only hold a config and an empty log."""
     if not any(run_dir.rglob("*.pth")):
-        import shutil
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -973,26 +974,34 @@ def fold_assignments(args: argparse.Namespace, frame: pd.DataFrame, warn=print) 
     return folds.loc[sorted(set(frame["profile"]))]
 
 
-def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> pd.Series:
-    """fold_assignments, with --fold and every fold's training photos checked."""
+@dataclass(frozen=True)
+class FoldPlan:
+    """Who validates where in a k-fold run, decided once before any photo is decoded."""
+    folds: pd.Series             # profile -> fold, as folds.csv
+    fold_of_row: np.ndarray      # fold of every photo (row of the frame)
+    rows: list[tuple[np.ndarray, np.ndarray]]  # per fold: (train rows after policies, val rows)
+
+
+def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> FoldPlan:
+    """fold_assignments and every fold's rows, with --fold and each fold's training photos
+    checked."""
     folds = fold_assignments(args, frame, warn)
     if args.fold is not None and not 0 <= args.fold < args.kfold:
         raise UserError(f"--fold {args.fold}: expected 0..{args.kfold - 1}")
     fold_of_row = frame["profile"].map(folds).to_numpy()
-    for fold in range(args.kfold):
-        train_rows_after_policies(args, frame, np.flatnonzero(fold_of_row != fold))
-    return folds
+    rows = [(train_rows_after_policies(args, frame, np.flatnonzero(fold_of_row != fold)),
+             np.flatnonzero(fold_of_row == fold)) for fold in range(args.kfold)]
+    return FoldPlan(folds, fold_of_row, rows)
 
 
-def run_kfold(args: argparse.Namespace, frame, folds: pd.Series, images: np.ndarray,
+def run_kfold(args: argparse.Namespace, frame, plan: FoldPlan, images: np.ndarray,
               run_dir: Path, preprocess: dataset.Preprocess, face_info: dict,
               procs: Processes) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
-    each; ``folds`` maps profile -> fold); finished folds are skipped on --resume. Writes folds.csv
-    and, once every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
+    each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
+    every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
     if procs.main:
-        dataset.atomic_write_text(run_dir / "folds.csv", folds.to_frame("fold").to_csv())
-    fold_of_row = frame["profile"].map(folds).to_numpy()
+        dataset.atomic_write_text(run_dir / "folds.csv", plan.folds.to_frame("fold").to_csv())
     results = {}
     for fold in range(args.kfold) if args.fold is None else [args.fold]:
         fold_dir = run_dir / f"fold{fold}"
@@ -1001,8 +1010,7 @@ def run_kfold(args: argparse.Namespace, frame, folds: pd.Series, images: np.ndar
             say(procs, f"fold {fold}: finished earlier, skipped")
             continue
         fold_dir.mkdir(exist_ok=True)
-        val_rows = np.flatnonzero(fold_of_row == fold)
-        train_rows = train_rows_after_policies(args, frame, np.flatnonzero(fold_of_row != fold))
+        train_rows, val_rows = plan.rows[fold]
         mean, std = normalization(args, images, train_rows)
         say(procs, f"fold {fold}/{args.kfold}: {len(val_rows)} val photos")
         result = fit(args, frame, images, train_rows, val_rows, fold_dir, preprocess=preprocess,
@@ -1016,7 +1024,7 @@ def run_kfold(args: argparse.Namespace, frame, folds: pd.Series, images: np.ndar
         say(procs, f"folds {pending} still to train; oof.csv is written when all are done "
                    f"(train them with --fold, then run once more with --resume {run_dir})")
         return {"run_dir": run_dir, "best_f1": float("nan"), "folds": results}
-    metrics = write_out_of_fold(args, frame, images, run_dir, fold_of_row, procs) \
+    metrics = write_out_of_fold(args, frame, images, run_dir, plan.fold_of_row, procs) \
         if procs.main else {}
     metrics = procs.broadcast(metrics)
     return {"run_dir": run_dir, "best_f1": metrics["f1"], "oof": metrics, "folds": results}
