@@ -12,8 +12,8 @@ Prints one table (measurement | images/s, seconds or MB | ratio):
      random flip, affine and colour jitter, which the reference does not) and with
      BaseAugmentation, the same work as the reference;
   2. train step: the model's ceiling (a synthetic batch already on the device) against the real
-     training loop (train.train_one_epoch over cached photos, augmentation included);
-  3. inference with and without flip TTA (train.predict_probabilities);
+     training loop (engine.train_one_epoch over cached photos, augmentation included);
+  3. inference with and without flip TTA (engine.predict_views);
   4. cache build time from a cold cache, its size on disk, and the peak memory of the process;
   5. with --side_by_side N: N training processes at once on the device (k-fold's folds run as
      `train.py --fold i &`) against one, in images/s trained in all (one window of
@@ -44,12 +44,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
+import augmentation
+import config
 import dataset
-import inference
-import loss as losses
+import engine
 import model as models
-import train
-from dataset import UserError
+from checked_io import FlagParser, UserError, atomic_write_text, check_output_path, run_cli
+from make_sample import resolve_train_dir
 
 # BaseModel at 224x224 on 2 CPU cores: 6 batches x 3 repeats take under a minute when the machine
 # is otherwise idle, and stay under 3 minutes with other jobs saturating both cores
@@ -63,9 +64,8 @@ AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark the toolkit's data path, training loop and "
-                                            "inference against the competition baseline's loader.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = FlagParser(description="Benchmark the toolkit's data path, training loop and inference "
+                               "against the competition baseline's loader.")
     add = p.add_argument
     add("--data_dir", default=None,
         help="train images folder ($SM_CHANNEL_TRAIN, else the bundled sample)")
@@ -73,13 +73,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--resize", type=int, nargs=2, default=[224, 224], metavar=("H", "W"), help="model input size")
     add("--batch_size", type=int, default=64, help="batch size of every measurement")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=train.AMP_MODES, help="mixed precision (auto: bf16 on CUDA)")
-    add("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-        help="channels_last memory format (default: on for CUDA)")
-    add("--augmentation", default="CustomAugmentation", choices=list(dataset.AUGMENTATIONS),
+    add("--amp", default="auto", choices=engine.AMP_MODES, help="mixed precision (auto: bf16 on CUDA)")
+    add("--channels_last", default="auto", choices=("auto", "on", "off"),
+        help="channels_last memory format (auto: on for CUDA)")
+    add("--augmentation", default="CustomAugmentation", choices=list(augmentation.AUGMENTATIONS),
         help="the toolkit's batch augmentation (train.py's default); its crop also decides "
              "whether the reference loader centre-crops first")
-    add("--optimizer", default="adam", choices=train.OPTIMIZERS, help="optimizer of the train steps")
+    add("--optimizer", default="adam", choices=engine.OPTIMIZERS, help="optimizer of the train steps")
     add("--compile", action="store_true", help="torch.compile the model (as train.py --compile)")
     add("--side_by_side", type=int, nargs="+", default=[], metavar="N",
         help="also time N training processes at once on the device (folds run side by side) "
@@ -126,20 +126,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
     # both are only used after minutes of measuring: a path of the wrong kind must fail now
     if args.output:
-        dataset.check_output_path(args.output, "--output")
+        check_output_path(args.output, "--output")
     if args.cache_dir:
-        dataset.check_output_path(args.cache_dir, "--cache_dir", folder=True)
+        check_output_path(args.cache_dir, "--cache_dir", folder=True)
 
 
 def train_settings(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """train.py's flags for this benchmark, so model, optimizer, loss and amp are built as it would."""
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "on"
     flags = ["--model", args.model, "--resize", *map(str, args.resize),
              "--batch_size", str(args.batch_size), "--device", str(device), "--amp", args.amp,
              "--augmentation", args.augmentation, "--optimizer", args.optimizer]
     flags += ["--channels_last"] if channels_last else []
     flags += ["--compile"] if args.compile else []
-    return train.get_args_parser().parse_args(flags)
+    return config.get_args_parser().parse_args(flags)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def machine_info(device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The two data paths
 # ----------------------------------------------------------------------------------------------
-def reference_transform(resize, mean=dataset.IMAGENET_MEAN, std=dataset.IMAGENET_STD,
+def reference_transform(resize, mean=augmentation.IMAGENET_MEAN, std=augmentation.IMAGENET_STD,
                         center_crop: bool = False) -> transforms.Compose:
     """The baseline's BaseAugmentation (Resize, ToTensor, Normalize); with center_crop, its
     CustomAugmentation: CenterCrop first and ColorJitter(0.1, 0.1, 0.1, 0.1) after the resize."""
@@ -195,8 +195,8 @@ class ReferenceDataset(Dataset):
 
 def reference_loader(paths: list[str], labels: np.ndarray, *, resize, batch_size: int,
                      workers: int, n_images: int, center_crop: bool = False, shuffle: bool = True,
-                     pin_memory: bool = False, mean=dataset.IMAGENET_MEAN,
-                     std=dataset.IMAGENET_STD, seed: int | None = None) -> DataLoader:
+                     pin_memory: bool = False, mean=augmentation.IMAGENET_MEAN,
+                     std=augmentation.IMAGENET_STD, seed: int | None = None) -> DataLoader:
     """The baseline's DataLoader over ``n_images`` draws (whole shuffled epochs, as shuffle=True
     gives, continued into a further epoch when more images than the data are needed). With a
     ``seed`` it shuffles as CachedBatches does after torch.manual_seed(seed)."""
@@ -279,10 +279,10 @@ def time_reference(paths: list[str], labels: np.ndarray, settings: argparse.Name
     return rate(batches * batch_size, seconds)
 
 
-def time_toolkit_path(images: np.ndarray, labels: np.ndarray, augmentation: str, *,
+def time_toolkit_path(images: np.ndarray, labels: np.ndarray, preset: str, *,
                       batch_size: int, device: torch.device, batches: int, repeats: int) -> dict:
     """CachedBatches -> BatchAugmentation (train mode) for ``batches`` batches, ``repeats`` times."""
-    augment = dataset.build_augmentation(augmentation).to(device).train()
+    augment = augmentation.build_augmentation(preset).to(device).train()
     for uint8_images, _, _ in toolkit_batches(images, labels, batch_size, batch_size, device):
         augment(uint8_images)
     epoch = toolkit_batches(images, labels, batches * batch_size, batch_size, device)
@@ -297,31 +297,16 @@ def time_toolkit_path(images: np.ndarray, labels: np.ndarray, augmentation: str,
     return rate(batches * batch_size, seconds)
 
 
-def build_trainer(settings: argparse.Namespace, device: torch.device) -> dict:
+def build_trainer(settings: argparse.Namespace, device: torch.device) -> engine.Trainer:
     """Model, loss, optimizer, scaler and augmentation as train.py builds them for ``settings``."""
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
-    net, runner = train.build_network(settings, n_out, device, train.Processes())
-    autocast_dtype = train.amp_dtype(settings.amp, device)
-    return {
-        "net": net, "runner": runner, "n_out": n_out, "autocast_dtype": autocast_dtype,
-        "criterion": losses.build_loss(settings.criterion, n_out, smoothing=settings.smoothing,
-                                       gamma=settings.focal_gamma, scale=settings.arc_scale,
-                                       margin=settings.arc_margin).to(device),
-        "optimizer": train.build_optimizer(settings, net.parameters(), device),
-        "scaler": torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None,
-        "augment": dataset.build_augmentation(settings.augmentation).to(device),
-        "channels_last": settings.channels_last,
-    }
+    return engine.build_trainer(settings, n_out, device, steps_per_epoch=1)
 
 
-def train_epoch(trainer: dict, batches, augment: nn.Module | None = None) -> dict:
-    """train.train_one_epoch over ``batches`` with the trainer's parts (its augmentation unless
+def train_epoch(trainer: engine.Trainer, batches, augment: nn.Module | None = None) -> dict:
+    """engine.train_one_epoch over ``batches`` with the trainer's parts (its augmentation unless
     another is given)."""
-    return train.train_one_epoch(
-        trainer["runner"], trainer["criterion"], trainer["optimizer"], batches,
-        trainer["augment"] if augment is None else augment, scaler=trainer["scaler"],
-        autocast_dtype=trainer["autocast_dtype"], channels_last=trainer["channels_last"],
-        progress=False)
+    return engine.train_one_epoch(trainer, batches, augment=augment, progress=False)
 
 
 def warmup_batches(device: torch.device) -> int:
@@ -332,7 +317,7 @@ def warmup_batches(device: torch.device) -> int:
 def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
                      device: torch.device, batches: int, repeats: int) -> dict:
     """Train-step images/s: synthetic batches already on the device (the ceiling) against the real
-    loop on cached photos, both through train.train_one_epoch with the same model and optimizer;
+    loop on cached photos, both through engine.train_one_epoch with the same model and optimizer;
     the windows alternate so background load hits both alike. Returns the model for inference."""
     torch.manual_seed(settings.seed)
     trainer = build_trainer(settings, device)
@@ -341,7 +326,8 @@ def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: 
     synthetic = torch.randn(batch_size, 3, height, width, device=device)
     if settings.channels_last:
         synthetic = synthetic.contiguous(memory_format=torch.channels_last)
-    synthetic_targets = torch.randint(0, trainer["n_out"], (batch_size,), device=device)
+    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+    synthetic_targets = torch.randint(0, n_out, (batch_size,), device=device)
     # an identity "augmentation" over ready batches: the very same step code, minus the data
     ready = [(synthetic, synthetic_targets, None)] * batches
     real = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
@@ -359,7 +345,7 @@ def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: 
             "rates": loop_rates}
     return {"ceiling": ceiling, "loop": loop,
             "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
-            "model": trainer["net"], "autocast_dtype": trainer["autocast_dtype"]}
+            "model": trainer.net, "autocast_dtype": trainer.autocast_dtype}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +358,7 @@ def side_by_side_worker(settings: argparse.Namespace, cache_path: str, targets: 
     ``batches`` batches, and reports when it started and ended (or what went wrong)."""
     try:
         torch.set_num_threads(threads)
-        dataset.tune_host_allocator()
+        engine.tune_host_allocator()
         device = torch.device(settings.device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -451,26 +437,26 @@ def collect_reports(reports, workers: list) -> list[dict]:
 
 def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.ndarray, *,
                       device: torch.device, autocast_dtype, batches: int, repeats: int) -> dict:
-    """Eval-mode images/s through train.predict_probabilities, alone and with flip TTA (a second
-    pass over the mirrored batches, averaged as inference.py does); windows alternate."""
-    augment = dataset.build_augmentation(settings.augmentation).to(device)
+    """Eval-mode images/s through engine.predict_views, alone and with flip TTA (a second pass
+    over the mirrored batches, averaged as inference.py does); windows alternate."""
+    augment = augmentation.build_augmentation(settings.augmentation).to(device)
     batch_size = settings.batch_size
     zeros = np.zeros(len(images), dtype=np.int64)
 
-    def predict(view) -> np.ndarray:
-        return train.predict_probabilities(net, view, augment, category="multi",
-                                           autocast_dtype=autocast_dtype,
-                                           channels_last=settings.channels_last)[0]
+    def predict(view, tta: str) -> np.ndarray:
+        return engine.predict_views(net, view, augment, tta=tta, category="multi",
+                                    autocast_dtype=autocast_dtype,
+                                    channels_last=settings.channels_last)
 
-    predict(toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False))
+    predict(toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False), "none")
     epoch = toolkit_batches(images, zeros, batches * batch_size, batch_size, device, shuffle=False)
     plain_seconds, flip_seconds = [], []
     for _ in range(repeats):
         started = time.perf_counter()
-        predict(epoch)  # ends on a copy to the host, so the device is done
+        predict(epoch, "none")  # ends on a copy to the host, so the device is done
         plain_seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
-        inference.ensemble_probabilities([predict(epoch), predict(inference._mirrored(epoch))])
+        predict(epoch, "flip")
         flip_seconds.append(time.perf_counter() - started)
     plain = rate(batches * batch_size, plain_seconds)
     flip = rate(batches * batch_size, flip_seconds)
@@ -528,7 +514,7 @@ def format_report(results: dict) -> str:
         f"| {t['ceiling']['images_per_s']:,.1f} img/s | 100% |",
         f"| train step: toolkit loop (train_one_epoch, real photos) "
         f"| {t['loop']['images_per_s']:,.1f} img/s | {t['percent']:.0f}% |",
-        f"| inference (predict_probabilities) | {i['plain']['images_per_s']:,.0f} img/s | 1.00x |",
+        f"| inference (predict_views) | {i['plain']['images_per_s']:,.0f} img/s | 1.00x |",
         f"| inference with flip TTA | {i['flip']['images_per_s']:,.0f} img/s | {i['ratio']:.2f}x |",
         f"| cache build, cold ({cache['images']:,} photos) | {cache['seconds']:.1f} s "
         f"| {cache['images'] / max(cache['seconds'], 1e-9):,.0f} img/s |",
@@ -548,17 +534,17 @@ def main(args: argparse.Namespace) -> dict:
     """Run every measurement as ``args`` says; prints and returns the results."""
     started = time.perf_counter()
     check_args(args)
-    device = train.resolve_device(args.device)
-    dataset.tune_host_allocator()
+    device = engine.resolve_device(args.device)
+    engine.tune_host_allocator()
     settings = train_settings(args, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py: fixed input sizes
     machine = machine_info(device)
-    data_dir = dataset.resolve_train_dir(args.data_dir)
+    data_dir = resolve_train_dir(args.data_dir)
     frame = dataset.add_labels(dataset.parse_train_dir(data_dir))
     paths = frame["path"].tolist()
     targets = dataset.training_targets(frame, "multi")
-    preprocess = train.preprocess_of(settings)
+    preprocess = config.preprocess_of(settings)
     batches, repeats = args.batches, args.repeats
 
     parent = Path(args.cache_dir) if args.cache_dir else Path(tempfile.gettempdir())
@@ -601,7 +587,7 @@ def main(args: argparse.Namespace) -> dict:
     }
     report = format_report(results)
     if args.output:
-        dataset.atomic_write_text(args.output, report)
+        atomic_write_text(args.output, report)
     results["table"] = report
     results["data_path_ratio"] = data_path["ratio_base"]
     results["train_loop_percent"] = training["percent"]
@@ -612,4 +598,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(dataset.run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args))

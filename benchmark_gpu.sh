@@ -20,7 +20,7 @@ cd "$(dirname "$0")"
 
 data_dir="${1:-}"
 output="${2:-benchmarks/gpu_results.md}"
-common=(--batch_size 128 --amp bf16 --channels_last --batches 30 --repeats 3)
+common=(--batch_size 128 --amp bf16 --channels_last on --batches 30 --repeats 3)
 if [[ -n "$data_dir" ]]; then
     common+=(--data_dir "$data_dir")
 fi

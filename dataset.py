@@ -1,4 +1,5 @@
-"""Data layer: labels (the one place the class formula lives), layout parsing, splits, cache, augmentation.
+"""Data layer: labels (the one place the class formula lives), layout parsing, relabeling, splits
+and folds, the decode-once image cache and the batches that read it.
 
 A dataset is one DataFrame row per photo (RECORD_COLUMNS, then add_labels), made by the parser and
 read by every consumer (splits, cache, training, inference, the notebook), so labels are decided once.
@@ -20,16 +21,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
-from torch import nn
+
+from checked_io import (NUM_CLASSES, UserError, atomic_write_text, problems_error,
+                        read_csv_checked)
 
 
-NUM_CLASSES = 18
 MASK_NAMES = ("wear", "incorrect", "not_wear")
 GENDER_NAMES = ("male", "female")
 AGE_NAMES = ("<30", "30-59", "60+")
-AGE6_NAMES = ("<20", "20s", "30s", "40s", "50s", "60+")
 HEAD_SIZES = (3, 2, 3)  # mask, gender, age: the three heads of a multi-head model
 
 # photo stem -> mask state; mask1..mask5 are all "wear"
@@ -102,11 +102,6 @@ def class_probs_to_heads(probs):
     joint = probs.reshape(*probs.shape[:-1], 3, 2, 3)
     return joint.sum(-1).sum(-1), joint.sum(-1).sum(-2), joint.sum(-2).sum(-2)
 
-
-class UserError(Exception):
-    """A problem with the user's input (path, layout, CSV, name); scripts print it in one line."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Layout parsing: folders -> one record (a DataFrame row) per photo
 # ----------------------------------------------------------------------------------------------
@@ -116,17 +111,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PROFILE_PATTERN = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>.+)_(?P<age>[^_]+)$")
 RECORD_COLUMNS = ["path", "profile", "id", "gender", "race", "age", "mask", "stem"]
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
-MAX_LISTED_PROBLEMS = 50  # more lines than this help nobody; the count of the rest is printed
-
-
-def problems_error(problems: list[str], what: str) -> UserError:
-    """All the problems found in ``what`` at once: one line each (just the line when alone)."""
-    if len(problems) == 1:
-        return UserError(problems[0])
-    shown = problems[:MAX_LISTED_PROBLEMS]
-    more = len(problems) - len(shown)
-    tail = [f"... and {more} more"] if more else []
-    return UserError(f"{len(problems)} problem(s) in {what}:\n" + "\n".join(shown + tail))
 
 
 def _looks_like_image(path: Path) -> bool:
@@ -150,6 +134,15 @@ def parse_profile_name(name: str) -> dict:
         raise ValueError(f"age '{match['age']}' is not a number")
     return {"id": match["id"], "gender": GENDER_BY_NAME[gender], "race": match["race"],
             "age": int(match["age"])}
+
+
+def train_images_dir(data_dir: str | Path) -> Path:
+    """The folder of person folders: ``data_dir`` itself, or its ``images/`` when ``data_dir`` is
+    the competition's train/ (holding images/ and train.csv)."""
+    path = Path(data_dir)
+    if (path / "images").is_dir() and not any(PROFILE_PATTERN.match(p.name) for p in path.iterdir()):
+        return path / "images"
+    return path
 
 
 def parse_train_dir(data_dir: str | Path, relabel: str | Path | None = None,
@@ -304,32 +297,6 @@ def parse_eval_dir(eval_dir: str | Path, warn=print) -> pd.DataFrame:
     return info
 
 
-def read_csv_checked(path: str | Path, columns: list[str]) -> pd.DataFrame:
-    """pd.read_csv that fails with one line naming the file when it is missing or lacks columns."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; expected a CSV file")
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        table = pd.read_csv(path, dtype={"ImageID": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as why:
-        raise UserError(f"{path}: not a readable CSV ({str(why).splitlines()[0]})") from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; "
-                        f"expected {', '.join(columns)}, found {', '.join(map(str, table.columns))}")
-    return table
-
-
-def shown_cell(value: object) -> str:
-    """A CSV cell as the user wrote it, for error messages: 'empty' for a blank one, 18 rather
-    than np.int64(18)."""
-    if pd.isna(value):
-        return "empty"
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
 # ----------------------------------------------------------------------------------------------
 # Splits: by image (the baseline's, leaky) or by person (default), k folds, balancing
 # ----------------------------------------------------------------------------------------------
@@ -368,18 +335,14 @@ def split_by_profile(frame: pd.DataFrame, val_ratio: float, seed: int) -> tuple[
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-class MaskBaseDataset:
-    """Image-level random split, kept for parity with the competition baseline. It LEAKS: the same
-    person appears in train and val, so validation F1 is optimistic."""
-    split = staticmethod(split_by_image)
-
-
-class MaskSplitByProfileDataset:
-    """People-level split stratified on gender x age (the default): no person on both sides."""
-    split = staticmethod(split_by_profile)
-
-
-DATASETS = {"MaskBaseDataset": MaskBaseDataset, "MaskSplitByProfileDataset": MaskSplitByProfileDataset}
+# --dataset name -> split function (the competition's names for them)
+SPLITS = {
+    # image-level random split, kept for parity with the competition baseline. It LEAKS: the
+    # same person appears in train and val, so validation F1 is optimistic
+    "MaskBaseDataset": split_by_image,
+    # people-level split stratified on gender x age (the default): no person on both sides
+    "MaskSplitByProfileDataset": split_by_profile,
+}
 
 
 def kfold_assignments(frame: pd.DataFrame, n_folds: int, seed: int, category: str = "multi",
@@ -494,46 +457,6 @@ class Preprocess:
         known["resize"] = tuple(known.get("resize", cls.resize))
         return cls(**known)
 
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see either the old or the complete new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would have
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def check_output_path(path: str | Path, flag: str, folder: bool = False) -> Path:
-    """Fail before any work when ``path`` cannot be written as a file (or, with ``folder``, made
-    a folder): it exists as the other kind, or something on its way is a file."""
-    path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path}: is a file; expected a folder")
-    if not folder and path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; expected a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
-            break
-    return path
 
 
 def center_box(width: int, height: int, aspect_hw: float) -> tuple[int, int, int, int]:
@@ -670,224 +593,6 @@ def _fill_caches(paths, variants, targets, progress, threads) -> None:
 # ----------------------------------------------------------------------------------------------
 # Batches: uint8 from the cache -> the device, where augmentation runs on whole batches
 # ----------------------------------------------------------------------------------------------
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EDGE_MEAN, EDGE_STD = 0.5, 0.5  # the Canny channel is 0/1 edges
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """What an augmentation name means: its default crop and its random batch transforms."""
-    crop: str = "center"                     # default --crop of this augmentation
-    flip: bool = False                       # random horizontal flip
-    rotate: float = 0.0                      # max rotation, degrees
-    scale: tuple[float, float] = (1.0, 1.0)  # zoom range
-    translate: float = 0.0                   # max shift, fraction of the image size
-    brightness: float = 0.0                  # colour jitter strengths, as torchvision's ColorJitter
-    contrast: float = 0.0
-    saturation: float = 0.0
-    help: str = ""
-
-    @property
-    def has_affine(self) -> bool:
-        return self.rotate > 0 or self.scale != (1.0, 1.0) or self.translate > 0
-
-
-AUGMENTATIONS = {
-    "BaseAugmentation": AugmentSpec(crop="none", help="resize + normalize, nothing random"),
-    "CustomAugmentation": AugmentSpec(
-        crop="center", flip=True, rotate=10.0, scale=(0.9, 1.1), translate=0.05,
-        brightness=0.2, contrast=0.2, saturation=0.2,
-        help="centre crop, resize, flip, small rotation/zoom/shift, colour jitter"),
-    "FlipAugmentation": AugmentSpec(crop="center", flip=True, help="centre crop, resize, flip"),
-    "StrongAugmentation": AugmentSpec(
-        crop="center", flip=True, rotate=20.0, scale=(0.8, 1.2), translate=0.1,
-        brightness=0.4, contrast=0.4, saturation=0.4,
-        help="as Custom, stronger: for long runs and big models"),
-}
-
-
-class BatchAugmentation(nn.Module):
-    """uint8 [B, H, W, C] batch -> normalized float [B, C, H, W] on the batch's device.
-
-    In train mode each image gets its own random flip, affine warp (rotation, zoom, shift and flip
-    as one resampling) and colour jitter; in eval mode it only converts and normalizes, so
-    validation and test see exactly the cached crop. The warp runs as one grid_sample on the GPU,
-    and as OpenCV warps of the uint8 images in threads on the CPU, where float grid sampling costs
-    more than the model step.
-    """
-
-    def __init__(self, spec: AugmentSpec, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels: int = 3):
-        super().__init__()
-        self.spec = spec
-        mean, std = list(mean), list(std)
-        if channels == 4:
-            mean, std = mean + [EDGE_MEAN], std + [EDGE_STD]
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("gray_weights", torch.tensor([0.299, 0.587, 0.114]), persistent=False)
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        spec, training = self.spec, self.training
-        warped = False
-        if training and spec.has_affine and batch.device.type == "cpu":
-            batch, warped = self._warp_uint8(batch), True
-        # permute keeps the NHWC memory: the result is channels_last, as the GPU kernels like
-        images = batch.permute(0, 3, 1, 2).float()
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        jitter = training and bool(spec.brightness or spec.contrast or spec.saturation)
-        if not (jitter or (training and (spec.flip or spec.has_affine) and not warped)):
-            return images.mul_(1 / (255 * std)).sub_(mean / std)  # one pass: uint8 -> normalized
-        images.div_(255)
-        if training and not warped:
-            images = self._geometry(images)
-        if jitter:
-            images = self._colour(images)
-        return images.sub_(mean).div_(std)
-
-    def _flips(self, n: int, device) -> torch.Tensor:
-        if self.spec.flip:
-            return torch.rand(n, device=device) < 0.5
-        return torch.zeros(n, dtype=torch.bool, device=device)
-
-    def _theta(self, n: int, height: int, width: int, device) -> torch.Tensor:
-        """Per-image output -> input affine maps [n, 2, 3] in normalized coordinates."""
-        spec = self.spec
-        flip = self._flips(n, device)
-        angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(spec.rotate)
-        low, high = spec.scale
-        zoom = low + torch.rand(n, device=device) * (high - low)
-        shift = (torch.rand(n, 2, device=device) * 2 - 1) * spec.translate * 2
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        sign = torch.where(flip, -1.0, 1.0)
-        # corrected for the aspect ratio, so a rotation does not shear non-square images
-        return torch.stack([
-            torch.stack([cos * sign, -sin * height / width, shift[:, 0]], -1),
-            torch.stack([sin * width / height * sign, cos, shift[:, 1]], -1),
-        ], 1)
-
-    def _geometry(self, images: torch.Tensor) -> torch.Tensor:
-        n, device = images.shape[0], images.device
-        if not self.spec.has_affine:
-            flip = self._flips(n, device)
-            if device.type == "cuda":  # no host sync for the mask
-                return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-            chosen = flip.nonzero().squeeze(1)
-            images[chosen] = images[chosen].flip(-1)
-            return images
-        theta = self._theta(n, *images.shape[-2:], device)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
-                             align_corners=False)
-
-    def _warp_uint8(self, batch: torch.Tensor) -> torch.Tensor:
-        """The same random affine maps as _geometry, applied by cv2.warpAffine to uint8 images."""
-        n, height, width = batch.shape[:3]
-        theta = self._theta(n, height, width, batch.device).double().numpy()
-        # normalized (align_corners=False) -> pixel coordinates: x_n = a * x + b
-        a = np.array([2 / width, 2 / height])
-        b = np.array([1 / width - 1, 1 / height - 1])
-        source = batch.numpy()
-        out = np.empty_like(source)
-
-        def warp(i: int) -> None:
-            t = theta[i]
-            pixel = np.empty((2, 3))
-            for row in range(2):
-                pixel[row, 0] = t[row, 0] * a[0] / a[row]
-                pixel[row, 1] = t[row, 1] * a[1] / a[row]
-                pixel[row, 2] = (t[row, 0] * b[0] + t[row, 1] * b[1] + t[row, 2] - b[row]) / a[row]
-            warped = cv2.warpAffine(source[i], pixel, (width, height),
-                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                    borderMode=cv2.BORDER_REFLECT_101)
-            out[i] = warped.reshape(out[i].shape)  # cv2 drops a trailing channel of 1
-
-        # torch's thread count, so OMP_NUM_THREADS=1 for folds run side by side holds here too
-        with ThreadPoolExecutor(min(4, torch.get_num_threads())) as pool:
-            list(pool.map(warp, range(n)))
-        return torch.from_numpy(out)
-
-    def _colour(self, images: torch.Tensor) -> torch.Tensor:
-        """Brightness, contrast and saturation jitter as ONE per-image 3x3 colour matrix.
-
-        With b, c, s the three factors, w the grey weights (summing to 1) and g the image's mean
-        grey, the three ColorJitter steps compose exactly to  c*b*(s*I + (1-s)*1w^T) x + (1-c)*b*g,
-        then one clamp: one pass over the pixels instead of a dozen full-size temporaries.
-        """
-        spec, n, device = self.spec, images.shape[0], images.device
-
-        def factor(strength: float) -> torch.Tensor:
-            if not strength:
-                return torch.ones(n, device=device)
-            return 1 + (torch.rand(n, device=device) * 2 - 1) * strength
-
-        brightness, contrast, saturation = (factor(spec.brightness), factor(spec.contrast),
-                                            factor(spec.saturation))
-        weights = self.gray_weights.to(device)
-        rgb = images[:, :3]
-        mean_gray = rgb.mean((2, 3)) @ weights                                   # [n]
-        eye = torch.eye(3, device=device)
-        mixing = saturation.view(n, 1, 1) * eye + (1 - saturation).view(n, 1, 1) * weights.view(1, 1, 3)
-        matrix = (contrast * brightness).view(n, 1, 1) * mixing                  # [n, 3, 3]
-        offset = ((1 - contrast) * brightness * mean_gray).view(n, 1, 1, 1)
-        jittered = torch.einsum("nij,njhw->nihw", matrix, rgb).add_(offset).clamp_(0, 1)
-        if images.shape[1] == 3:
-            return jittered
-        images[:, :3] = jittered
-        return images
-
-
-def tune_host_allocator() -> None:
-    """Let glibc reuse freed memory for big tensors instead of mapping fresh pages every batch.
-
-    Above its mmap threshold (32 MB at most) glibc maps each allocation anew and unmaps it on free,
-    so every 224x224 batch paid ~10k page faults per temporary; measured here, raising the threshold
-    doubled the CPU batch-augmentation throughput. A no-op where glibc's mallopt is missing.
-    """
-    import ctypes
-    import sys
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-def build_augmentation(name: str, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                       channels: int = 3) -> BatchAugmentation:
-    if name not in AUGMENTATIONS:
-        raise UserError(f"unknown augmentation '{name}'; choose one of: {', '.join(AUGMENTATIONS)}")
-    return BatchAugmentation(AUGMENTATIONS[name], mean, std, channels)
-
-
-def dataset_statistics(images: np.ndarray, max_images: int = 2000, seed: int = 0) -> tuple[list, list]:
-    """Per-channel RGB mean/std (0..1) of a cache, from up to max_images evenly sampled images."""
-    rows = np.random.default_rng(seed).permutation(len(images))[:max_images]
-    sample = np.asarray(images[np.sort(rows)][..., :3], dtype=np.float64) / 255
-    return sample.mean((0, 1, 2)).tolist(), sample.std((0, 1, 2)).tolist()
-
-
-def build_mixer(num_classes: int, mixup: bool, cutmix: bool, mixup_alpha: float = 0.2,
-                cutmix_alpha: float = 1.0):
-    """torchvision's batch MixUp/CutMix (one of them at random when both): hard labels in,
-    soft targets out, for losses that take soft targets. None when neither is on."""
-    from torchvision.transforms import v2
-    mixers = []
-    if mixup:
-        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix:
-        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    if not mixers:
-        return None
-    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-
-
 class CachedBatches:
     """Iterate (uint8 images [B,H,W,C], targets [B], rows [B]) from a cache on ``device``.
 
@@ -950,67 +655,3 @@ class CachedBatches:
                 images = batch.to(self.device, non_blocking=True)
                 on_device = picks.to(self.device)
             yield images, self.targets[on_device], self.rows[picks.numpy()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Where the data is: a flag, the SageMaker-style variable, else the bundled sample
-# ----------------------------------------------------------------------------------------------
-SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
-
-
-def resolve_train_dir(data_dir: str | None, say=print) -> Path:
-    """--data_dir, else $SM_CHANNEL_TRAIN, else the bundled sample (generated on first use).
-    A folder holding ``images/`` (the competition's train/) is accepted for its images/."""
-    data_dir = data_dir or os.environ.get("SM_CHANNEL_TRAIN")
-    if not data_dir:
-        from make_sample import ensure_sample
-        train_dir, _ = ensure_sample(SAMPLE_ROOT)
-        say(f"data: no --data_dir or SM_CHANNEL_TRAIN given; using the bundled sample {train_dir}")
-        return Path(train_dir)
-    path = Path(data_dir)
-    if (path / "images").is_dir() and not any(PROFILE_PATTERN.match(p.name) for p in path.iterdir()):
-        return path / "images"
-    return path
-
-
-def resolve_eval_dir(eval_dir: str | None, say=print) -> Path:
-    """--data_dir for inference, else $SM_CHANNEL_EVAL, else the bundled sample's eval/."""
-    eval_dir = eval_dir or os.environ.get("SM_CHANNEL_EVAL")
-    if not eval_dir:
-        from make_sample import ensure_sample
-        _, sample_eval = ensure_sample(SAMPLE_ROOT)
-        say(f"data: no --data_dir or SM_CHANNEL_EVAL given; using the bundled sample {sample_eval}")
-        return Path(sample_eval)
-    return Path(eval_dir)
-
-
-def run_cli(main, parse_args, argv: list[str] | None = None) -> int:
-    """Run a script's main: a UserError becomes one 'error: ...' line on stderr and exit code 2."""
-    import sys
-    try:
-        main(parse_args(argv))
-    except UserError as why:
-        print(f"error: {why}", file=sys.stderr)
-        return 2
-    except OSError as why:  # disk full, permissions, a path of the wrong kind: name it, no traceback
-        where = f"{why.filename}: " if why.filename else ""
-        print(f"error: {where}{why.strerror or why}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-def read_json_checked(path: str | Path) -> dict:
-    """Load a JSON object, failing with one line naming the file."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as why:
-        raise UserError(f"{path}: not valid JSON ({why})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object of settings")
-    return value

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import dataset
-from dataset import NUM_CLASSES, UserError
+from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
+                        check_labels, check_output_path, check_probabilities, read_csv_checked,
+                        run_cli)
 
-PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
 DEFAULT_DIR = Path("output")
 PROBS_SUFFIX = "_probs.csv"
-SUM_TOLERANCE = 1e-3  # probabilities written with a few decimals do not sum to exactly 1
 TIE_TOLERANCE = 1e-9  # float weights (0.1 + 0.2 vs 0.3) must still count as ties
 
 
@@ -72,7 +71,7 @@ def soft_vote(probabilities: list[pd.DataFrame], weights: Sequence[float] | None
 
 
 def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
-    table = dataset.read_csv_checked(path, ["ImageID", *columns])
+    table = read_csv_checked(path, ["ImageID", *columns])
     if table.empty:
         raise UserError(f"{path}: no rows")
     ids = table["ImageID"]
@@ -85,45 +84,22 @@ def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
     return table.set_index("ImageID")
 
 
-def _first_bad(path: Path, table: pd.DataFrame, bad: np.ndarray, column: str,
-               expected: str) -> UserError:
-    row = int(bad.argmax())
-    return UserError(f"{path}: {int(bad.sum())} bad {column} value(s), expected {expected} "
-                     f"(first: ImageID {table.index[row]}, "
-                     f"{column}={dataset.shown_cell(table[column].iloc[row])})")
+def _image_ids(table: pd.DataFrame) -> list[str]:
+    return [f"ImageID {image_id}" for image_id in table.index]
 
 
 def read_predictions(path: Path) -> pd.Series:
     """A submission CSV -> its ans (int 0..17) indexed by ImageID; UserError naming the file."""
     table = _read_table(path, ["ans"])
-    numbers = pd.to_numeric(table["ans"], errors="coerce")
-    numbers = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    with np.errstate(invalid="ignore"):
-        not_integer = ~np.isfinite(numbers) | (numbers != np.round(numbers))
-        if not_integer.any():
-            raise _first_bad(path, table, not_integer, "ans", "an integer class")
-        out_of_range = (numbers < 0) | (numbers >= NUM_CLASSES)
-    if out_of_range.any():
-        raise _first_bad(path, table, out_of_range, "ans", f"a class 0..{NUM_CLASSES - 1}")
-    return pd.Series(numbers.astype(np.int64), index=table.index, name="ans")
+    answers = check_labels(table["ans"], str(path), "ans", row_names=_image_ids(table))
+    return pd.Series(answers, index=table.index, name="ans")
 
 
 def read_probabilities(path: Path) -> pd.DataFrame:
     """A probability CSV (ImageID, p0..p17) -> float table indexed by ImageID, rows checked."""
-    table = _read_table(path, PROB_COLUMNS)[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce")
-    values = table.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad_values = (~np.isfinite(values) | (values < 0) | (values > 1)).any(axis=1)
-    if bad_values.any():
-        row = int(bad_values.argmax())
-        raise UserError(f"{path}: {int(bad_values.sum())} row(s) with a probability that is not a "
-                        f"number in [0, 1] (first: ImageID {table.index[row]})")
-    sums = values.sum(axis=1)
-    bad_sums = np.abs(sums - 1) > SUM_TOLERANCE
-    if bad_sums.any():
-        row = int(bad_sums.argmax())
-        raise UserError(f"{path}: {int(bad_sums.sum())} row(s) whose p0..p{NUM_CLASSES - 1} do not "
-                        f"sum to 1 (first: ImageID {table.index[row]}, sum {sums[row]:.4f})")
-    return table
+    table = _read_table(path, PROB_COLUMNS)
+    values = check_probabilities(table, str(path), row_names=_image_ids(table))
+    return pd.DataFrame(values, index=table.index, columns=PROB_COLUMNS)
 
 
 def check_same_ids(tables: list[pd.Series] | list[pd.DataFrame], paths: list[Path]) -> None:
@@ -176,8 +152,8 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     if args.probs_output and not args.soft:
         raise UserError("--probs_output needs --soft (hard votes have no probabilities)")
     # both outputs checked before any input is read: neither is written when one cannot be
-    output = dataset.check_output_path(args.output, "--output")
-    probs_output = (dataset.check_output_path(args.probs_output, "--probs_output")
+    output = check_output_path(args.output, "--output")
+    probs_output = (check_output_path(args.probs_output, "--probs_output")
                     if args.probs_output else None)
     paths = [Path(p) for p in args.files] or find_inputs(output, probs_output, args.soft)
     check_inputs(paths, args.weights, [output] + ([probs_output] if probs_output else []))
@@ -192,10 +168,10 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         answer, n_ties = hard_vote(tables, args.weights)
         file_answers = _aligned_matrix(tables)
     result = answer.rename_axis("ImageID").reset_index()
-    dataset.atomic_write_text(output, result.to_csv(index=False))
+    atomic_write_text(output, result.to_csv(index=False))
     if probs_output:
         probs = mean_probs.rename_axis("ImageID").reset_index()
-        dataset.atomic_write_text(probs_output, probs.to_csv(index=False))
+        atomic_write_text(probs_output, probs.to_csv(index=False))
 
     agreement = (file_answers == answer.to_numpy()).mean(axis=1)
     weights = args.weights or [1] * len(paths)
@@ -209,16 +185,16 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         description="Vote submission CSVs (ImageID,ans) into one. Rows are joined by ImageID; the "
                     "result keeps the first file's row order.",
         epilog="Tie rule: among the classes tied for the most (weighted) votes, the winner is the "
                "class predicted by the earliest file on the command line that predicted one of "
                "them. With no files: every *.csv in ./output, sorted by name, except the result "
                f"and *{PROBS_SUFFIX} (with --soft: only the *{PROBS_SUFFIX} files).")
-    parser.add_argument("files", nargs="*", help="CSV files to vote (default: see below)")
+    parser.add_argument("files", nargs="*", help="CSV files to vote (when none: see below)")
     parser.add_argument("-o", "--output", default=str(DEFAULT_DIR / "ensemble.csv"),
-                        help="result CSV (default: %(default)s)")
+                        help="result CSV")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="one positive weight per file, in order; put it after the files "
                              "(default: all 1)")
@@ -234,4 +210,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    sys.exit(dataset.run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args))

@@ -5,17 +5,14 @@ Detection has to work offline, so it uses only the Haar cascades shipped in the 
 wheel. Masks hide the nose and mouth that frontal cascades rely on, so `detect_face` tries a chain of
 detectors, strongest first, and falls back to estimating the face from a pair of detected eyes.
 
-Typical use (training, then inference):
-
-    boxes, n_detected = detect_boxes(train_paths, person_ids, Path("face_boxes.csv"))
-    stats = median_box_stats(boxes)            # save in the run's config
-    ...
-    boxes, _ = detect_boxes(eval_paths, None, Path("face_boxes.csv"), **stats)
-    x0, y0, x1, y1 = crop_box(row_box, image_w, image_h, margin=DEFAULT_MARGIN, aspect_hw=h / w)
+Training calls `crop_boxes_for_training` (boxes with the person-level fallback, plus the median box
+the run keeps for inference); inference calls `crop_boxes_for_inference` (each photo alone, the
+training median for a face not found). Both go through `detect_boxes` and its cache.
 
 CLI: `python face.py DATA_DIR [--cache FILE] [--limit N] [--grid out.png]` detects on a folder (train
 layout <person>/<stem>.jpg, or a flat folder of eval images), prints `detection_report` and can write a
-PNG grid of crops per mask state.
+PNG grid of crops per mask state. It reads and extends the same box cache as training
+(.cache/face_boxes.csv), so boxes found by either are never detected again.
 """
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +31,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dataset import (IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES, UserError, problems_error,
-                     atomic_write_bytes, atomic_write_text, check_output_path, decode_image,
-                     run_cli)
+from checked_io import (FlagParser, UserError, atomic_write_bytes, atomic_write_text,
+                        check_output_path, problems_error, run_cli)
+from dataset import IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES, decode_image
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
 
@@ -93,7 +89,6 @@ INT_CACHE_COLUMNS = ("size", "mtime_ns", "image_w", "image_h", *BOX_COLUMNS)
 @dataclass(frozen=True)
 class CascadeStep:
     """Run a face cascade on the downscaled, contrast-equalised image."""
-
     method: str
     cascade_file: str
     scale_factor: float = 1.1
@@ -102,7 +97,6 @@ class CascadeStep:
 @dataclass(frozen=True)
 class EyePairStep:
     """Detect eyes, pair them up and estimate the face box from the pair (works with a mask on)."""
-
     method: str
     cascade_file: str
     detect_height: int  # eyes are ~1/10 of a face: they need more pixels than faces
@@ -125,7 +119,6 @@ DETECTION_STEPS: tuple[CascadeStep | EyePairStep, ...] = (
 
 class FaceBoxes(NamedTuple):
     """`detect_boxes` result: the box table and how many images were run through the detector."""
-
     table: pd.DataFrame
     n_detected: int
 
@@ -338,13 +331,9 @@ def _file_key(path: str) -> tuple[str, int, int]:
 
 def _read_cache(cache_file: Path | None, warn: Callable[[str], None]) -> tuple[dict[str, dict], int]:
     """The cache's valid entries by absolute path, and how many malformed rows were dropped (1 for
-    an empty file): the cache is then rewritten even when no photo needs detecting.
-
-    A file that is not recognisably a face-box cache (not CSV, other columns) is an error rather
-    than rebuilt: --cache may name a file of the user's that must not be overwritten. Malformed
-    rows of a real cache (hand edits, a disk error) are only dropped with a warning: their photos
-    are detected again and the rewritten cache is clean.
-    """
+    an empty file; the cache is then rewritten). A file that is not a face-box cache (not CSV,
+    other columns) is an error, not rebuilt: --cache may name a file of the user's. Malformed rows
+    of a real one (hand edits, a disk error) are dropped with a warning and detected again."""
     if cache_file is None or not Path(cache_file).exists():
         return {}, 0
     try:
@@ -435,28 +424,20 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
                  warn: Callable[[str], None] = print) -> FaceBoxes:
     """The face box of every photo, detected once and cached; returns (table, n_detected).
 
-    table has one row per path, in order: path (as given), x0, y0, x1, y1 (ints), score, method,
-    fallback, detected. `detected` says whether the photo's own detection gave a usable box: one was
-    found and its side is at least min_size_ratio x the median box side (smaller ones are mostly a
-    mask mistaken for a face, see MIN_SIZE_RATIO_TO_MEDIAN; 0 keeps them all). The box is:
+    table: one row per path, in order: path, x0, y0, x1, y1 (ints), score, method, fallback,
+    detected (the photo's own detection gave a box at least min_size_ratio x the median side:
+    smaller ones are mostly a mask taken for a face, see MIN_SIZE_RATIO_TO_MEDIAN). The box is
     - fallback "none": the photo's own detection (method = the detector that found it);
-    - fallback "profile" (only with profile_ids, i.e. training): the box of the person's `normal`
-      photo (or, when that has none, their `incorrect_mask` photo), used when the photo's own
-      detection failed or overlaps it with IoU < PROFILE_DISAGREEMENT_IOU: a person's 7 photos share
-      their framing, and a masked face's detection is the less reliable one. method = the profile
-      photo's detector;
-    - fallback "median": a box of the median detected size centred at the median detected centre of
-      this set (method "median"); median_size / median_center, when given (at inference, from
-      `median_box_stats` of the training set), replace this set's medians. With no detection at all
-      and none given, the built-in `default_box` (method "default").
-    Own detections are cached in `cache_file` (CSV, written atomically) keyed by absolute path, file
-    size, mtime_ns and `detector_signature()`: a photo is detected again only when it or the detector
-    settings changed; n_detected counts the photos run through the detector in this call. Entries of
-    other paths in the cache are kept; malformed rows are dropped with a warning (`warn`).
-    Missing photos are reported, all at once, before any detection; photos that cannot be decoded
-    (corrupt, truncated, too small: dataset.decode_image) all at once after it. The boxes of the
-    readable photos are cached even then, so fixing the bad ones does not cost a second full pass,
-    and nothing is cached for an unreadable photo.
+    - "profile" (training, with profile_ids): the box of the person's `normal` photo (else their
+      `incorrect_mask` photo) when the photo's own failed or overlaps it with IoU <
+      PROFILE_DISAGREEMENT_IOU: a person's 7 photos share their framing;
+    - "median": the median detected size at the median centre of this set, or median_size /
+      median_center when given (inference: the training set's, from `median_box_stats`); with
+      no detection at all and none given, the built-in `default_box` (method "default").
+    Own detections are cached in `cache_file` (CSV, atomic) keyed by absolute path, size,
+    mtime_ns and `detector_signature()`; entries of other paths are kept, malformed rows dropped
+    with a warning. Missing photos are reported all at once before any detection, undecodable
+    ones (dataset.decode_image) all at once after it, with the readable photos' boxes cached.
     """
     paths = [str(p) for p in paths]
     if profile_ids is not None and len(profile_ids) != len(paths):
@@ -662,16 +643,18 @@ def write_crop_grid(table: pd.DataFrame, target: Path, margin: float, aspect_hw:
     atomic_write_bytes(target, encoded.tobytes())
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Detect face boxes on a folder and report the rates.")
+def get_args_parser() -> FlagParser:
+    parser = FlagParser(description="Detect face boxes on a folder and report the rates.")
     parser.add_argument("data_dir", type=Path, help="train images folder (<person>/<stem>.jpg) or a "
                         "flat folder of eval images")
-    parser.add_argument("--cache", type=Path, default=None, help="face-box cache CSV (default: one "
-                        "per folder in the system temp dir)")
+    parser.add_argument("--cache", type=Path, default=Path(".cache") / FACE_BOX_CACHE,
+                        help="face-box cache CSV, shared with train.py and inference.py "
+                             "(their --cache_dir/" + FACE_BOX_CACHE + ")")
     parser.add_argument("--limit", type=int, default=None, help="only the first N people (train) or "
                         "images (flat folder)")
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of crops here")
-    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                        help="crop = box grown by this fraction per side (train.py --face_margin)")
     parser.add_argument("--aspect", type=float, default=4 / 3, help="crop height / width")
     return parser
 
@@ -685,11 +668,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--margin {args.margin:g}: expected >= 0 (a fraction of the face box)")
     if not (math.isfinite(args.aspect) and args.aspect > 0):
         raise UserError(f"--aspect {args.aspect:g}: expected a crop height / width > 0")
-    if args.cache is not None:
-        check_output_path(args.cache, "--cache")
+    check_output_path(args.cache, "--cache")
     if args.grid is not None:
         check_output_path(args.grid, "--grid")
-        if args.cache is not None and args.grid.resolve() == args.cache.resolve():
+        if args.grid.resolve() == args.cache.resolve():
             raise UserError(f"--grid {args.grid}: is the --cache file; expected another file")
 
 
@@ -697,8 +679,7 @@ def run(args: argparse.Namespace) -> None:
     """The CLI: detect on args.data_dir, print the report, optionally write the crop grid."""
     check_args(args)
     paths, profile_ids = _list_photos(args.data_dir, args.limit)
-    folder_digest = hashlib.sha1(str(args.data_dir.resolve()).encode()).hexdigest()[:12]
-    cache = args.cache or Path(tempfile.gettempdir()) / f"face_boxes_{folder_digest}.csv"
+    cache = args.cache
     started = time.perf_counter()
     table, n_detected = detect_boxes(paths, profile_ids, cache)
     elapsed = time.perf_counter() - started

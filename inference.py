@@ -24,37 +24,19 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 
+import augmentation
 import dataset
+import engine
 import model as models
-import train
-from dataset import NUM_CLASSES, UserError
-
-HEAD_CATEGORIES = ("mask", "gender", "age")
-CALIBRATION_FILE = "calibration.json"
-CALIBRATION_GRID = np.linspace(-2.0, 2.0, 17)  # coarse on purpose: a fine grid overfits the OOF
-PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
-
-VOTING_RULE = """\
-soft voting:
-  Every checkpoint is one model (each fold of a k-fold run counts as one). A model's
-  probabilities are averaged over its views (--tta flip: original + mirrored), then:
-  - 18-class models (plain or multi-head) each give one 18-class estimate;
-  - per-category models (--category mask/gender/age; 6 age bins folded to 3) are averaged
-    per category, and a complete mask+gender+age trio gives ONE 18-class estimate
-    p(mask) * p(gender) * p(age);
-  - the answer's probabilities are the mean of all 18-class estimates.
-  Probabilities are averaged, never logits. Per-category models without a complete trio need
-  an 18-class model (they are then ignored, with a warning); otherwise it is an error.
-  ans = argmax(log p + calibration offsets) when calibrated; the _probs.csv keeps the raw p."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
+from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
+                        check_labels, check_output_path, read_csv_checked, run_cli)
+from ensembling import (CALIBRATION_FILE, VOTING_RULE, calibrated_predictions, check_categories,
+                        combine_categories, fit_calibration, read_calibration, read_oof)
+from make_sample import resolve_eval_dir
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write the submission CSV from trained run folders.",
-                                epilog=VOTING_RULE, formatter_class=HelpFormatter)
+    p = FlagParser(description="Write the submission CSV from trained run folders. Every flag is "
+                               "also accepted with hyphens (--model-dir).", epilog=VOTING_RULE)
     add = p.add_argument
     add("--model_dir", nargs="+", action="extend", default=None, metavar="RUN_DIR",
         help="run folder(s) of train.py, or best.pth files; repeatable (when not given: "
@@ -68,16 +50,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=256, help="inference batch size")
     add("--resize", type=int, nargs=2, default=None, metavar=("H", "W"),
         help="override every model's training input size (warns when it differs)")
-    add("--augmentation", default=None, choices=list(dataset.AUGMENTATIONS),
+    add("--augmentation", default=None, choices=list(augmentation.AUGMENTATIONS),
         help="override the augmentation (in eval mode it only normalizes)")
     add("--crop", default=None, choices=dataset.CROPS, help="override the training crop")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=train.AMP_MODES,
+    add("--amp", default="auto", choices=engine.AMP_MODES,
         help="mixed precision (auto: bf16 on CUDA)")
     add("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
     add("--ensemble", action="store_true",
         help="use every model given (all folds of a k-fold run); needed for more than one model")
-    add("--tta", default="none", choices=("none", "flip"),
+    add("--tta", default="none", choices=engine.TTA_MODES,
         help="test-time augmentation: flip averages the original and mirrored view")
     add("--answers", default=None, metavar="FILE",
         help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, confusion")
@@ -149,27 +131,6 @@ def _shown(value) -> str:
     return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-CHECKPOINT_KEYS = ("model_config", "model", "preprocess", "normalize", "category")
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A train.py checkpoint whose keys and architecture name are checked, without building the
-    network; UserError naming ``path`` otherwise."""
-    checkpoint = train.load_checkpoint(path)
-    missing = [k for k in CHECKPOINT_KEYS
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise UserError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
-    config = checkpoint["model_config"]
-    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
-        raise UserError(f"{path}: model_config {config!r}; expected a dict with a model 'name'")
-    try:
-        models.validate_model_name(config["name"])
-    except ValueError as why:  # the name comes from the file, so the file is what to name
-        raise UserError(f"{path}: model_config: {why}") from None
-    return checkpoint
-
-
 def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
                 crop: str | None = None, augmentation: str | None = None,
                 say: Callable[[str], None] = print) -> list[LoadedModel]:
@@ -177,7 +138,7 @@ def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
     settings, with a warning where they differ."""
     # every file is read and checked before any network is built: a bad last fold of an
     # ensemble fails before the others are restored
-    checkpoints = [read_checkpoint(path) for path in paths]
+    checkpoints = [models.read_checkpoint(path) for path in paths]
     loaded = []
     for i, path in enumerate(paths):
         checkpoint, checkpoints[i] = checkpoints[i], None  # freed once its network holds it
@@ -234,152 +195,39 @@ def build_image_caches(loaded: Sequence[LoadedModel], paths: list[str],
     return [caches[keys.index(_variant_key(m))] for m in loaded]
 
 
-def _mirrored(batches):
-    for images, targets, rows in batches:  # uint8 [B, H, W, C]: W is dim 2
-        yield images.flip(2), targets, rows
-
-
 def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, batch_size: int,
                   autocast_dtype: torch.dtype | None = None, tta: str = "none") -> np.ndarray:
     """Scored-space probabilities [N, 18|3|2] of one model, averaged over its TTA views."""
     net = m.net.to(device)
-    augment = dataset.build_augmentation(m.augmentation, m.normalize["mean"], m.normalize["std"],
-                                         m.preprocess.channels).to(device)
+    augment = augmentation.build_augmentation(m.augmentation, m.normalize["mean"],
+                                              m.normalize["std"], m.preprocess.channels).to(device)
     batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=np.int64),
                                     np.arange(len(images)), batch_size, device)
-    views = [batches, _mirrored(batches)] if tta == "flip" else [batches]
-    probs = [train.predict_probabilities(net, view, augment, category=m.category,
-                                         age_label_num=m.age_label_num,
-                                         autocast_dtype=autocast_dtype)[0] for view in views]
+    probs = engine.predict_views(net, batches, augment, tta=tta, category=m.category,
+                                 age_label_num=m.age_label_num, autocast_dtype=autocast_dtype)
     m.net.cpu()  # an ensemble holds one model at a time on the device
-    return ensemble_probabilities(probs)
-
-
-def ensemble_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
-    """Soft vote: the mean of probability arrays of one shape (never logits: rows must sum to 1)."""
-    if not probabilities:
-        raise ValueError("no probabilities to average")
-    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])
-    if (stacked < 0).any() or not np.allclose(stacked.sum(-1), 1.0, atol=1e-3):
-        raise ValueError("expected probabilities (non-negative, rows summing to 1), not logits")
-    return stacked.mean(0)
-
-
-def check_categories(categories: Sequence[str]) -> list[str]:
-    """Missing head categories of an incomplete trio; an error when nothing makes 18 classes."""
-    heads = {c for c in categories if c in HEAD_CATEGORIES}
-    missing = [c for c in HEAD_CATEGORIES if c not in heads]
-    if heads and missing and "multi" not in categories:
-        raise UserError(f"models for {', '.join(sorted(heads))} but none for {', '.join(missing)}: "
-                        "add a model of each missing category, or an 18-class model")
-    if not categories:
-        raise UserError("no models given")
-    return missing if heads else []
-
-
-def combine_categories(probs_by_category: dict[str, list[np.ndarray]],
-                       say: Callable[[str], None] = print) -> np.ndarray:
-    """18-class probabilities from 18-class models and/or a mask+gender+age trio (see --help)."""
-    present = [c for c, probs in probs_by_category.items() if len(probs)]
-    missing = check_categories(present)
-    estimates = list(probs_by_category.get("multi", []))
-    if missing:
-        say(f"warning: no {', '.join(missing)} model; the per-category models are ignored")
-    elif any(c in present for c in HEAD_CATEGORIES):
-        heads = [ensemble_probabilities(probs_by_category[c]) for c in HEAD_CATEGORIES]
-        estimates.append(dataset.heads_to_class_probs(*heads))
-    return ensemble_probabilities(estimates)
+    return probs
 
 
 # ----------------------------------------------------------------------------------------------
-# Calibration: per-class offsets on log-probabilities
+# Calibration: fitting offsets on a k-fold run, finding them for a prediction
 # ----------------------------------------------------------------------------------------------
-def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
-    if offsets is None:
-        return probs.argmax(1)
-    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
-
-
-def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int = NUM_CLASSES) -> float:
-    """sklearn's macro F1 (over the labels present in either array) from one bincount: the
-    calibration search scores hundreds of candidates, where sklearn's checks dominate."""
-    counts = np.bincount(truth * n_classes + predicted, minlength=n_classes * n_classes)
-    counts = counts.reshape(n_classes, n_classes)
-    both = counts.sum(0) + counts.sum(1)
-    present = both > 0
-    return float(np.mean(2 * np.diag(counts)[present] / both[present]))
-
-
-def fit_calibration(oof_probs: np.ndarray, labels: np.ndarray, iterations: int = 3,
-                    grid: np.ndarray = CALIBRATION_GRID) -> np.ndarray:
-    """Per-class log-prob offsets maximising macro F1, by coordinate ascent over ``grid``.
-    A change is kept only when it raises F1, so F1 never falls and offsets stay at 0 otherwise."""
-    log_probs = np.log(np.clip(oof_probs, 1e-12, None))
-    labels = np.asarray(labels, dtype=np.int64)
-    n_classes = oof_probs.shape[1]
-    offsets = np.zeros(n_classes)
-    best = macro_f1(labels, log_probs.argmax(1), n_classes)
-    for _ in range(iterations):
-        improved = False
-        for c in range(n_classes):
-            for value in grid:
-                trial = offsets.copy()
-                trial[c] = value
-                f1 = macro_f1(labels, (log_probs + trial).argmax(1), n_classes)
-                if f1 > best + 1e-12:
-                    best, offsets, improved = f1, trial, True
-        if not improved:
-            break
-    return offsets
-
-
-def read_oof(oof_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """oof.csv of a --category multi k-fold run -> (probabilities [N, 18], labels [N]), every
-    cell checked: a bad one would otherwise surface as a numpy error or a silent NaN score."""
-    oof = dataset.read_csv_checked(oof_path, ["label"])
-    if not set(PROB_COLUMNS) <= set(oof.columns):
-        raise UserError(f"{oof_path}: calibration needs the 18 columns p0..p17 of a "
-                        "--category multi run")
-    if oof.empty:
-        raise UserError(f"{oof_path}: no rows; expected one scored photo per row")
-    labels = _check_labels(oof["label"], str(oof_path), "label")
-    table = oof[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce")
-    probs = table.to_numpy(dtype=np.float64, na_value=np.nan)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
-        name = PROB_COLUMNS[column]
-        raise UserError(f"{oof_path}: {int(bad.sum())} p0..p{NUM_CLASSES - 1} value(s) not a "
-                        f"number in [0, 1] (first: line {row + 2}, "
-                        f"{name}={dataset.shown_cell(oof[name].iloc[row])})")
-    return probs, labels
-
-
 def calibrate_run(run_dir: Path, say: Callable[[str], None] = print) -> dict:
     """--fit_calibration: fit offsets on RUN_DIR/oof.csv, write RUN_DIR/calibration.json."""
     oof_path = run_dir / "oof.csv"
     if not oof_path.exists():  # a folder of that name is read_csv_checked's to report
         raise UserError(f"--fit_calibration {run_dir}: no oof.csv (k-fold runs write one: "
                         "train with --kfold K)")
-    target = dataset.check_output_path(run_dir / CALIBRATION_FILE, "--fit_calibration")
+    target = check_output_path(run_dir / CALIBRATION_FILE, "--fit_calibration")
     probs, labels = read_oof(oof_path)
     offsets = fit_calibration(probs, labels)
     before = f1_score(labels, probs.argmax(1), average="macro")
     after = f1_score(labels, calibrated_predictions(probs, offsets), average="macro")
     result = {"offsets": offsets.tolist(), "f1_before": before, "f1_after": after}
-    dataset.atomic_write_text(target, json.dumps(result, indent=2))
+    atomic_write_text(target, json.dumps(result, indent=2))
     say(f"calibration: OOF macro F1 {before:.4f} -> {after:.4f} (optimistic: fitted on the same "
         f"OOF) -> {target}")
     return {**result, "path": target}
-
-
-def read_calibration(path: Path) -> np.ndarray:
-    offsets = dataset.read_json_checked(path).get("offsets")
-    if (not isinstance(offsets, list) or len(offsets) != NUM_CLASSES
-            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in offsets)):
-        raise UserError(f"{path}: expected \"offsets\": a list of {NUM_CLASSES} finite numbers")
-    return np.asarray(offsets, dtype=float)
 
 
 def resolve_calibration(args: argparse.Namespace, run_dirs: Sequence[Path],
@@ -401,19 +249,6 @@ def resolve_calibration(args: argparse.Namespace, run_dirs: Sequence[Path],
 # ----------------------------------------------------------------------------------------------
 # Submission checks and scoring
 # ----------------------------------------------------------------------------------------------
-def _check_labels(values: pd.Series, where: str, column: str = "ans") -> np.ndarray:
-    """Class labels as int64; UserError naming the first bad CSV line (header is line 1)."""
-    numbers = pd.to_numeric(values, errors="coerce")
-    bad = numbers.isna() | (numbers % 1 != 0) | (numbers < 0) | (numbers >= NUM_CLASSES)
-    bad = bad.to_numpy()
-    if bad.any():
-        row = int(bad.argmax())
-        raise UserError(f"{where}: {int(bad.sum())} {column} value(s) not an integer "
-                        f"0..{NUM_CLASSES - 1} (first: line {row + 2}, "
-                        f"{column}={dataset.shown_cell(values.iloc[row])})")
-    return numbers.to_numpy(dtype=np.int64)
-
-
 def check_answers(answers: pd.DataFrame, image_ids: Sequence[str], where: str) -> None:
     """The answers must hold exactly the ImageIDs of info.csv, once each, with labels 0..17."""
     given, expected = answers["ImageID"], set(image_ids)
@@ -425,7 +260,7 @@ def check_answers(answers: pd.DataFrame, image_ids: Sequence[str], where: str) -
         if ids:
             raise UserError(f"{where}: {len(ids)} ImageID(s) {problem}, e.g. {ids[0]}; "
                             "the answers must match info.csv's ImageIDs")
-    _check_labels(answers["ans"], where)
+    check_labels(answers["ans"], where)
 
 
 def validate_submission(info: pd.DataFrame, submission: pd.DataFrame) -> None:
@@ -437,7 +272,7 @@ def validate_submission(info: pd.DataFrame, submission: pd.DataFrame) -> None:
         raise UserError("submission ImageIDs differ from info.csv's (count or order)")
     if not pd.api.types.is_integer_dtype(submission["ans"]):
         raise UserError(f"submission ans has dtype {submission['ans'].dtype}; expected integers")
-    _check_labels(submission["ans"], "submission")
+    check_labels(submission["ans"], "submission")
 
 
 def score_answers(predictions: pd.DataFrame, answers_df: pd.DataFrame) -> dict:
@@ -445,8 +280,8 @@ def score_answers(predictions: pd.DataFrame, answers_df: pd.DataFrame) -> dict:
     check_answers(answers_df, predictions["ImageID"].tolist(), "answers")
     truth = answers_df.set_index("ImageID")["ans"].loc[predictions["ImageID"]].to_numpy(int)
     predicted = predictions["ans"].to_numpy(int)
-    # one-hot rows are probabilities whose argmax is the prediction: train.score's metrics apply
-    metrics = train.score(np.eye(NUM_CLASSES)[predicted], truth, "multi")
+    # one-hot rows are probabilities whose argmax is the prediction: engine.score's metrics apply
+    metrics = engine.score(np.eye(NUM_CLASSES)[predicted], truth, "multi")
     metrics["confusion"] = confusion_matrix(truth, predicted, labels=list(range(NUM_CLASSES)))
     return metrics
 
@@ -467,10 +302,10 @@ def output_paths(output_dir: str | Path, name_csv: str) -> tuple[Path, Path]:
     model loads: neither written means no half-written output."""
     if Path(name_csv).name != name_csv or not name_csv.endswith(".csv"):
         raise UserError(f"--name_csv {name_csv}: expected a file name ending in .csv")
-    output_dir = dataset.check_output_path(output_dir, "--output_dir", folder=True)
+    output_dir = check_output_path(output_dir, "--output_dir", folder=True)
     paths = output_dir / name_csv, output_dir / f"{Path(name_csv).stem}_probs.csv"
     for path in paths:
-        dataset.check_output_path(path, "--output_dir/--name_csv")
+        check_output_path(path, "--output_dir/--name_csv")
     return paths
 
 
@@ -479,13 +314,13 @@ def main(args: argparse.Namespace) -> dict:
     if args.fit_calibration:
         return calibrate_run(Path(args.fit_calibration))
     # everything the user gave is checked before any model loads or image decodes
-    dataset.tune_host_allocator()
+    engine.tune_host_allocator()
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
     if args.resize and min(args.resize) < 16:
         raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
-    device = train.resolve_device(args.device)
-    autocast_dtype = train.amp_dtype(args.amp, device)
+    device = engine.resolve_device(args.device)
+    autocast_dtype = engine.amp_dtype(args.amp, device)
     run_dirs = [Path(p) for p in (args.model_dir
                                   or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
     checkpoints = find_checkpoints(run_dirs)
@@ -493,14 +328,14 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "
                         "add --ensemble to average them")
     output_csv, probs_csv = output_paths(args.output_dir, args.name_csv)
-    dataset.check_output_path(args.cache_dir, "--cache_dir", folder=True)
+    check_output_path(args.cache_dir, "--cache_dir", folder=True)
     # the eval layout (info.csv, every image present and JPEG/PNG) before any checkpoint is read;
     # a photo that only fails to decode shows up later, when the caches are built: its
     # preprocessing comes from the checkpoints
-    info = dataset.parse_eval_dir(dataset.resolve_eval_dir(args.data_dir))
+    info = dataset.parse_eval_dir(resolve_eval_dir(args.data_dir))
     answers = None
     if args.answers:
-        answers = dataset.read_csv_checked(args.answers, ["ImageID", "ans"])
+        answers = read_csv_checked(args.answers, ["ImageID", "ans"])
         check_answers(answers, info["ImageID"].tolist(), args.answers)
     offsets = resolve_calibration(args, run_dirs)
 
@@ -520,8 +355,8 @@ def main(args: argparse.Namespace) -> dict:
     validate_submission(info, predictions)
     probs_table = pd.concat([predictions[["ImageID"]],
                              pd.DataFrame(probs, columns=PROB_COLUMNS)], axis=1)
-    dataset.atomic_write_text(output_csv, predictions.to_csv(index=False))
-    dataset.atomic_write_text(probs_csv, probs_table.to_csv(index=False, float_format="%.6f"))
+    atomic_write_text(output_csv, predictions.to_csv(index=False))
+    atomic_write_text(probs_csv, probs_table.to_csv(index=False, float_format="%.6f"))
     metrics = None
     if answers is not None:
         metrics = score_answers(predictions, answers)
@@ -536,4 +371,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(dataset.run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args))

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import HEAD_SIZES, NUM_CLASSES, class_probs_to_heads, decode_class
+from checked_io import NUM_CLASSES
+from dataset import HEAD_SIZES, class_probs_to_heads, decode_class
 
 ClassWeights = torch.Tensor | Sequence[float] | None
 
@@ -158,20 +159,6 @@ class BCELoss(_SoftTargetLoss):
 
     def soft_loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, soft)
-
-
-class CosineClassifier(nn.Module):
-    """scale * cos(angle between features and each class weight): the arcface model head."""
-
-    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0) -> None:
-        super().__init__()
-        self.scale = scale
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.xavier_uniform_(self.weight)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
-        return cos.clamp(-1, 1) * self.scale  # rounding can leave |cos| a hair above 1
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {

@@ -25,7 +25,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from dataset import GENDER_NAMES, MASK_BY_STEM, MASK_NAMES, PHOTO_STEMS, UserError, age_group, encode_class
+from checked_io import FlagParser, UserError, run_cli
+from dataset import (GENDER_NAMES, MASK_BY_STEM, MASK_NAMES, PHOTO_STEMS, age_group, encode_class,
+                     train_images_dir)
 
 WIDTH, HEIGHT = 384, 512
 JPEG_QUALITY = 90
@@ -347,22 +349,48 @@ def ensure_sample(root: str | Path = "sample_data") -> tuple[Path, Path]:
     return root / "train" / "images", root / "eval"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# ----------------------------------------------------------------------------------------------
+# Where the data is: a flag, the SageMaker-style variable, else this bundled sample
+# ----------------------------------------------------------------------------------------------
+SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
+
+
+def resolve_data_dir(given: str | None, split: str, say=print) -> Path:
+    """--data_dir, else $SM_CHANNEL_TRAIN / $SM_CHANNEL_EVAL, else the bundled sample's
+    train/images or eval/ (generated on first use); ``split`` is 'train' or 'eval'. A train folder
+    holding ``images/`` (the competition's train/) stands for its images/."""
+    variable = {"train": "SM_CHANNEL_TRAIN", "eval": "SM_CHANNEL_EVAL"}[split]
+    given = given or os.environ.get(variable)
+    if given:
+        return train_images_dir(given) if split == "train" else Path(given)
+    folder = dict(zip(("train", "eval"), ensure_sample(SAMPLE_ROOT)))[split]
+    say(f"data: no --data_dir or {variable} given; using the bundled sample {folder}")
+    return folder
+
+
+def resolve_train_dir(data_dir: str | None, say=print) -> Path:
+    return resolve_data_dir(data_dir, "train", say)
+
+
+def resolve_eval_dir(eval_dir: str | None, say=print) -> Path:
+    return resolve_data_dir(eval_dir, "eval", say)
+
+
+def get_args_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="sample_data", help="output directory")
-    parser.add_argument("--n_train_people", type=int, default=180)
-    parser.add_argument("--n_eval_people", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--n_train_people", type=int, default=180, help="people in train/")
+    parser.add_argument("--n_eval_people", type=int, default=40, help="people in eval/")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same people")
+    return parser
+
+
+def main(args: argparse.Namespace) -> Path:
     start = time.perf_counter()
-    try:
-        out = generate_sample(args.out, args.n_train_people, args.n_eval_people, args.seed)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    out = generate_sample(args.out, args.n_train_people, args.n_eval_people, args.seed)
     print(f"sample ready at {out} ({time.perf_counter() - start:.1f} s)")
-    return 0
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, get_args_parser().parse_args))

@@ -1,4 +1,5 @@
-"""Model registry: a small CPU-friendly CNN, torchvision classifiers and any timm model.
+"""Model registry (a small CPU-friendly CNN, torchvision classifiers, any timm model) and the
+checkpoint contract (what a checkpoint holds, how it is written, read and turned back into a model).
 
 Every model that build_model returns has the same shape: ``edge_mix`` (Canny runs only) ->
 ``backbone`` (pooled features) -> ``dropout`` -> ``heads`` (one linear or cosine head, or three
@@ -8,6 +9,7 @@ and per-part learning rates the same for every architecture.
 from __future__ import annotations
 
 import difflib
+import io
 import socket
 import urllib.parse
 from pathlib import Path
@@ -20,7 +22,8 @@ import torchvision
 from torch import nn
 
 import dataset
-from dataset import HEAD_SIZES, NUM_CLASSES, UserError
+from checked_io import NUM_CLASSES, UserError, atomic_write_bytes
+from dataset import HEAD_SIZES
 
 # Bare names that mean the torchvision model (the ones a local ImageNet state dict usually fits).
 # They win over timm models of the same name; "timm/<name>" reaches timm's, "tv_<name>" any other
@@ -79,6 +82,20 @@ class BaseModel(nn.Module):
         return self.classifier(self.dropout(self.features(images)))
 
 
+class CosineClassifier(nn.Module):
+    """scale * cos(angle between features and each class weight): the arcface model head."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 30.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        cos = F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+        return cos.clamp(-1, 1) * self.scale  # rounding can leave |cos| a hair above 1
+
+
 class ImageClassifier(nn.Module):
     """[edge_mix] -> backbone -> dropout -> heads; returns the heads' logits concatenated."""
 
@@ -98,7 +115,6 @@ class ImageClassifier(nn.Module):
         self.backbone = backbone
         self.dropout = nn.Dropout(drop_rate)
         if cosine_head:
-            from loss import CosineClassifier  # loss.py imports heavier deps; only arcface needs it
             self.heads = nn.ModuleList(CosineClassifier(num_features, n, cosine_scale)
                                        for n in head_sizes)
         else:
@@ -136,6 +152,18 @@ def _torchvision_names() -> list[str]:
 def validate_model_name(name: str) -> None:
     """Raise ValueError for a name build_model would reject, without building anything."""
     _resolve(name)
+
+
+def fixed_input_size(name: str) -> tuple[int, int] | None:
+    """(H, W) that a timm model accepts and nothing else (ViT, Swin: its pretrained_cfg says
+    fixed_input_size), else None; known without building the model."""
+    family, inner_name = _resolve(name)
+    if family != "timm":
+        return None
+    cfg = timm.models.get_pretrained_cfg(inner_name)
+    if cfg is None or not cfg.fixed_input_size:
+        return None
+    return int(cfg.input_size[1]), int(cfg.input_size[2])
 
 
 def _strip_torchvision_head(net: nn.Module, name: str) -> int:
@@ -328,3 +356,44 @@ def restore_model(checkpoint: dict) -> nn.Module:
         raise UserError(f"checkpoint weights do not fit its model_config "
                         f"{checkpoint['model_config']}: {str(error).splitlines()[0]}") from error
     return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: what train.py writes and inference.py, k-fold and --resume read
+# ----------------------------------------------------------------------------------------------
+# every checkpoint holds these; last.pth adds optimizer, scheduler, scaler, train_state and rng
+CHECKPOINT_KEYS = ("model_config", "model", "preprocess", "normalize", "category")
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save to a temp file then os.replace: a kill mid-save leaves the old file intact."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A train.py checkpoint; ``mmap`` only maps it (a cheap check that it is whole)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as why:  # a torn or foreign file: name it instead of a traceback
+        raise UserError(f"{path}: not a readable checkpoint ({type(why).__name__}); expected a "
+                        "whole file written by train.py") from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A train.py checkpoint whose keys and architecture name are checked, without building the
+    network; UserError naming ``path`` otherwise."""
+    checkpoint = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    config = checkpoint["model_config"]
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise UserError(f"{path}: model_config {config!r}; expected a dict with a model 'name'")
+    try:
+        validate_model_name(config["name"])
+    except ValueError as why:  # the name comes from the file, so the file is what to name
+        raise UserError(f"{path}: model_config: {why}") from None
+    return checkpoint

@@ -1,13 +1,10 @@
-"""Shared fixtures: a tiny generated dataset in the competition layout (made once per session)."""
-import sys
+"""Shared fixtures: a tiny generated dataset in the competition layout (made once per session)
+and the train.py flags of a tiny, fast run on it."""
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from make_sample import generate_sample  # noqa: E402
+from make_sample import generate_sample
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +17,16 @@ def tiny_sample(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_train_dir(tiny_sample) -> Path:
     return tiny_sample / "train" / "images"
+
+
+@pytest.fixture(scope="session")
+def run_flags():
+    """run_flags(train_dir, out_dir, *extra): train.py flags for a tiny CPU run (32x24, batch 32)
+    writing run folders under out_dir/runs; the image cache is shared by every test (its key
+    holds the files and the preprocessing). Flags in ``extra`` win over these."""
+    def flags(train_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+        return ["--data_dir", str(train_dir), "--model_dir", str(out_dir / "runs"),
+                "--cache_dir", str(out_dir.parent / "shared-cache"), "--resize", "32", "24",
+                "--batch_size", "32", "--valid_batch_size", "64", "--device", "cpu", *extra]
+    return flags
+

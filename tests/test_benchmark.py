@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+import augmentation
 import benchmark
 import dataset
-from dataset import UserError
+from checked_io import UserError
 
 HEADLINE = re.compile(r"^data path ratio: \d+\.\dx; train loop / ceiling: \d+%$")
 
@@ -47,9 +48,9 @@ def test_headline_format_rounds_as_documented():
     assert HEADLINE.match(line)
 
 
-@pytest.mark.parametrize("crop, augmentation", [("none", "BaseAugmentation"),
-                                                ("center", "CustomAugmentation")])
-def test_reference_and_toolkit_batches_match(tiny_train_dir, tmp_path, crop, augmentation):
+@pytest.mark.parametrize("crop, preset", [("none", "BaseAugmentation"),
+                                          ("center", "CustomAugmentation")])
+def test_reference_and_toolkit_batches_match(tiny_train_dir, tmp_path, crop, preset):
     frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
     paths, labels = frame["path"].tolist()[:16], frame["label"].to_numpy()[:16]
     images = dataset.build_cache(paths, dataset.Preprocess((64, 48), crop=crop), tmp_path,
@@ -59,12 +60,12 @@ def test_reference_and_toolkit_batches_match(tiny_train_dir, tmp_path, crop, aug
         center_crop=crop == "center", shuffle=False)))
     uint8_images, toolkit_labels, _ = next(iter(benchmark.toolkit_batches(
         images, labels, 16, 16, "cpu", shuffle=False)))
-    toolkit = dataset.build_augmentation(augmentation).train()(uint8_images)
+    toolkit = augmentation.build_augmentation(preset).train()(uint8_images)
 
     assert reference.shape == toolkit.shape == (16, 3, 64, 48)
     assert reference.dtype == toolkit.dtype == torch.float32
     assert torch.equal(reference_labels, toolkit_labels)
-    if augmentation == "BaseAugmentation":  # nothing random: the same photos, resized alike
+    if preset == "BaseAugmentation":  # nothing random: the same photos, resized alike
         # PIL's bilinear and OpenCV's area resize differ by about a grey level per pixel
         assert (reference - toolkit).abs().mean() < 0.05
         # and the comparison can fail: the same batch in another order is far off
@@ -81,7 +82,7 @@ def test_reference_and_toolkit_shuffle_alike_for_the_same_seed(tiny_train_dir, t
     torch.manual_seed(7)
     # drawn before the DataLoader starts, which takes a base seed from torch's global RNG
     toolkit = list(benchmark.toolkit_batches(images, labels, 24, 8, "cpu", shuffle=True))
-    augment = dataset.build_augmentation("BaseAugmentation").train()
+    augment = augmentation.build_augmentation("BaseAugmentation").train()
     shuffled = False
     for (ref_images, ref_labels), (uint8_images, toolkit_labels, rows) in zip(reference, toolkit):
         assert torch.equal(ref_labels, toolkit_labels)

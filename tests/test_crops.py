@@ -25,11 +25,11 @@ def eval_copy_of_train_photos(train_dir, tmp_path, stem="normal"):
 
 
 @pytest.mark.parametrize("crop", ["face", "center", "none"])
-def test_train_and_inference_use_the_same_pixels(tiny_train_dir, tmp_path, crop):
+def test_train_and_inference_use_the_same_pixels(tiny_train_dir, tmp_path, crop, run_flags):
     cache_dir = tmp_path / "cache"
-    result = train.main(train.parse_args([
-        "--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"), "--cache_dir",
-        str(cache_dir), "--resize", "48", "32", "--epochs", "1", "--crop", crop]))
+    result = train.main(train.parse_args(run_flags(
+        tiny_train_dir, tmp_path, "--cache_dir", str(cache_dir), "--resize", "48", "32",
+        "--epochs", "1", "--crop", crop)))
     checkpoint = torch.load(result["run_dir"] / "best.pth", weights_only=False)
     preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
     assert preprocess.crop == crop
@@ -72,3 +72,19 @@ def test_face_boxes_are_detected_once_and_shared(tiny_train_dir, tmp_path):
         assert 0 <= x0 < x1 <= 384 and 0 <= y0 < y1 <= 512
         assert abs((y1 - y0) / (x1 - x0) - 48 / 32) < 0.02
     assert sum(info["fallbacks"].values()) == 21
+
+
+def test_face_cli_and_training_share_one_box_cache(tiny_train_dir, tmp_path, monkeypatch, capsys,
+                                                   run_flags):
+    monkeypatch.chdir(tmp_path)  # both defaults: face.py --cache and train.py --cache_dir
+    assert face.main([str(tiny_train_dir), "--limit", "3"]) == 0
+    assert "21 photos, 21 detected now" in capsys.readouterr().out
+    assert (tmp_path / ".cache" / face.FACE_BOX_CACHE).is_file()
+    flags = run_flags(tiny_train_dir, tmp_path, "--epochs", "1", "--crop", "face")
+    flags[flags.index("--cache_dir") + 1] = ".cache"
+    train.main(train.parse_args(flags))
+    n_people = len(list(tiny_train_dir.iterdir()))
+    assert f"face boxes: {(n_people - 3) * 7} photos detected now, 21 from the cache" \
+        in capsys.readouterr().out
+    assert face.main([str(tiny_train_dir)]) == 0  # and back: everything is cached now
+    assert f"{n_people * 7} photos, 0 detected now" in capsys.readouterr().out

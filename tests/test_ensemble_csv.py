@@ -7,12 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from checked_io import NUM_CLASSES, PROB_COLUMNS, UserError, run_cli
+from ensemble_csv import hard_vote, main, parse_args, soft_vote
 
-import dataset  # noqa: E402
-from dataset import NUM_CLASSES, UserError  # noqa: E402
-from ensemble_csv import PROB_COLUMNS, hard_vote, main, parse_args, soft_vote  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_submission(path: Path, ids, answers) -> Path:
@@ -135,11 +133,12 @@ def test_missing_ids_in_a_later_file_fail(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("ImageID,label\nx.jpg,1\ny.jpg,2\n", "missing column"),
-    ("ImageID,ans\nx.jpg,1\ny.jpg,18\n", r"expected a class 0\.\.17 .*y\.jpg, ans=18\)"),
-    ("ImageID,ans\nx.jpg,-1\ny.jpg,2\n", "expected a class 0..17"),
-    ("ImageID,ans\nx.jpg,1.5\ny.jpg,2\n", r"expected an integer class .*x\.jpg"),
-    ("ImageID,ans\nx.jpg,mask\ny.jpg,2\n", "expected an integer class"),
-    ("ImageID,ans\nx.jpg,\ny.jpg,2\n", r"expected an integer class .*x\.jpg, ans=empty\)"),
+    # one message for every bad label, shared with inference.py (checked_io.check_labels)
+    ("ImageID,ans\nx.jpg,1\ny.jpg,18\n", r"not an integer 0\.\.17 .*y\.jpg, ans=18\)"),
+    ("ImageID,ans\nx.jpg,-1\ny.jpg,2\n", r"not an integer 0\.\.17 .*x\.jpg, ans=-1\)"),
+    ("ImageID,ans\nx.jpg,1.5\ny.jpg,2\n", r"not an integer 0\.\.17 .*x\.jpg, ans=1\.5\)"),
+    ("ImageID,ans\nx.jpg,mask\ny.jpg,2\n", r"not an integer 0\.\.17 .*x\.jpg, ans='mask'\)"),
+    ("ImageID,ans\nx.jpg,\ny.jpg,2\n", r"not an integer 0\.\.17 .*x\.jpg, ans=empty\)"),
     ("ImageID,ans\nx.jpg,1\nx.jpg,2\n", r"1 duplicated ImageID\(s\) \(first: x\.jpg\)"),
     ("ImageID,ans\n", "no rows"),
 ])
@@ -284,7 +283,7 @@ def test_unwritable_outputs_fail_before_reading_or_writing(tmp_path, capsys, sof
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = [*map(str, inputs), "-o", str(tmp_path / output)] + (["--soft"] if soft else [])
     argv += ["--probs_output", str(tmp_path / probs_output)] if probs_output else []
-    assert dataset.run_cli(main, parse_args, argv) == 2
+    assert run_cli(main, parse_args, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert re.search(message, err)

@@ -17,7 +17,7 @@ import pytest
 
 import dataset
 import face
-from dataset import UserError
+from checked_io import UserError
 
 IMAGE_W, IMAGE_H = 384, 512
 

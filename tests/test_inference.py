@@ -12,9 +12,10 @@ import torch
 from sklearn.metrics import f1_score
 
 import dataset
+import ensembling
 import inference
 import train
-from dataset import UserError
+from checked_io import PROB_COLUMNS, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,13 @@ def test_soft_vote_averages_probabilities_not_logits():
     confident_wrong = one_hot_ish(0, 0.999, 1, 0.0005)
     mildly_right = one_hot_ish(1, 0.8, 0, 0.15)
     members = [confident_wrong, mildly_right, mildly_right]
-    averaged = inference.ensemble_probabilities(members)
+    averaged = ensembling.ensemble_probabilities(members)
     assert averaged.argmax(1).tolist() == [1]
     assert np.allclose(averaged, (confident_wrong + 2 * mildly_right) / 3)
     # averaging logits (log-probabilities) would follow the confident model: the test can tell
     assert np.mean([np.log(p) for p in members], 0).argmax(1).tolist() == [0]
     with pytest.raises(ValueError, match="not logits"):
-        inference.ensemble_probabilities([np.log(confident_wrong)])
+        ensembling.ensemble_probabilities([np.log(confident_wrong)])
 
 
 def test_trio_is_heads_product_and_counts_as_one_model():
@@ -48,7 +49,7 @@ def test_trio_is_heads_product_and_counts_as_one_model():
         return x / x.sum(1, keepdims=True)
 
     masks, genders, ages = [softmax(5, 3), softmax(5, 3)], [softmax(5, 2)], [softmax(5, 3)]
-    trio = inference.combine_categories({"mask": masks, "gender": genders, "age": ages})
+    trio = ensembling.combine_categories({"mask": masks, "gender": genders, "age": ages})
     expected = dataset.heads_to_class_probs((masks[0] + masks[1]) / 2, genders[0], ages[0])
     assert np.allclose(trio, expected)
     # the argmax of the product decodes to the argmax of each (averaged) head
@@ -57,7 +58,7 @@ def test_trio_is_heads_product_and_counts_as_one_model():
     assert np.array_equal(gender, genders[0].argmax(1)) and np.array_equal(age, ages[0].argmax(1))
     # two 18-class models and a trio: three equal votes
     multi = [softmax(5, 18), softmax(5, 18)]
-    mixed = inference.combine_categories({"multi": multi, "mask": masks, "gender": genders,
+    mixed = ensembling.combine_categories({"multi": multi, "mask": masks, "gender": genders,
                                           "age": ages})
     assert np.allclose(mixed, (multi[0] + multi[1] + expected) / 3)
 
@@ -65,10 +66,10 @@ def test_trio_is_heads_product_and_counts_as_one_model():
 def test_incomplete_trio_without_18_class_model_names_the_missing():
     probs = np.full((2, 3), 1 / 3)
     with pytest.raises(UserError, match="none for gender, age"):
-        inference.combine_categories({"mask": [probs]})
+        ensembling.combine_categories({"mask": [probs]})
     multi = np.full((2, 18), 1 / 18)
     said = []
-    out = inference.combine_categories({"multi": [multi], "mask": [probs]}, say=said.append)
+    out = ensembling.combine_categories({"multi": [multi], "mask": [probs]}, say=said.append)
     assert np.allclose(out, multi) and "ignored" in said[0]
 
 
@@ -95,26 +96,25 @@ def test_fit_calibration_never_lowers_f1_on_its_data(seed):
     logits[np.arange(300), labels] += 1.0
     logits[:, 3] += 1.5  # a biased class: offsets can undo it
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    offsets = inference.fit_calibration(probs, labels, iterations=2)
+    offsets = ensembling.fit_calibration(probs, labels, iterations=2)
     before = f1_score(labels, probs.argmax(1), average="macro")
-    after = f1_score(labels, inference.calibrated_predictions(probs, offsets), average="macro")
+    after = f1_score(labels, ensembling.calibrated_predictions(probs, offsets), average="macro")
     assert after > before  # the bias is worth correcting, so the fit must find something
-    predicted = inference.calibrated_predictions(probs, offsets)
-    assert inference.macro_f1(labels, predicted) == pytest.approx(after)
-    assert inference.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
+    predicted = ensembling.calibrated_predictions(probs, offsets)
+    assert ensembling.macro_f1(labels, predicted) == pytest.approx(after)
+    assert ensembling.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
         f1_score(labels[:5], predicted[:5], average="macro"))  # labels absent on one side
     assert offsets.shape == (18,) and np.abs(offsets).max() <= 2
 
 
 # ---------------------------------------------------------------------------- with trained runs
 @pytest.fixture(scope="module")
-def trained_run(tiny_sample, tmp_path_factory) -> Path:
+def trained_run(tiny_sample, tmp_path_factory, run_flags) -> Path:
     """A BaseModel (with dropout) trained one epoch at 48x32 on the tiny sample."""
-    tmp = tmp_path_factory.mktemp("runs")
-    args = train.parse_args(["--data_dir", str(tiny_sample / "train" / "images"), "--epochs", "1",
-                             "--resize", "48", "32", "--model_dir", str(tmp),
-                             "--cache_dir", str(tmp / "cache"), "--batch_size", "32",
-                             "--drop_rate", "0.5", "--val_ratio", "0", "--device", "cpu"])
+    args = train.parse_args(run_flags(tiny_sample / "train" / "images",
+                                      tmp_path_factory.mktemp("runs"), "--epochs", "1",
+                                      "--resize", "48", "32", "--drop_rate", "0.5",
+                                      "--val_ratio", "0"))
     return Path(train.main(args)["run_dir"])
 
 
@@ -134,7 +134,7 @@ def test_submission_order_resize_and_scores(tiny_sample, trained_run, tmp_path, 
     assert written["ans"].between(0, 17).all()
     probs = pd.read_csv(tmp_path / "output_probs.csv", dtype={"ImageID": str})
     assert probs["ImageID"].tolist() == info["ImageID"].tolist()
-    assert np.allclose(probs[inference.PROB_COLUMNS].sum(1), 1, atol=1e-4)
+    assert np.allclose(probs[PROB_COLUMNS].sum(1), 1, atol=1e-4)
     # no --resize given: the checkpoint's 48x32 is used
     assert result["models"][0]["preprocess"].resize == (48, 32)
     assert result["caches"][0].shape == (len(info), 48, 32, 3)
@@ -200,7 +200,7 @@ def test_fit_calibration_cli_writes_json(tmp_path, capsys):
     probs[np.arange(200), labels] += 0.3
     probs /= probs.sum(1, keepdims=True)
     oof = pd.DataFrame({"path": "x", "profile": "p", "fold": 0, "label": labels})
-    oof = pd.concat([oof, pd.DataFrame(probs, columns=inference.PROB_COLUMNS)], axis=1)
+    oof = pd.concat([oof, pd.DataFrame(probs, columns=PROB_COLUMNS)], axis=1)
     oof.to_csv(tmp_path / "oof.csv", index=False)
     inference.main(inference.parse_args(["--fit_calibration", str(tmp_path)]))
     saved = json.loads((tmp_path / "calibration.json").read_text())
@@ -238,18 +238,16 @@ def test_find_checkpoints_takes_every_fold_in_order(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def category_runs(tiny_sample, tmp_path_factory) -> dict[str, Path]:
+def category_runs(tiny_sample, tmp_path_factory, run_flags) -> dict[str, Path]:
     """One-epoch mask, gender and age (6 bins) models at different sizes."""
     tmp = tmp_path_factory.mktemp("category-runs")
     runs = {}
     for category, size, extra in (("mask", ["48", "32"], []), ("gender", ["64", "48"], []),
                                   ("age", ["48", "32"], ["--age_label_num", "6"])):
-        args = train.parse_args(["--data_dir", str(tiny_sample / "train" / "images"),
-                                 "--epochs", "1", "--resize", *size, "--category", category,
-                                 "--model_dir", str(tmp), "--name", category, "--device", "cpu",
-                                 "--cache_dir", str(tmp / "cache"), "--batch_size", "64",
-                                 "--val_ratio", "0",
-                                 *extra])
+        args = train.parse_args(run_flags(tiny_sample / "train" / "images", tmp, "--epochs", "1",
+                                          "--resize", *size, "--category", category,
+                                          "--name", category, "--batch_size", "64",
+                                          "--val_ratio", "0", *extra))
         runs[category] = Path(train.main(args)["run_dir"])
     return runs
 
@@ -285,7 +283,7 @@ def garbage_run(tmp_path: Path) -> Path:
 
 def cli(capsys, *argv) -> tuple[int, str]:
     """inference.py in-process as the command line runs it: (exit code, stderr)."""
-    code = dataset.run_cli(inference.main, inference.parse_args, [str(a) for a in argv])
+    code = run_cli(inference.main, inference.parse_args, [str(a) for a in argv])
     return code, capsys.readouterr().err
 
 
@@ -380,7 +378,7 @@ def write_oof(run_dir: Path, rows: int = 60, seed: int = 4) -> Path:
     rng = np.random.default_rng(seed)
     oof = pd.DataFrame({"path": [f"p{i}.jpg" for i in range(rows)], "profile": "p", "fold": 0,
                         "label": rng.integers(0, 18, rows)})
-    probs = pd.DataFrame(rng.dirichlet(np.ones(18), rows), columns=inference.PROB_COLUMNS)
+    probs = pd.DataFrame(rng.dirichlet(np.ones(18), rows), columns=PROB_COLUMNS)
     run_dir.mkdir(parents=True, exist_ok=True)
     pd.concat([oof, probs], axis=1).to_csv(run_dir / "oof.csv", index=False)
     return run_dir / "oof.csv"

@@ -1,5 +1,4 @@
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,21 +11,24 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+import augmentation
+import dataset
+import engine
 import model as models
 import train
-from dataset import UserError
+from checked_io import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def kfold_args(train_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--data_dir", str(train_dir), "--model_dir", str(tmp_path / "runs"),
-            "--cache_dir", str(tmp_path.parent / "shared-cache"), "--resize", "32", "24",
-            "--batch_size", "32", "--valid_batch_size", "64", "--early_stopping_patience", "0",
-            *extra]
+@pytest.fixture()
+def kfold_args(run_flags):
+    def flags(train_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+        return run_flags(train_dir, tmp_path, "--early_stopping_patience", "0", *extra)
+    return flags
 
 
-def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path):
+def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path, kfold_args):
     result = train.main(train.parse_args(kfold_args(tiny_train_dir, tmp_path, "--kfold", "3",
                                                     "--epochs", "1", "--name", "cv")))
     run_dir = result["run_dir"]
@@ -44,9 +46,24 @@ def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path
     # every photo was scored by the fold whose model never trained on its person
     assert (oof["fold"].to_numpy() == oof["profile"].map(folds.set_index("profile")["fold"])).all()
     assert result["oof"]["f1"] == pytest.approx(f1_score(oof["label"], probs.argmax(1), average="macro"))
-    # the OOF probabilities are the fold model's own predictions
+    # the OOF probabilities of fold 1's photos are fold 1's model's own predictions
     checkpoint = torch.load(run_dir / "fold1" / "best.pth", weights_only=False)
-    assert checkpoint["fold"] == 1 and models.restore_model(checkpoint) is not None
+    assert checkpoint["fold"] == 1
+    net = models.restore_model(checkpoint)
+    in_fold = oof[oof["fold"] == 1]
+    preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
+    images = dataset.build_cache(in_fold["path"].tolist(), preprocess, tmp_path / "check-cache")
+    augment = augmentation.build_augmentation(checkpoint["augmentation"],
+                                              checkpoint["normalize"]["mean"],
+                                              checkpoint["normalize"]["std"])
+    batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=int),
+                                    np.arange(len(images)), 64)
+    expected, _ = engine.predict_probabilities(net, batches, augment, category="multi")
+    np.testing.assert_allclose(in_fold[[f"p{c}" for c in range(18)]].to_numpy(), expected,
+                               atol=1e-6)
+    other = models.restore_model(torch.load(run_dir / "fold0" / "best.pth", weights_only=False))
+    not_fold1, _ = engine.predict_probabilities(other, batches, augment, category="multi")
+    assert not np.allclose(not_fold1, expected, atol=1e-6)  # the check can tell models apart
 
     # folds.csv reused by another run gives identical folds (even with another seed)
     again = train.main(train.parse_args(kfold_args(
@@ -55,14 +72,14 @@ def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path
     assert pd.read_csv(again["run_dir"] / "folds.csv").equals(folds)
 
 
-def test_folds_file_must_cover_the_data(tiny_train_dir, tmp_path):
+def test_folds_file_must_cover_the_data(tiny_train_dir, tmp_path, kfold_args):
     bad = tmp_path / "folds.csv"
     pd.DataFrame({"profile": ["nobody"], "fold": [0]}).to_csv(bad, index=False)
     with pytest.raises(UserError, match="have no fold"):
         train.main(train.parse_args(kfold_args(tiny_train_dir, tmp_path, "--folds", str(bad))))
 
 
-def test_single_fold_then_resume_completes_the_run(tiny_train_dir, tmp_path):
+def test_single_fold_then_resume_completes_the_run(tiny_train_dir, tmp_path, kfold_args):
     args = kfold_args(tiny_train_dir, tmp_path, "--kfold", "2", "--epochs", "1", "--name", "spread")
     first = train.main(train.parse_args(args + ["--fold", "1"]))
     run_dir = first["run_dir"]
@@ -72,7 +89,7 @@ def test_single_fold_then_resume_completes_the_run(tiny_train_dir, tmp_path):
     assert finished["run_dir"] == run_dir and (run_dir / "oof.csv").is_file()
 
 
-def test_killed_kfold_resumes_without_retraining_finished_folds(tiny_train_dir, tmp_path):
+def test_killed_kfold_resumes_without_retraining_finished_folds(tiny_train_dir, tmp_path, kfold_args):
     command = [sys.executable, "train.py", *kfold_args(tiny_train_dir, tmp_path, "--kfold", "3",
                                                         "--epochs", "3", "--name", "killed")]
     victim = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -95,7 +112,7 @@ def test_killed_kfold_resumes_without_retraining_finished_folds(tiny_train_dir, 
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
-def test_torchrun_two_processes_gloo(tiny_train_dir, tmp_path):
+def test_torchrun_two_processes_gloo(tiny_train_dir, tmp_path, kfold_args):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         torchrun + ["train.py", *kfold_args(tiny_train_dir, tmp_path, "--epochs", "2",

@@ -1,14 +1,11 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset import HEAD_SIZES, NUM_CLASSES, decode_class  # noqa: E402
-from loss import LOSSES, CosineClassifier, MultiHeadLoss, build_loss  # noqa: E402
+from checked_io import NUM_CLASSES
+from dataset import HEAD_SIZES, decode_class
+from loss import LOSSES, MultiHeadLoss, build_loss
+from model import CosineClassifier
 
 BATCH = 6
 SCALE = 30.0
@@ -33,8 +30,9 @@ def make_soft(num_classes: int) -> torch.Tensor:
     return 0.7 * first + 0.3 * second
 
 
-def test_registry_names():
-    assert list(LOSSES) == ["cross_entropy", "focal", "label_smoothing", "f1", "arcface", "bce"]
+def test_registry_has_the_documented_losses():
+    # a subset, so adding a loss to the registry does not break it
+    assert {"cross_entropy", "focal", "label_smoothing", "f1", "arcface", "bce"} <= set(LOSSES)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

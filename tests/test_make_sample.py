@@ -1,5 +1,4 @@
 """make_sample: exact competition layout, determinism, and labels that match the drawn people."""
-import sys
 from pathlib import Path
 
 import cv2
@@ -7,11 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dataset import (GENDER_NAMES, MASK_BY_STEM, MASK_NAMES, NUM_CLASSES, PHOTO_STEMS, UserError,  # noqa: E402
-                     age_group, decode_class)
-from make_sample import MARKER, RACES, ensure_sample, eval_image_id, generate_sample, sample_person  # noqa: E402
+from checked_io import NUM_CLASSES, UserError
+from dataset import GENDER_NAMES, MASK_BY_STEM, MASK_NAMES, PHOTO_STEMS, age_group, decode_class
+from make_sample import MARKER, RACES, ensure_sample, eval_image_id, generate_sample, sample_person
 
 N_TRAIN, N_EVAL = 6, 2
 

@@ -7,7 +7,7 @@ import torchvision
 
 import dataset
 import model as models
-from dataset import UserError
+from checked_io import UserError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,6 +1,5 @@
 import csv
 import json
-import os
 import re
 import signal
 import subprocess
@@ -12,22 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+import augmentation
 import dataset
+import engine
+import loss as losses
 import model as models
 import train
-from dataset import UserError
+from checked_io import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_args(train_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--data_dir", str(train_dir), "--model_dir", str(tmp_path / "runs"),
-            "--cache_dir", str(tmp_path.parent / "shared-cache"), "--resize", "32", "24",
-            "--batch_size", "32", "--valid_batch_size", "64", *extra]
-
-
-def run(train_dir, tmp_path, *extra):
-    return train.main(train.parse_args(tiny_args(train_dir, tmp_path, *extra)))
+@pytest.fixture()
+def run(run_flags):
+    def train_tiny(train_dir, tmp_path, *extra):
+        return train.main(train.parse_args(run_flags(train_dir, tmp_path, *extra)))
+    return train_tiny
 
 
 def summary_rows(run_dir: Path) -> list[dict]:
@@ -37,10 +36,10 @@ def summary_rows(run_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("flag, values", [
-    ("--optimizer", train.OPTIMIZERS), ("--scheduler", train.SCHEDULERS),
-    ("--criterion", list(__import__("loss").LOSSES)), ("--augmentation", list(dataset.AUGMENTATIONS)),
-    ("--dataset", list(dataset.DATASETS)), ("--category", list(dataset.CATEGORY_CLASSES)),
-    ("--data_balancing", dataset.BALANCING), ("--amp", train.AMP_MODES), ("--crop", dataset.CROPS),
+    ("--optimizer", engine.OPTIMIZERS), ("--scheduler", engine.SCHEDULERS),
+    ("--criterion", list(losses.LOSSES)), ("--augmentation", list(augmentation.AUGMENTATIONS)),
+    ("--dataset", list(dataset.SPLITS)), ("--category", list(dataset.CATEGORY_CLASSES)),
+    ("--data_balancing", dataset.BALANCING), ("--amp", engine.AMP_MODES), ("--crop", dataset.CROPS),
 ])
 def test_every_choice_parses_and_a_typo_lists_the_choices(flag, values, capsys):
     for value in values:
@@ -122,8 +121,7 @@ def test_bad_names_and_paths_rejected_before_any_work(extra, expected, tmp_path)
     (["--kfold", "2", "--fold", "5"], "--fold 5: expected 0..1"),
     (["--kfold", "2", "--drop_ages", "0-200"], "leaves no training photo"),
 ])
-def test_split_problems_found_before_decoding_or_run_folders(tiny_train_dir, tmp_path, extra,
-                                                             expected):
+def test_split_problems_found_before_decoding_or_run_folders(tiny_train_dir, tmp_path, extra, expected):
     args = train.parse_args(["--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"),
                              "--cache_dir", str(tmp_path / "cache"), *extra])
     with pytest.raises(UserError, match=re.escape(expected)):
@@ -160,7 +158,7 @@ def test_run_folder_numbering_with_dotted_names(tmp_path):
 
 
 # ---------------------------------------------------------------------------- runs
-def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path):
+def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run):
     result = run(tiny_train_dir, tmp_path, "--epochs", "2", "--name", "first")
     run_dir = result["run_dir"]
     for name in ("config.json", "best.pth", "last.pth", "summary.csv"):
@@ -187,8 +185,8 @@ def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path):
     assert saved["epochs"] == 2 and saved["resize"] == [32, 24]
 
 
-def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path):
-    common = [sys.executable, "train.py", *tiny_args(tiny_train_dir, tmp_path, "--epochs", "3",
+def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path, run_flags):
+    common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "3",
                                                       "--early_stopping_patience", "0")]
     subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
@@ -223,14 +221,14 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path):
      "--scheduler", "reducelronplateau", "--warmup_epochs", "1", "--drop_ages", "57-59",
      "--old_age", "58", "--normalize", "dataset", "--channels_last", "--augmentation", "StrongAugmentation"],
 ])
-def test_model_and_loss_variants_train(tiny_train_dir, tmp_path, extra):
+def test_model_and_loss_variants_train(tiny_train_dir, tmp_path, extra, run):
     result = run(tiny_train_dir, tmp_path, "--epochs", "2", *extra)
     rows = summary_rows(result["run_dir"])
     assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
     assert 0 <= result["best_f1"] <= 1
 
 
-def test_weights_file_loads_into_another_head_size(tiny_train_dir, tmp_path, capsys):
+def test_weights_file_loads_into_another_head_size(tiny_train_dir, tmp_path, capsys, run):
     donor = models.build_model("BaseModel", 3)
     weights = tmp_path / "donor.pth"
     torch.save(donor.state_dict(), weights)
@@ -240,7 +238,7 @@ def test_weights_file_loads_into_another_head_size(tiny_train_dir, tmp_path, cap
     assert (result["run_dir"] / "best.pth").is_file()
 
 
-def test_resume_of_a_torn_checkpoint_leaves_the_run_folder_alone(tiny_train_dir, tmp_path):
+def test_resume_of_a_torn_checkpoint_leaves_the_run_folder_alone(tiny_train_dir, tmp_path, run):
     run_dir = run(tiny_train_dir, tmp_path, "--epochs", "1")["run_dir"]
     last = run_dir / "last.pth"
     last.write_bytes(last.read_bytes()[:3000])  # a copy cut short
@@ -251,20 +249,50 @@ def test_resume_of_a_torn_checkpoint_leaves_the_run_folder_alone(tiny_train_dir,
     assert (run_dir / "config.json").read_text() == config_before
 
 
-def test_early_stopping_stops(tiny_train_dir, tmp_path, capsys):
+def test_early_stopping_stops(tiny_train_dir, tmp_path, capsys, run):
     # lr 0: nothing improves after the first epoch, so patience 2 stops at epoch 3
     result = run(tiny_train_dir, tmp_path, "--epochs", "6", "--lr", "0", "--early_stopping_patience", "2")
     assert len(summary_rows(result["run_dir"])) == 3
     assert "--early_stopping_patience 0" in capsys.readouterr().out
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tiny_train_dir, tmp_path):
+def test_non_finite_loss_stops_with_a_clear_message(tiny_train_dir, tmp_path, run):
     with pytest.raises(UserError, match=r"loss is (nan|inf).*batch \d+ \(lr"):
         run(tiny_train_dir, tmp_path, "--epochs", "2", "--lr", "1e30", "--optimizer", "sgd")
     assert not any((tmp_path / "runs").iterdir())  # no checkpoint yet: no run folder left
 
 
-def test_pretrained_offline_names_weights_flag(tiny_train_dir, tmp_path):
+def test_pretrained_offline_names_weights_flag(tiny_train_dir, tmp_path, run):
     with pytest.raises(UserError, match="--weights"):
         run(tiny_train_dir, tmp_path, "--model", "resnet18", "--pretrained")
     assert not any((tmp_path / "runs").iterdir())
+
+
+def test_any_failure_before_the_first_checkpoint_leaves_no_folder(tiny_train_dir, tmp_path, run,
+                                                                  monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(engine, "train_one_epoch", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(tiny_train_dir, tmp_path, "--epochs", "1", "--name", "oom")
+    assert not (tmp_path / "runs" / "oom").exists()
+
+
+def test_a_model_of_fixed_input_size_names_it_before_data_loads(tmp_path):
+    args = train.parse_args(["--model", "vit_tiny_patch16_224", "--resize", "128", "96",
+                             "--data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match=r"^--resize 128 96: vit_tiny_patch16_224 takes only "
+                                        r"224x224 inputs; pass --resize 224 224$"):
+        train.main(args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_benchmark_and_train_build_the_same_trainer():
+    # benchmark.py builds through engine.build_trainer from train.py's own flags, so a setting
+    # like --multi_head reaches its loss as it reaches train.py's
+    settings = train.parse_args(["--multi_head", "--mixup"])
+    trainer = engine.build_trainer(settings, 18, torch.device("cpu"), steps_per_epoch=2)
+    assert isinstance(trainer.criterion, losses.MultiHeadLoss)
+    assert trainer.net.model_config["multi_head"] and trainer.mixer is not None
+    logits = trainer.net(torch.zeros(2, 3, 32, 24))
+    assert logits.shape == (2, 8)

@@ -1,0 +1,281 @@
+"""train.py's settings: every flag with its default (in argument groups), the limits each value
+must meet, and the replay of a saved config.json (--config, --resume), all checked before any
+data loads. benchmark.py reads the same defaults, so it builds its trainer as train.py would.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import augmentation
+import dataset
+import engine
+import loss as losses
+import model as models
+from checked_io import FlagParser, UserError, check_output_path, read_json_checked
+
+# old spellings of the competition's code, accepted but not listed in --help
+ALIASES = {"--age_lable_num": "--age_label_num"}
+
+
+def get_args_parser() -> FlagParser:
+    p = FlagParser(description="Train a face-mask classifier. Every flag is also accepted with "
+                               "hyphens (--batch-size for --batch_size).", aliases=ALIASES)
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=42, help="random seed (split, init, order, augmentation)")
+    run.add_argument("--epochs", type=int, default=1, help="number of epochs")
+    run.add_argument("--name", default="exp", help="run folder name under --model_dir (exp, exp2, ...)")
+    run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"),
+                     help="where run folders go ($SM_MODEL_DIR if set)")
+    run.add_argument("--config", default=None, help="a saved config.json replayed as defaults; flags override")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from last.pth")
+    run.add_argument("--log_interval", type=int, default=20, help="batches between TensorBoard loss points")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", default=None,
+                      help="train images folder ($SM_CHANNEL_TRAIN, else the bundled sample)")
+    data.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=list(dataset.SPLITS),
+                      help="MaskSplitByProfileDataset splits people; MaskBaseDataset splits images "
+                           "and LEAKS people across train and val")
+    data.add_argument("--val_ratio", type=float, default=0.2, help="share of people (or images) in validation")
+    data.add_argument("--kfold", type=int, default=0, help="train K fold models (0 = one train/val split)")
+    data.add_argument("--folds", default=None, metavar="CSV",
+                      help="reuse a folds.csv (profile,fold) of an earlier run, to compare models "
+                           "on the same folds")
+    data.add_argument("--fold", type=int, default=None,
+                      help="with --kfold: train only this fold (spread folds over GPUs with a shell loop)")
+    data.add_argument("--category", default="multi", choices=list(dataset.CATEGORY_CLASSES),
+                      help="predict the 18 classes or one of mask/gender/age")
+    data.add_argument("--age_label_num", type=int, default=3, choices=(3, 6),
+                      help="age classes trained: 3 groups, or 6 bins folded to 3 for scoring "
+                           "(--age_lable_num works too)")
+    data.add_argument("--old_age", type=int, default=60,
+                      help="first age trained as 60+ (validation always scores with the true 60)")
+    data.add_argument("--drop_ages", default=None, metavar="LO-HI",
+                      help="leave people aged LO..HI out of training only, e.g. 57-59")
+    data.add_argument("--relabel", default=None, metavar="CSV", help="relabel file: id,gender,age,swap_mask")
+    data.add_argument("--data_balancing", default="imbalance", choices=dataset.BALANCING,
+                      help="oversample train people by gender x decade (10s) or gender x age group (gene)")
+    data.add_argument("--weightsampler", action="store_true",
+                      help="sample train images inversely to class size")
+    data.add_argument("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
+    data.add_argument("--num_workers", type=int, default=0,
+                      help="threads decoding images into the cache (0 = one per core); training "
+                           "reads the cache and needs no loader workers")
+
+    images = p.add_argument_group("images and augmentation")
+    images.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"),
+                        help="model input size")
+    images.add_argument("--augmentation", default="CustomAugmentation",
+                        choices=list(augmentation.AUGMENTATIONS),
+                        help="; ".join(f"{k}: {v.help}" for k, v in augmentation.AUGMENTATIONS.items()))
+    images.add_argument("--crop", default=None, choices=dataset.CROPS,
+                        help="crop before resizing (when not given: the augmentation's; face = "
+                             "detected face box)")
+    images.add_argument("--face_margin", type=float, default=0.4, help="face box expansion per side (--crop face)")
+    images.add_argument("--canny", action="store_true", help="add a Canny-edge channel through a learned 1x1 conv")
+    images.add_argument("--normalize", default="imagenet", choices=("imagenet", "dataset"),
+                        help="ImageNet mean/std, or the training images' own")
+    images.add_argument("--mixup", action="store_true", help="MixUp batches (soft targets)")
+    images.add_argument("--cutmix", action="store_true", help="CutMix batches (soft targets)")
+    images.add_argument("--mixup_alpha", type=float, default=0.2, help="MixUp Beta(alpha, alpha)")
+    images.add_argument("--cutmix_alpha", type=float, default=1.0, help="CutMix Beta(alpha, alpha)")
+
+    net = p.add_argument_group("model")
+    net.add_argument("--model", default="BaseModel", help=models.MODEL_HELP)
+    net.add_argument("--multi_head", action="store_true",
+                     help="one backbone, three heads (mask, gender, age); 18-class p = product of heads")
+    net.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
+    net.add_argument("--weights", default=None, metavar="FILE",
+                     help="local pretrained state dict; heads of another size are re-initialised")
+    net.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier")
+
+    crit = p.add_argument_group("loss")
+    crit.add_argument("--criterion", default="cross_entropy", choices=list(losses.LOSSES), help="loss")
+    crit.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength")
+    crit.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
+    crit.add_argument("--arc_scale", type=float, default=30.0, help="arcface logit scale")
+    crit.add_argument("--arc_margin", type=float, default=0.5, help="arcface angular margin (radians)")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch_size", type=int, default=64, help="training batch size")
+    opt.add_argument("--valid_batch_size", type=int, default=1000, help="validation batch size")
+    opt.add_argument("--optimizer", default="adam", choices=engine.OPTIMIZERS, help="optimizer")
+    opt.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    opt.add_argument("--momentum", type=float, default=0.9, help="momentum (optimizer momentum)")
+    opt.add_argument("--weight_decay", type=float, default=0.0, help="weight decay")
+    opt.add_argument("--scheduler", default="steplr", choices=engine.SCHEDULERS, help="learning-rate schedule")
+    opt.add_argument("--lr_decay_step", type=int, default=20, help="steplr: epochs between decays")
+    opt.add_argument("--gamma", type=float, default=0.5, help="steplr/exponentiallr/lambdalr decay factor")
+    opt.add_argument("--tmax", type=int, default=None,
+                     help="cosineannealinglr period in epochs (when not given: --epochs)")
+    opt.add_argument("--maxlr", type=float, default=None, help="cycliclr upper lr (when not given: 10 x --lr)")
+    opt.add_argument("--mode", default="max", choices=("min", "max"),
+                     help="reducelronplateau: min watches val loss, max watches val F1")
+    opt.add_argument("--factor", type=float, default=0.5, help="reducelronplateau factor")
+    opt.add_argument("--patience", type=int, default=2, help="reducelronplateau patience (epochs)")
+    opt.add_argument("--threshold", type=float, default=1e-4, help="reducelronplateau threshold")
+    opt.add_argument("--warmup_epochs", type=int, default=0, help="linear lr warm-up epochs")
+    opt.add_argument("--early_stopping_patience", type=int, default=5,
+                     help="stop after N epochs without a better val F1 (0 or -1 = off)")
+
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    speed.add_argument("--amp", default="auto", choices=engine.AMP_MODES,
+                       help="mixed precision (auto: bf16 on CUDA)")
+    speed.add_argument("--channels_last", action="store_true", help="channels_last memory format")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
+
+    dist = p.add_argument_group("distributed", "torchrun --nproc_per_node N train.py ... trains one "
+                                               "model on N processes (DDP; gloo on CPU)")
+    dist.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across torchrun processes")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; --config/--resume replay a saved config.json under the flags actually given."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    replay = args.config or (args.resume and str(Path(args.resume) / "config.json"))
+    if not replay:
+        return args
+    saved = read_json_checked(replay)
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
+    saved = {k: v for k, v in saved.items() if k not in ("config", "resume")}
+    for action in parser._actions:
+        if action.dest in saved:
+            check_replayed(action, saved[action.dest], replay)
+    parser.set_defaults(**saved)
+    return parser.parse_args(argv)
+
+
+def check_replayed(action: argparse.Action, value, source: str) -> None:
+    """A setting of a saved config.json has the shape and type its flag would give (a hand-edited
+    file skips argparse's conversion, so '"resize": 32' would fail deep inside training)."""
+    names = {int: "an integer", float: "a number"}
+    expected = names.get(action.type, "a string")
+    if action.nargs == 0:  # store_true / store_false
+        expected, fits = "true or false", isinstance(value, bool)
+    elif isinstance(action.nargs, int):
+        expected = f"a list of {action.nargs} values"
+        fits = isinstance(value, list) and len(value) == action.nargs and all(
+            action.type is None or isinstance(v, action.type) for v in value)
+    elif value is None:
+        fits = action.default is None or action.type is None
+    elif action.type in (int, float):
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            action.type is float or float(value).is_integer())
+    else:
+        fits = isinstance(value, str)
+    if fits and value is not None and action.choices is not None and value not in action.choices:
+        expected, fits = "one of " + ", ".join(map(str, action.choices)), False
+    if not fits:
+        raise UserError(f"{source}: setting '{action.dest}' is {json.dumps(value)}; "
+                        f"expected {expected}")
+
+
+# flag -> (is the value fine?, what was expected): checked before any data loads
+LIMITS = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "valid_batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: v >= 0, "a learning rate of 0 or more"),  # 0 freezes: a sanity check
+    "momentum": (lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "gamma": (lambda v: v > 0, "a decay factor above 0"),
+    "lr_decay_step": (lambda v: v >= 1, "at least 1 epoch"),
+    "tmax": (lambda v: v is None or v >= 1, "at least 1 epoch"),
+    "maxlr": (lambda v: v is None or v > 0, "a learning rate above 0"),
+    "factor": (lambda v: 0 < v < 1, "0 < factor < 1"),
+    "patience": (lambda v: v >= 0, "0 or more epochs"),
+    "threshold": (lambda v: v >= 0, "0 or more"),
+    "warmup_epochs": (lambda v: v >= 0, "0 or more epochs"),
+    "early_stopping_patience": (lambda v: v >= -1, "-1 or 0 (off) or a number of epochs"),
+    "log_interval": (lambda v: v >= 1, "at least 1 batch"),
+    "num_workers": (lambda v: v >= 0, "0 (one per core) or more"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "0 <= seed < 2**32"),
+    "mixup_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
+    "cutmix_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
+    "smoothing": (lambda v: 0 <= v < 1, "0 <= smoothing < 1"),
+    "focal_gamma": (lambda v: v >= 0, "0 or more"),
+    "arc_scale": (lambda v: v > 0, "a scale above 0"),
+    "arc_margin": (lambda v: 0 <= v < math.pi / 2, "0 <= margin < pi/2 radians"),
+    "drop_rate": (lambda v: 0 <= v < 1, "0 <= rate < 1"),
+    "face_margin": (lambda v: v >= 0, "0 or more (a fraction of the face box per side)"),
+    "old_age": (lambda v: v > 30, "an age above 30 (30..old_age-1 is the middle group)"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject every bad name, number or combination before data loads."""
+    for flag, (fine, expected) in LIMITS.items():
+        if not fine(getattr(args, flag)):
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
+    if args.name in ("", ".", "..") or Path(args.name).name != args.name or "\\" in args.name:
+        raise UserError(f"--name '{args.name}': expected a plain folder name (no '/'); "
+                        "use --model_dir for where run folders go")
+    check_output_path(args.model_dir, "--model_dir", folder=True)
+    check_output_path(args.cache_dir, "--cache_dir", folder=True)
+    try:
+        models.validate_model_name(args.model)
+    except ValueError as why:
+        raise UserError(f"--model: {why}") from None
+    fixed = models.fixed_input_size(args.model)
+    if fixed is not None and tuple(args.resize) != fixed:
+        raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: {args.model} takes only "
+                        f"{fixed[0]}x{fixed[1]} inputs; pass --resize {fixed[0]} {fixed[1]}")
+    if args.multi_head and (args.category != "multi" or args.age_label_num != 3):
+        raise UserError("--multi_head needs --category multi and --age_label_num 3")
+    if args.criterion == "arcface" and args.multi_head:
+        raise UserError("--criterion arcface works with single-head models; drop --multi_head")
+    if not 0 <= args.val_ratio < 1:
+        raise UserError(f"--val_ratio {args.val_ratio}: expected 0 <= ratio < 1")
+    if args.kfold == 1 or args.kfold < 0:
+        raise UserError(f"--kfold {args.kfold}: expected 0 (off) or at least 2")
+    if args.fold is not None and not (args.kfold or args.folds):
+        raise UserError(f"--fold {args.fold} needs --kfold K or --folds FILE")
+    if min(args.resize) < 16:
+        raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
+    drop_range(args.drop_ages)
+    for flag in ("relabel", "weights", "config", "folds"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise UserError(f"--{flag} {path}: file not found")
+    if args.resume and not (Path(args.resume) / "config.json").is_file():
+        raise UserError(f"--resume {args.resume}: not a run folder (no config.json there)")
+    if args.resume:  # before its config.json is rewritten with this call's flags
+        for last in [Path(args.resume) / "last.pth", *Path(args.resume).glob("fold*/last.pth")]:
+            if last.is_file():
+                models.load_checkpoint(last, mmap=True)
+    if args.weights:
+        models.read_state_dict(args.weights)
+    engine.resolve_device(args.device)
+
+
+def drop_range(text: str | None) -> tuple[int, int] | None:
+    """--drop_ages 'LO-HI' -> (LO, HI), None when not given; UserError when malformed."""
+    if not text:
+        return None
+    try:
+        low, high = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise UserError(f"--drop_ages '{text}': expected LO-HI, e.g. 57-59") from None
+    if low > high:
+        raise UserError(f"--drop_ages '{text}': expected LO <= HI, e.g. 57-59")
+    return low, high
+
+
+def preprocess_of(settings: argparse.Namespace) -> dataset.Preprocess:
+    """The deterministic image pipeline (crop, size, edges) of a run's settings: what its cache
+    holds and what its checkpoints tell inference."""
+    crop = settings.crop or augmentation.AUGMENTATIONS[settings.augmentation].crop
+    return dataset.Preprocess(resize=tuple(settings.resize), crop=crop, canny=settings.canny,
+                              face_margin=settings.face_margin)

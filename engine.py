@@ -1,0 +1,446 @@
+"""What training, inference and the benchmark share: the device and its precision, the torchrun
+process group, the trainer's parts, one epoch of training, predicting, evaluating and scoring.
+
+build_trainer is the one place a model, loss, optimizer, schedule, scaler, augmentation and mixer
+are made from a run's settings (train.py's flags; benchmark.py passes the same), so what the
+benchmark times is what train.py trains.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from tqdm import tqdm
+
+import augmentation
+import dataset
+import loss as losses
+import model as models
+from checked_io import UserError
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad")
+SCHEDULERS = ("steplr", "lambdalr", "exponentiallr", "cycliclr", "cosineannealinglr",
+              "reducelronplateau")
+
+
+def tune_host_allocator() -> None:
+    """Let glibc reuse freed memory for big tensors instead of mapping fresh pages every batch.
+
+    Above its mmap threshold (32 MB at most) glibc maps each allocation anew and unmaps it on free,
+    so every 224x224 batch paid ~10k page faults per temporary; measured here, raising the threshold
+    doubled the CPU batch-augmentation throughput. A no-op where glibc's mallopt is missing.
+    """
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (CUDA when there is one), cpu, cuda or cuda:N; UserError when unusable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device '{name}': expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp, or None for full precision."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if mode == "bf16":
+            raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
+        return torch.float16
+    return torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: one, or several under torchrun (DistributedDataParallel)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def broadcast(self, value):
+        """rank 0's value, on every rank."""
+        if not self.distributed:
+            return value
+        holder = [value]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather(self, value) -> list:
+        if not self.distributed:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def say(self, message: str) -> None:
+        """Print on rank 0 only: one line per event, however many processes run."""
+        if self.main:
+            print(message, flush=True)
+
+
+def start_processes(device_name: str) -> Processes:
+    """Join the torchrun group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return Processes(rank, world, local_rank)
+
+
+def process_device(device_name: str, procs: Processes) -> torch.device:
+    """--device for this process: its own GPU (LOCAL_RANK) under torchrun."""
+    device = resolve_device(device_name)
+    if procs.distributed and device.type == "cuda":
+        return torch.device("cuda", procs.local_rank)
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state: seeded runs, and exact resumes
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's parts, built from a run's settings
+# ----------------------------------------------------------------------------------------------
+def build_optimizer(settings: Any, params, device: torch.device) -> torch.optim.Optimizer:
+    # fused kernels on CUDA: one launch for all parameters instead of one per tensor
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if settings.optimizer in ("sgd", "momentum"):
+        momentum = settings.momentum if settings.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(params, lr=settings.lr, momentum=momentum,
+                               weight_decay=settings.weight_decay, **fast)
+    if settings.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                   foreach=True)
+    optimizer = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(params, lr=settings.lr, weight_decay=settings.weight_decay, **fast)
+
+
+def build_scheduler(settings: Any, optimizer, steps_per_epoch: int):
+    """Returns (scheduler, steps per batch?). Epoch schedulers step after each epoch."""
+    s = torch.optim.lr_scheduler
+    if settings.scheduler == "steplr":
+        return s.StepLR(optimizer, step_size=settings.lr_decay_step, gamma=settings.gamma), False
+    if settings.scheduler == "lambdalr":
+        gamma = settings.gamma
+        return s.LambdaLR(optimizer, lr_lambda=lambda epoch: gamma ** epoch), False
+    if settings.scheduler == "exponentiallr":
+        return s.ExponentialLR(optimizer, gamma=settings.gamma), False
+    if settings.scheduler == "cosineannealinglr":
+        return s.CosineAnnealingLR(optimizer, T_max=settings.tmax or settings.epochs), False
+    if settings.scheduler == "reducelronplateau":
+        return s.ReduceLROnPlateau(optimizer, mode=settings.mode, factor=settings.factor,
+                                   patience=settings.patience, threshold=settings.threshold), False
+    # cycliclr: one triangle every 2 epochs, stepping per batch
+    max_lr = settings.maxlr or settings.lr * 10
+    return s.CyclicLR(optimizer, base_lr=settings.lr, max_lr=max_lr, step_size_up=steps_per_epoch,
+                      cycle_momentum=False), True
+
+
+def build_network(settings: Any, n_out: int, device: torch.device,
+                  procs: Processes) -> tuple[nn.Module, nn.Module]:
+    """(the plain model, what the loop calls: DDP- and/or torch.compile-wrapped)."""
+    net = models.build_model(settings.model, n_out, multi_head=settings.multi_head,
+                             canny=settings.canny, cosine_head=settings.criterion == "arcface",
+                             cosine_scale=settings.arc_scale, pretrained=settings.pretrained,
+                             weights=settings.weights, drop_rate=settings.drop_rate)
+    if settings.sync_bn and procs.distributed and device.type != "cuda":
+        procs.say("--sync_bn: SyncBatchNorm runs on CUDA only; ignored on CPU")
+    elif settings.sync_bn and procs.distributed:
+        config = net.model_config
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net.model_config = config
+    net.to(device)
+    if settings.channels_last:
+        net.to(memory_format=torch.channels_last)
+    runner = net
+    if procs.distributed:
+        runner = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        runner = torch.compile(runner)
+    runner.model_config = net.model_config
+    return net, runner
+
+
+def build_criterion(settings: Any, n_out: int) -> nn.Module:
+    """The run's loss: one per head of a multi-head model, over 18-class targets."""
+    return losses.build_loss(
+        settings.criterion, dataset.NUM_CLASSES if settings.multi_head else n_out,
+        multi_head=settings.multi_head, smoothing=settings.smoothing, gamma=settings.focal_gamma,
+        scale=settings.arc_scale, margin=settings.arc_margin)
+
+
+@dataclass
+class Trainer:
+    """Everything one optimisation step needs; ``net`` is the plain model that checkpoints hold,
+    ``runner`` what the loop calls (DDP / compiled)."""
+    net: nn.Module
+    runner: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_batch_schedule: bool
+    scaler: torch.amp.GradScaler | None
+    augment: nn.Module
+    mixer: Any
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    def state_dict(self) -> dict:
+        """What --resume needs besides the model weights."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_epoch: int,
+                  mean=augmentation.IMAGENET_MEAN, std=augmentation.IMAGENET_STD,
+                  channels: int = 3, procs: Processes = Processes()) -> Trainer:
+    """Model, loss, optimizer, schedule, scaler, augmentation and mixer as ``settings`` (train.py's
+    flags) say, on ``device``."""
+    net, runner = build_network(settings, n_out, device, procs)
+    optimizer = build_optimizer(settings, net.parameters(), device)
+    scheduler, per_batch = build_scheduler(settings, optimizer, steps_per_epoch)
+    autocast = amp_dtype(settings.amp, device)
+    mixed_classes = dataset.NUM_CLASSES if settings.multi_head else n_out
+    return Trainer(
+        net=net, runner=runner, criterion=build_criterion(settings, n_out).to(device),
+        optimizer=optimizer, scheduler=scheduler, per_batch_schedule=per_batch,
+        scaler=torch.amp.GradScaler(device.type) if autocast == torch.float16 else None,
+        augment=augmentation.build_augmentation(settings.augmentation, mean, std,
+                                                channels).to(device),
+        mixer=augmentation.build_mixer(mixed_classes, settings.mixup, settings.cutmix,
+                                       settings.mixup_alpha, settings.cutmix_alpha),
+        autocast_dtype=autocast, channels_last=settings.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch of training, one pass of prediction
+# ----------------------------------------------------------------------------------------------
+class NonFiniteLoss(UserError):
+    pass
+
+
+def _check_finite(value: float, where: str, optimizer) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss is {value} {where} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+                            "stopped, the checkpoints of earlier epochs (if any) are kept; try a "
+                            "lower --lr or --amp off")
+
+
+def train_one_epoch(trainer: Trainer, batches, *, augment: nn.Module | None = None,
+                    warmup: tuple[int, int] | None = None, epoch: int = 0,
+                    log_interval: int = 20, writer=None, progress: bool = True) -> dict:
+    """One pass over ``batches`` (uint8 images, targets, rows); returns {'loss', 'images',
+    'seconds', 'images_per_s'}. ``augment`` replaces the trainer's (the benchmark's ready
+    batches); ``warmup`` = (steps done before this epoch, warm-up steps in all) ramps the lr."""
+    model, optimizer, scaler = trainer.runner, trainer.optimizer, trainer.scaler
+    augment = trainer.augment if augment is None else augment
+    batch_scheduler = trainer.scheduler if trainer.per_batch_schedule and warmup is None else None
+    model.train()
+    augment.train()
+    device = next(model.parameters()).device
+    total_loss = torch.zeros((), device=device)
+    seen, started = 0, time.perf_counter()
+    base_lrs = [group["initial_lr"] if "initial_lr" in group else group["lr"]
+                for group in optimizer.param_groups]
+    # disable=None hides the bar when stderr is not a terminal (logs, CI)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=None if progress else True)
+    for step, (images, targets, _) in enumerate(bar):
+        if warmup is not None:  # linear warm-up over the first warmup epochs, per batch
+            done, total = warmup[0] + step + 1, warmup[1]
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * min(1.0, done / total)
+        inputs = augment(images)
+        if trainer.mixer is not None:
+            inputs, targets = trainer.mixer(inputs, targets)
+        if trainer.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=trainer.autocast_dtype,
+                            enabled=trainer.autocast_dtype is not None):
+            logits = model(inputs)
+            batch_loss = trainer.criterion(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(batch_loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            batch_loss.backward()
+            optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        total_loss += batch_loss.detach() * len(images)
+        seen += len(images)
+        # checking on the host waits for the device, so CUDA checks only every log_interval
+        if device.type != "cuda" or (step + 1) % log_interval == 0:
+            value = batch_loss.item()
+            _check_finite(value, f"at epoch {epoch + 1}, batch {step + 1}", optimizer)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if writer is not None and (step + 1) % log_interval == 0:
+                writer.add_scalar("Loss/train_batch", value, epoch * len(batches) + step)
+    mean_loss = (total_loss / max(seen, 1)).item()
+    _check_finite(mean_loss, f"in epoch {epoch + 1}", optimizer)
+    seconds = time.perf_counter() - started
+    return {"loss": mean_loss, "images": seen, "seconds": seconds,
+            "images_per_s": seen / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, batches, augment: nn.Module, *, category: str,
+                          age_label_num: int = 3, autocast_dtype=None, channels_last: bool = False,
+                          criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
+    """Scored-space probabilities for every batch (eval mode, in order) and the mean loss."""
+    model.eval()
+    augment.eval()
+    device = next(model.parameters()).device
+    probs, total_loss, seen = [], 0.0, 0
+    for images, targets, _ in batches:
+        inputs = augment(images)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(inputs).float()
+        if criterion is not None:
+            total_loss += criterion(logits, targets).item() * len(images)
+            seen += len(images)
+        p = models.class_probabilities(model.model_config, logits).cpu().numpy()
+        probs.append(dataset.fold_age6(p, category) if age_label_num == 6 else p)
+    return np.concatenate(probs), total_loss / max(seen, 1)
+
+
+def mirrored(batches):
+    """The same batches flipped left to right, for flip TTA."""
+    for images, targets, rows in batches:  # uint8 [B, H, W, C]: W is dim 2
+        yield images.flip(2), targets, rows
+
+
+TTA_MODES = ("none", "flip")
+
+
+def predict_views(model: nn.Module, batches, augment: nn.Module, *, tta: str = "none",
+                  category: str, age_label_num: int = 3, autocast_dtype=None,
+                  channels_last: bool = False) -> np.ndarray:
+    """Scored-space probabilities averaged over the test-time views (--tta flip: the photo and
+    its mirror image)."""
+    views = [batches, mirrored(batches)] if tta == "flip" else [batches]
+    probs = [predict_probabilities(model, view, augment, category=category,
+                                   age_label_num=age_label_num, autocast_dtype=autocast_dtype,
+                                   channels_last=channels_last)[0] for view in views]
+    return np.stack([p.astype(np.float64) for p in probs]).mean(0)
+
+
+def score(probs: np.ndarray, true_labels: np.ndarray, category: str) -> dict:
+    """Macro F1 (sklearn, the competition's metric), accuracy and, for 18 classes, per-head F1."""
+    truth = dataset.category_target(true_labels, category)
+    predicted = probs.argmax(1)
+    metrics = {"f1": f1_score(truth, predicted, average="macro"),
+               "acc": float((truth == predicted).mean())}
+    if category == "multi":
+        for head, t, p in zip(("mask", "gender", "age"), dataset.decode_class(truth),
+                              dataset.decode_class(predicted)):
+            metrics[f"f1_{head}"] = f1_score(t, p, average="macro")
+    return metrics
+
+
+def evaluate(model: nn.Module, batches, augment: nn.Module, true_labels: np.ndarray, *,
+             category: str, age_label_num: int = 3, criterion=None, autocast_dtype=None,
+             channels_last: bool = False, procs: Processes = Processes(),
+             positions: np.ndarray | None = None) -> dict:
+    """Val loss, macro F1, accuracy, per-head F1, plus 'probs', 'predictions' and 'truth'.
+
+    Under torchrun each process predicts its share of the photos (``batches``, at ``positions``
+    of ``true_labels``); the shares are gathered so every process returns the same metrics.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # eval needs no gradient sync, and ranks see different photos
+    probs, loss = predict_probabilities(
+        model, batches, augment, category=category, age_label_num=age_label_num,
+        autocast_dtype=autocast_dtype, channels_last=channels_last, criterion=criterion)
+    positions = np.arange(len(true_labels)) if positions is None else positions
+    parts = procs.gather((positions, probs, loss * len(positions)))
+    all_probs = np.zeros((len(true_labels), probs.shape[1]))
+    for where, part, _ in parts:
+        all_probs[where] = part
+    val_loss = sum(p[2] for p in parts) / max(len(true_labels), 1)
+    return {"loss": val_loss, **score(all_probs, true_labels, category), "probs": all_probs,
+            "predictions": all_probs.argmax(1),
+            "truth": dataset.category_target(true_labels, category)}

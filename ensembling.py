@@ -1,0 +1,129 @@
+"""Combining models: soft voting of probabilities (never logits), a mask + gender + age trio of
+per-category models into 18 classes, and per-class calibration offsets that tune macro F1 on
+out-of-fold predictions. inference.py applies them to the eval photos."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+import dataset
+from checked_io import (NUM_CLASSES, PROB_COLUMNS, UserError, check_labels, check_probabilities,
+                        read_csv_checked, read_json_checked)
+
+HEAD_CATEGORIES = ("mask", "gender", "age")
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_GRID = np.linspace(-2.0, 2.0, 17)  # coarse on purpose: a fine grid overfits the OOF
+
+VOTING_RULE = """\
+soft voting:
+  Every checkpoint is one model (each fold of a k-fold run counts as one). A model's
+  probabilities are averaged over its views (--tta flip: original + mirrored), then:
+  - 18-class models (plain or multi-head) each give one 18-class estimate;
+  - per-category models (--category mask/gender/age; 6 age bins folded to 3) are averaged
+    per category, and a complete mask+gender+age trio gives ONE 18-class estimate
+    p(mask) * p(gender) * p(age);
+  - the answer's probabilities are the mean of all 18-class estimates.
+  Probabilities are averaged, never logits. Per-category models without a complete trio need
+  an 18-class model (they are then ignored, with a warning); otherwise it is an error.
+  ans = argmax(log p + calibration offsets) when calibrated; the _probs.csv keeps the raw p."""
+
+
+def ensemble_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
+    """Soft vote: the mean of probability arrays of one shape (never logits: rows must sum to 1)."""
+    if not probabilities:
+        raise ValueError("no probabilities to average")
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])
+    if (stacked < 0).any() or not np.allclose(stacked.sum(-1), 1.0, atol=1e-3):
+        raise ValueError("expected probabilities (non-negative, rows summing to 1), not logits")
+    return stacked.mean(0)
+
+
+def check_categories(categories: Sequence[str]) -> list[str]:
+    """Missing head categories of an incomplete trio; an error when nothing makes 18 classes."""
+    heads = {c for c in categories if c in HEAD_CATEGORIES}
+    missing = [c for c in HEAD_CATEGORIES if c not in heads]
+    if heads and missing and "multi" not in categories:
+        raise UserError(f"models for {', '.join(sorted(heads))} but none for {', '.join(missing)}: "
+                        "add a model of each missing category, or an 18-class model")
+    if not categories:
+        raise UserError("no models given")
+    return missing if heads else []
+
+
+def combine_categories(probs_by_category: dict[str, list[np.ndarray]],
+                       say: Callable[[str], None] = print) -> np.ndarray:
+    """18-class probabilities from 18-class models and/or a mask+gender+age trio (see --help)."""
+    present = [c for c, probs in probs_by_category.items() if len(probs)]
+    missing = check_categories(present)
+    estimates = list(probs_by_category.get("multi", []))
+    if missing:
+        say(f"warning: no {', '.join(missing)} model; the per-category models are ignored")
+    elif any(c in present for c in HEAD_CATEGORIES):
+        heads = [ensemble_probabilities(probs_by_category[c]) for c in HEAD_CATEGORIES]
+        estimates.append(dataset.heads_to_class_probs(*heads))
+    return ensemble_probabilities(estimates)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: per-class offsets on log-probabilities
+# ----------------------------------------------------------------------------------------------
+def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    if offsets is None:
+        return probs.argmax(1)
+    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int = NUM_CLASSES) -> float:
+    """sklearn's macro F1 (over the labels present in either array) from one bincount: the
+    calibration search scores hundreds of candidates, where sklearn's checks dominate."""
+    counts = np.bincount(truth * n_classes + predicted, minlength=n_classes * n_classes)
+    counts = counts.reshape(n_classes, n_classes)
+    both = counts.sum(0) + counts.sum(1)
+    present = both > 0
+    return float(np.mean(2 * np.diag(counts)[present] / both[present]))
+
+
+def fit_calibration(oof_probs: np.ndarray, labels: np.ndarray, iterations: int = 3,
+                    grid: np.ndarray = CALIBRATION_GRID) -> np.ndarray:
+    """Per-class log-prob offsets maximising macro F1, by coordinate ascent over ``grid``.
+    A change is kept only when it raises F1, so F1 never falls and offsets stay at 0 otherwise."""
+    log_probs = np.log(np.clip(oof_probs, 1e-12, None))
+    labels = np.asarray(labels, dtype=np.int64)
+    n_classes = oof_probs.shape[1]
+    offsets = np.zeros(n_classes)
+    best = macro_f1(labels, log_probs.argmax(1), n_classes)
+    for _ in range(iterations):
+        improved = False
+        for c in range(n_classes):
+            for value in grid:
+                trial = offsets.copy()
+                trial[c] = value
+                f1 = macro_f1(labels, (log_probs + trial).argmax(1), n_classes)
+                if f1 > best + 1e-12:
+                    best, offsets, improved = f1, trial, True
+        if not improved:
+            break
+    return offsets
+
+
+def read_oof(oof_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """oof.csv of a --category multi k-fold run -> (probabilities [N, 18], labels [N]), every
+    cell checked: a bad one would otherwise surface as a numpy error or a silent NaN score."""
+    oof = read_csv_checked(oof_path, ["label"])
+    if not set(PROB_COLUMNS) <= set(oof.columns):
+        raise UserError(f"{oof_path}: calibration needs the 18 columns p0..p17 of a "
+                        "--category multi run")
+    if oof.empty:
+        raise UserError(f"{oof_path}: no rows; expected one scored photo per row")
+    labels = check_labels(oof["label"], str(oof_path), "label")
+    return check_probabilities(oof, str(oof_path)), labels
+
+
+def read_calibration(path: Path) -> np.ndarray:
+    offsets = read_json_checked(path).get("offsets")
+    if (not isinstance(offsets, list) or len(offsets) != NUM_CLASSES
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in offsets)):
+        raise UserError(f"{path}: expected \"offsets\": a list of {NUM_CLASSES} finite numbers")
+    return np.asarray(offsets, dtype=float)
