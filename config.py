@@ -19,6 +19,8 @@ from checked_io import FlagParser, UserError, check_output_path, read_json_check
 
 # old spellings of the competition's code, accepted but not listed in --help
 ALIASES = {"--age_lable_num": "--age_label_num"}
+# flags that were on/off switches: config.json files of older runs hold true/false for them
+WERE_BOOLEAN = {"channels_last": {True: "on", False: "off"}}
 
 
 def get_args_parser() -> FlagParser:
@@ -126,8 +128,13 @@ def get_args_parser() -> FlagParser:
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     speed.add_argument("--amp", default="auto", choices=engine.AMP_MODES,
-                       help="mixed precision (auto: bf16 on CUDA)")
-    speed.add_argument("--channels_last", action="store_true", help="channels_last memory format")
+                       help="mixed precision. auto: bf16 on CUDA, and on a CPU with native bf16 "
+                            "(AMX / AVX-512 BF16) for models measured to gain from it; else fp32. "
+                            "off: fp32. The choice is printed and recorded in config.json")
+    speed.add_argument("--channels_last", nargs="?", const="on", default="auto",
+                       choices=engine.CHANNELS_LAST_MODES,
+                       help="channels_last memory format (auto: on on a CPU and where --amp "
+                            "runs autocast; the bare flag means on)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
 
@@ -153,6 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for action in parser._actions:
         if action.dest in saved:
             check_replayed(action, saved[action.dest], replay)
+    for dest, values in WERE_BOOLEAN.items():  # run folders of older versions
+        if isinstance(saved.get(dest), bool):
+            saved[dest] = values[saved[dest]]
     parser.set_defaults(**saved)
     return parser.parse_args(argv)
 
@@ -162,7 +172,12 @@ def check_replayed(action: argparse.Action, value, source: str) -> None:
     file skips argparse's conversion, so '"resize": 32' would fail deep inside training)."""
     names = {int: "an integer", float: "a number"}
     expected = names.get(action.type, "a string")
-    if action.nargs == 0:  # store_true / store_false
+    if action.dest in WERE_BOOLEAN and not isinstance(value, bool):
+        fits = value in action.choices
+        expected = "true or false (older runs) or one of " + ", ".join(action.choices)
+    elif action.dest in WERE_BOOLEAN:
+        return
+    elif action.nargs == 0:  # store_true / store_false
         expected, fits = "true or false", isinstance(value, bool)
     elif isinstance(action.nargs, int):
         expected = f"a list of {action.nargs} values"

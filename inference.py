@@ -54,8 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="override the augmentation (in eval mode it only normalizes)")
     add("--crop", default=None, choices=dataset.CROPS, help="override the training crop")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=engine.AMP_MODES,
-        help="mixed precision (auto: bf16 on CUDA)")
+    add("--amp", default="checkpoint", choices=("checkpoint", *engine.AMP_MODES),
+        help="precision: checkpoint = what each model trained with (its best.pth records it); "
+             "auto, bf16, fp16 or off as in train.py")
     add("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
     add("--ensemble", action="store_true",
         help="use every model given (all folds of a k-fold run); needed for more than one model")
@@ -119,12 +120,14 @@ class LoadedModel:
     augmentation: str
     normalize: dict
     face: dict
+    precision: engine.Precision
 
     def describe(self) -> str:
         height, width = self.preprocess.resize
         bins = " (6 age bins)" if self.age_label_num == 6 else ""
         return (f"model: {self.path} | {self.name} | {self.category}{bins} | "
-                f"resize {height}x{width} | crop {self.preprocess.crop}")
+                f"resize {height}x{width} | crop {self.preprocess.crop} | "
+                f"{self.precision.describe()}")
 
 
 def _shown(value) -> str:
@@ -133,9 +136,11 @@ def _shown(value) -> str:
 
 def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
                 crop: str | None = None, augmentation: str | None = None,
+                amp: str = "checkpoint", device: torch.device = torch.device("cpu"),
                 say: Callable[[str], None] = print) -> list[LoadedModel]:
     """Restore every checkpoint (eval mode, on the CPU); flags given override the training
-    settings, with a warning where they differ."""
+    settings, with a warning where they differ. ``amp`` 'checkpoint' runs each model on
+    ``device`` in the precision it trained with; another --amp value is decided as train.py does."""
     # every file is read and checked before any network is built: a bad last fold of an
     # ensemble fails before the others are restored
     checkpoints = [models.read_checkpoint(path) for path in paths]
@@ -159,11 +164,13 @@ def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
             raise UserError(f"{path}: {why}") from None
         config = checkpoint.get("config") or {}
         name = config.get("model") or checkpoint["model_config"].get("name")
+        precision = (engine.recorded_precision(checkpoint, device) if amp == "checkpoint" else
+                     engine.choose_precision(amp, "auto", device, checkpoint["model_config"]["name"]))
         loaded.append(LoadedModel(
             path=Path(path), net=net, name=str(name), category=checkpoint["category"],
             age_label_num=int(checkpoint.get("age_label_num", 3)), preprocess=preprocess,
             augmentation=augmentation or trained_aug, normalize=checkpoint["normalize"],
-            face=checkpoint.get("face") or {}))
+            face=checkpoint.get("face") or {}, precision=precision))
         say(loaded[-1].describe())
     return loaded
 
@@ -196,15 +203,20 @@ def build_image_caches(loaded: Sequence[LoadedModel], paths: list[str],
 
 
 def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, batch_size: int,
-                  autocast_dtype: torch.dtype | None = None, tta: str = "none") -> np.ndarray:
-    """Scored-space probabilities [N, 18|3|2] of one model, averaged over its TTA views."""
+                  tta: str = "none") -> np.ndarray:
+    """Scored-space probabilities [N, 18|3|2] of one model in its precision, averaged over its
+    TTA views."""
     net = m.net.to(device)
+    if m.precision.channels_last:
+        net.to(memory_format=torch.channels_last)
     augment = augmentation.build_augmentation(m.augmentation, m.normalize["mean"],
                                               m.normalize["std"], m.preprocess.channels).to(device)
     batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=np.int64),
                                     np.arange(len(images)), batch_size, device)
     probs = engine.predict_views(net, batches, augment, tta=tta, category=m.category,
-                                 age_label_num=m.age_label_num, autocast_dtype=autocast_dtype)
+                                 age_label_num=m.age_label_num,
+                                 autocast_dtype=m.precision.autocast_dtype,
+                                 channels_last=m.precision.channels_last)
     m.net.cpu()  # an ensemble holds one model at a time on the device
     return probs
 
@@ -320,7 +332,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.resize and min(args.resize) < 16:
         raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
     device = engine.resolve_device(args.device)
-    autocast_dtype = engine.amp_dtype(args.amp, device)
+    if args.amp != "checkpoint":  # a GPU without bf16 is named before any work
+        engine.choose_precision(args.amp, "auto", device)
     run_dirs = [Path(p) for p in (args.model_dir
                                   or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
     checkpoints = find_checkpoints(run_dirs)
@@ -340,14 +353,13 @@ def main(args: argparse.Namespace) -> dict:
     offsets = resolve_calibration(args, run_dirs)
 
     loaded = load_models(checkpoints, resize=args.resize, crop=args.crop,
-                         augmentation=args.augmentation)
+                         augmentation=args.augmentation, amp=args.amp, device=device)
     check_categories([m.category for m in loaded])
     caches = build_image_caches(loaded, info["path"].tolist(), args.cache_dir)
     probs_by_category: dict[str, list[np.ndarray]] = {}
     for m, images in zip(loaded, caches):
         probs_by_category.setdefault(m.category, []).append(predict_model(
-            m, images, device=device, batch_size=args.batch_size, autocast_dtype=autocast_dtype,
-            tta=args.tta))
+            m, images, device=device, batch_size=args.batch_size, tta=args.tta))
     probs = combine_categories(probs_by_category)
 
     predictions = pd.DataFrame({"ImageID": info["ImageID"].to_numpy(),

@@ -154,6 +154,12 @@ def validate_model_name(name: str) -> None:
     _resolve(name)
 
 
+def model_family(name: str) -> str:
+    """'base' (BaseModel), 'torchvision' or 'timm': where ``name``'s architecture comes from;
+    ValueError for an unknown name."""
+    return _resolve(name)[0]
+
+
 def fixed_input_size(name: str) -> tuple[int, int] | None:
     """(H, W) that a timm model accepts and nothing else (ViT, Swin: its pretrained_cfg says
     fixed_input_size), else None; known without building the model."""

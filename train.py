@@ -219,8 +219,10 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
     if (run_dir / "last.pth").is_file():
         state = restore_progress(trainer, stopper, run_dir / "last.pth", procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
+    precision = engine.Precision(trainer.autocast_dtype, trainer.channels_last)
     record = {"model_config": trainer.net.model_config, "preprocess": data.preprocess.to_dict(),
               "normalize": {"mean": list(data.mean), "std": list(data.std)},
+              "precision": precision.record(),
               "category": settings.category, "age_label_num": settings.age_label_num,
               "augmentation": settings.augmentation, "config": vars(settings), **(extra or {})}
     true_val = data.frame["label"].to_numpy()[data.val_rows]
@@ -287,7 +289,7 @@ def run_epoch(settings: argparse.Namespace, trainer: engine.Trainer, train_batch
     val = engine.evaluate(trainer.runner, val_batches, trainer.augment, true_val,
                           category=settings.category, age_label_num=settings.age_label_num,
                           criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
-                          channels_last=settings.channels_last, procs=procs, positions=mine)
+                          channels_last=trainer.channels_last, procs=procs, positions=mine)
     return train, val
 
 
@@ -455,7 +457,10 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
     """Scored-space probabilities of ``rows`` from a fold's best checkpoint."""
     device = engine.process_device(settings.device, procs)
     checkpoint = models.load_checkpoint(checkpoint_path)
+    precision = engine.recorded_precision(checkpoint, device)
     net = models.restore_model(checkpoint).to(device)
+    if precision.channels_last:
+        net.to(memory_format=torch.channels_last)
     normalize = checkpoint["normalize"]
     channels = dataset.Preprocess.from_dict(checkpoint["preprocess"]).channels
     augment = augmentation.build_augmentation(checkpoint["augmentation"], normalize["mean"],
@@ -465,8 +470,33 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
     probs, _ = engine.predict_probabilities(net, batches, augment,
                                             category=checkpoint["category"],
                                             age_label_num=checkpoint["age_label_num"],
-                                            autocast_dtype=engine.amp_dtype(settings.amp, device))
+                                            autocast_dtype=precision.autocast_dtype,
+                                            channels_last=precision.channels_last)
     return probs
+
+
+def run_precision(args: argparse.Namespace, device: torch.device) -> engine.Precision:
+    """--amp and --channels_last resolved for this run (config.json records the result). A resumed
+    run keeps what its checkpoints trained with, and refuses flags that would change it: another
+    precision is another experiment, and the resumed run would no longer match an uninterrupted one."""
+    asked = engine.choose_precision(args.amp, args.channels_last, device, args.model)
+    if not args.resume:
+        return asked
+    lasts = [Path(args.resume) / "last.pth", *sorted(Path(args.resume).glob("fold*/last.pth"))]
+    trained = [engine.recorded_precision(models.load_checkpoint(p, mmap=True), device)
+               for p in lasts if p.is_file()]
+    if not trained:  # killed before its first checkpoint: nothing trained yet
+        return asked
+    kept = trained[0]
+    if args.amp != "auto" and asked.amp != kept.amp:
+        raise UserError(f"--amp {args.amp}: {args.resume} trained with --amp {kept.amp}; a resume "
+                        "continues with it (drop --amp, or start a new run)")
+    if args.channels_last != "auto" and asked.channels_last != kept.channels_last:
+        raise UserError(f"--channels_last {args.channels_last}: {args.resume} trained with "
+                        f"channels_last {'on' if kept.channels_last else 'off'}; a resume "
+                        "continues with it (drop --channels_last, or start a new run)")
+    return engine.Precision(kept.autocast_dtype, kept.channels_last,
+                            "as the run trained" + (f"; {kept.reason}" if kept.reason else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +513,8 @@ def main(args: argparse.Namespace) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest
+    device = engine.process_device(args.device, procs)
+    precision = run_precision(args, device)
     data_dir, frame = load_records(args, say=procs.say)
     # split or folds decided (and checked) before any photo is decoded or folder written
     plan = checked_folds(args, frame, warn=procs.say) if args.kfold or args.folds else None
@@ -490,7 +522,9 @@ def main(args: argparse.Namespace) -> dict:
         train_rows, val_rows = dataset.SPLITS[args.dataset](frame, args.val_ratio, args.seed)
         train_rows = train_rows_after_policies(args, frame, train_rows)
     settings = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir),
-                                     "kfold": plan.n_folds if plan else args.kfold})
+                                     "kfold": plan.n_folds if plan else args.kfold,
+                                     "amp": precision.amp,
+                                     "channels_last": "on" if precision.channels_last else "off"})
     preprocess = config.preprocess_of(settings)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
         procs.barrier()
@@ -501,8 +535,8 @@ def main(args: argparse.Namespace) -> dict:
     run_dir = Path(procs.broadcast(str(run_dir) if procs.main else None))
     procs.say(f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
               f"{settings.model} {settings.category} {preprocess.resize[0]}x{preprocess.resize[1]}"
-              f" crop {preprocess.crop} | {engine.process_device(settings.device, procs)} x "
-              f"{procs.world} process(es)")
+              f" crop {preprocess.crop} | {device} x {procs.world} process(es) | "
+              f"{precision.describe()}")
     try:
         if plan is not None:
             return run_kfold(settings, frame, plan, images, run_dir, preprocess, face_info, procs)
