@@ -4,6 +4,9 @@
     python benchmark.py --resize 128 96                    # the toolkit's default input size
     python benchmark.py --model resnet18 --amp bf16 --output benchmarks/r18.md
     python benchmark.py --side_by_side 2                   # do folds side by side pay here?
+    python benchmark.py --model resnet18 --resize 128 96 --compile  # + torch.compile rows
+    python benchmark.py --end_to_end --model resnet18 --resize 128 96 --epochs 4 \
+        --data_dir DEV/train/images --eval_dir DEV/eval    # whole jobs: toolkit vs usual code
 
 Prints one table (measurement | images/s, seconds or MB | ratio):
   1. data path: the baseline's loader (PIL + torchvision Resize/ToTensor/Normalize in a
@@ -12,7 +15,9 @@ Prints one table (measurement | images/s, seconds or MB | ratio):
      random flip, affine and colour jitter, which the reference does not) and with
      BaseAugmentation, the same work as the reference;
   2. train step: the model's ceiling (a synthetic batch already on the device) against the real
-     training loop (engine.train_one_epoch over cached photos, augmentation included);
+     training loop (engine.train_one_epoch over cached photos, augmentation included), in fp32
+     and in the precision --amp/--channels_last choose (auto: engine.choose_precision), side by
+     side; with --compile also torch.compile'd;
   3. inference with and without flip TTA (engine.predict_views);
   4. cache build time from a cold cache, its size on disk, and the peak memory of the process;
   5. with --side_by_side N: N training processes at once on the device (k-fold's folds run as
@@ -23,6 +28,11 @@ On a shared CPU, other busy processes slow torch's threads far more than the ref
 single-threaded workers: compare runs whose load average (printed) stayed low.
 The last line holds the two headline figures in a fixed form, for scripts to parse:
     data path ratio: 8.3x; train loop / ceiling: 85%
+--end_to_end instead times two whole jobs back to back, each in its own process and from cold:
+train.py (--epochs, cache built from scratch) + inference.py on --eval_dir, against the usual
+pipeline (reference.run_job: PIL + torchvision per image in a DataLoader, a plain fp32 loop with
+validation every epoch, inference through the same loader) on the same split, and prints both
+times and their ratio (last line: "end to end: toolkit 1.9x faster than the usual pipeline").
 """
 from __future__ import annotations
 
@@ -39,18 +49,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from torchvision import transforms
 
 import augmentation
 import config
 import dataset
+import end_to_end
 import engine
 import model as models
 from checked_io import FlagParser, UserError, atomic_write_text, check_output_path, run_cli
 from make_sample import resolve_train_dir
+# the baseline's pipeline lives in reference.py; these names stay reachable from here
+from reference import (BASELINE_CENTER_CROP, ReferenceDataset,  # noqa: F401
+                       reference_loader, reference_transform)
 
 # BaseModel at 224x224 on 2 CPU cores: 6 batches x 3 repeats take under a minute when the machine
 # is otherwise idle, and stay under 3 minutes with other jobs saturating both cores
@@ -58,9 +69,7 @@ DEFAULT_BATCHES = 6
 DEFAULT_REPEATS = 3
 SMOKE_BATCHES, SMOKE_REPEATS = 2, 1
 SIDE_BY_SIDE_TIMEOUT_S = 600  # a side-by-side process that has not reported by then is stuck
-# the baseline's CustomAugmentation crops 320 x 256 (H x W) out of the 512 x 384 portraits
-BASELINE_CENTER_CROP = (320, 256)
-AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+AMP_NAMES = engine.AMP_NAMES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -73,14 +82,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--resize", type=int, nargs=2, default=[224, 224], metavar=("H", "W"), help="model input size")
     add("--batch_size", type=int, default=64, help="batch size of every measurement")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=engine.AMP_MODES, help="mixed precision (auto: bf16 on CUDA)")
-    add("--channels_last", default="auto", choices=("auto", "on", "off"),
-        help="channels_last memory format (auto: on for CUDA)")
+    add("--amp", default="auto", choices=engine.AMP_MODES,
+        help="precision timed next to fp32, as train.py --amp (auto: bf16 on CUDA and on a CPU "
+             "with native bf16 for models where it pays)")
+    add("--channels_last", default="auto", choices=engine.CHANNELS_LAST_MODES,
+        help="channels_last memory format, as train.py (auto: on on a CPU and where autocast "
+             "runs)")
     add("--augmentation", default="CustomAugmentation", choices=list(augmentation.AUGMENTATIONS),
         help="the toolkit's batch augmentation (train.py's default); its crop also decides "
              "whether the reference loader centre-crops first")
     add("--optimizer", default="adam", choices=engine.OPTIMIZERS, help="optimizer of the train steps")
-    add("--compile", action="store_true", help="torch.compile the model (as train.py --compile)")
+    add("--compile", action="store_true",
+        help="also time the train step torch.compile'd (as train.py --compile)")
+    add("--end_to_end", action="store_true",
+        help="time whole jobs instead: train.py --epochs + inference.py against the usual "
+             "pipeline, back to back")
+    add("--epochs", type=int, default=4, help="--end_to_end: epochs of both jobs")
+    add("--eval_dir", default=None,
+        help="--end_to_end: eval folder with info.csv and images/ ($SM_CHANNEL_EVAL, else the "
+             "bundled sample)")
     add("--side_by_side", type=int, nargs="+", default=[], metavar="N",
         help="also time N training processes at once on the device (folds run side by side) "
              "against one, e.g. --side_by_side 2 4; off when not given")
@@ -114,7 +134,7 @@ def check_args(args: argparse.Namespace) -> None:
         models.validate_model_name(args.model)
     except ValueError as why:
         raise UserError(str(why)) from None
-    for flag in ("batches", "repeats", "batch_size"):
+    for flag in ("batches", "repeats", "batch_size", "epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
     if any(n < 1 for n in args.side_by_side):
@@ -133,12 +153,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 def train_settings(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """train.py's flags for this benchmark, so model, optimizer, loss and amp are built as it would."""
-    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "on"
     flags = ["--model", args.model, "--resize", *map(str, args.resize),
              "--batch_size", str(args.batch_size), "--device", str(device), "--amp", args.amp,
-             "--augmentation", args.augmentation, "--optimizer", args.optimizer]
-    flags += ["--channels_last"] if channels_last else []
-    flags += ["--compile"] if args.compile else []
+             "--channels_last", args.channels_last, "--augmentation", args.augmentation,
+             "--optimizer", args.optimizer]
     return config.get_args_parser().parse_args(flags)
 
 
@@ -168,48 +186,6 @@ def machine_info(device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The two data paths
 # ----------------------------------------------------------------------------------------------
-def reference_transform(resize, mean=augmentation.IMAGENET_MEAN, std=augmentation.IMAGENET_STD,
-                        center_crop: bool = False) -> transforms.Compose:
-    """The baseline's BaseAugmentation (Resize, ToTensor, Normalize); with center_crop, its
-    CustomAugmentation: CenterCrop first and ColorJitter(0.1, 0.1, 0.1, 0.1) after the resize."""
-    steps = [transforms.CenterCrop(BASELINE_CENTER_CROP)] if center_crop else []
-    steps += [transforms.Resize(tuple(resize), Image.BILINEAR)]
-    if center_crop:
-        steps += [transforms.ColorJitter(0.1, 0.1, 0.1, 0.1)]
-    steps += [transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)]
-    return transforms.Compose(steps)
-
-
-class ReferenceDataset(Dataset):
-    """The baseline's dataset: every item opens and decodes its JPEG with PIL, then transforms it."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray, transform: transforms.Compose):
-        self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(Image.open(self.paths[index])), int(self.labels[index])
-
-
-def reference_loader(paths: list[str], labels: np.ndarray, *, resize, batch_size: int,
-                     workers: int, n_images: int, center_crop: bool = False, shuffle: bool = True,
-                     pin_memory: bool = False, mean=augmentation.IMAGENET_MEAN,
-                     std=augmentation.IMAGENET_STD, seed: int | None = None) -> DataLoader:
-    """The baseline's DataLoader over ``n_images`` draws (whole shuffled epochs, as shuffle=True
-    gives, continued into a further epoch when more images than the data are needed). With a
-    ``seed`` it shuffles as CachedBatches does after torch.manual_seed(seed)."""
-    data = ReferenceDataset(paths, labels, reference_transform(resize, mean, std, center_crop))
-    if shuffle:
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        sampler = RandomSampler(data, num_samples=n_images, generator=generator)
-    else:
-        sampler = np.resize(np.arange(len(data)), n_images).tolist()
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=True)
-
-
 def toolkit_batches(images: np.ndarray, targets: np.ndarray, n_images: int, batch_size: int,
                     device: torch.device | str, shuffle: bool = True) -> dataset.CachedBatches:
     """CachedBatches over ``n_images`` rows of the cache (rows repeat when the data is smaller)."""
@@ -314,38 +290,73 @@ def warmup_batches(device: torch.device) -> int:
     return 3 if device.type == "cuda" else 1
 
 
-def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
-                     device: torch.device, batches: int, repeats: int) -> dict:
+def measure_training(settings: argparse.Namespace | list[argparse.Namespace], images: np.ndarray,
+                     targets: np.ndarray, *, device: torch.device, batches: int,
+                     repeats: int) -> dict | list[dict]:
     """Train-step images/s: synthetic batches already on the device (the ceiling) against the real
-    loop on cached photos, both through engine.train_one_epoch with the same model and optimizer;
-    the windows alternate so background load hits both alike. Returns the model for inference."""
+    loop on cached photos, both through engine.train_one_epoch with the same model and optimizer.
+    Given a list of settings (precisions), each gets its own trainer; the windows of all of them
+    alternate, so background load hits every one alike. Returns the models for inference."""
+    many = isinstance(settings, list)
+    every = settings if many else [settings]
+    prepared = [_prepare_training(s, images, targets, device=device, batches=batches)
+                for s in every]
+    rates = [{"ceiling": [], "loop": []} for _ in every]
+    for _ in range(repeats):
+        for (trainer, ready, real), measured in zip(prepared, rates):
+            measured["ceiling"].append(train_epoch(trainer, ready, nn.Identity())["images_per_s"])
+            measured["loop"].append(train_epoch(trainer, real)["images_per_s"])
+    results = []
+    for s, (trainer, _, _), measured in zip(every, prepared, rates):
+        ceiling, loop = ({"images": batches * s.batch_size, "rates": measured[key],
+                          "images_per_s": statistics.median(measured[key])}
+                         for key in ("ceiling", "loop"))
+        results.append({"ceiling": ceiling, "loop": loop,
+                        "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
+                        "model": trainer.net, "precision": engine.precision_of(s, device)})
+    return results if many else results[0]
+
+
+def _prepare_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
+                      device: torch.device, batches: int) -> tuple:
+    """(trainer, ready synthetic batches, real cached batches), warmed up."""
     torch.manual_seed(settings.seed)
     trainer = build_trainer(settings, device)
     batch_size, (height, width) = settings.batch_size, settings.resize
-
     synthetic = torch.randn(batch_size, 3, height, width, device=device)
-    if settings.channels_last:
+    if trainer.channels_last:
         synthetic = synthetic.contiguous(memory_format=torch.channels_last)
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
     synthetic_targets = torch.randint(0, n_out, (batch_size,), device=device)
     # an identity "augmentation" over ready batches: the very same step code, minus the data
     ready = [(synthetic, synthetic_targets, None)] * batches
     real = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
-
     warmup = warmup_batches(device)
     train_epoch(trainer, ready[:warmup], nn.Identity())
     train_epoch(trainer, toolkit_batches(images, targets, warmup * batch_size, batch_size, device))
-    ceiling_rates, loop_rates = [], []
-    for _ in range(repeats):
-        ceiling_rates.append(train_epoch(trainer, ready, nn.Identity())["images_per_s"])
-        loop_rates.append(train_epoch(trainer, real)["images_per_s"])
-    ceiling = {"images": batches * batch_size, "images_per_s": statistics.median(ceiling_rates),
-               "rates": ceiling_rates}
-    loop = {"images": batches * batch_size, "images_per_s": statistics.median(loop_rates),
-            "rates": loop_rates}
-    return {"ceiling": ceiling, "loop": loop,
-            "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
-            "model": trainer.net, "autocast_dtype": trainer.autocast_dtype}
+    return trainer, ready, real
+
+
+def measure_precisions(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
+                       device: torch.device, batches: int, repeats: int,
+                       compile_too: bool = False) -> dict:
+    """measure_training in fp32 and in ``settings``' precision (one measurement when they are the
+    same), and torch.compile'd in that precision with ``compile_too``, windows alternating.
+    Returns {'fp32', 'chosen', 'compiled' (or None)}; 'chosen' keeps its model for inference."""
+    fp32 = argparse.Namespace(**{**vars(settings), "amp": "off", "channels_last": "off",
+                                 "compile": False})
+    chosen = argparse.Namespace(**{**vars(settings), "compile": False})
+    runs = {"chosen": chosen}
+    if engine.precision_of(chosen, device) != engine.precision_of(fp32, device):
+        runs["fp32"] = fp32
+    if compile_too:
+        runs["compiled"] = argparse.Namespace(**{**vars(chosen), "compile": True})
+    measured = dict(zip(runs, measure_training(list(runs.values()), images, targets,
+                                               device=device, batches=batches, repeats=repeats)))
+    for name in set(measured) - {"chosen"}:
+        measured[name].pop("model")
+    return {"chosen": measured["chosen"], "fp32": measured.get("fp32", measured["chosen"]),
+            "compiled": measured.get("compiled")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,12 +426,13 @@ def measure_side_by_side(settings: argparse.Namespace, cache_path: str | Path,
     return rows
 
 
-def collect_reports(reports, workers: list) -> list[dict]:
+def collect_reports(reports, workers: list,
+                    timeout_s: float | None = SIDE_BY_SIDE_TIMEOUT_S) -> list[dict]:
     """One report per worker; a worker that died without one (killed, out of memory) is reported
-    as an error instead of waiting for it forever."""
+    as an error instead of waiting for it forever (nor longer than ``timeout_s``)."""
     import queue
     done: list[dict] = []
-    deadline = time.monotonic() + SIDE_BY_SIDE_TIMEOUT_S
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
     while len(done) < len(workers):
         try:
             done.append(reports.get(timeout=1.0))
@@ -431,12 +443,13 @@ def collect_reports(reports, workers: list) -> list[dict]:
         if dead:
             return done + [{"error": f"a process exited with code {dead[0].exitcode}"}]
         if time.monotonic() > deadline:
-            return done + [{"error": f"no result after {SIDE_BY_SIDE_TIMEOUT_S} s"}]
+            return done + [{"error": f"no result after {timeout_s} s"}]
     return done
 
 
 def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.ndarray, *,
-                      device: torch.device, autocast_dtype, batches: int, repeats: int) -> dict:
+                      device: torch.device, precision: engine.Precision, batches: int,
+                      repeats: int) -> dict:
     """Eval-mode images/s through engine.predict_views, alone and with flip TTA (a second pass
     over the mirrored batches, averaged as inference.py does); windows alternate."""
     augment = augmentation.build_augmentation(settings.augmentation).to(device)
@@ -445,8 +458,8 @@ def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.n
 
     def predict(view, tta: str) -> np.ndarray:
         return engine.predict_views(net, view, augment, tta=tta, category="multi",
-                                    autocast_dtype=autocast_dtype,
-                                    channels_last=settings.channels_last)
+                                    autocast_dtype=precision.autocast_dtype,
+                                    channels_last=precision.channels_last)
 
     predict(toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False), "none")
     epoch = toolkit_batches(images, zeros, batches * batch_size, batch_size, device, shuffle=False)
@@ -471,12 +484,61 @@ def peak_memory_mb() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# End to end: whole jobs (end_to_end.py), the toolkit's scripts against the usual pipeline
+# ----------------------------------------------------------------------------------------------
+def end_to_end_main(args: argparse.Namespace) -> dict:
+    """--end_to_end: both whole jobs (end_to_end.measure) in a scratch folder, then the table."""
+    machine = machine_info(engine.resolve_device(args.device))
+    job = {key: getattr(args, key) for key in (
+        "model", "resize", "epochs", "batch_size", "device", "amp", "channels_last",
+        "augmentation", "optimizer", "workers", "data_dir", "eval_dir")}
+    parent = Path(args.cache_dir) if args.cache_dir else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="benchmark-e2e-", dir=parent))
+    try:
+        results = end_to_end.measure(job, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    machine["load_average_end"] = round(os.getloadavg()[0], 1)
+    report = end_to_end.format_report(results, job, machine)
+    if args.output:
+        atomic_write_text(args.output, report)
+    results["table"] = report
+    results["headline"] = (f"end to end: toolkit {results['ratio']:.2f}x faster than the usual "
+                           "pipeline")
+    print(report)
+    print(results["headline"], flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 def headline(results: dict) -> str:
     # the issue's reference pipeline is Resize/ToTensor/Normalize: compared with the same work
     return (f"data path ratio: {results['data_path']['ratio_base']:.1f}x; "
             f"train loop / ceiling: {results['train']['percent']:.0f}%")
+
+
+def train_rows(results: dict, device: str) -> list[str]:
+    """Ceilings in fp32, in the chosen precision and compiled (each against fp32's), then the
+    real loop in each (against its own ceiling)."""
+    fp32, chosen, compiled = results["train_fp32"], results["train"], results["train_compiled"]
+    base = fp32["ceiling"]["images_per_s"]
+    settings = [("fp32", fp32)]
+    if chosen is not fp32:
+        settings.append((chosen["precision"].describe(), chosen))
+    else:  # the chosen precision is fp32 here: one measurement, named with why
+        settings[0] = (chosen["precision"].describe(), fp32)
+    if compiled is not None:
+        settings.append((f"{compiled['precision'].describe()}, torch.compile", compiled))
+    rows = [f"| train step: ceiling, {name} (synthetic batch on {device}) "
+            f"| {r['ceiling']['images_per_s']:,.1f} img/s "
+            f"| {r['ceiling']['images_per_s'] / base:.2f}x fp32 |" for name, r in settings]
+    rows += [f"| train step: toolkit loop, {name} (train_one_epoch, real photos) "
+             f"| {r['loop']['images_per_s']:,.1f} img/s | {r['percent']:.0f}% of its ceiling |"
+             for name, r in settings]
+    return rows
 
 
 def format_report(results: dict) -> str:
@@ -488,7 +550,7 @@ def format_report(results: dict) -> str:
     lines = [
         f"## {c['model']} {height}x{width}, batch {c['batch_size']}, {machine['device']} "
         f"(amp {c['amp']}, channels_last {'on' if c['channels_last'] else 'off'}, "
-        f"{'compiled, ' if c['compile'] else ''}{c['augmentation']})",
+        f"{c['augmentation']})",
         "",
         f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, device {machine['device']}"
         f"{gpu}, {machine['threads']} torch threads, load average {machine['load_average']} at "
@@ -509,11 +571,7 @@ def format_report(results: dict) -> str:
             f"| {d['reference']['images_per_s']:,.0f} img/s | 1.0x |",
             f"| data path: toolkit, {c['augmentation']} (+ flip, affine warp, colour jitter) "
             f"| {d['toolkit']['images_per_s']:,.0f} img/s | {d['ratio']:.1f}x |"]
-    lines += [
-        f"| train step: ceiling (synthetic batch on {machine['device']}) "
-        f"| {t['ceiling']['images_per_s']:,.1f} img/s | 100% |",
-        f"| train step: toolkit loop (train_one_epoch, real photos) "
-        f"| {t['loop']['images_per_s']:,.1f} img/s | {t['percent']:.0f}% |",
+    lines += train_rows(results, machine["device"]) + [
         f"| inference (predict_views) | {i['plain']['images_per_s']:,.0f} img/s | 1.00x |",
         f"| inference with flip TTA | {i['flip']['images_per_s']:,.0f} img/s | {i['ratio']:.2f}x |",
         f"| cache build, cold ({cache['images']:,} photos) | {cache['seconds']:.1f} s "
@@ -534,6 +592,8 @@ def main(args: argparse.Namespace) -> dict:
     """Run every measurement as ``args`` says; prints and returns the results."""
     started = time.perf_counter()
     check_args(args)
+    if args.end_to_end:
+        return end_to_end_main(args)
     device = engine.resolve_device(args.device)
     engine.tune_host_allocator()
     settings = train_settings(args, device)
@@ -556,12 +616,12 @@ def main(args: argparse.Namespace) -> dict:
         data_path = measure_data_path(paths, targets, images, settings=settings,
                                       preprocess=preprocess, device=device, batches=batches,
                                       repeats=repeats, workers=args.workers)
-        training = measure_training(settings, images, targets, device=device, batches=batches,
-                                    repeats=repeats)
-        net, autocast_dtype = training.pop("model"), training.pop("autocast_dtype")
-        inferred = measure_inference(net, settings, images, device=device,
-                                     autocast_dtype=autocast_dtype, batches=batches,
-                                     repeats=repeats)
+        measured = measure_precisions(settings, images, targets, device=device, batches=batches,
+                                      repeats=repeats, compile_too=args.compile)
+        training, net = measured["chosen"], measured["chosen"].pop("model")
+        precision = training["precision"]
+        inferred = measure_inference(net, settings, images, device=device, precision=precision,
+                                     batches=batches, repeats=repeats)
         del net
         memory = peak_memory_mb()  # before the side-by-side processes count as children
         side_by_side = []
@@ -576,13 +636,15 @@ def main(args: argparse.Namespace) -> dict:
         shutil.rmtree(cache_dir, ignore_errors=True)
     results = {
         "config": {"model": args.model, "resize": list(settings.resize),
-                   "batch_size": args.batch_size, "amp": AMP_NAMES[autocast_dtype],
-                   "channels_last": settings.channels_last, "compile": settings.compile,
+                   "batch_size": args.batch_size, "amp": precision.amp,
+                   "channels_last": precision.channels_last, "compile": args.compile,
                    "augmentation": args.augmentation, "batches": batches, "repeats": repeats,
                    "data_dir": str(data_dir), "n_photos": len(paths),
                    "wall_s": time.perf_counter() - started},
         "machine": {**machine, "load_average_end": round(os.getloadavg()[0], 1)},
-        "cache": cache, "data_path": data_path, "train": training, "inference": inferred,
+        "cache": cache, "data_path": data_path, "train": training,
+        "train_fp32": measured["fp32"], "train_compiled": measured["compiled"],
+        "inference": inferred,
         "memory": memory, "side_by_side": side_by_side,
     }
     report = format_report(results)

@@ -135,3 +135,52 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_work(tiny_train_dir, tmp
         benchmark.main(benchmark.parse_args(argv + [f.format(tmp=tmp_path) for f in flags]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no cache, no output
     assert not any((tmp_path / "adir").iterdir())
+
+
+def test_ceilings_and_loops_in_fp32_and_the_chosen_precision_side_by_side(tiny_train_dir,
+                                                                          tmp_path):
+    frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
+    images = dataset.build_cache(frame["path"].tolist()[:16], dataset.Preprocess((32, 24)),
+                                 tmp_path, progress=False)
+    targets = frame["label"].to_numpy()[:16]
+    settings = benchmark.train_settings(benchmark.parse_args(
+        ["--resize", "32", "24", "--batch_size", "8", "--amp", "bf16"]), torch.device("cpu"))
+    measured = benchmark.measure_precisions(settings, images, targets, device=torch.device("cpu"),
+                                            batches=1, repeats=1)
+    fp32, chosen = measured["fp32"], measured["chosen"]
+    assert fp32 is not chosen and measured["compiled"] is None
+    assert (fp32["precision"].amp, chosen["precision"].amp) == ("off", "bf16")
+    first_conv = next(m for m in chosen["model"].modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    rows = benchmark.train_rows({"train_fp32": fp32, "train": chosen, "train_compiled": None},
+                                "cpu")
+    assert len(rows) == 4 and "ceiling, fp32 (" in rows[0] and "1.00x fp32" in rows[0]
+    assert "ceiling, bf16 autocast + channels_last" in rows[1]
+    assert "loop, fp32" in rows[2] and "% of its ceiling" in rows[3]
+    # where the chosen precision is fp32 itself, it is measured once and named with why
+    auto = benchmark.train_settings(benchmark.parse_args(
+        ["--resize", "32", "24", "--batch_size", "8", "--amp", "off", "--channels_last", "off"]),
+        torch.device("cpu"))
+    once = benchmark.measure_precisions(auto, images, targets, device=torch.device("cpu"),
+                                        batches=1, repeats=1)
+    assert once["fp32"] is once["chosen"]
+
+
+def test_end_to_end_times_both_whole_jobs(tiny_sample, tmp_path, capsys):
+    results = benchmark.main(benchmark.parse_args([
+        "--end_to_end", "--data_dir", str(tiny_sample / "train" / "images"),
+        "--eval_dir", str(tiny_sample / "eval"), "--resize", "32", "24", "--epochs", "1",
+        "--batch_size", "16", "--device", "cpu", "--workers", "0",
+        "--cache_dir", str(tmp_path / "scratch"), "--output", str(tmp_path / "e2e.md")]))
+    toolkit, usual = results["toolkit"], results["usual"]
+    assert toolkit["seconds"] > 0 and usual["seconds"] > 0
+    assert results["ratio"] == pytest.approx(usual["seconds"] / toolkit["seconds"])
+    # both jobs really trained and predicted the 4 eval people's photos
+    assert 0 <= toolkit["best_f1"] <= 1 and 0 <= toolkit["eval_f1"] <= 1
+    assert 0 <= usual["best_f1"] <= 1 and 0 <= usual["eval_f1"] <= 1
+    assert len(usual["predictions"]) == results["n_eval"] == 4 * 7
+    assert toolkit["precision"].startswith("fp32") or "autocast" in toolkit["precision"]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert re.match(r"^end to end: toolkit \d+\.\d\dx faster than the usual pipeline$", printed[-1])
+    assert (tmp_path / "e2e.md").read_text() == results["table"]
+    assert not any((tmp_path / "scratch").iterdir())  # the scratch runs and caches are removed
