@@ -525,13 +525,14 @@ def train_rows(results: dict, device: str) -> list[str]:
     real loop in each (against its own ceiling)."""
     fp32, chosen, compiled = results["train_fp32"], results["train"], results["train_compiled"]
     base = fp32["ceiling"]["images_per_s"]
+    name = chosen["precision"].describe(why=False)
     settings = [("fp32", fp32)]
     if chosen is not fp32:
-        settings.append((chosen["precision"].describe(), chosen))
-    else:  # the chosen precision is fp32 here: one measurement, named with why
-        settings[0] = (chosen["precision"].describe(), fp32)
+        settings.append((f"chosen = {name}", chosen))
+    else:  # the chosen precision is fp32 here: one measurement
+        settings[0] = ("fp32 = chosen", fp32)
     if compiled is not None:
-        settings.append((f"{compiled['precision'].describe()}, torch.compile", compiled))
+        settings.append((f"{name} + torch.compile", compiled))
     rows = [f"| train step: ceiling, {name} (synthetic batch on {device}) "
             f"| {r['ceiling']['images_per_s']:,.1f} img/s "
             f"| {r['ceiling']['images_per_s'] / base:.2f}x fp32 |" for name, r in settings]
@@ -552,6 +553,8 @@ def format_report(results: dict) -> str:
         f"(amp {c['amp']}, channels_last {'on' if c['channels_last'] else 'off'}, "
         f"{c['augmentation']})",
         "",
+        f"precision chosen by --amp {c['amp_flag']} --channels_last {c['channels_last_flag']}: "
+        f"{t['precision'].describe()}",
         f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, device {machine['device']}"
         f"{gpu}, {machine['threads']} torch threads, load average {machine['load_average']} at "
         f"start, {machine['load_average_end']} at end",
@@ -637,6 +640,7 @@ def main(args: argparse.Namespace) -> dict:
     results = {
         "config": {"model": args.model, "resize": list(settings.resize),
                    "batch_size": args.batch_size, "amp": precision.amp,
+                   "amp_flag": args.amp, "channels_last_flag": args.channels_last,
                    "channels_last": precision.channels_last, "compile": args.compile,
                    "augmentation": args.augmentation, "batches": batches, "repeats": repeats,
                    "data_dir": str(data_dir), "n_photos": len(paths),

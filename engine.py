@@ -117,11 +117,11 @@ class Precision:
         """The --amp value that gives this dtype again (config.json, checkpoints)."""
         return AMP_NAMES[self.autocast_dtype]
 
-    def describe(self) -> str:
+    def describe(self, why: bool = True) -> str:
         text = {None: "fp32", torch.bfloat16: "bf16 autocast",
                 torch.float16: "fp16 autocast"}[self.autocast_dtype]
         text += " + channels_last" if self.channels_last else ""
-        return text + (f" ({self.reason})" if self.reason else "")
+        return text + (f" ({self.reason})" if self.reason and why else "")
 
     def record(self) -> dict:
         """What a checkpoint keeps: plain values, loadable with weights_only=True."""

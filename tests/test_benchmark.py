@@ -155,8 +155,8 @@ def test_ceilings_and_loops_in_fp32_and_the_chosen_precision_side_by_side(tiny_t
     rows = benchmark.train_rows({"train_fp32": fp32, "train": chosen, "train_compiled": None},
                                 "cpu")
     assert len(rows) == 4 and "ceiling, fp32 (" in rows[0] and "1.00x fp32" in rows[0]
-    assert "ceiling, bf16 autocast + channels_last" in rows[1]
-    assert "loop, fp32" in rows[2] and "% of its ceiling" in rows[3]
+    assert "ceiling, chosen = bf16 autocast + channels_last (" in rows[1]
+    assert "loop, fp32 (" in rows[2] and "% of its ceiling" in rows[3]
     # where the chosen precision is fp32 itself, it is measured once and named with why
     auto = benchmark.train_settings(benchmark.parse_args(
         ["--resize", "32", "24", "--batch_size", "8", "--amp", "off", "--channels_last", "off"]),
