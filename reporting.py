@@ -51,14 +51,16 @@ def confusion_figure(truth: np.ndarray, predicted: np.ndarray, category: str, *,
         figure.colorbar(image, ax=axes, label="share of the true class (recall)")
         figure.tight_layout()
         return figure
-    figure = plt.figure(figsize=(15, 10.5))
-    grid = figure.add_gridspec(3, 2, width_ratios=(3.2, 1), hspace=0.55, wspace=0.25)
+    figure = plt.figure(figsize=(15, 10))
+    grid = figure.add_gridspec(3, 2, width_ratios=(3.2, 1), hspace=0.6, wspace=0.3)
     image = _draw_matrix(figure.add_subplot(grid[:, 0]), truth, predicted, names,
-                         f"{title}: 18 classes" if title else "18 classes", fontsize=8)
+                         "18 classes (counts in cells)", fontsize=8)
     for row, (head, t, p) in enumerate(zip(HEAD_NAMES, dataset.decode_class(truth),
                                            dataset.decode_class(predicted))):
         _draw_matrix(figure.add_subplot(grid[row, 1]), t, p, HEAD_NAMES[head], head, fontsize=8)
     figure.colorbar(image, ax=figure.axes, shrink=0.6, label="share of the true class (recall)")
+    if title:
+        figure.suptitle(title, fontsize=13, y=0.95)
     return figure
 
 
