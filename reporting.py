@@ -3,7 +3,6 @@ confusion matrix with class names and per-head matrices, the most confident mist
 validation photos), and the best epoch's confusion matrix as a PNG in the run folder."""
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -43,16 +42,18 @@ def _draw_matrix(axes, truth: np.ndarray, predicted: np.ndarray, names, title: s
 def confusion_figure(truth: np.ndarray, predicted: np.ndarray, category: str, *,
                      title: str = ""):
     """The confusion matrix of a run's classes with their names, normalised by true class; for
-    18 classes the mask, gender and age matrices beside it."""
+    18 classes the mask, gender and age matrices beside it. Fixed margins (no tight bounding
+    box): it is drawn once per epoch, and a second layout pass would double the cost."""
     names = dataset.class_names(category)
     if category != "multi":
-        figure, axes = plt.subplots(figsize=(5, 4.5))
-        image = _draw_matrix(axes, truth, predicted, names, title, fontsize=9)
-        figure.colorbar(image, ax=axes, label="share of the true class (recall)")
-        figure.tight_layout()
+        figure = plt.figure(figsize=(5.5, 4.5))
+        figure.subplots_adjust(left=0.2, right=0.95, bottom=0.22, top=0.9)
+        image = _draw_matrix(figure.add_subplot(), truth, predicted, names, title, fontsize=9)
+        figure.colorbar(image, ax=figure.axes, label="share of the true class (recall)")
         return figure
     figure = plt.figure(figsize=(15, 10))
-    grid = figure.add_gridspec(3, 2, width_ratios=(3.2, 1), hspace=0.6, wspace=0.3)
+    grid = figure.add_gridspec(3, 2, width_ratios=(3.2, 1), hspace=0.6, wspace=0.35,
+                               left=0.14, right=0.9, bottom=0.17, top=0.9)
     image = _draw_matrix(figure.add_subplot(grid[:, 0]), truth, predicted, names,
                          "18 classes (counts in cells)", fontsize=8)
     for row, (head, t, p) in enumerate(zip(HEAD_NAMES, dataset.decode_class(truth),
@@ -60,15 +61,27 @@ def confusion_figure(truth: np.ndarray, predicted: np.ndarray, category: str, *,
         _draw_matrix(figure.add_subplot(grid[row, 1]), t, p, HEAD_NAMES[head], head, fontsize=8)
     figure.colorbar(image, ax=figure.axes, shrink=0.6, label="share of the true class (recall)")
     if title:
-        figure.suptitle(title, fontsize=13, y=0.95)
+        figure.suptitle(title, fontsize=13, y=0.96)
     return figure
 
 
+def render(figure) -> np.ndarray:
+    """The figure drawn once, as RGB uint8 [H, W, 3] (for TensorBoard and the PNG alike)."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    """An RGB image as a PNG, written atomically (a reader never sees half an image)."""
+    import cv2
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    atomic_write_bytes(path, encoded.tobytes())
+
+
 def save_figure(figure, path: str | Path) -> None:
-    """The figure as a PNG, written atomically (a reader never sees half an image)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(render(figure), path)
 
 
 def confident_mistakes(truth: np.ndarray, predicted: np.ndarray, probs: np.ndarray,
@@ -90,19 +103,26 @@ def confident_mistakes(truth: np.ndarray, predicted: np.ndarray, probs: np.ndarr
 
 
 def prediction_grid_figure(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
-                           confidence: np.ndarray, names: list[str]):
-    n = len(images)
-    cols = min(n, 4)
+                           confidence: np.ndarray, names: list[str], cols: int = 4):
+    """The photos as one mosaic in one axes (16 subplots cost more than the model's epoch at
+    tiny sizes), each captioned true -> predicted (p)."""
+    n, height, width = len(images), images.shape[1], images.shape[2]
+    cols = min(n, cols)
     rows = math.ceil(n / cols)
-    figure, grid = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.9), squeeze=False)
-    for axes, image, t, p, c in zip(grid.flat, images, truth, predicted, confidence):
-        axes.imshow(image[..., :3])
-        axes.set_title(f"true {names[t]}\npred {names[p]} ({c:.2f})", fontsize=7,
-                       color="green" if t == p else "red")
-    for axes in grid.flat:
-        axes.axis("off")
-    figure.suptitle("most confident mistakes (true -> predicted, p)", fontsize=9)
-    figure.tight_layout()
+    scale = 2.4 / width  # inches per pixel: a 2.4-inch column whatever the photo size
+    gap, margin = int(0.38 / scale), int(0.1 / scale)  # caption room above, space beside
+    cell_h, cell_w = height + gap, width + margin
+    mosaic = np.full((rows * cell_h, cols * cell_w, 3), 255, dtype=np.uint8)
+    figure = plt.figure(figsize=(cols * cell_w * scale, rows * cell_h * scale + 0.3))
+    axes = figure.add_axes((0, 0, 1, 1 - 0.3 / figure.get_figheight()))
+    for k, (image, t, p, c) in enumerate(zip(images, truth, predicted, confidence)):
+        top, left = (k // cols) * cell_h + gap, (k % cols) * cell_w
+        mosaic[top:top + height, left:left + width] = image[..., :3]
+        axes.text(left, top - gap * 0.1, f"true {names[t]}\npred {names[p]} ({c:.2f})",
+                  fontsize=7, va="bottom", color="green" if t == p else "red")
+    axes.imshow(mosaic, aspect="auto", interpolation="nearest")
+    axes.axis("off")
+    figure.suptitle("most confident mistakes (true -> predicted, p)", fontsize=9, y=0.995)
     return figure
 
 
@@ -128,15 +148,15 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
     for name, scores in val["per_class"].items():
         writer.add_scalar(f"F1_class/{name}", scores["f1"], step)
     truth, predicted = val["truth"], val["predictions"]
-    figure = confusion_figure(truth, predicted, category,
-                              title=f"epoch {step}, macro F1 {val['f1']:.4f}{which}")
+    image = render(confusion_figure(truth, predicted, category,
+                                    title=f"epoch {step}, macro F1 {val['f1']:.4f}{which}"))
     if confusion_png is not None:
-        save_figure(figure, confusion_png)
-    writer.add_figure("Confusion/val", figure, step)
+        save_png(image, confusion_png)
+    writer.add_image("Confusion/val", image, step, dataformats="HWC")
     shown = confident_mistakes(truth, predicted, val["probs"])
     if len(shown):
         figure = prediction_grid_figure(np.asarray(images[val_rows[shown]]), truth[shown],
                                         predicted[shown], val["probs"][shown, predicted[shown]],
                                         dataset.class_names(category))
-        writer.add_figure("Predictions/val", figure, step)
+        writer.add_image("Predictions/val", render(figure), step, dataformats="HWC")
     plt.close("all")
