@@ -320,7 +320,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume:  # before its config.json is rewritten with this call's flags
         for last in [Path(args.resume) / "last.pth", *Path(args.resume).glob("fold*/last.pth")]:
             if last.is_file():
-                models.load_checkpoint(last, mmap=True)
+                saved = models.load_checkpoint(last, mmap=True)
+                if args.model_ema and saved.get("ema") is None:
+                    raise UserError(f"--model_ema: {last} was trained without it and holds no "
+                                    "EMA weights to resume; resume without --model_ema")
     if args.weights:
         models.read_state_dict(args.weights)
     engine.resolve_device(args.device)

@@ -238,9 +238,14 @@ def build_scheduler(settings: Any, optimizer, steps_per_epoch: int):
     if settings.scheduler == "reducelronplateau":
         return s.ReduceLROnPlateau(optimizer, mode=settings.mode, factor=settings.factor,
                                    patience=settings.patience, threshold=settings.threshold), False
-    # cycliclr: one triangle every 2 epochs, stepping per batch
-    max_lr = settings.maxlr or settings.lr * 10
-    return s.CyclicLR(optimizer, base_lr=settings.lr, max_lr=max_lr, step_size_up=steps_per_epoch,
+    # cycliclr: one triangle every 2 epochs, stepping per batch; each parameter group between its
+    # own lr and that times maxlr / lr, so --head_lr_mult holds
+    base = [group["lr"] for group in optimizer.param_groups]
+    if settings.lr:
+        top = [lr * (settings.maxlr / settings.lr if settings.maxlr else 10) for lr in base]
+    else:
+        top = [settings.maxlr or 0.0] * len(base)
+    return s.CyclicLR(optimizer, base_lr=base, max_lr=top, step_size_up=steps_per_epoch,
                       cycle_momentum=False), True
 
 

@@ -167,6 +167,12 @@ def test_heads_learn_at_their_multiple_and_layer_decay_is_timms():
     scheduler.step_update(5)
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert lrs[1] == pytest.approx(10 * lrs[0]) and lrs[0] < 1e-3
+    # torch's cycliclr cycles each group between its own lr and 10 times it
+    args = settings("--scheduler", "cycliclr", "--head_lr_mult", "10")
+    optimizer = engine.build_optimizer(args, models.parameter_groups(net, 1e-3, 0.0, head_lr_mult=10),
+                                       torch.device("cpu"))
+    scheduler, _ = engine.build_scheduler(args, optimizer, steps_per_epoch=3)
+    assert scheduler.max_lrs == [pytest.approx(1e-2), pytest.approx(1e-1)]
     # one group as before when nothing differs (old last.pth files keep loading)
     assert len(models.parameter_groups(net, 1e-3, 0.0)) == 1
     timm_net = models.build_model("test_resnet", 3)

@@ -388,3 +388,12 @@ def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(tiny_tr
     tags = EventAccumulator(str(whole_dir)).Reload().Tags()["scalars"]
     assert {"F1/val_ema", "F1_class/09 incorrect-female-<30"} <= set(tags)
     assert json.loads((whole_dir / "config.json").read_text())["class_weights"] == "effective"
+
+
+def test_resume_with_model_ema_of_a_run_without_it_refuses_before_touching_it(tiny_train_dir,
+                                                                              tmp_path, run):
+    run_dir = run(tiny_train_dir, tmp_path, "--epochs", "1")["run_dir"]
+    config_before = (run_dir / "config.json").read_text()
+    with pytest.raises(UserError, match=r"^--model_ema: .*last.pth was trained without it"):
+        train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2", "--model_ema"]))
+    assert (run_dir / "config.json").read_text() == config_before
