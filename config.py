@@ -109,9 +109,9 @@ def get_args_parser() -> FlagParser:
     images.add_argument("--augmentation", default="CustomAugmentation",
                         type=augmentation_value, help=AUGMENTATION_HELP)
     images.add_argument("--augmentation_sha256", default=None, metavar="HEX",
-                        help="sha256 the --augmentation file (pipeline file or module) must have: "
-                             "config.json records it, so a replay (--config, --resume) refuses a "
-                             "changed file")
+                        help="sha256 the --augmentation file (pipeline file or module) must have "
+                             "(when not given: not checked); config.json records it, so a replay "
+                             "(--config, --resume) refuses a changed file")
     images.add_argument("--augment_workers", type=int, default=None, metavar="N",
                         help="processes running a per-image pipeline while the model trains (0 = "
                              "in the training process; when not given: one per core but one, 1..8)")
@@ -121,9 +121,9 @@ def get_args_parser() -> FlagParser:
                              "or with --rrc_scale a random-resized crop; evaluation takes the "
                              "centred box, the crop of M = 0")
     images.add_argument("--rrc_scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="random-resized crops in training: area range as a fraction of the "
-                             "cached image (with --crop_margin: of the crop and its margin), "
-                             "e.g. 0.5 1")
+                        help="random-resized crops in training (when not given: off): area range "
+                             "as a fraction of the cached image (with --crop_margin: of the crop "
+                             "and its margin), e.g. 0.5 1")
     images.add_argument("--rrc_ratio", type=float, nargs=2, default=[3 / 4, 4 / 3],
                         metavar=("LO", "HI"),
                         help="aspect range of --rrc_scale crops relative to --resize's (1 = no "
