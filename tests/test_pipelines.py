@@ -352,6 +352,16 @@ def test_random_erasing_erases_about_p_of_the_images_with_noise():
     assert out.min() >= 0 and out.max() <= 1
 
 
+def test_the_gpu_and_cpu_erasing_fill_the_same_boxes():
+    chosen = torch.tensor([True, False, True, True])
+    top, left = torch.tensor([0, 3, 5, 10]), torch.tensor([2, 0, 7, 0])
+    h, w = torch.tensor([4, 5, 10, 6]), torch.tensor([3, 5, 1, 8])
+    changed = [(augmentation.fill_boxes(torch.full((4, 3, 16, 12), 2.0), chosen, top, left, h, w,
+                                        masked) != 2.0) for masked in (True, False)]
+    assert torch.equal(changed[0], changed[1])
+    assert changed[0].sum() == 3 * (4 * 3 + 10 * 1 + 6 * 8)  # channels x the chosen boxes
+
+
 @pytest.mark.parametrize("name", ["TrivialAugmentWide", "RandAugment"])
 def test_policy_presets_run_per_image(name):
     pipeline = pipelines.load_pipeline(name)
