@@ -292,7 +292,8 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
             if procs.main:
                 reporting.log_epoch(writer, row, kept, data.images, data.val_rows,
                                     settings.category, which=" (EMA)" if weights_of == "ema" else "",
-                                    confusion_png=run_dir / "confusion.png" if improved else None)
+                                    confusion_png=run_dir / "confusion.png" if improved else None,
+                                    margin=data.preprocess.margin_pixels)
                 save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
                            weights_of)
                 print(epoch_line(settings, row, improved, kept), flush=True)
