@@ -98,9 +98,7 @@ class Pipeline:
             else:
                 out = self.transform(torch.from_numpy(image).permute(2, 0, 1))
         except Exception as why:  # the user's code: name it and what it was given
-            text = str(why).strip().splitlines()[0] if str(why).strip() else ""
-            raise UserError(f"{where}: fails on a {shape} uint8 image ({type(why).__name__}"
-                            f"{': ' + text if text else ''})") from None
+            raise UserError(f"{where}: fails on a {shape} uint8 image ({_reason(why)})") from None
         if isinstance(out, torch.Tensor):
             out = out.detach().cpu()
             out = out.permute(1, 2, 0).numpy() if out.ndim == 3 else out.numpy()
@@ -177,8 +175,8 @@ def _load(value: str) -> Pipeline:
     try:
         transform = function()
     except Exception as why:
-        raise UserError(f"--augmentation {value}: {function_name}() failed "
-                        f"({type(why).__name__}: {why})") from None
+        raise UserError(f"--augmentation {value}: {function_name}() failed ({_reason(why)})") \
+            from None
     kind = _kind(transform)
     if kind is None:
         raise UserError(f"--augmentation {value}: {function_name}() returns a "
@@ -200,9 +198,8 @@ def _load_file(path: str) -> Pipeline:
     try:
         transform = A.load(path, data_format=data_format)
     except Exception as why:  # JSON/YAML syntax, an unknown transform name, bad arguments
-        text = str(why).strip().splitlines()[0] if str(why).strip() else ""
         raise UserError(f"{path}: not an albumentations pipeline A.load can read "
-                        f"({type(why).__name__}{': ' + text if text else ''})") from None
+                        f"({_reason(why)})") from None
     if _kind(transform) != "albumentations":
         raise UserError(f"{path}: holds a {type(transform).__name__}; expected an albumentations "
                         "pipeline (A.save(A.Compose([...]), path))")
@@ -229,13 +226,19 @@ def _import(module_name: str, value: str):
         else:
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as why:
-        raise UserError(f"--augmentation {value}: {why} (give a .py path or an importable "
-                        "module, then :function)") from None
+        raise UserError(f"--augmentation {value}: {_reason(why)} (give a .py path or an "
+                        "importable module, then :function)") from None
     except Exception as why:  # its code raised while importing
         raise UserError(f"--augmentation {value}: {module_name} does not import "
-                        f"({type(why).__name__}: {why})") from None
+                        f"({_reason(why)})") from None
     source = getattr(module, "__file__", None)
     return module, (str(Path(source).resolve()) if source else None)
+
+
+def _reason(why: BaseException) -> str:
+    """'Type: first line of the message': a user's exception, fit for a one-line error."""
+    text = str(why).strip()
+    return type(why).__name__ + (f": {text.splitlines()[0]}" if text else "")
 
 
 def _kind(transform) -> str | None:

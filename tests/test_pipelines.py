@@ -172,6 +172,8 @@ BAD = {
     "resize.json": ("resize", r"changes a 32x24x3 image to 16x16x3; expected the same size"),
     "normalize.json": ("normalize", r"turns uint8 images into float32; expected uint8"),
     "hue.yaml": ("hue", r"fails on a 32x24x4 uint8 image"),
+    "bad_import.py:build": ("raise ValueError('line one\\nline two')",
+                            r"bad_import.py does not import \(ValueError: line one\)$"),
 }
 
 
@@ -188,7 +190,7 @@ def test_a_bad_pipeline_fails_in_one_line_before_any_photo_is_decoded(name, v2_m
                      "hue": A.HueSaturationValue(p=1)}[content]
         A.save(A.Compose([transform]), value, data_format="yaml" if name.endswith("yaml") else "json")
     elif content is not None:
-        Path(value).write_text(content)
+        (tmp_path / file_name).write_text(content)
     extra = ["--canny"] if content == "hue" else []  # 4 channels: a colour transform cannot run
     out = tmp_path / "work"
     args = train.parse_args(["--data_dir", str(tiny_train_dir), "--model_dir", str(out / "runs"),
