@@ -1,8 +1,9 @@
 """What a run shows of itself: TensorBoard scalars and figures per epoch (confusion matrix,
-predictions on validation photos)."""
+predictions on validation photos), and at its end an HParams session (flags -> final metrics)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import matplotlib
 import numpy as np
@@ -58,3 +59,34 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
                                     val["predictions"][shown])
     writer.add_figure("Predictions/val", figure, step)
     plt.close("all")
+
+
+# bookkeeping flags: where files go and how often to log say nothing about the experiment
+HPARAMS_SKIPPED = ("model_dir", "cache_dir", "config", "resume", "log_interval", "num_workers")
+
+
+def hparam_value(value):
+    """A flag as TensorBoard's HParams takes it: numbers, strings and bools as they are (bools as
+    'true'/'false'), lists as '128x96'-style strings, None left out."""
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value))
+    if isinstance(value, bool):  # torch's hparams() would log it as the number 0 or 1
+        return str(value).lower()
+    return value
+
+
+def log_hparams(writer, flags: dict, metrics: dict) -> None:
+    """One HParams session in ``writer``'s own folder (so TensorBoard's HParams tab shows one row
+    per run folder): the run's flags -> its final metrics, as 'hparams/<name>' scalars. Metrics
+    that are missing or not finite (no validation) are left out."""
+    from torch.utils.tensorboard.summary import hparams
+    shown = {k: hparam_value(v) for k, v in flags.items()
+             if k not in HPARAMS_SKIPPED and v is not None}
+    values = {f"hparams/{k}": float(v) for k, v in metrics.items()
+              if isinstance(v, numbers.Real) and math.isfinite(v)}
+    # SummaryWriter.add_hparams would open a second, timestamped run folder per call
+    for summary in hparams(shown, values):
+        writer.file_writer.add_summary(summary)
+    for tag, value in values.items():
+        writer.add_scalar(tag, value)
+    writer.flush()

@@ -16,6 +16,7 @@ import io
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,10 @@ class FitData:
 
 
 def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: dict | None = None,
-        procs: Processes = Processes()) -> dict:
-    """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events."""
+        procs: Processes = Processes(), hparams: bool = True) -> dict:
+    """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events
+    (with the run's HParams session at the end unless ``hparams`` is off: a k-fold run logs one
+    for the whole run instead)."""
     device = engine.process_device(settings.device, procs)
     engine.seed_everything(settings.seed)
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
@@ -215,7 +218,8 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
                                    channels=data.preprocess.channels, procs=procs)
     if procs.distributed:  # different augmentation draws per process, same model init
         torch.manual_seed(settings.seed * 1000 + procs.rank)
-    stopper, state = EarlyStopping(settings.early_stopping_patience), {"epoch": 0, "summary": []}
+    stopper = EarlyStopping(settings.early_stopping_patience)
+    state = {"epoch": 0, "summary": [], "wall_s": 0.0}
     if (run_dir / "last.pth").is_file():
         state = restore_progress(trainer, stopper, run_dir / "last.pth", procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
@@ -229,6 +233,7 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
     try:
+        since = time.perf_counter()
         for epoch in range(state["epoch"], settings.epochs):
             train, val = run_epoch(settings, trainer, train_batches, val_batches, true_val, mine,
                                    epoch, writer, procs)
@@ -236,6 +241,9 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
             step_schedule(settings, trainer, val, warming=epoch < settings.warmup_epochs)
             state["summary"].append(row)
             state["epoch"] = epoch + 1
+            # wall-clock training time, kept in last.pth so that a resumed run adds to it
+            state["wall_s"] += time.perf_counter() - since
+            since = time.perf_counter()
             improved = stopper.step(val["f1"], epoch + 1, always_improves=not len(data.val_rows))
             if procs.main:
                 reporting.log_epoch(writer, row, val, data.images, data.val_rows,
@@ -246,13 +254,28 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
             if stopper.should_stop:
                 procs.say(stopper.message(epoch + 1))
                 break
+        if writer is not None and hparams:
+            reporting.log_hparams(writer, vars(settings), run_metrics(stopper, state))
     finally:
         if writer is not None:
             writer.close()
     procs.say(f"best: epoch {stopper.best_epoch}, val F1 {stopper.best_f1:.4f} -> "
               f"{run_dir / 'best.pth'}")
     return {"best_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
-            "summary": state["summary"]}
+            "summary": state["summary"], "wall_s": state["wall_s"]}
+
+
+def run_metrics(stopper: EarlyStopping, state: dict) -> dict:
+    """What a finished model reports in TensorBoard's HParams: its best val F1 (and that epoch's
+    per-head F1), epochs, speed and wall time."""
+    rows = state["summary"]
+    metrics = {"best_val_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
+               "epochs_done": state["epoch"], "wall_s": state["wall_s"],
+               "images_per_s": float(np.mean([r["images_per_s"] for r in rows])) if rows else None}
+    if 1 <= stopper.best_epoch <= len(rows):
+        best = rows[stopper.best_epoch - 1]
+        metrics.update({f"val_{head}": best[head] for head in ("f1_mask", "f1_gender", "f1_age")})
+    return metrics
 
 
 def restore_progress(trainer: engine.Trainer, stopper: EarlyStopping, last_path: Path,
@@ -265,7 +288,9 @@ def restore_progress(trainer: engine.Trainer, stopper: EarlyStopping, last_path:
     stopper.load_state_dict(saved["train_state"])
     if not procs.distributed:
         engine.set_rng_state(saved["rng"])
-    return {"epoch": saved["train_state"]["epoch"], "summary": saved["train_state"]["summary"]}
+    train_state = saved["train_state"]
+    return {"epoch": train_state["epoch"], "summary": train_state["summary"],
+            "wall_s": float(train_state.get("wall_s", 0.0))}  # 0: saved before it was kept
 
 
 def run_epoch(settings: argparse.Namespace, trainer: engine.Trainer, train_batches, val_batches,
@@ -411,8 +436,9 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
         result = fit(settings, data, fold_dir, extra={"face": face_info, "fold": fold},
-                     procs=procs)
-        results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"]}
+                     procs=procs, hparams=False)
+        results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
+                         "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}
         if procs.main:
             atomic_write_text(done, json.dumps(results[fold]))
         procs.barrier()
@@ -422,10 +448,30 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         procs.say(f"folds {pending} still to train; oof.csv is written when all are done "
                   f"(train them with --fold, then run once more with --resume {run_dir})")
         return {"run_dir": run_dir, "best_f1": float("nan"), "folds": results}
-    metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs) \
-        if procs.main else {}
+    metrics = {}
+    if procs.main:
+        metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs)
+        log_kfold_hparams(settings, run_dir, plan.n_folds, metrics)
     metrics = procs.broadcast(metrics)
     return {"run_dir": run_dir, "best_f1": metrics["f1"], "oof": metrics, "folds": results}
+
+
+def log_kfold_hparams(settings: argparse.Namespace, run_dir: Path, n_folds: int,
+                      oof_metrics: dict) -> None:
+    """One TensorBoard HParams session for the whole k-fold run: its flags -> OOF F1 (and
+    per-head F1), the folds' mean best val F1, summed epochs and wall time, mean speed."""
+    folds = [json.loads((run_dir / f"fold{k}" / "done.json").read_text()) for k in range(n_folds)]
+    speeds = [row["images_per_s"] for k in range(n_folds)
+              for row in read_csv_checked(run_dir / f"fold{k}" / "summary.csv",
+                                          ["images_per_s"]).to_dict("records")]
+    metrics = {f"oof_{k}": v for k, v in oof_metrics.items()}
+    metrics.update({"best_val_f1": float(np.mean([f["best_f1"] for f in folds])),
+                    "epochs_done": sum(f.get("epochs_done", 0) for f in folds),
+                    "wall_s": sum(f.get("wall_s", 0.0) for f in folds),
+                    "images_per_s": float(np.mean(speeds)) if speeds else None})
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(run_dir)) as writer:
+        reporting.log_hparams(writer, vars(settings), metrics)
 
 
 def write_out_of_fold(settings: argparse.Namespace, frame: pd.DataFrame, images: np.ndarray,
@@ -511,6 +557,10 @@ def main(args: argparse.Namespace) -> dict:
                   f"repeats), {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
         result = fit(settings, data, run_dir, extra={"face": face_info}, procs=procs)
+        if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
+            atomic_write_text(run_dir / "done.json", json.dumps(
+                {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
+                 "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}))
     except BaseException:  # any failure, ours or torch's (out of memory), before a checkpoint
         if procs.main and not settings.resume and settings.fold is None:
             remove_if_no_checkpoint(run_dir)
