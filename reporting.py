@@ -63,11 +63,16 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
 
 # bookkeeping flags: where files go and how often to log say nothing about the experiment
 HPARAMS_SKIPPED = ("model_dir", "cache_dir", "config", "resume", "log_interval", "num_workers")
+# every run declares all of them (TensorBoard shows the columns of one run's declaration, picked
+# arbitrarily); a run logs the values it has: single runs val_*, k-fold runs oof_* too
+HPARAMS_METRICS = ("best_val_f1", "val_f1_mask", "val_f1_gender", "val_f1_age", "oof_f1",
+                   "oof_acc", "oof_f1_mask", "oof_f1_gender", "oof_f1_age", "best_epoch",
+                   "epochs_done", "images_per_s", "wall_s")
 
 
 def hparam_value(value):
-    """A flag as TensorBoard's HParams takes it: numbers, strings and bools as they are (bools as
-    'true'/'false'), lists as '128x96'-style strings, None left out."""
+    """A flag as TensorBoard's HParams takes it: numbers and strings as they are, bools as
+    'true'/'false', lists as '128x96'-style strings."""
     if isinstance(value, (list, tuple)):
         return "x".join(map(str, value))
     if isinstance(value, bool):  # torch's hparams() would log it as the number 0 or 1
@@ -84,8 +89,9 @@ def log_hparams(writer, flags: dict, metrics: dict) -> None:
              if k not in HPARAMS_SKIPPED and v is not None}
     values = {f"hparams/{k}": float(v) for k, v in metrics.items()
               if isinstance(v, numbers.Real) and math.isfinite(v)}
+    declared = dict.fromkeys(f"hparams/{k}" for k in (*HPARAMS_METRICS, *metrics))
     # SummaryWriter.add_hparams would open a second, timestamped run folder per call
-    for summary in hparams(shown, values):
+    for summary in hparams(shown, declared):
         writer.file_writer.add_summary(summary)
     for tag, value in values.items():
         writer.add_scalar(tag, value)
