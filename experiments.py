@@ -272,6 +272,15 @@ def selection_runs(paths: list[str], pattern: str | None) -> list[tuple[str, Pat
     return runs
 
 
+def default_output(runs: list[tuple[str, Path]]) -> Path:
+    """selection.json in the runs' common folder (as the user named it, when that is possible)."""
+    try:
+        common = os.path.commonpath([str(d.parent) for _, d in runs])
+    except ValueError:  # absolute and relative paths mixed
+        common = os.path.commonpath([str(d.resolve().parent) for _, d in runs])
+    return Path(common) / "selection.json"
+
+
 def select_main(args: argparse.Namespace) -> dict:
     for flag in ("steps", "patience"):
         if getattr(args, flag) < 1:
@@ -279,8 +288,7 @@ def select_main(args: argparse.Namespace) -> dict:
     if args.split_repeats < 0:
         raise UserError(f"--split_repeats {args.split_repeats}: expected 0 (off) or more")
     runs = selection_runs(args.runs, args.filter)
-    output = Path(args.output) if args.output else Path(os.path.commonpath(
-        [str(d.resolve().parent) for _, d in runs])) / "selection.json"
+    output = Path(args.output) if args.output else default_output(runs)
     output = check_output_path(output, "--output")
     oof_runs = [selection.read_oof_run(run_dir, name) for name, run_dir in runs]
     result = selection.select_runs(oof_runs, steps=args.steps, patience=args.patience,

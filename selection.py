@@ -203,6 +203,7 @@ def greedy_selection(probs: Sequence[np.ndarray], labels: np.ndarray, steps: int
     mix (the earliest on ties); step 1 is the best single candidate, so the result's OOF F1 is
     never below it."""
     labels = np.asarray(labels, dtype=np.int64)
+    steps = steps if len(probs) > 1 else 1  # one candidate: every step is the same mix
     total = np.zeros_like(np.asarray(probs[0], dtype=np.float64))
     counts = np.zeros(len(probs), dtype=np.int64)
     best = GreedyResult(counts.copy(), 0, [])
@@ -242,46 +243,68 @@ def person_halves(labels: np.ndarray, profiles: np.ndarray, seed: int) -> list[n
     return [rows for _, rows in splitter.split(labels, gender * 3 + age, groups=profiles)]
 
 
+ARMS = ("mix", "single_calibrated", "mix_calibrated")  # what the split-half check scores
+
+
 def split_half_check(probs: Sequence[np.ndarray], labels: np.ndarray, profiles: np.ndarray, *,
                      steps: int = STEPS, patience: int = PATIENCE, repeats: int = SPLIT_REPEATS,
                      seed: int = 0) -> dict:
     """Select (and calibrate) on one half of the people, score on the other, both ways, over
-    ``repeats`` random halvings. The held-out gain is the selection's F1 minus the F1 of the best
-    single candidate chosen on the same half, both scored on the held-out half."""
-    gains, calibrated_gains = [], []
+    ``repeats`` random halvings. Each arm's held-out gain is its F1 minus the F1 of the best
+    single candidate chosen on the same half, both scored on the held-out half: the selected mix,
+    the best single with calibration offsets fitted on the selection half, and the mix with them."""
+    gains: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for repeat in range(repeats):
         halves = person_halves(labels, profiles, seed + repeat)
         for fit_rows, test_rows in (halves, halves[::-1]):
+            truth = labels[test_rows]
             chosen = greedy_selection([p[fit_rows] for p in probs], labels[fit_rows], steps,
                                       patience)
-            single = chosen.history[0]["added"]
-            single_f1 = macro_f1(labels[test_rows], probs[single][test_rows].argmax(1))
+            single = probs[chosen.history[0]["added"]]
+            single_f1 = macro_f1(truth, single[test_rows].argmax(1))
             mix_test = mix_of(probs, chosen.weights, test_rows)
-            gains.append(macro_f1(labels[test_rows], mix_test.argmax(1)) - single_f1)
-            offsets = fit_calibration(mix_of(probs, chosen.weights, fit_rows), labels[fit_rows])
-            calibrated_gains.append(macro_f1(
-                labels[test_rows], calibrated_predictions(mix_test, offsets)) - single_f1)
-    return {"repeats": repeats, "seed": seed, "halves": len(gains),
-            "gain_mean": float(np.mean(gains)), "gain_std": float(np.std(gains)),
-            "gain_positive": int(np.sum(np.asarray(gains) > 0)),
-            "calibrated_gain_mean": float(np.mean(calibrated_gains)),
-            "calibrated_gain_std": float(np.std(calibrated_gains)),
-            "calibrated_gain_positive": int(np.sum(np.asarray(calibrated_gains) > 0)),
-            "gains": [round(g, 6) for g in gains],
-            "calibrated_gains": [round(g, 6) for g in calibrated_gains]}
+            gains["mix"].append(macro_f1(truth, mix_test.argmax(1)) - single_f1)
+            for arm, fit_probs, test_probs in (
+                    ("single_calibrated", single[fit_rows], single[test_rows]),
+                    ("mix_calibrated", mix_of(probs, chosen.weights, fit_rows), mix_test)):
+                offsets = fit_calibration(fit_probs, labels[fit_rows])
+                gains[arm].append(macro_f1(truth, calibrated_predictions(test_probs, offsets))
+                                  - single_f1)
+    summary = {arm: {"mean": float(np.mean(g)), "std": float(np.std(g)),
+                     "positive": int(np.sum(np.asarray(g) > 0)),
+                     "gains": [round(v, 6) for v in g]} for arm, g in gains.items()}
+    return {"repeats": repeats, "seed": seed, "halves": 2 * repeats, **summary}
 
 
-def verdict(check: dict, best_single: str) -> str:
-    """What the split-half check says, in words: the gain holds when it is positive on average
-    and on at least 80% of the held-out halves; a mean at or below 0 is fitted noise."""
-    if check["gain_mean"] > 0 and check["gain_positive"] >= 0.8 * check["halves"]:
-        return "verdict: the gain over the best single run holds on held-out people"
-    safer = (f"the best single run {best_single} is the safer submission (--steps 1 selects it "
-             "alone)")
-    if check["gain_mean"] <= 0:
-        return f"verdict: the gain does not hold on held-out people (fitted noise); {safer}"
-    return (f"verdict: uncertain, the held-out gain is positive in only {check['gain_positive']}/"
-            f"{check['halves']} halves; {safer} unless the mix is wanted for other reasons")
+def holds(gains: Sequence[float]) -> bool:
+    """A held-out gain holds when it is positive on average and on at least 80% of the halves."""
+    gains = np.asarray(gains)
+    return bool(gains.mean() > 0 and (gains > 0).mean() >= 0.8)
+
+
+def verdict(check: dict, best_single: str, alone: bool = False) -> str:
+    """What the split-half check says in words: whether the mix's gain over the best single run
+    holds on people it was not selected on, whether the calibration's does, and what to submit."""
+    mix = check["mix"]
+    if alone:
+        words = f"the selection is the best single run {best_single} alone"
+    elif holds(mix["gains"]):
+        words = "the mix's gain over the best single run holds on held-out people"
+    elif mix["mean"] <= 0:
+        words = "the mix's gain does not hold on held-out people (fitted noise)"
+    else:
+        words = (f"the mix's gain is uncertain (positive in {mix['positive']}/{check['halves']} "
+                 "held-out halves)")
+    calibration = np.subtract(check["mix_calibrated"]["gains"], mix["gains"])
+    calibrated = holds(calibration)
+    words += "; calibration " + ("holds" if calibrated else "does not hold") + \
+        f" ({calibration.mean():+.4f} on held-out people)"
+    if not alone and not holds(mix["gains"]):
+        words += (f"; safer: the best single run alone (--steps 1"
+                  + ("" if calibrated else " --no_calibrate") + ")")
+    elif alone and not calibrated:
+        words += "; safer: --no_calibrate"
+    return "verdict: " + words
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,13 +344,12 @@ def select_runs(runs: Sequence[OofRun], *, steps: int = STEPS, patience: int = P
     check = split_half_check(probs, labels, runs[0].profiles, steps=steps, patience=patience,
                              repeats=repeats, seed=seed) if repeats else None
     if check:
+        arms = ", ".join(f"{name} {check[arm]['mean']:+.4f} +- {check[arm]['std']:.4f} "
+                         f"({check[arm]['positive']}/{check['halves']} positive)" for arm, name in
+                         zip(ARMS, ("mix", "best single + calibration", "mix + calibration")))
         say(f"split-half check ({check['halves']} halves of the people, select on one, score on "
-            f"the other): held-out gain over the best single run {check['gain_mean']:+.4f} "
-            f"+- {check['gain_std']:.4f} ({check['gain_positive']}/{check['halves']} positive); "
-            f"with calibration {check['calibrated_gain_mean']:+.4f} +- "
-            f"{check['calibrated_gain_std']:.4f} ({check['calibrated_gain_positive']}/"
-            f"{check['halves']} positive)")
-        say(verdict(check, candidates[single["added"]].label))
+            f"the other): held-out F1 gain over the best single run: {arms}")
+        say(verdict(check, candidates[single["added"]].label, alone=len(members) == 1))
     return {"runs": runs, "members": members, "offsets": offsets,
             "oof_f1": chosen.history[chosen.best_step - 1]["f1"], "calibrated_f1": calibrated_f1,
             "best_single": {"runs": list(candidates[single["added"]].runs), "oof_f1": single["f1"]},
