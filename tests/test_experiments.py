@@ -381,3 +381,33 @@ def test_ensemble_csv_applies_a_selection_of_one_run_with_its_offsets(tmp_path, 
     plain = ensemble_csv.main(ensemble_csv.parse_args(argv + ["-o", str(tmp_path / "p.csv"),
                                                               "--no_calibrate"]))
     assert plain["ans"].tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder", "is a folder; --ensemble takes a selection JSON"),
+    ("with_model_dir", "names its runs; drop --model_dir"),
+    ("not_a_selection", "not a selection file of experiments.py select"),
+    ("run_gone", "run a: no folder"),
+    ("trio_of_two", "expected \"runs\": 1 run (or a trio of 3)"),
+])
+def test_inference_refuses_a_bad_selection_file_in_one_line(tmp_path, capsys, case, message):
+    (tmp_path / "a").mkdir()
+    document = {"format": "maskface-selection/1", "runs": {"a": {"path": "a"}},
+                "members": [{"runs": ["a"], "weight": 1}]}
+    path, extra = tmp_path / "selection.json", []
+    if case == "folder":
+        path = tmp_path / "a"
+    elif case == "with_model_dir":
+        extra = ["--model_dir", str(tmp_path / "a")]
+    elif case == "not_a_selection":
+        document.pop("format")
+    elif case == "run_gone":
+        (tmp_path / "a").rmdir()
+    elif case == "trio_of_two":
+        document["members"] = [{"runs": ["a", "a"], "weight": 1}]
+    (tmp_path / "selection.json").write_text(json.dumps(document))
+    code = run_cli(inference.main, inference.parse_args,
+                   ["--ensemble", str(path), *extra, "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
