@@ -96,6 +96,12 @@ def read_small_json(path: Path, problems: list[str]) -> dict | None:
         return None
 
 
+def int_setting(settings: dict, key: str) -> int | None:
+    """A positive whole-number setting of config.json; None when absent or hand-edited wrong."""
+    value = settings.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def best_of(summary: pd.DataFrame | None) -> dict:
     """Best val F1 of one model and that epoch's per-head F1; images/s over its epochs."""
     if summary is None or summary["val_f1"].isna().all():
@@ -110,7 +116,7 @@ def single_run_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
     done = read_small_json(run_dir / "done.json", problems)
     row = {"kind": "single", **best_of(summary)}
     done_epochs = 0 if summary is None else len(summary)
-    row["epochs"] = f"{done_epochs}/{settings.get('epochs', '?')}"
+    row["epochs"] = f"{done_epochs}/{int_setting(settings, 'epochs') or '?'}"
     if not (run_dir / "best.pth").is_file():
         problems.append("no best.pth")
     row["wall_s"] = (done or {}).get("wall_s")
@@ -121,7 +127,7 @@ def single_run_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
 
 def kfold_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
     fold_dirs = [d for d in run_dir.glob("fold[0-9]*") if d.name[4:].isdigit()]
-    n_folds = settings.get("kfold") or len(fold_dirs)
+    n_folds = int_setting(settings, "kfold") or len(fold_dirs)
     folds_csv = run_dir / "folds.csv"
     row: dict = {"kind": f"{n_folds}-fold"}
     if folds_csv.is_file():
@@ -142,7 +148,7 @@ def kfold_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
         walls.append((done or {}).get("wall_s"))
         if fold_dir.is_dir() and not (fold_dir / "best.pth").is_file():
             problems.append(f"no fold{fold}/best.pth")
-    row["epochs"] = f"{epochs}/{n_folds * settings.get('epochs', 0) or '?'}"
+    row["epochs"] = f"{epochs}/{n_folds * (int_setting(settings, 'epochs') or 0) or '?'}"
     scored = [b for b in bests if b]
     if scored:
         row["val_f1"] = float(np.mean([b["val_f1"] for b in scored]))
@@ -171,7 +177,8 @@ def run_row(name: str, run_dir: Path) -> tuple[dict, dict]:
         row["kind"] = "?"
     if isinstance(settings.get("resize"), list):
         row["size"] = "x".join(map(str, settings["resize"]))
-    spec = augmentation.AUGMENTATIONS.get(settings.get("augmentation"))
+    name = settings.get("augmentation")
+    spec = augmentation.AUGMENTATIONS.get(name) if isinstance(name, str) else None
     row["crop"] = settings.get("crop") or (spec.crop if spec else None)
     row = {**(kfold_row(run_dir, settings, problems) if kfold
               else single_run_row(run_dir, settings, problems)), **row}

@@ -276,35 +276,32 @@ def split_half_check(probs: Sequence[np.ndarray], labels: np.ndarray, profiles: 
     return {"repeats": repeats, "seed": seed, "halves": 2 * repeats, **summary}
 
 
-def holds(gains: Sequence[float]) -> bool:
-    """A held-out gain holds when it is positive on average and on at least 80% of the halves."""
+def judged(gains: Sequence[float]) -> str:
+    """'holds' (positive on average and on at least 80% of the held-out halves), 'is uncertain'
+    (positive on average only) or 'does not hold' (fitted noise)."""
     gains = np.asarray(gains)
-    return bool(gains.mean() > 0 and (gains > 0).mean() >= 0.8)
+    if gains.mean() > 0 and (gains > 0).mean() >= 0.8:
+        return "holds"
+    return "is uncertain" if gains.mean() > 0 else "does not hold"
 
 
 def verdict(check: dict, best_single: str, alone: bool = False) -> str:
     """What the split-half check says in words: whether the mix's gain over the best single run
-    holds on people it was not selected on, whether the calibration's does, and what to submit."""
-    mix = check["mix"]
-    if alone:
-        words = f"the selection is the best single run {best_single} alone"
-    elif holds(mix["gains"]):
-        words = "the mix's gain over the best single run holds on held-out people"
-    elif mix["mean"] <= 0:
-        words = "the mix's gain does not hold on held-out people (fitted noise)"
-    else:
-        words = (f"the mix's gain is uncertain (positive in {mix['positive']}/{check['halves']} "
-                 "held-out halves)")
-    calibration = np.subtract(check["mix_calibrated"]["gains"], mix["gains"])
-    calibrated = holds(calibration)
-    words += "; calibration " + ("holds" if calibrated else "does not hold") + \
-        f" ({calibration.mean():+.4f} on held-out people)"
-    if not alone and not holds(mix["gains"]):
-        words += (f"; safer: the best single run alone (--steps 1"
-                  + ("" if calibrated else " --no_calibrate") + ")")
-    elif alone and not calibrated:
-        words += "; safer: --no_calibrate"
-    return "verdict: " + words
+    holds on people it was not selected on, whether the calibration's does, and what is safer."""
+    mix = judged(check["mix"]["gains"])
+    calibration_gains = np.subtract(check["mix_calibrated"]["gains"], check["mix"]["gains"])
+    calibration = judged(calibration_gains)
+    words = (f"the selection is the best single run {best_single} alone" if alone else
+             f"the mix's gain over the best single run {mix} on held-out people "
+             f"({check['mix']['positive']}/{check['halves']} halves gained)")
+    words += (f"; calibration's {calibration} ({calibration_gains.mean():+.4f}, "
+              f"{int((calibration_gains > 0).sum())}/{check['halves']} halves gained)")
+    safer = []
+    if not alone and mix != "holds":
+        safer.append(f"--steps 1 (the best single run {best_single} alone)")
+    if calibration == "does not hold":
+        safer.append("--no_calibrate")
+    return "verdict: " + words + (f"; safer: {' '.join(safer)}" if safer else "")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def test_split_half_check_exposes_a_gain_fitted_to_noise(tmp_path, capsys):
     assert check["mix"]["mean"] < 0.01 and check["mix"]["positive"] < 0.8 * check["halves"]
     out = capsys.readouterr().out
     assert "verdict: " in out and "gain over the best single run holds" not in out
-    assert "safer: the best single run alone (--steps 1" in out
+    assert "safer: --steps 1 (the best single run good alone)" in out
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -318,6 +318,8 @@ def test_table_lists_every_run_folder_and_survives_half_written_ones(model_dir, 
     (runs / "torn" / "done.json").unlink()
     (runs / "torn" / "summary.csv").write_text("epoch,train_loss,val_l")
     (runs / "empty").mkdir()
+    (runs / "edited").mkdir()  # a hand-edited config.json of the wrong types
+    (runs / "edited" / "config.json").write_text('{"kfold": "3", "augmentation": ["x"]}')
     (runs / "cv-b" / "oof.csv").unlink()  # killed before the out-of-fold step
     capsys.readouterr()
     table = experiments.main(experiments.parse_args(
@@ -325,7 +327,7 @@ def test_table_lists_every_run_folder_and_survives_half_written_ones(model_dir, 
     out = capsys.readouterr().out
     by_run = table.set_index("run")
     assert set(by_run.index) == {"cv-a", "cv-b", "cv-mask", "single", "just-config", "torn",
-                                 "empty"}
+                                 "empty", "edited"}
     oof = json.loads((runs / "cv-a" / "oof_metrics.json").read_text())
     assert by_run.loc["cv-a", "oof_f1"] == pytest.approx(oof["f1"])
     assert by_run.loc["cv-a", "f1_age"] == pytest.approx(oof["f1_age"])
