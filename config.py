@@ -21,6 +21,13 @@ from checked_io import FlagParser, UserError, check_output_path, read_json_check
 ALIASES = {"--age_lable_num": "--age_label_num"}
 
 
+# flags a resumed run may change: they decide how long and where it runs, not what it computes
+RESUME_SAFE = ("epochs", "early_stopping_patience", "log_interval", "valid_batch_size",
+               "num_workers", "cache_dir", "device", "compile", "data_dir")
+# ... and those that only say how this call runs, never saved in config.json
+NOT_SAVED = ("resume", "config", "fold", "accept_data_change")
+
+
 def get_args_parser() -> FlagParser:
     p = FlagParser(description="Train a face-mask classifier. Every flag is also accepted with "
                                "hyphens (--batch-size for --batch_size).", aliases=ALIASES)
@@ -32,7 +39,12 @@ def get_args_parser() -> FlagParser:
                      help="where run folders go ($SM_MODEL_DIR if set)")
     run.add_argument("--config", default=None, help="a saved config.json replayed as defaults; flags override")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
-                     help="continue the run in RUN_DIR from last.pth")
+                     help="continue the run in RUN_DIR from last.pth, with its settings, split "
+                          "or folds and data; only " + ", ".join(f"--{k}" for k in RESUME_SAFE)
+                          + " may be changed")
+    run.add_argument("--accept_data_change", action="store_true",
+                     help="with --resume: go on although photos were added, removed or changed "
+                          "since the run started (new people are left out); refused otherwise")
     run.add_argument("--log_interval", type=int, default=20, help="batches between TensorBoard loss points")
 
     data = p.add_argument_group("data")
@@ -149,12 +161,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(saved) - known)
     if unknown:
         raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
-    saved = {k: v for k, v in saved.items() if k not in ("config", "resume")}
+    saved = {k: v for k, v in saved.items() if k not in NOT_SAVED}
     for action in parser._actions:
         if action.dest in saved:
+            saved[action.dest] = whole_numbers(action, saved[action.dest])
             check_replayed(action, saved[action.dest], replay)
     parser.set_defaults(**saved)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume:
+        check_resumed_settings(args, saved, replay)
+    return args
+
+
+def whole_numbers(action: argparse.Action, value):
+    """2.0 -> 2 where the flag takes integers (JSON writers turn 2 into 2.0); other values as they
+    are, for check_replayed to judge."""
+    def whole(v):
+        return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 63 else v
+    if action.type is not int:
+        return value
+    return [whole(v) for v in value] if isinstance(value, list) else whole(value)
+
+
+def check_resumed_settings(args: argparse.Namespace, saved: dict, source: str) -> None:
+    """A resume continues the same experiment: a flag that would change what it computes (any but
+    RESUME_SAFE) is refused in one line naming it, so config.json stays what trained."""
+    changed = [k for k, v in saved.items()
+               if k not in RESUME_SAFE and k in vars(args) and getattr(args, k) != v]
+    if changed:
+        key = changed[0]
+        raise UserError(f"--resume {args.resume}: --{key} {json.dumps(getattr(args, key))} differs "
+                        f"from the run's {json.dumps(saved[key])} ({source}); a resumed run keeps its "
+                        "settings except " + ", ".join(f"--{k}" for k in RESUME_SAFE)
+                        + "; start a new run (--config) to change them")
 
 
 def check_replayed(action: argparse.Action, value, source: str) -> None:
@@ -184,9 +223,9 @@ def check_replayed(action: argparse.Action, value, source: str) -> None:
 
 # flag -> (is the value fine?, what was expected): checked before any data loads
 LIMITS = {
-    "epochs": (lambda v: v >= 1, "at least 1"),
-    "batch_size": (lambda v: v >= 1, "at least 1"),
-    "valid_batch_size": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: 1 <= v <= 1_000_000, "1 to 1,000,000"),
+    "batch_size": (lambda v: 1 <= v <= 65_536, "1 to 65,536"),
+    "valid_batch_size": (lambda v: 1 <= v <= 65_536, "1 to 65,536"),
     "lr": (lambda v: v >= 0, "a learning rate of 0 or more"),  # 0 freezes: a sanity check
     "momentum": (lambda v: 0 <= v < 1, "0 <= momentum < 1"),
     "weight_decay": (lambda v: v >= 0, "0 or more"),
@@ -200,7 +239,7 @@ LIMITS = {
     "warmup_epochs": (lambda v: v >= 0, "0 or more epochs"),
     "early_stopping_patience": (lambda v: v >= -1, "-1 or 0 (off) or a number of epochs"),
     "log_interval": (lambda v: v >= 1, "at least 1 batch"),
-    "num_workers": (lambda v: v >= 0, "0 (one per core) or more"),
+    "num_workers": (lambda v: 0 <= v <= 256, "0 (one per core) to 256"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "0 <= seed < 2**32"),
     "mixup_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
     "cutmix_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
@@ -210,15 +249,17 @@ LIMITS = {
     "arc_margin": (lambda v: 0 <= v < math.pi / 2, "0 <= margin < pi/2 radians"),
     "drop_rate": (lambda v: 0 <= v < 1, "0 <= rate < 1"),
     "face_margin": (lambda v: v >= 0, "0 or more (a fraction of the face box per side)"),
-    "old_age": (lambda v: v > 30, "an age above 30 (30..old_age-1 is the middle group)"),
+    "old_age": (lambda v: 30 < v <= 150, "an age above 30 (30..old_age-1 is the middle group)"),
+    "kfold": (lambda v: v == 0 or 2 <= v <= 1000, "0 (off) or 2 to 1,000 folds"),
 }
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject every bad name, number or combination before data loads."""
     for flag, (fine, expected) in LIMITS.items():
-        if not fine(getattr(args, flag)):
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
+        value = getattr(args, flag)
+        if isinstance(value, float) and not math.isfinite(value) or not fine(value):
+            raise UserError(f"--{flag} {value}: expected {expected}")
     if args.name in ("", ".", "..") or Path(args.name).name != args.name or "\\" in args.name:
         raise UserError(f"--name '{args.name}': expected a plain folder name (no '/'); "
                         "use --model_dir for where run folders go")
@@ -238,12 +279,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--criterion arcface works with single-head models; drop --multi_head")
     if not 0 <= args.val_ratio < 1:
         raise UserError(f"--val_ratio {args.val_ratio}: expected 0 <= ratio < 1")
-    if args.kfold == 1 or args.kfold < 0:
-        raise UserError(f"--kfold {args.kfold}: expected 0 (off) or at least 2")
     if args.fold is not None and not (args.kfold or args.folds):
         raise UserError(f"--fold {args.fold} needs --kfold K or --folds FILE")
-    if min(args.resize) < 16:
-        raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
+    if min(args.resize) < 16 or max(args.resize) > 4096:
+        raise UserError(f"--resize {args.resize}: expected H W of 16 to 4096 pixels")
     drop_range(args.drop_ages)
     for flag in ("relabel", "weights", "config", "folds"):
         path = getattr(args, flag)

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
-                        calibrated_predictions, check_labels, check_output_path,
-                        check_probabilities, read_csv_checked, read_selection_json, run_cli,
-                        selection_offsets)
+from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, calibrated_predictions,
+                        check_labels, check_output_path, check_probabilities, read_csv_checked,
+                        read_selection_json, run_cli, selection_offsets, write_together)
 
 DEFAULT_DIR = Path("output")
 PROBS_SUFFIX = "_probs.csv"
@@ -197,10 +196,11 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         answer, n_ties = hard_vote(tables, weights)
         file_answers = _aligned_matrix(tables)
     result = answer.rename_axis("ImageID").reset_index()
-    atomic_write_text(output, result.to_csv(index=False))
+    outputs = {output: result.to_csv(index=False).encode()}
     if probs_output:
         probs = mean_probs.rename_axis("ImageID").reset_index()
-        atomic_write_text(probs_output, probs.to_csv(index=False))
+        outputs[probs_output] = probs.to_csv(index=False).encode()
+    write_together(outputs)  # the vote and its probabilities: both new or both as they were
 
     agreement = (file_answers == answer.to_numpy()).mean(axis=1)
     weights = weights or [1] * len(paths)

@@ -30,7 +30,8 @@ import dataset
 import engine
 import model as models
 from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
-                        check_labels, check_output_path, read_csv_checked, run_cli)
+                        check_labels, check_output_path, read_csv_checked, run_cli,
+                        write_together)
 from ensembling import (CALIBRATION_FILE, VOTING_RULE, calibrated_predictions, check_categories,
                         combine_categories, ensemble_probabilities, fit_calibration,
                         read_calibration, read_oof)
@@ -405,8 +406,9 @@ def main(args: argparse.Namespace) -> dict:
     validate_submission(info, predictions)
     probs_table = pd.concat([predictions[["ImageID"]],
                              pd.DataFrame(probs, columns=PROB_COLUMNS)], axis=1)
-    atomic_write_text(output_csv, predictions.to_csv(index=False))
-    atomic_write_text(probs_csv, probs_table.to_csv(index=False, float_format="%.6f"))
+    # both or neither: a submission never sits beside the probabilities of another prediction
+    write_together({output_csv: predictions.to_csv(index=False).encode(),
+                    probs_csv: probs_table.to_csv(index=False, float_format="%.6f").encode()})
     metrics = None
     if answers is not None:
         metrics = score_answers(predictions, answers)

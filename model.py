@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import difflib
 import io
+import pickle
+import re
 import socket
 import urllib.parse
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -372,10 +375,26 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# Checkpoints are read with weights_only=True: tensors and plain Python values only, so a file
+# that would run code when unpickled (a crafted "checkpoint") is refused, never executed. Checkpoints
+# written before that switch also hold numpy arrays (the RNG state of last.pth): numpy's array
+# reconstruction, which runs no user code, is the one addition allowed.
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType,
+                        np.dtypes.Int64DType, np._core.multiarray._reconstruct,
+                        np._core.multiarray.scalar]
+
+
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """A train.py checkpoint; ``mmap`` only maps it (a cheap check that it is whole)."""
+    """A train.py checkpoint, loaded without running any code it might carry; ``mmap`` only maps
+    it (a cheap check that it is whole). UserError naming the file otherwise."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as why:
+        found = re.search(r"GLOBAL (\S+)", str(why))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path}: refused: it holds an object{what} that loading would have to "
+                        "run code for, which no checkpoint of this toolkit does") from None
     except Exception as why:  # a torn or foreign file: name it instead of a traceback
         raise UserError(f"{path}: not a readable checkpoint ({type(why).__name__}); expected a "
                         "whole file written by train.py") from None

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -30,7 +32,8 @@ import dataset
 import engine
 import model as models
 import reporting
-from checked_io import UserError, atomic_write_text, read_csv_checked, run_cli
+from checked_io import (UserError, atomic_write_text, check_labels, read_csv_checked,
+                        remove_stale_temps, run_cli, shown_cell, write_together)
 from config import get_args_parser, parse_args  # noqa: F401  (train.get_args_parser, as documented)
 from engine import Processes
 from make_sample import resolve_train_dir
@@ -57,18 +60,20 @@ def new_run_dir(model_dir: str | Path, name: str) -> Path:
             number += 1
 
 
-def prepare_run_dir(settings: argparse.Namespace) -> Path:
-    """The run folder, with config.json written: --resume's, {name} itself when one fold of a
-    shared k-fold run is trained (--fold), else a new {name}, {name}2, ..."""
+def prepare_run_dir(settings: argparse.Namespace, photos: pd.DataFrame) -> Path:
+    """The run folder, with config.json and photos.csv written together: --resume's, {name} itself
+    when one fold of a shared k-fold run is trained (--fold), else a new {name}, {name}2, ..."""
     if settings.resume:
         run_dir = Path(settings.resume)
+        remove_stale_temps(run_dir, ".*.tmp")  # a checkpoint save cut short by a kill
     elif settings.fold is not None:
         run_dir = Path(settings.model_dir) / settings.name
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = new_run_dir(settings.model_dir, settings.name)
-    saved = {k: v for k, v in vars(settings).items() if k not in ("resume", "config", "fold")}
-    atomic_write_text(run_dir / "config.json", json.dumps(saved, indent=2))
+    saved = {k: v for k, v in vars(settings).items() if k not in config.NOT_SAVED}
+    write_together({run_dir / "config.json": json.dumps(saved, indent=2).encode(),
+                    run_dir / PHOTOS_FILE: photos.to_csv(index=False).encode()})
     return run_dir
 
 
@@ -221,7 +226,7 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
     stopper = EarlyStopping(settings.early_stopping_patience)
     state = {"epoch": 0, "summary": [], "wall_s": 0.0}
     if (run_dir / "last.pth").is_file():
-        state = restore_progress(trainer, stopper, run_dir / "last.pth", procs)
+        state = restore_progress(settings, trainer, stopper, run_dir, extra or {}, procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
     record = {"model_config": trainer.net.model_config, "preprocess": data.preprocess.to_dict(),
               "normalize": {"mean": list(data.mean), "std": list(data.std)},
@@ -245,10 +250,11 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
             state["wall_s"] += time.perf_counter() - since
             since = time.perf_counter()
             improved = stopper.step(val["f1"], epoch + 1, always_improves=not len(data.val_rows))
+            rng = procs.gather(engine.rng_state())  # every process's: a resume is exact on each
             if procs.main:
                 reporting.log_epoch(writer, row, val, data.images, data.val_rows,
                                     dataset.CATEGORY_CLASSES[settings.category])
-                save_epoch(run_dir, record, trainer, stopper, state, val, improved)
+                save_epoch(run_dir, record, trainer, stopper, state, val, improved, rng)
                 print(epoch_line(settings, row, improved), flush=True)
             procs.barrier()
             if stopper.should_stop:
@@ -278,19 +284,32 @@ def run_metrics(stopper: EarlyStopping, state: dict) -> dict:
     return metrics
 
 
-def restore_progress(trainer: engine.Trainer, stopper: EarlyStopping, last_path: Path,
-                     procs: Processes) -> dict:
-    """--resume: everything that shapes the next epochs, from last.pth; returns the run state
-    (epochs done, summary rows)."""
-    saved = models.load_checkpoint(last_path)
+def restore_progress(settings: argparse.Namespace, trainer: engine.Trainer,
+                     stopper: EarlyStopping, run_dir: Path, extra: dict, procs: Processes) -> dict:
+    """--resume: everything that shapes the next epochs, from last.pth (each process its own
+    random state); returns the run state (epochs done, summary rows), summary.csv rewritten
+    from it. Refuses another number of processes, or data other than the run's."""
+    saved = models.load_checkpoint(run_dir / "last.pth")
+    trained, today = saved.get("data_fingerprint"), extra.get("data_fingerprint")
+    if trained and trained != today and not settings.accept_data_change:
+        raise UserError(f"--resume {run_dir}: the training data's fingerprint {today} differs "
+                        f"from the run's {trained} (last.pth); add --accept_data_change to go on "
+                        "anyway, or start a new run")
+    states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # per process
+    if len(states) != procs.world:
+        raise UserError(f"--resume {run_dir}: the run trained on {len(states)} process(es), this "
+                        f"is {procs.world}; resume it with torchrun --nproc_per_node "
+                        f"{len(states)} (or without torchrun for 1) to continue it exactly")
     trainer.net.load_state_dict(saved["model"])
     trainer.load_state_dict(saved)
     stopper.load_state_dict(saved["train_state"])
-    if not procs.distributed:
-        engine.set_rng_state(saved["rng"])
+    engine.set_rng_state(states[procs.rank])
     train_state = saved["train_state"]
-    return {"epoch": train_state["epoch"], "summary": train_state["summary"],
-            "wall_s": float(train_state.get("wall_s", 0.0))}  # 0: saved before it was kept
+    state = {"epoch": train_state["epoch"], "summary": train_state["summary"],
+             "wall_s": float(train_state.get("wall_s", 0.0))}  # 0: saved before it was kept
+    if procs.main:  # a kill between last.pth and summary.csv left the file an epoch behind
+        write_summary(run_dir / "summary.csv", state["summary"])
+    return state
 
 
 def run_epoch(settings: argparse.Namespace, trainer: engine.Trainer, train_batches, val_batches,
@@ -343,7 +362,7 @@ def epoch_line(settings: argparse.Namespace, row: dict, improved: bool) -> str:
 
 
 def save_epoch(run_dir: Path, record: dict, trainer: engine.Trainer, stopper: EarlyStopping,
-               state: dict, val: dict, improved: bool) -> None:
+               state: dict, val: dict, improved: bool, rng: list[dict]) -> None:
     """best.pth when the epoch improved, last.pth (everything --resume needs), summary.csv."""
     weights = trainer.net.state_dict()
     if improved:
@@ -351,7 +370,7 @@ def save_epoch(run_dir: Path, record: dict, trainer: engine.Trainer, stopper: Ea
                                 "metrics": strip_arrays(val)}, run_dir / "best.pth")
     models.save_checkpoint({**record, "model": weights, **trainer.state_dict(),
                             "train_state": {**state, **stopper.state_dict()},
-                            "rng": engine.rng_state(), "epoch": state["epoch"]},
+                            "rng": rng, "epoch": state["epoch"]},
                            run_dir / "last.pth")
     write_summary(run_dir / "summary.csv", state["summary"])
 
@@ -366,7 +385,67 @@ def gather_train_metrics(train: dict, procs: Processes) -> dict:
 
 
 def strip_arrays(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
+    """The scalar metrics as plain Python numbers (checkpoints hold no numpy objects)."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()
+            if not isinstance(v, np.ndarray)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The photos a run trains on, recorded, so that a resume continues the same experiment or refuses
+# ----------------------------------------------------------------------------------------------
+PHOTOS_FILE = "photos.csv"
+
+
+def photo_record(frame: pd.DataFrame, data_dir: Path, roles) -> pd.DataFrame:
+    """One row per photo of the run: path (inside the data folder), profile, label, its content
+    digest (what the image cache is keyed by) and its role: train or val, or its fold."""
+    return pd.DataFrame({"path": [os.path.relpath(p, data_dir) for p in frame["path"]],
+                         "profile": frame["profile"].to_numpy(), "label": frame["label"].to_numpy(),
+                         "digest": dataset.photo_digests(frame["path"].tolist()), "role": roles})
+
+
+def data_fingerprint(photos: pd.DataFrame) -> str:
+    """The training data in one value (paths, contents, labels): kept in every checkpoint."""
+    rows = photos[["path", "digest", "label"]].sort_values("path").to_csv(index=False)
+    return hashlib.sha1(rows.encode()).hexdigest()[:16]
+
+
+def continued_photos(args: argparse.Namespace, frame: pd.DataFrame, data_dir: Path,
+                     say=print) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """--resume: today's photos checked against the run's photos.csv. Photos added, removed or
+    changed (content or label) since the run started are named and refused, unless
+    --accept_data_change: then the run goes on with the photos it still has (new people are left
+    out). Returns (the frame to continue on, the recorded photos) — (frame, None) for a run of an
+    earlier version without photos.csv, whose k-fold folds.csv still decides who validates where."""
+    run_dir = Path(args.resume)
+    recorded_file = run_dir / PHOTOS_FILE
+    if not recorded_file.is_file():
+        say(f"warning: {run_dir} has no {PHOTOS_FILE} (a run of an earlier version): today's data "
+            "cannot be checked against what it trained on")
+        return frame, None
+    # every cell as text: a hex digest such as '12e4...' must not turn into a number
+    recorded = read_csv_checked(recorded_file, ["path", "profile", "label", "digest", "role"],
+                                dtype=str)
+    recorded["label"] = check_labels(recorded["label"], str(recorded_file), "label")
+    today = photo_record(frame, data_dir, roles=None)
+    before, now = recorded.set_index("path"), today.set_index("path")
+    added = now.index.difference(before.index)
+    removed = before.index.difference(now.index)
+    both = now.index.intersection(before.index)
+    changed = both[(now.loc[both, "digest"] != before.loc[both, "digest"])
+                   | (now.loc[both, "label"] != before.loc[both, "label"])]
+    differences = [f"{len(paths)} photo(s) {what} (first: {paths[0]})"
+                   for what, paths in (("added", added), ("removed", removed),
+                                       ("changed in content or label", changed)) if len(paths)]
+    if differences and not args.accept_data_change:
+        raise UserError(f"--resume {run_dir}: the training data changed since the run started: "
+                        f"{'; '.join(differences)}; add --accept_data_change to go on with the "
+                        "photos the run still has (new ones left out), or start a new run")
+    if differences:
+        say(f"warning: --accept_data_change: {'; '.join(differences)}; the run goes on with the "
+            "photos it still has")
+    keep = today["path"].isin(before.index).to_numpy()
+    return frame[keep].reset_index(drop=True), recorded.set_index("path").loc[today["path"][keep]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,28 +464,48 @@ class FoldPlan:
 
 
 def fold_assignments(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> pd.Series:
-    """Fold per profile: from --folds FILE (checked against the data), else StratifiedGroupKFold."""
-    if not args.folds:
+    """Fold per profile: the resumed run's own folds.csv, else --folds FILE (checked against the
+    data), else StratifiedGroupKFold."""
+    folds_file = args.folds
+    if args.resume and (Path(args.resume) / "folds.csv").is_file():
+        folds_file = str(Path(args.resume) / "folds.csv")  # a resume never re-splits
+    if not folds_file:
         return dataset.kfold_assignments(frame, args.kfold, args.seed, args.category, warn=warn)
-    table = read_csv_checked(args.folds, ["profile", "fold"])
-    folds = table.set_index("profile")["fold"]
+    folds = read_folds(folds_file)
     missing = sorted(set(frame["profile"]) - set(folds.index))
     if missing:
-        raise UserError(f"{args.folds}: {len(missing)} profile(s) of the data have no fold "
-                        f"(first: {missing[0]})")
+        hint = " (people added since the run started? --accept_data_change leaves them out)" \
+            if args.resume else ""
+        raise UserError(f"{folds_file}: {len(missing)} profile(s) of the data have no fold "
+                        f"(first: {missing[0]}){hint}")
     n_folds = folds.nunique()
     if args.kfold and args.kfold != n_folds:
-        raise UserError(f"{args.folds} has {n_folds} folds but --kfold is {args.kfold}")
+        raise UserError(f"{folds_file} has {n_folds} folds but --kfold is {args.kfold}")
     if sorted(folds.unique()) != list(range(n_folds)):
-        raise UserError(f"{args.folds}: folds must be numbered 0..{n_folds - 1}")
+        raise UserError(f"{folds_file}: folds must be numbered 0..{n_folds - 1}")
     return folds.loc[sorted(set(frame["profile"]))]
+
+
+def read_folds(path: str | Path) -> pd.Series:
+    """folds.csv (profile, fold) -> fold by profile; every cell checked, the first bad line named."""
+    table = read_csv_checked(path, ["profile", "fold"], dtype=str)
+    for line, (profile, fold) in enumerate(zip(table["profile"], table["fold"]), start=2):
+        if pd.isna(profile) or not str(profile).strip():
+            raise UserError(f"{path}:{line}: empty profile; expected <id>_<gender>_<race>_<age>")
+        if pd.isna(fold) or not str(fold).strip().isdigit() or not str(fold).isascii():
+            raise UserError(f"{path}:{line}: fold {shown_cell(fold)} for {profile}; expected a "
+                            "fold number 0, 1, ...")
+    doubled = table["profile"][table["profile"].duplicated()]
+    if len(doubled):
+        raise UserError(f"{path}: profile {doubled.iloc[0]} is given more than one fold")
+    return table.set_index("profile")["fold"].astype(int)
 
 
 def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> FoldPlan:
     """fold_assignments and every fold's rows, with --fold and each fold's training photos
     checked."""
     folds = fold_assignments(args, frame, warn)
-    n_folds = int(folds.nunique()) if args.folds else args.kfold
+    n_folds = int(folds.max()) + 1
     if args.fold is not None and not 0 <= args.fold < n_folds:
         raise UserError(f"--fold {args.fold}: expected 0..{n_folds - 1}")
     fold_of_row = frame["profile"].map(folds).to_numpy()
@@ -416,7 +515,7 @@ def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> 
 
 
 def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
-              images: np.ndarray, run_dir: Path, preprocess: dataset.Preprocess, face_info: dict,
+              images: np.ndarray, run_dir: Path, preprocess: dataset.Preprocess, extra: dict,
               procs: Processes) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
@@ -435,8 +534,8 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
-        result = fit(settings, data, fold_dir, extra={"face": face_info, "fold": fold},
-                     procs=procs, hparams=False)
+        result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs,
+                     hparams=False)
         results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
                          "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}
         if procs.main:
@@ -460,12 +559,17 @@ def log_kfold_hparams(settings: argparse.Namespace, run_dir: Path, n_folds: int,
                       oof_metrics: dict) -> None:
     """One TensorBoard HParams session for the whole k-fold run: its flags -> OOF F1 (and
     per-head F1), the folds' mean best val F1, summed epochs and wall time, mean speed."""
-    folds = [json.loads((run_dir / f"fold{k}" / "done.json").read_text()) for k in range(n_folds)]
+    folds = []
+    for k in range(n_folds):
+        try:
+            folds.append(json.loads((run_dir / f"fold{k}" / "done.json").read_text()))
+        except (OSError, ValueError):  # a hand-edited one costs the HParams row its sums only
+            folds.append({})
     speeds = [row["images_per_s"] for k in range(n_folds)
               for row in read_csv_checked(run_dir / f"fold{k}" / "summary.csv",
                                           ["images_per_s"]).to_dict("records")]
     metrics = {f"oof_{k}": v for k, v in oof_metrics.items()}
-    metrics.update({"best_val_f1": float(np.mean([f["best_f1"] for f in folds])),
+    metrics.update({"best_val_f1": float(np.mean([f.get("best_f1", np.nan) for f in folds])),
                     "epochs_done": sum(f.get("epochs_done", 0) for f in folds),
                     "wall_s": sum(f.get("wall_s", 0.0) for f in folds),
                     "images_per_s": float(np.mean(speeds)) if speeds else None})
@@ -530,11 +634,15 @@ def main(args: argparse.Namespace) -> dict:
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest
     data_dir, frame = load_records(args, say=procs.say)
+    frame, recorded = continued_photos(args, frame, data_dir, procs.say) if args.resume \
+        else (frame, None)
     # split or folds decided (and checked) before any photo is decoded or folder written
     plan = checked_folds(args, frame, warn=procs.say) if args.kfold or args.folds else None
     if plan is None:
-        train_rows, val_rows = dataset.SPLITS[args.dataset](frame, args.val_ratio, args.seed)
+        train_rows, val_rows = split_rows(args, frame, recorded)
+        roles = np.where(np.isin(np.arange(len(frame)), val_rows), "val", "train")
         train_rows = train_rows_after_policies(args, frame, train_rows)
+    photos = photo_record(frame, data_dir, plan.fold_of_row if plan else roles)
     settings = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir),
                                      "kfold": plan.n_folds if plan else args.kfold})
     preprocess = config.preprocess_of(settings)
@@ -543,20 +651,21 @@ def main(args: argparse.Namespace) -> dict:
     images, face_info = build_image_cache(settings, frame, preprocess, say=procs.say)
     if procs.main:
         procs.barrier()
-        run_dir = prepare_run_dir(settings)
+        run_dir = prepare_run_dir(settings, photos)
     run_dir = Path(procs.broadcast(str(run_dir) if procs.main else None))
     procs.say(f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
               f"{settings.model} {settings.category} {preprocess.resize[0]}x{preprocess.resize[1]}"
               f" crop {preprocess.crop} | {engine.process_device(settings.device, procs)} x "
               f"{procs.world} process(es)")
+    extra = {"face": face_info, "data_fingerprint": data_fingerprint(photos)}
     try:
         if plan is not None:
-            return run_kfold(settings, frame, plan, images, run_dir, preprocess, face_info, procs)
+            return run_kfold(settings, frame, plan, images, run_dir, preprocess, extra, procs)
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                   f"repeats), {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
-        result = fit(settings, data, run_dir, extra={"face": face_info}, procs=procs)
+        result = fit(settings, data, run_dir, extra=extra, procs=procs)
         if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
             atomic_write_text(run_dir / "done.json", json.dumps(
                 {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
@@ -566,6 +675,15 @@ def main(args: argparse.Namespace) -> dict:
             remove_if_no_checkpoint(run_dir)
         raise
     return {"run_dir": run_dir, **result}
+
+
+def split_rows(args: argparse.Namespace, frame: pd.DataFrame,
+               recorded: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows) of a single run: the resumed run's own split, else --dataset's."""
+    if recorded is not None:
+        is_val = (recorded["role"] == "val").to_numpy()
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    return dataset.SPLITS[args.dataset](frame, args.val_ratio, args.seed)
 
 
 if __name__ == "__main__":
