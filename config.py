@@ -19,6 +19,8 @@ from checked_io import FlagParser, UserError, check_output_path, read_json_check
 
 # old spellings of the competition's code, accepted but not listed in --help
 ALIASES = {"--age_lable_num": "--age_label_num"}
+DEFAULT_RESIZE = (128, 96)  # H, W: the toolkit's own input size (BaseModel on a CPU)
+NORMALIZE_MODES = ("auto", "imagenet", "dataset", "model")
 
 
 # flags a resumed run may change: they decide how long and where it runs, not what it computes
@@ -80,8 +82,10 @@ def get_args_parser() -> FlagParser:
                            "reads the cache and needs no loader workers")
 
     images = p.add_argument_group("images and augmentation")
-    images.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"),
-                        help="model input size")
+    images.add_argument("--resize", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="model input size (when not given: %d %d; a timm model's own with "
+                             "--pretrained or --weights, and the only size a ViT-like model "
+                             "takes)" % DEFAULT_RESIZE)
     images.add_argument("--augmentation", default="CustomAugmentation",
                         choices=list(augmentation.AUGMENTATIONS),
                         help="; ".join(f"{k}: {v.help}" for k, v in augmentation.AUGMENTATIONS.items()))
@@ -90,8 +94,15 @@ def get_args_parser() -> FlagParser:
                              "detected face box)")
     images.add_argument("--face_margin", type=float, default=0.4, help="face box expansion per side (--crop face)")
     images.add_argument("--canny", action="store_true", help="add a Canny-edge channel through a learned 1x1 conv")
-    images.add_argument("--normalize", default="imagenet", choices=("imagenet", "dataset"),
-                        help="ImageNet mean/std, or the training images' own")
+    images.add_argument("--normalize", default="auto", choices=NORMALIZE_MODES,
+                        help="mean/std: imagenet; dataset (the training images' own); model (a "
+                             "timm model's pretrained_cfg); auto = model for a timm model with "
+                             "--pretrained or --weights, else imagenet")
+    images.add_argument("--interpolation", default="auto",
+                        choices=("auto", *dataset.INTERPOLATIONS),
+                        help="resizing into the cache: area (OpenCV area averaging); bilinear or "
+                             "bicubic (Pillow, as timm's transforms); auto = a timm model's own "
+                             "with --pretrained or --weights, else area")
     images.add_argument("--mixup", action="store_true", help="MixUp batches (soft targets)")
     images.add_argument("--cutmix", action="store_true", help="CutMix batches (soft targets)")
     images.add_argument("--mixup_alpha", type=float, default=0.2, help="MixUp Beta(alpha, alpha)")
@@ -101,7 +112,9 @@ def get_args_parser() -> FlagParser:
     net.add_argument("--model", default="BaseModel", help=models.MODEL_HELP)
     net.add_argument("--multi_head", action="store_true",
                      help="one backbone, three heads (mask, gender, age); 18-class p = product of heads")
-    net.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
+    net.add_argument("--pretrained", action="store_true",
+                     help="timm hub weights (internet, or HF_HUB_OFFLINE=1 and a local hub cache); "
+                          "the model's own input size, mean/std and interpolation come with them")
     net.add_argument("--weights", default=None, metavar="FILE",
                      help="local pretrained state dict; heads of another size are re-initialised")
     net.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier")
@@ -112,19 +125,41 @@ def get_args_parser() -> FlagParser:
     crit.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
     crit.add_argument("--arc_scale", type=float, default=30.0, help="arcface logit scale")
     crit.add_argument("--arc_margin", type=float, default=0.5, help="arcface angular margin (radians)")
+    crit.add_argument("--class_weights", default="none", choices=losses.CLASS_WEIGHTS,
+                      help="weigh every loss by class, from the training photos: balanced = "
+                           "inverse frequency; effective = inverse effective number of samples "
+                           "(Cui et al. 2019); per head for --multi_head")
+    crit.add_argument("--class_weights_beta", type=float, default=losses.EFFECTIVE_BETA,
+                      help="effective: beta of (1 - beta^n) / (1 - beta); 0 weighs classes "
+                           "alike, nearer 1 nearer balanced")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch_size", type=int, default=64, help="training batch size")
     opt.add_argument("--valid_batch_size", type=int, default=1000, help="validation batch size")
-    opt.add_argument("--optimizer", default="adam", choices=engine.OPTIMIZERS, help="optimizer")
+    opt.add_argument("--optimizer", default="adam", choices=engine.OPTIMIZERS, metavar="NAME",
+                     help="torch's " + ", ".join(engine.TORCH_OPTIMIZERS) + "; or timm's "
+                          + ", ".join(engine.TIMM_OPTIMIZERS))
     opt.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    opt.add_argument("--head_lr_mult", type=float, default=1.0,
+                     help="the heads (new layers) learn at lr x this; e.g. 10 for a pretrained "
+                          "backbone that should move slowly")
+    opt.add_argument("--layer_decay", type=float, default=None,
+                     help="timm models: layer-wise lr decay, each block lr x this^(depth from "
+                          "the top), e.g. 0.75")
     opt.add_argument("--momentum", type=float, default=0.9, help="momentum (optimizer momentum)")
     opt.add_argument("--weight_decay", type=float, default=0.0, help="weight decay")
-    opt.add_argument("--scheduler", default="steplr", choices=engine.SCHEDULERS, help="learning-rate schedule")
+    opt.add_argument("--scheduler", default="steplr", choices=engine.SCHEDULERS,
+                     help="learning-rate schedule: torch's " + ", ".join(engine.TORCH_SCHEDULERS)
+                          + "; timm's " + ", ".join(engine.TIMM_SCHEDULERS) + " (per update, "
+                          "their own warm-up from --warmup_lr, floor --min_lr)")
     opt.add_argument("--lr_decay_step", type=int, default=20, help="steplr: epochs between decays")
     opt.add_argument("--gamma", type=float, default=0.5, help="steplr/exponentiallr/lambdalr decay factor")
     opt.add_argument("--tmax", type=int, default=None,
-                     help="cosineannealinglr period in epochs (when not given: --epochs)")
+                     help="cosineannealinglr and timm schedules: period in epochs (when not "
+                          "given: --epochs)")
+    opt.add_argument("--min_lr", type=float, default=0.0, help="timm schedules: the lr floor")
+    opt.add_argument("--warmup_lr", type=float, default=1e-5,
+                     help="timm schedules: the lr the warm-up starts from")
     opt.add_argument("--maxlr", type=float, default=None, help="cycliclr upper lr (when not given: 10 x --lr)")
     opt.add_argument("--mode", default="max", choices=("min", "max"),
                      help="reducelronplateau: min watches val loss, max watches val F1")
@@ -134,6 +169,21 @@ def get_args_parser() -> FlagParser:
     opt.add_argument("--warmup_epochs", type=int, default=0, help="linear lr warm-up epochs")
     opt.add_argument("--early_stopping_patience", type=int, default=5,
                      help="stop after N epochs without a better val F1 (0 or -1 = off)")
+    opt.add_argument("--grad_accum_steps", type=int, default=1,
+                     help="batches whose gradients add up to one optimizer update (an effective "
+                          "batch of N x --batch_size)")
+    opt.add_argument("--clip_grad", type=float, default=None,
+                     help="clip gradients to this norm (or value, --clip_mode) before each update")
+    opt.add_argument("--clip_mode", default="norm", choices=engine.CLIP_MODES,
+                     help="norm, value or agc (adaptive), as timm's dispatch_clip_grad")
+    opt.add_argument("--model_ema", action="store_true",
+                     help="keep an exponential moving average of the weights (timm's ModelEmaV3), "
+                          "validated each epoch; best.pth holds the better of model and EMA")
+    opt.add_argument("--model_ema_decay", type=float, default=0.9998,
+                     help="EMA decay per update, 0 < decay < 1 (short runs: 0.99 or "
+                          "--model_ema_warmup)")
+    opt.add_argument("--model_ema_warmup", action="store_true",
+                     help="EMA decay ramps up as 1 - (1 + update)^(-2/3) to --model_ema_decay")
 
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -162,6 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
     saved = {k: v for k, v in saved.items() if k not in NOT_SAVED}
+    saved.setdefault("interpolation", "area")  # what a run saved before the flag existed used
     for action in parser._actions:
         if action.dest in saved:
             saved[action.dest] = whole_numbers(action, saved[action.dest])
@@ -251,6 +302,14 @@ LIMITS = {
     "face_margin": (lambda v: v >= 0, "0 or more (a fraction of the face box per side)"),
     "old_age": (lambda v: 30 < v <= 150, "an age above 30 (30..old_age-1 is the middle group)"),
     "kfold": (lambda v: v == 0 or 2 <= v <= 1000, "0 (off) or 2 to 1,000 folds"),
+    "class_weights_beta": (lambda v: 0 <= v < 1, "0 <= beta < 1"),
+    "model_ema_decay": (lambda v: 0 < v < 1, "0 < decay < 1"),
+    "grad_accum_steps": (lambda v: v >= 1, "at least 1 batch"),
+    "clip_grad": (lambda v: v is None or v > 0, "a clipping threshold above 0"),
+    "head_lr_mult": (lambda v: v >= 0, "0 or more (0 freezes the heads)"),
+    "layer_decay": (lambda v: v is None or 0 < v <= 1, "0 < decay <= 1"),
+    "min_lr": (lambda v: v >= 0, "0 or more"),
+    "warmup_lr": (lambda v: v >= 0, "0 or more"),
 }
 
 
@@ -270,9 +329,15 @@ def check_args(args: argparse.Namespace) -> None:
     except ValueError as why:
         raise UserError(f"--model: {why}") from None
     fixed = models.fixed_input_size(args.model)
-    if fixed is not None and tuple(args.resize) != fixed:
+    if fixed is not None and args.resize is not None and tuple(args.resize) != fixed:
         raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: {args.model} takes only "
                         f"{fixed[0]}x{fixed[1]} inputs; pass --resize {fixed[0]} {fixed[1]}")
+    if args.normalize == "model" and not models.timm_pretrained_cfg(args.model):
+        raise UserError(f"--normalize model: {args.model} has no timm pretrained_cfg with a "
+                        "mean/std; use --normalize imagenet or dataset")
+    if args.layer_decay is not None and not models.is_timm(args.model):
+        raise UserError(f"--layer_decay {args.layer_decay}: needs a timm model (it uses the "
+                        f"model's block structure); {args.model} is not one, use --head_lr_mult")
     if args.multi_head and (args.category != "multi" or args.age_label_num != 3):
         raise UserError("--multi_head needs --category multi and --age_label_num 3")
     if args.criterion == "arcface" and args.multi_head:
@@ -281,8 +346,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--val_ratio {args.val_ratio}: expected 0 <= ratio < 1")
     if args.fold is not None and not (args.kfold or args.folds):
         raise UserError(f"--fold {args.fold} needs --kfold K or --folds FILE")
-    if min(args.resize) < 16 or max(args.resize) > 4096:
-        raise UserError(f"--resize {args.resize}: expected H W of 16 to 4096 pixels")
+    resize = model_defaults(args)["resize"]
+    if min(resize) < 16 or max(resize) > 4096:
+        raise UserError(f"--resize {resize[0]} {resize[1]}: expected H W of 16 to 4096 pixels")
     drop_range(args.drop_ages)
     for flag in ("relabel", "weights", "config", "folds"):
         path = getattr(args, flag)
@@ -293,7 +359,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume:  # before its config.json is rewritten with this call's flags
         for last in [Path(args.resume) / "last.pth", *Path(args.resume).glob("fold*/last.pth")]:
             if last.is_file():
-                models.load_checkpoint(last, mmap=True)
+                saved = models.load_checkpoint(last, mmap=True)
+                if args.model_ema and saved.get("ema") is None:
+                    raise UserError(f"--model_ema: {last} was trained without it and holds no "
+                                    "EMA weights to resume; resume without --model_ema")
     if args.weights:
         models.read_state_dict(args.weights)
     engine.resolve_device(args.device)
@@ -312,9 +381,39 @@ def drop_range(text: str | None) -> tuple[int, int] | None:
     return low, high
 
 
+def model_defaults(args: argparse.Namespace) -> dict:
+    """What a run's --resize (when not given), --normalize auto and --interpolation auto mean:
+    a timm model with --pretrained or --weights brings its pretrained_cfg's input size, mean/std
+    ('model') and interpolation, since its weights learned on them; a model that takes one input
+    size only gets that size; anything else gets the toolkit's own (128x96, ImageNet, area).
+    Values the user gave are kept; train.py records the result in config.json."""
+    cfg = models.timm_pretrained_cfg(args.model) if models.is_timm(args.model) else None
+    own = cfg if cfg and (args.pretrained or args.weights) else None
+    fixed = models.fixed_input_size(args.model)
+    resize = args.resize or (fixed or (own and own["input_size"][1:]) or DEFAULT_RESIZE)
+    normalize = args.normalize
+    if normalize == "auto":
+        normalize = "model" if own and own.get("mean") else "imagenet"
+    interpolation = args.interpolation
+    if interpolation == "auto":
+        wanted = own and own.get("interpolation")
+        interpolation = "area" if not own else (
+            wanted if wanted in dataset.INTERPOLATIONS else "bilinear")
+    return {"resize": [int(v) for v in resize], "normalize": normalize,
+            "interpolation": interpolation}
+
+
+def model_normalization(model_name: str) -> tuple[list, list]:
+    """(mean, std) of a timm model's pretrained_cfg: --normalize model."""
+    cfg = models.timm_pretrained_cfg(model_name)
+    return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+
+
 def preprocess_of(settings: argparse.Namespace) -> dataset.Preprocess:
-    """The deterministic image pipeline (crop, size, edges) of a run's settings: what its cache
-    holds and what its checkpoints tell inference."""
+    """The deterministic image pipeline (crop, size, edges, interpolation) of a run's settings:
+    what its cache holds and what its checkpoints tell inference."""
     crop = settings.crop or augmentation.AUGMENTATIONS[settings.augmentation].crop
-    return dataset.Preprocess(resize=tuple(settings.resize), crop=crop, canny=settings.canny,
-                              face_margin=settings.face_margin)
+    resolved = model_defaults(settings)
+    return dataset.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
+                              face_margin=settings.face_margin,
+                              interpolation=resolved["interpolation"])

@@ -87,6 +87,22 @@ def category_target(label, category: str):
     return {"mask": mask, "gender": gender, "age": age}[category]
 
 
+AGE6_NAMES = ("<20", "20s", "30s", "40s", "50s", "60+")  # the --age_label_num 6 bins
+
+
+def class_names(category: str = "multi", age_label_num: int = 3) -> list[str]:
+    """Readable names of a run's classes, by index: '09 incorrect-female-<30' for the 18 classes
+    (class = mask*6 + gender*3 + age), '1 female' for --category gender. With age_label_num 6,
+    the training targets' names (36 for multi, whose index is (mask*2 + gender)*6 + age bin)."""
+    ages = AGE6_NAMES if age_label_num == 6 else AGE_NAMES
+    if category == "multi":
+        names = [f"{m}-{g}-{a}" for m in MASK_NAMES for g in GENDER_NAMES for a in ages]
+    else:
+        names = list({"mask": MASK_NAMES, "gender": GENDER_NAMES, "age": ages}[category])
+    width = len(str(len(names) - 1))
+    return [f"{c:0{width}d} {name}" for c, name in enumerate(names)]
+
+
 def heads_to_class_probs(mask_probs, gender_probs, age_probs):
     """Per-head probabilities [..., 3], [..., 2], [..., 3] -> 18-class probabilities [..., 18].
 
@@ -475,6 +491,9 @@ def fold_age6(probs, category: str):
 # Decode once: crop + resize every photo once per configuration into a uint8 cache on disk
 # ----------------------------------------------------------------------------------------------
 CROPS = ("center", "face", "none")
+# area: OpenCV's area averaging when shrinking (bilinear when enlarging), the toolkit's own;
+# bilinear / bicubic: Pillow's antialiased filters, what timm's transforms use for its models
+INTERPOLATIONS = ("area", "bilinear", "bicubic")
 CACHE_VERSION = 1  # bump when the decoding below changes what lands in a cache
 
 
@@ -485,13 +504,17 @@ class Preprocess:
     crop: str = "center"                  # center | face | none
     canny: bool = False                   # add a Canny-edge 4th channel
     face_margin: float = 0.4              # face box expansion per side, fraction of the box
+    interpolation: str = "area"           # area | bilinear | bicubic (INTERPOLATIONS)
 
     @property
     def channels(self) -> int:
         return 4 if self.canny else 3
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "resize": list(self.resize)}
+        values = {**asdict(self), "resize": list(self.resize)}
+        if self.interpolation == "area":  # the default stays out: old cache names and checkpoints hold
+            del values["interpolation"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocess":
@@ -536,9 +559,16 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess,
     if box is not None:
         x0, y0, x1, y1 = (int(v) for v in box)
         image = image[max(y0, 0):y1, max(x0, 0):x1]
-    shrinking = image.shape[0] >= height
-    resized = cv2.resize(image, (width, height),
-                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    if preprocess.interpolation == "area":
+        shrinking = image.shape[0] >= height
+        resized = cv2.resize(image, (width, height),
+                             interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    else:
+        from PIL import Image
+        method = {"bilinear": Image.Resampling.BILINEAR,
+                  "bicubic": Image.Resampling.BICUBIC}[preprocess.interpolation]
+        resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+            (width, height), method))
     if preprocess.canny:
         edges = cv2.Canny(cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY), 100, 200)
         resized = np.dstack([resized, edges])

@@ -103,12 +103,17 @@ def int_setting(settings: dict, key: str) -> int | None:
 
 
 def best_of(summary: pd.DataFrame | None) -> dict:
-    """Best val F1 of one model and that epoch's per-head F1; images/s over its epochs."""
+    """Best val F1 of one model (its weights' or, with --model_ema, its EMA's: what best.pth
+    kept) and that epoch's per-head F1 (the weights' only); images/s over its epochs."""
     if summary is None or summary["val_f1"].isna().all():
         return {}
-    best = summary.loc[summary["val_f1"].idxmax()]
-    return {"val_f1": best["val_f1"], "images_per_s": summary["images_per_s"].mean(),
-            **{h: best[h] for h in HEADS if h in summary and not pd.isna(best[h])}}
+    kept = summary["val_f1"]
+    if "val_f1_ema" in summary:
+        kept = np.fmax(kept, summary["val_f1_ema"])
+    best = summary.loc[kept.idxmax()]
+    heads = {h: best[h] for h in HEADS if h in summary and not pd.isna(best[h])}
+    return {"val_f1": kept.max(), "images_per_s": summary["images_per_s"].mean(),
+            **(heads if best["val_f1"] == kept.max() else {})}
 
 
 def single_run_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:

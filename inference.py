@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--tta", default="none", choices=engine.TTA_MODES,
         help="test-time augmentation: flip averages the original and mirrored view")
     add("--answers", default=None, metavar="FILE",
-        help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, confusion")
+        help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, "
+             "per-class precision/recall/F1/support, confusion")
     add("--calibrate", default=None, metavar="FILE",
         help=f"JSON with 18 per-class log-prob 'offsets' (when not given: the "
              f"{CALIBRATION_FILE} of a run folder, if there is one)")
@@ -302,6 +303,11 @@ def score_answers(predictions: pd.DataFrame, answers_df: pd.DataFrame) -> dict:
 def print_scores(metrics: dict, say: Callable[[str], None] = print) -> None:
     say(f"answers: macro F1 {metrics['f1']:.4f}, accuracy {metrics['acc']:.4f} | F1 mask "
         f"{metrics['f1_mask']:.4f}, gender {metrics['f1_gender']:.4f}, age {metrics['f1_age']:.4f}")
+    per_class = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
+    worst = engine.worst_class(metrics["per_class"])
+    say("per class (macro F1 is the mean of the f1 column over the classes present"
+        + (f"; worst: {worst[0]}" if worst else "") + "):\n"
+        + per_class.to_string(float_format=lambda v: f"{v:.4f}"))
     table = pd.DataFrame(metrics["confusion"], index=[f"t{c}" for c in range(NUM_CLASSES)],
                          columns=[f"p{c}" for c in range(NUM_CLASSES)])
     say("confusion matrix (rows: true class, columns: predicted):\n" + table.to_string())

@@ -39,7 +39,8 @@ from engine import Processes
 from make_sample import resolve_train_dir
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_mask", "f1_gender",
-                  "f1_age", "lr", "seconds", "images_per_s"]
+                  "f1_age", "lr", "seconds", "images_per_s", "val_f1_ema"]
+PER_CLASS_FIELDS = ["class", "precision", "recall", "f1", "support"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +83,13 @@ def remove_if_no_checkpoint(run_dir: Path) -> None:
     at once, out of memory) leaves no folder behind: it would only hold a config and an empty log."""
     if not any(run_dir.rglob("*.pth")):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def write_per_class(path: Path, per_class: dict) -> None:
+    """per_class.csv: precision, recall, F1 and support of every class (engine.per_class_scores)."""
+    table = pd.DataFrame([{"class": name, **scores} for name, scores in per_class.items()],
+                         columns=PER_CLASS_FIELDS)
+    atomic_write_text(path, table.to_csv(index=False, float_format="%.4f"))
 
 
 def write_summary(path: Path, rows: list[dict]) -> None:
@@ -160,10 +168,28 @@ def train_rows_after_policies(args: argparse.Namespace, frame: pd.DataFrame,
 
 def normalization(settings: argparse.Namespace, images: np.ndarray,
                   train_rows: np.ndarray) -> tuple[list, list]:
-    if settings.normalize == "imagenet":
+    mode = config.model_defaults(settings)["normalize"]
+    if mode == "model":
+        return config.model_normalization(settings.model)
+    if mode == "imagenet":
         return list(augmentation.IMAGENET_MEAN), list(augmentation.IMAGENET_STD)
     return augmentation.dataset_statistics(images[np.sort(np.unique(train_rows))],
                                            seed=settings.seed)
+
+
+def check_class_weights(settings: argparse.Namespace, frame: pd.DataFrame,
+                        train_row_sets: list[np.ndarray]) -> None:
+    """--class_weights needs every class among the training photos of each model (each fold):
+    checked before any photo is decoded."""
+    if settings.class_weights == "none":
+        return
+    targets = dataset.training_targets(frame, "multi" if settings.multi_head else settings.category,
+                                       settings.age_label_num, settings.old_age)
+    for k, rows in enumerate(train_row_sets):
+        try:
+            engine.class_weights_of(settings, targets[rows])
+        except UserError as why:
+            raise UserError(f"fold {k}: {why}" if len(train_row_sets) > 1 else str(why)) from None
 
 
 def training_batches(settings: argparse.Namespace, frame: pd.DataFrame, images: np.ndarray,
@@ -218,9 +244,11 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
     train_batches, val_batches, mine = training_batches(
         settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs)
+    class_weights = engine.class_weights_of(settings, train_batches.targets.cpu().numpy())
     trainer = engine.build_trainer(settings, n_out, device, steps_per_epoch=len(train_batches),
                                    mean=data.mean, std=data.std,
-                                   channels=data.preprocess.channels, procs=procs)
+                                   channels=data.preprocess.channels, procs=procs,
+                                   class_weights=class_weights)
     if procs.distributed:  # different augmentation draws per process, same model init
         torch.manual_seed(settings.seed * 1000 + procs.rank)
     stopper = EarlyStopping(settings.early_stopping_patience)
@@ -240,28 +268,35 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
     try:
         since = time.perf_counter()
         for epoch in range(state["epoch"], settings.epochs):
-            train, val = run_epoch(settings, trainer, train_batches, val_batches, true_val, mine,
-                                   epoch, writer, procs)
-            row = summary_row(epoch, train, val, lr=trainer.optimizer.param_groups[0]["lr"])
+            train, val, val_ema = run_epoch(settings, trainer, train_batches, val_batches,
+                                            true_val, mine, epoch, writer, procs)
+            row = summary_row(epoch, train, val, lr=trainer.optimizer.param_groups[0]["lr"],
+                              val_ema=val_ema)
             step_schedule(settings, trainer, val, warming=epoch < settings.warmup_epochs)
             state["summary"].append(row)
             state["epoch"] = epoch + 1
             # wall-clock training time, kept in last.pth so that a resumed run adds to it
             state["wall_s"] += time.perf_counter() - since
             since = time.perf_counter()
-            improved = stopper.step(val["f1"], epoch + 1, always_improves=not len(data.val_rows))
+            # the epoch's candidate for best.pth: the model's weights or, when better, the EMA's
+            weights_of, kept = ("ema", val_ema) if val_ema and val_ema["f1"] > val["f1"] \
+                else ("model", val)
+            improved = stopper.step(kept["f1"], epoch + 1, always_improves=not len(data.val_rows))
             rng = procs.gather(engine.rng_state())  # every process's: a resume is exact on each
             if procs.main:
-                reporting.log_epoch(writer, row, val, data.images, data.val_rows,
-                                    dataset.CATEGORY_CLASSES[settings.category])
-                save_epoch(run_dir, record, trainer, stopper, state, val, improved, rng)
-                print(epoch_line(settings, row, improved), flush=True)
+                reporting.log_epoch(writer, row, kept, data.images, data.val_rows,
+                                    settings.category, which=" (EMA)" if weights_of == "ema" else "",
+                                    confusion_png=run_dir / "confusion.png" if improved else None)
+                save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
+                           weights_of)
+                print(epoch_line(settings, row, improved, kept), flush=True)
             procs.barrier()
             if stopper.should_stop:
                 procs.say(stopper.message(epoch + 1))
                 break
         if writer is not None and hparams:
-            reporting.log_hparams(writer, vars(settings), run_metrics(stopper, state))
+            reporting.log_hparams(writer, vars(settings), reporting.run_hparams_metrics(
+                state["summary"], stopper.best_f1, stopper.best_epoch, state["wall_s"]))
     finally:
         if writer is not None:
             writer.close()
@@ -269,19 +304,6 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
               f"{run_dir / 'best.pth'}")
     return {"best_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
             "summary": state["summary"], "wall_s": state["wall_s"]}
-
-
-def run_metrics(stopper: EarlyStopping, state: dict) -> dict:
-    """What a finished model reports in TensorBoard's HParams: its best val F1 (and that epoch's
-    per-head F1), epochs, speed and wall time."""
-    rows = state["summary"]
-    metrics = {"best_val_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
-               "epochs_done": state["epoch"], "wall_s": state["wall_s"],
-               "images_per_s": float(np.mean([r["images_per_s"] for r in rows])) if rows else None}
-    if 1 <= stopper.best_epoch <= len(rows):
-        best = rows[stopper.best_epoch - 1]
-        metrics.update({f"val_{head}": best[head] for head in ("f1_mask", "f1_gender", "f1_age")})
-    return metrics
 
 
 def restore_progress(settings: argparse.Namespace, trainer: engine.Trainer,
@@ -314,32 +336,36 @@ def restore_progress(settings: argparse.Namespace, trainer: engine.Trainer,
 
 def run_epoch(settings: argparse.Namespace, trainer: engine.Trainer, train_batches, val_batches,
               true_val: np.ndarray, mine: np.ndarray, epoch: int, writer,
-              procs: Processes) -> tuple[dict, dict]:
-    """Train one epoch (warming the lr up per batch during the first --warmup_epochs), then score
-    validation; returns (train metrics gathered over processes, val metrics)."""
+              procs: Processes) -> tuple[dict, dict, dict | None]:
+    """Train one epoch (warming the lr up per batch during the first --warmup_epochs, unless a
+    timm schedule warms up itself), then score validation; returns (train metrics gathered over
+    processes, val metrics, the EMA weights' val metrics or None)."""
     if train_batches.sampler is not None:
         train_batches.sampler.set_epoch(epoch)
     steps = len(train_batches)
     warmup = (epoch * steps, settings.warmup_epochs * steps) \
-        if epoch < settings.warmup_epochs else None
+        if epoch < settings.warmup_epochs and not engine.is_timm_schedule(trainer.scheduler) \
+        else None
     train = engine.train_one_epoch(trainer, train_batches, warmup=warmup, epoch=epoch,
                                    log_interval=settings.log_interval, writer=writer,
                                    progress=procs.main)
     train = gather_train_metrics(train, procs)
     if not len(true_val):
-        return train, {"loss": float("nan"), "f1": float("nan"), "acc": float("nan")}
-    val = engine.evaluate(trainer.runner, val_batches, trainer.augment, true_val,
-                          category=settings.category, age_label_num=settings.age_label_num,
-                          criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
-                          channels_last=settings.channels_last, procs=procs, positions=mine)
-    return train, val
+        return train, {"loss": float("nan"), "f1": float("nan"), "acc": float("nan")}, None
+    scored = [trainer.runner] + ([trainer.ema.module] if trainer.ema is not None else [])
+    vals = [engine.evaluate(model, val_batches, trainer.augment, true_val,
+                            category=settings.category, age_label_num=settings.age_label_num,
+                            criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
+                            channels_last=settings.channels_last, procs=procs, positions=mine)
+            for model in scored]
+    return train, vals[0], vals[1] if len(vals) > 1 else None
 
 
 def step_schedule(settings: argparse.Namespace, trainer: engine.Trainer, val: dict,
                   warming: bool) -> None:
     """Epoch schedules step after each epoch (plateau on val loss or F1); per-batch ones stepped
     in the loop, and warm-up epochs leave the schedule alone."""
-    if trainer.per_batch_schedule or warming:
+    if trainer.per_batch_schedule or warming:  # timm's schedules step per update too
         return
     if isinstance(trainer.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         trainer.scheduler.step(val["loss"] if settings.mode == "min" else val["f1"])
@@ -347,27 +373,40 @@ def step_schedule(settings: argparse.Namespace, trainer: engine.Trainer, val: di
         trainer.scheduler.step()
 
 
-def summary_row(epoch: int, train: dict, val: dict, lr: float) -> dict:
+def summary_row(epoch: int, train: dict, val: dict, lr: float, val_ema: dict | None = None) -> dict:
     return {"epoch": epoch + 1, "train_loss": train["loss"], "val_loss": val["loss"],
             "val_f1": val["f1"], "val_acc": val["acc"], "f1_mask": val.get("f1_mask", ""),
             "f1_gender": val.get("f1_gender", ""), "f1_age": val.get("f1_age", ""),
             "lr": lr, "seconds": round(train["seconds"], 2),
-            "images_per_s": round(train["images_per_s"], 1)}
+            "images_per_s": round(train["images_per_s"], 1),
+            "val_f1_ema": val_ema["f1"] if val_ema else ""}
 
 
-def epoch_line(settings: argparse.Namespace, row: dict, improved: bool) -> str:
+def epoch_line(settings: argparse.Namespace, row: dict, improved: bool, kept: dict) -> str:
+    """The epoch in one line; ``kept`` is what the epoch's candidate for best.pth scored."""
+    ema = f" (EMA {row['val_f1_ema']:.4f})" if row["val_f1_ema"] != "" else ""
+    worst = engine.worst_class(kept["per_class"]) if "per_class" in kept else None
     return (f"epoch {row['epoch']}/{settings.epochs}: train loss {row['train_loss']:.4f}, "
-            f"val loss {row['val_loss']:.4f}, val F1 {row['val_f1']:.4f}, acc {row['val_acc']:.4f}, "
-            f"lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s" + (" *" if improved else ""))
+            f"val loss {row['val_loss']:.4f}, val F1 {row['val_f1']:.4f}{ema}, "
+            f"acc {row['val_acc']:.4f}"
+            + (f", worst class {worst[0]} F1 {worst[1]:.2f}" if worst else "")
+            + f", lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s" + (" *" if improved else ""))
 
 
 def save_epoch(run_dir: Path, record: dict, trainer: engine.Trainer, stopper: EarlyStopping,
-               state: dict, val: dict, improved: bool, rng: list[dict]) -> None:
-    """best.pth when the epoch improved, last.pth (everything --resume needs), summary.csv."""
+               state: dict, val: dict, improved: bool, rng: list[dict],
+               weights_of: str = "model") -> None:
+    """best.pth (the model's or the EMA's weights, ``weights_of``, whichever scored ``val``) and
+    per_class.csv when the epoch improved; last.pth (everything --resume needs, every process's
+    random state in ``rng``), summary.csv."""
     weights = trainer.net.state_dict()
     if improved:
-        models.save_checkpoint({**record, "model": weights, "epoch": state["epoch"],
-                                "metrics": strip_arrays(val)}, run_dir / "best.pth")
+        best = trainer.ema.module.state_dict() if weights_of == "ema" else weights
+        models.save_checkpoint({**record, "model": best, "weights": weights_of,
+                                "epoch": state["epoch"], "metrics": strip_arrays(val)},
+                               run_dir / "best.pth")
+        if "per_class" in val:
+            write_per_class(run_dir / "per_class.csv", val["per_class"])
     models.save_checkpoint({**record, "model": weights, **trainer.state_dict(),
                             "train_state": {**state, **stopper.state_dict()},
                             "rng": rng, "epoch": state["epoch"]},
@@ -550,32 +589,9 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
     metrics = {}
     if procs.main:
         metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs)
-        log_kfold_hparams(settings, run_dir, plan.n_folds, metrics)
+        reporting.log_kfold_hparams(run_dir, vars(settings), plan.n_folds, metrics)
     metrics = procs.broadcast(metrics)
     return {"run_dir": run_dir, "best_f1": metrics["f1"], "oof": metrics, "folds": results}
-
-
-def log_kfold_hparams(settings: argparse.Namespace, run_dir: Path, n_folds: int,
-                      oof_metrics: dict) -> None:
-    """One TensorBoard HParams session for the whole k-fold run: its flags -> OOF F1 (and
-    per-head F1), the folds' mean best val F1, summed epochs and wall time, mean speed."""
-    folds = []
-    for k in range(n_folds):
-        try:
-            folds.append(json.loads((run_dir / f"fold{k}" / "done.json").read_text()))
-        except (OSError, ValueError):  # a hand-edited one costs the HParams row its sums only
-            folds.append({})
-    speeds = [row["images_per_s"] for k in range(n_folds)
-              for row in read_csv_checked(run_dir / f"fold{k}" / "summary.csv",
-                                          ["images_per_s"]).to_dict("records")]
-    metrics = {f"oof_{k}": v for k, v in oof_metrics.items()}
-    metrics.update({"best_val_f1": float(np.mean([f.get("best_f1", np.nan) for f in folds])),
-                    "epochs_done": sum(f.get("epochs_done", 0) for f in folds),
-                    "wall_s": sum(f.get("wall_s", 0.0) for f in folds),
-                    "images_per_s": float(np.mean(speeds)) if speeds else None})
-    from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(str(run_dir)) as writer:
-        reporting.log_hparams(writer, vars(settings), metrics)
 
 
 def write_out_of_fold(settings: argparse.Namespace, frame: pd.DataFrame, images: np.ndarray,
@@ -594,9 +610,13 @@ def write_out_of_fold(settings: argparse.Namespace, frame: pd.DataFrame, images:
     probs = pd.DataFrame(oof, columns=[f"p{c}" for c in range(oof.shape[1])])
     atomic_write_text(run_dir / "oof.csv", pd.concat([table, probs], axis=1).to_csv(index=False))
     atomic_write_text(run_dir / "oof_metrics.json", json.dumps(metrics, indent=2))
+    write_per_class(run_dir / "per_class.csv", metrics["per_class"])
     heads = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("f1_"))
+    worst = engine.worst_class(metrics["per_class"])
     print(f"out-of-fold: macro F1 {metrics['f1']:.4f}, acc {metrics['acc']:.4f}"
-          + (f" ({heads})" if heads else "") + f" -> {run_dir / 'oof.csv'}")
+          + (f" ({heads})" if heads else "")
+          + (f", worst class {worst[0]} F1 {worst[1]:.2f}" if worst else "")
+          + f" -> {run_dir / 'oof.csv'}")
     return metrics
 
 
@@ -622,6 +642,21 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
 # ----------------------------------------------------------------------------------------------
 # main: one split, or k folds with out-of-fold predictions
 # ----------------------------------------------------------------------------------------------
+def say_model_defaults(args: argparse.Namespace, resolved: dict, say=print) -> None:
+    """One line when the model's own preprocessing (timm's pretrained_cfg) replaced the toolkit's."""
+    taken = []
+    if args.resize is None and tuple(resolved["resize"]) != config.DEFAULT_RESIZE:
+        taken.append("input size {}x{}".format(*resolved["resize"]))
+    if args.normalize == "auto" and resolved["normalize"] == "model":
+        mean, std = config.model_normalization(args.model)
+        taken.append(f"mean {[round(v, 4) for v in mean]} std {[round(v, 4) for v in std]}")
+    if args.interpolation == "auto" and resolved["interpolation"] != "area":
+        taken.append(f"{resolved['interpolation']} resizing")
+    if taken:
+        say(f"model preprocessing: {', '.join(taken)} from {args.model}'s timm pretrained_cfg "
+            "(--resize, --normalize, --interpolation override it)")
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train as ``args`` says; returns {'run_dir', 'best_f1', ...}. Knows nothing of argparse
     and leaves ``args`` as given: what was resolved (the data folder, the number of folds of a
@@ -642,9 +677,12 @@ def main(args: argparse.Namespace) -> dict:
         train_rows, val_rows = split_rows(args, frame, recorded)
         roles = np.where(np.isin(np.arange(len(frame)), val_rows), "val", "train")
         train_rows = train_rows_after_policies(args, frame, train_rows)
+    check_class_weights(args, frame, [r for r, _ in plan.rows] if plan else [train_rows])
     photos = photo_record(frame, data_dir, plan.fold_of_row if plan else roles)
+    resolved = config.model_defaults(args)  # 'auto' and an absent --resize, made explicit
     settings = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir),
-                                     "kfold": plan.n_folds if plan else args.kfold})
+                                     "kfold": plan.n_folds if plan else args.kfold, **resolved})
+    say_model_defaults(args, resolved, procs.say)
     preprocess = config.preprocess_of(settings)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
         procs.barrier()

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Data_EDA.ipynb"
 KERNEL = "python3"
 EXECUTION_LIMIT_S = 60  # the whole notebook, not per cell: it must stay quick on the tiny sample
-PARAMETERS = ("DATA_DIR", "EVAL_DIR", "OOF_FILE", "RELABEL_OUT", "MAX_PEOPLE_SHOWN")
+PARAMETERS = ("DATA_DIR", "EVAL_DIR", "OOF_FILE", "RELABEL_OUT", "MAX_PEOPLE_SHOWN", "MIN_CONFIDENCE")
 TEMPLATE_COLUMNS = ["id", "gender", "age", "swap_mask"]
 
 
@@ -52,10 +52,11 @@ def figures(notebook) -> int:
                for output in cell.get("outputs", []))
 
 
-def sample_parameters(tiny_sample: Path, relabel_out: Path, oof_file: Path | None) -> dict:
+def sample_parameters(tiny_sample: Path, relabel_out: Path, oof_file: Path | None,
+                      min_confidence: float = 0.5) -> dict:
     return {"DATA_DIR": str(tiny_sample / "train" / "images"), "EVAL_DIR": str(tiny_sample / "eval"),
             "OOF_FILE": None if oof_file is None else str(oof_file), "RELABEL_OUT": str(relabel_out),
-            "MAX_PEOPLE_SHOWN": 4}
+            "MAX_PEOPLE_SHOWN": 4, "MIN_CONFIDENCE": min_confidence}
 
 
 def synthetic_oof(frame: pd.DataFrame, gender_flips: dict[str, float], mask_swaps: dict[str, float],
@@ -143,3 +144,19 @@ def test_notebook_with_oof_lists_the_contradicted_people_first(tiny_sample, tmp_
     assert stems["incorrect_mask"] == dataset.MASK_NAMES.index("not_wear")
     assert stems["normal"] == dataset.MASK_NAMES.index("incorrect")
     assert (relabelled.loc[~swapped, "mask"] == frame.loc[~swapped, "mask"]).all()
+
+
+def test_a_higher_confidence_threshold_lists_fewer_people(tiny_sample, tmp_path):
+    frame = dataset.add_labels(dataset.parse_train_dir(tiny_sample / "train" / "images", warn=lambda _: None))
+    profiles = sorted(frame["profile"].unique())
+    # the same contradictions as above: p(other gender) about 0.97, 0.92 and 0.87, p(swapped mask) 0.79
+    gender_flips = {profiles[3]: 0.95, profiles[10]: 0.85, profiles[17]: 0.75}
+    oof_file = tmp_path / "oof.csv"
+    synthetic_oof(frame, gender_flips, {profiles[6]: 0.7}).to_csv(oof_file, index=False)
+    relabel_out = tmp_path / "relabel.csv"
+    notebook = run_notebook(sample_parameters(tiny_sample, relabel_out, oof_file, min_confidence=0.9))
+    template = pd.read_csv(relabel_out, dtype=str, keep_default_na=False)
+    # at 0.5 all four are listed (the test above); at 0.9 only the two surest gender flips
+    person_id = {profile: dataset.parse_profile_name(profile)["id"] for profile in profiles}
+    assert template["id"].tolist() == [person_id[profiles[3]], person_id[profiles[10]]]
+    assert "4 of 24 people have a label the predictions disagree with; 2 of them with confidence" in printed(notebook)

@@ -352,7 +352,7 @@ def test_a_submission_and_its_probabilities_change_together(tmp_path, monkeypatc
     ({"epochs": 2.5}, "setting 'epochs' is 2.5; expected an integer"),
     ({"batch_size": 1e12}, "--batch_size 1000000000000: expected 1 to 65,536"),
     ({"lr": float("nan")}, "--lr nan: expected a learning rate of 0 or more"),
-    ({"resize": [100000, 24]}, "--resize [100000, 24]: expected H W of 16 to 4096 pixels"),
+    ({"resize": [100000, 24]}, "--resize 100000 24: expected H W of 16 to 4096 pixels"),
 ])
 def test_hand_edited_config_numbers(tmp_path, setting, expected):
     config = tmp_path / "config.json"
