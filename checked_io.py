@@ -315,25 +315,85 @@ def check_labels(values: pd.Series, where: str, column: str = "ans",
 
 
 def check_probabilities(table: pd.DataFrame, where: str,
-                        row_names: Sequence[str] | None = None) -> np.ndarray:
-    """The p0..p17 columns as float64 [N, 18]; UserError naming the first bad row (by
-    ``row_names``, else its CSV line) when a cell is not a number in [0, 1] or a row does not
-    sum to 1 (logits or a truncated file would otherwise vote silently)."""
+                        row_names: Sequence[str] | None = None,
+                        columns: Sequence[str] = PROB_COLUMNS) -> np.ndarray:
+    """The p0..p17 columns (or ``columns``: p0..p2 of a per-category run) as float64 [N, 18];
+    UserError naming the first bad row (by ``row_names``, else its CSV line) when a cell is not
+    a number in [0, 1] or a row does not sum to 1 (logits or a truncated file would otherwise
+    vote silently)."""
     names = row_names if row_names is not None else csv_line_names(len(table))
-    values = table[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy(
+    columns = list(columns)
+    values = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(
         dtype=np.float64, na_value=np.nan)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(values) | (values < 0) | (values > 1)
     if bad.any():
         row, column = np.argwhere(bad)[0]
-        name = PROB_COLUMNS[column]
-        raise UserError(f"{where}: {int(bad.sum())} p0..p{NUM_CLASSES - 1} value(s) not a number "
-                        f"in [0, 1] (first: {names[row]}, "
+        name = columns[column]
+        raise UserError(f"{where}: {int(bad.sum())} {columns[0]}..{columns[-1]} value(s) not a "
+                        f"number in [0, 1] (first: {names[row]}, "
                         f"{name}={shown_cell(table[name].iloc[row])})")
     sums = values.sum(axis=1)
     bad_sums = np.abs(sums - 1) > SUM_TOLERANCE
     if bad_sums.any():
         row = int(bad_sums.argmax())
-        raise UserError(f"{where}: {int(bad_sums.sum())} row(s) whose p0..p{NUM_CLASSES - 1} do "
-                        f"not sum to 1 (first: {names[row]}, sum {sums[row]:.4f})")
+        raise UserError(f"{where}: {int(bad_sums.sum())} row(s) whose {columns[0]}..{columns[-1]} "
+                        f"do not sum to 1 (first: {names[row]}, sum {sums[row]:.4f})")
     return values
+
+
+def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """argmax of the probabilities, or of log p + per-class offsets when calibrated."""
+    if offsets is None:
+        return probs.argmax(1)
+    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection files: weighted runs chosen by experiments.py select
+# ----------------------------------------------------------------------------------------------
+SELECTION_FORMAT = "maskface-selection/1"
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def read_selection_json(path: str | Path) -> dict:
+    """A selection file (experiments.py select), its structure checked: "runs" (name -> its
+    folder), "members" (each a run, or a mask+gender+age trio of runs, with a weight >= 0; the
+    weights sum to more than 0) and optional "calibration" "offsets" (18 finite numbers)."""
+    value = read_json_checked(path)
+    if value.get("format") != SELECTION_FORMAT:
+        raise UserError(f"{path}: not a selection file of experiments.py select (expected "
+                        f"\"format\": \"{SELECTION_FORMAT}\")")
+    runs, members = value.get("runs"), value.get("members")
+    if not isinstance(runs, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("path"), str) for r in runs.values()):
+        raise UserError(f"{path}: expected \"runs\": an object of run name -> {{\"path\": ...}}")
+    if not isinstance(members, list) or not members:
+        raise UserError(f"{path}: expected \"members\": a non-empty list")
+    for number, member in enumerate(members, 1):
+        names = member.get("runs") if isinstance(member, dict) else None
+        if (not isinstance(names, list) or len(names) not in (1, 3)
+                or not all(isinstance(n, str) and n in runs for n in names)):
+            raise UserError(f"{path}: member {number}: expected \"runs\": 1 run (or a trio of "
+                            "3) named in \"runs\"")
+        if not _finite_number(member.get("weight")) or member["weight"] < 0:
+            raise UserError(f"{path}: member {number}: weight {member.get('weight')!r}; "
+                            "expected a number >= 0")
+    total = sum(member["weight"] for member in members)
+    if not total > 0:
+        raise UserError(f"{path}: the members' weights sum to {total:g}; expected a positive sum")
+    offsets = (value.get("calibration") or {}).get("offsets")
+    if offsets is not None and (not isinstance(offsets, list) or len(offsets) != NUM_CLASSES
+                                or not all(map(_finite_number, offsets))):
+        raise UserError(f"{path}: expected \"calibration\": {{\"offsets\": a list of "
+                        f"{NUM_CLASSES} finite numbers}}")
+    return value
+
+
+def selection_offsets(selection: dict) -> np.ndarray | None:
+    """The calibration offsets of a checked selection file, None when it has none."""
+    offsets = (selection.get("calibration") or {}).get("offsets")
+    return None if offsets is None else np.asarray(offsets, dtype=float)

@@ -1,9 +1,12 @@
 """What a run shows of itself: TensorBoard scalars and figures per epoch (per-class F1, the
 confusion matrix with class names and per-head matrices, the most confident mistakes on
-validation photos), and the best epoch's confusion matrix as a PNG in the run folder."""
+validation photos), the best epoch's confusion matrix as a PNG in the run folder, and at its end
+an HParams session (flags -> final metrics)."""
 from __future__ import annotations
 
+import json
 import math
+import numbers
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +14,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 import dataset
-from checked_io import atomic_write_bytes
+from checked_io import atomic_write_bytes, read_csv_checked
 
 matplotlib.use("Agg")  # files and TensorBoard only: no window, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -164,3 +167,75 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
                                         dataset.class_names(category))
         writer.add_image("Predictions/val", render(figure), step, dataformats="HWC")
     plt.close("all")
+
+
+# bookkeeping flags: where files go and how often to log say nothing about the experiment
+HPARAMS_SKIPPED = ("model_dir", "cache_dir", "config", "resume", "log_interval", "num_workers")
+# every run declares all of them (TensorBoard shows the columns of one run's declaration, picked
+# arbitrarily); a run logs the values it has: single runs val_*, k-fold runs oof_* too
+HPARAMS_METRICS = ("best_val_f1", "val_f1_mask", "val_f1_gender", "val_f1_age", "oof_f1",
+                   "oof_acc", "oof_f1_mask", "oof_f1_gender", "oof_f1_age", "best_epoch",
+                   "epochs_done", "images_per_s", "wall_s")
+
+
+def hparam_value(value):
+    """A flag as TensorBoard's HParams takes it: numbers and strings as they are, bools as
+    'true'/'false', lists as '128x96'-style strings."""
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value))
+    if isinstance(value, bool):  # torch's hparams() would log it as the number 0 or 1
+        return str(value).lower()
+    return value
+
+
+def log_hparams(writer, flags: dict, metrics: dict) -> None:
+    """One HParams session in ``writer``'s own folder (so TensorBoard's HParams tab shows one row
+    per run folder): the run's flags -> its final metrics, as 'hparams/<name>' scalars. Metrics
+    that are missing or not finite (no validation) are left out."""
+    from torch.utils.tensorboard.summary import hparams
+    shown = {k: hparam_value(v) for k, v in flags.items()
+             if k not in HPARAMS_SKIPPED and v is not None}
+    values = {f"hparams/{k}": float(v) for k, v in metrics.items()
+              if isinstance(v, numbers.Real) and math.isfinite(v)}
+    declared = dict.fromkeys(f"hparams/{k}" for k in (*HPARAMS_METRICS, *metrics))
+    # SummaryWriter.add_hparams would open a second, timestamped run folder per call
+    for summary in hparams(shown, declared):
+        writer.file_writer.add_summary(summary)
+    for tag, value in values.items():
+        writer.add_scalar(tag, value)
+    writer.flush()
+
+
+def run_hparams_metrics(summary: list[dict], best_f1: float, best_epoch: int,
+                        wall_s: float) -> dict:
+    """What a finished model reports in HParams: its best val F1 (and that epoch's per-head F1
+    when the model's weights, not their EMA, scored it), epochs, speed and wall time."""
+    metrics = {"best_val_f1": best_f1, "best_epoch": best_epoch, "epochs_done": len(summary),
+               "wall_s": wall_s,
+               "images_per_s": float(np.mean([r["images_per_s"] for r in summary]))
+               if summary else None}
+    if 1 <= best_epoch <= len(summary) and summary[best_epoch - 1]["val_f1"] == best_f1:
+        best = summary[best_epoch - 1]
+        metrics.update({f"val_{head}": best[head] for head in ("f1_mask", "f1_gender", "f1_age")})
+    return metrics
+
+
+def log_kfold_hparams(run_dir: Path, flags: dict, n_folds: int, oof_metrics: dict) -> None:
+    """One HParams session for a whole k-fold run, in its folder: its flags -> OOF F1 (and
+    per-head F1), the folds' mean best val F1, summed epochs and wall time, mean speed."""
+    folds = []
+    for k in range(n_folds):
+        try:
+            folds.append(json.loads((run_dir / f"fold{k}" / "done.json").read_text()))
+        except (OSError, ValueError):  # a hand-edited one costs the HParams row its sums only
+            folds.append({})
+    speeds = [speed for k in range(n_folds) for speed in read_csv_checked(
+        run_dir / f"fold{k}" / "summary.csv", ["images_per_s"])["images_per_s"]]
+    metrics = {f"oof_{k}": v for k, v in oof_metrics.items()}
+    metrics.update({"best_val_f1": float(np.mean([f.get("best_f1", np.nan) for f in folds])),
+                    "epochs_done": sum(f.get("epochs_done", 0) for f in folds),
+                    "wall_s": sum(f.get("wall_s", 0.0) for f in folds),
+                    "images_per_s": float(np.mean(speeds)) if speeds else None})
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(run_dir)) as writer:
+        log_hparams(writer, flags, metrics)

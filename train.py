@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,8 +244,10 @@ class FitData:
 
 
 def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: dict | None = None,
-        procs: Processes = Processes()) -> dict:
-    """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events."""
+        procs: Processes = Processes(), hparams: bool = True) -> dict:
+    """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events
+    (with the run's HParams session at the end unless ``hparams`` is off: a k-fold run logs one
+    for the whole run instead)."""
     device = engine.process_device(settings.device, procs)
     engine.seed_everything(settings.seed)
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
@@ -260,7 +263,8 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
                                    margin=data.preprocess.margin_pixels)
     if procs.distributed:  # different augmentation draws per process, same model init
         torch.manual_seed(settings.seed * 1000 + procs.rank)
-    stopper, state = EarlyStopping(settings.early_stopping_patience), {"epoch": 0, "summary": []}
+    stopper = EarlyStopping(settings.early_stopping_patience)
+    state = {"epoch": 0, "summary": [], "wall_s": 0.0}
     if (run_dir / "last.pth").is_file():
         state = restore_progress(settings, trainer, stopper, run_dir, extra or {}, procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
@@ -276,6 +280,7 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
     try:
+        since = time.perf_counter()
         for epoch in range(state["epoch"], settings.epochs):
             train, val, val_ema = run_epoch(settings, trainer, train_batches, val_batches,
                                             true_val, mine, epoch, writer, procs)
@@ -284,6 +289,9 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
             step_schedule(settings, trainer, val, warming=epoch < settings.warmup_epochs)
             state["summary"].append(row)
             state["epoch"] = epoch + 1
+            # wall-clock training time, kept in last.pth so that a resumed run adds to it
+            state["wall_s"] += time.perf_counter() - since
+            since = time.perf_counter()
             # the epoch's candidate for best.pth: the model's weights or, when better, the EMA's
             weights_of, kept = ("ema", val_ema) if val_ema and val_ema["f1"] > val["f1"] \
                 else ("model", val)
@@ -301,13 +309,16 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
             if stopper.should_stop:
                 procs.say(stopper.message(epoch + 1))
                 break
+        if writer is not None and hparams:
+            reporting.log_hparams(writer, vars(settings), reporting.run_hparams_metrics(
+                state["summary"], stopper.best_f1, stopper.best_epoch, state["wall_s"]))
     finally:
         if writer is not None:
             writer.close()
     procs.say(f"best: epoch {stopper.best_epoch}, val F1 {stopper.best_f1:.4f} -> "
               f"{run_dir / 'best.pth'}")
     return {"best_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
-            "summary": state["summary"]}
+            "summary": state["summary"], "wall_s": state["wall_s"]}
 
 
 def restore_progress(settings: argparse.Namespace, trainer: engine.Trainer,
@@ -330,7 +341,9 @@ def restore_progress(settings: argparse.Namespace, trainer: engine.Trainer,
     trainer.load_state_dict(saved)
     stopper.load_state_dict(saved["train_state"])
     engine.set_rng_state(states[procs.rank])
-    state = {"epoch": saved["train_state"]["epoch"], "summary": saved["train_state"]["summary"]}
+    train_state = saved["train_state"]
+    state = {"epoch": train_state["epoch"], "summary": train_state["summary"],
+             "wall_s": float(train_state.get("wall_s", 0.0))}  # 0: saved before it was kept
     if procs.main:  # a kill between last.pth and summary.csv left the file an epoch behind
         write_summary(run_dir / "summary.csv", state["summary"])
     return state
@@ -575,8 +588,10 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
-        result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs)
-        results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"]}
+        result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs,
+                     hparams=False)
+        results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
+                         "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}
         if procs.main:
             atomic_write_text(done, json.dumps(results[fold]))
         procs.barrier()
@@ -586,8 +601,10 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         procs.say(f"folds {pending} still to train; oof.csv is written when all are done "
                   f"(train them with --fold, then run once more with --resume {run_dir})")
         return {"run_dir": run_dir, "best_f1": float("nan"), "folds": results}
-    metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs) \
-        if procs.main else {}
+    metrics = {}
+    if procs.main:
+        metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs)
+        reporting.log_kfold_hparams(run_dir, vars(settings), plan.n_folds, metrics)
     metrics = procs.broadcast(metrics)
     return {"run_dir": run_dir, "best_f1": metrics["f1"], "oof": metrics, "folds": results}
 
@@ -709,6 +726,10 @@ def main(args: argparse.Namespace) -> dict:
                   f"repeats), {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
         result = fit(settings, data, run_dir, extra=extra, procs=procs)
+        if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
+            atomic_write_text(run_dir / "done.json", json.dumps(
+                {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
+                 "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}))
     except BaseException:  # any failure, ours or torch's (out of memory), before a checkpoint
         if procs.main and not settings.resume and settings.fold is None:
             remove_if_no_checkpoint(run_dir)

@@ -345,7 +345,8 @@ def test_interpolation_is_preprocessing_and_its_default_keeps_old_cache_names(ti
     # caches and checkpoints written before the field existed keep their names and meaning
     old = {"resize": [32, 24], "crop": "center", "canny": False, "face_margin": 0.4}
     assert default.to_dict() == old and dataset.Preprocess.from_dict(old) == default
-    signature = json.dumps([dataset.CACHE_VERSION, old, dataset._file_signature([path])])
+    files = [[str(Path(path).resolve()), dataset.photo_digests([path])[0]]]  # path and content
+    signature = json.dumps([dataset.CACHE_VERSION, old, files])
     assert dataset.cache_key([path], default) == hashlib.sha1(signature.encode()).hexdigest()[:16]
     bicubic = replace(default, interpolation="bicubic")
     assert dataset.Preprocess.from_dict(bicubic.to_dict()) == bicubic
