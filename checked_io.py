@@ -8,10 +8,13 @@ and writes CSVs (ensemble_csv.py) starts without loading torch.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -97,26 +100,38 @@ class FlagParser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------
 # Writing: whole files or nothing
 # ----------------------------------------------------------------------------------------------
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def file_mode() -> int:
-    """The permissions open() gives a new file under this process's umask."""
-    return 0o666 & ~_UMASK
+    """The permissions open() gives a new file under this process's umask (read now: os.umask
+    is the only way to read it, and the caller may have changed it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see either the old or the complete new content."""
-    path = Path(path)
+def _write_temp(path: Path, data: bytes) -> str:
+    """``data`` in a synced temp file beside ``path``, with the umask's permissions; returns its
+    name. An OSError names ``path`` (a full disk's write error carries no file name of its own)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # while it is written: not a killed run's (remove_stale_temps)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; give what open() would have
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file so that readers see either the old or the complete new content."""
+    tmp = _write_temp(Path(path), data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -125,6 +140,96 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def _journal(first: Path) -> Path:
+    return first.with_name(f".{first.name}.together.json")
+
+
+def write_together(files: dict[Path, bytes]) -> None:
+    """Write files that belong together (a submission and its probabilities) so that either all
+    are new or all are the old ones: every file goes to a temp file first (a full disk or any
+    error there leaves the old files alone), then a journal lists the renames and the temps replace
+    the files. A kill between two renames leaves the journal, and the next write of the same files
+    (or finish_pending_writes) completes the renames before anything else."""
+    paths = [Path(p) for p in files]
+    finish_pending_writes(paths[0])
+    temps: list[str] = []
+    try:
+        for path in paths:
+            temps.append(_write_temp(path, files[path]))
+        atomic_write_text(_journal(paths[0]),
+                          json.dumps([[tmp, str(path)] for tmp, path in zip(temps, paths)]))
+    except BaseException:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    finish_pending_writes(paths[0])
+
+
+def finish_pending_writes(first: str | Path) -> None:
+    """Complete the renames of an interrupted write_together whose first file is ``first``."""
+    journal = _journal(Path(first))
+    try:
+        renames = json.loads(journal.read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:  # torn by a crash while it was written: no rename had started
+        renames = []
+    for tmp, path in renames:
+        if Path(tmp).exists():
+            os.replace(tmp, path)
+    journal.unlink(missing_ok=True)
+
+
+STALE_TEMP_AGE_S = 60  # a temp file this old whose writer holds no lock on it is a killed run's
+
+
+def remove_stale_temps(folder: Path, pattern: str) -> None:
+    """Remove temp files (or folders, locked through their .lock) matching ``pattern`` that a
+    killed run left: a live writer holds an exclusive flock on them (lock_temp), which the kernel
+    releases when the writer dies, however it dies."""
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for temp in folder.glob(pattern):
+        try:
+            if now - temp.lstat().st_mtime < STALE_TEMP_AGE_S:
+                continue  # perhaps still being created: its writer may not hold the lock yet
+            lock = temp / ".lock" if temp.is_dir() else temp
+            if lock.exists():
+                with open(lock, "rb") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live writer's: OSError
+            if temp.is_dir():
+                shutil.rmtree(temp)
+            else:
+                temp.unlink()
+        except OSError:
+            continue
+
+
+def lock_temp(path: str | Path):
+    """An open handle holding an exclusive flock on ``path`` for as long as it is open: marks a
+    temp file as being written, so remove_stale_temps leaves it alone."""
+    handle = open(path, "rb")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def file_inside(value: str, folder: str | Path, where: str) -> Path:
+    """The file a CSV cell names inside ``folder``: a relative path (or an absolute one within the
+    folder) that never climbs out of it with '..'; UserError naming the cell otherwise."""
+    folder = Path(os.path.normpath(os.path.abspath(folder)))
+    candidate = Path(value)
+    inside = not candidate.is_absolute() and ".." not in candidate.parts
+    if candidate.is_absolute():
+        resolved = Path(os.path.normpath(value))
+        inside = resolved == folder or folder in resolved.parents
+        candidate = resolved
+    if not inside or not str(value).strip():
+        raise UserError(f"{where}: {value!r} is not a file inside {folder} (absolute paths "
+                        "elsewhere and '..' are refused)")
+    return candidate if candidate.is_absolute() else folder / candidate
 
 
 def check_output_path(path: str | Path, flag: str, folder: bool = False) -> Path:
@@ -146,15 +251,16 @@ def check_output_path(path: str | Path, flag: str, folder: bool = False) -> Path
 # ----------------------------------------------------------------------------------------------
 # Reading: the user's CSV and JSON files, checked before any work
 # ----------------------------------------------------------------------------------------------
-def read_csv_checked(path: str | Path, columns: list[str]) -> pd.DataFrame:
-    """pd.read_csv that fails with one line naming the file when it is missing or lacks columns."""
+def read_csv_checked(path: str | Path, columns: list[str], dtype=None) -> pd.DataFrame:
+    """pd.read_csv that fails with one line naming the file when it is missing or lacks columns;
+    ImageIDs stay text (``dtype`` str: every cell does, for cell-by-cell checks)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a folder; expected a CSV file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        table = pd.read_csv(path, dtype={"ImageID": str})
+        table = pd.read_csv(path, dtype=dtype or {"ImageID": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as why:
         raise UserError(f"{path}: not a readable CSV ({str(why).splitlines()[0]})") from None
     missing = [c for c in columns if c not in table.columns]
@@ -209,25 +315,85 @@ def check_labels(values: pd.Series, where: str, column: str = "ans",
 
 
 def check_probabilities(table: pd.DataFrame, where: str,
-                        row_names: Sequence[str] | None = None) -> np.ndarray:
-    """The p0..p17 columns as float64 [N, 18]; UserError naming the first bad row (by
-    ``row_names``, else its CSV line) when a cell is not a number in [0, 1] or a row does not
-    sum to 1 (logits or a truncated file would otherwise vote silently)."""
+                        row_names: Sequence[str] | None = None,
+                        columns: Sequence[str] = PROB_COLUMNS) -> np.ndarray:
+    """The p0..p17 columns (or ``columns``: p0..p2 of a per-category run) as float64 [N, 18];
+    UserError naming the first bad row (by ``row_names``, else its CSV line) when a cell is not
+    a number in [0, 1] or a row does not sum to 1 (logits or a truncated file would otherwise
+    vote silently)."""
     names = row_names if row_names is not None else csv_line_names(len(table))
-    values = table[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy(
+    columns = list(columns)
+    values = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(
         dtype=np.float64, na_value=np.nan)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(values) | (values < 0) | (values > 1)
     if bad.any():
         row, column = np.argwhere(bad)[0]
-        name = PROB_COLUMNS[column]
-        raise UserError(f"{where}: {int(bad.sum())} p0..p{NUM_CLASSES - 1} value(s) not a number "
-                        f"in [0, 1] (first: {names[row]}, "
+        name = columns[column]
+        raise UserError(f"{where}: {int(bad.sum())} {columns[0]}..{columns[-1]} value(s) not a "
+                        f"number in [0, 1] (first: {names[row]}, "
                         f"{name}={shown_cell(table[name].iloc[row])})")
     sums = values.sum(axis=1)
     bad_sums = np.abs(sums - 1) > SUM_TOLERANCE
     if bad_sums.any():
         row = int(bad_sums.argmax())
-        raise UserError(f"{where}: {int(bad_sums.sum())} row(s) whose p0..p{NUM_CLASSES - 1} do "
-                        f"not sum to 1 (first: {names[row]}, sum {sums[row]:.4f})")
+        raise UserError(f"{where}: {int(bad_sums.sum())} row(s) whose {columns[0]}..{columns[-1]} "
+                        f"do not sum to 1 (first: {names[row]}, sum {sums[row]:.4f})")
     return values
+
+
+def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """argmax of the probabilities, or of log p + per-class offsets when calibrated."""
+    if offsets is None:
+        return probs.argmax(1)
+    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection files: weighted runs chosen by experiments.py select
+# ----------------------------------------------------------------------------------------------
+SELECTION_FORMAT = "maskface-selection/1"
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def read_selection_json(path: str | Path) -> dict:
+    """A selection file (experiments.py select), its structure checked: "runs" (name -> its
+    folder), "members" (each a run, or a mask+gender+age trio of runs, with a weight >= 0; the
+    weights sum to more than 0) and optional "calibration" "offsets" (18 finite numbers)."""
+    value = read_json_checked(path)
+    if value.get("format") != SELECTION_FORMAT:
+        raise UserError(f"{path}: not a selection file of experiments.py select (expected "
+                        f"\"format\": \"{SELECTION_FORMAT}\")")
+    runs, members = value.get("runs"), value.get("members")
+    if not isinstance(runs, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("path"), str) for r in runs.values()):
+        raise UserError(f"{path}: expected \"runs\": an object of run name -> {{\"path\": ...}}")
+    if not isinstance(members, list) or not members:
+        raise UserError(f"{path}: expected \"members\": a non-empty list")
+    for number, member in enumerate(members, 1):
+        names = member.get("runs") if isinstance(member, dict) else None
+        if (not isinstance(names, list) or len(names) not in (1, 3)
+                or not all(isinstance(n, str) and n in runs for n in names)):
+            raise UserError(f"{path}: member {number}: expected \"runs\": 1 run (or a trio of "
+                            "3) named in \"runs\"")
+        if not _finite_number(member.get("weight")) or member["weight"] < 0:
+            raise UserError(f"{path}: member {number}: weight {member.get('weight')!r}; "
+                            "expected a number >= 0")
+    total = sum(member["weight"] for member in members)
+    if not total > 0:
+        raise UserError(f"{path}: the members' weights sum to {total:g}; expected a positive sum")
+    offsets = (value.get("calibration") or {}).get("offsets")
+    if offsets is not None and (not isinstance(offsets, list) or len(offsets) != NUM_CLASSES
+                                or not all(map(_finite_number, offsets))):
+        raise UserError(f"{path}: expected \"calibration\": {{\"offsets\": a list of "
+                        f"{NUM_CLASSES} finite numbers}}")
+    return value
+
+
+def selection_offsets(selection: dict) -> np.ndarray | None:
+    """The calibration offsets of a checked selection file, None when it has none."""
+    offsets = (selection.get("calibration") or {}).get("offsets")
+    return None if offsets is None else np.asarray(offsets, dtype=float)

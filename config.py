@@ -15,12 +15,41 @@ import dataset
 import engine
 import loss as losses
 import model as models
+import pipelines
 from checked_io import FlagParser, UserError, check_output_path, read_json_checked
 
 # old spellings of the competition's code, accepted but not listed in --help
 ALIASES = {"--age_lable_num": "--age_label_num"}
 # flags that were on/off switches: config.json files of older runs hold true/false for them
 WERE_BOOLEAN = {"channels_last": {True: "on", False: "off"}}
+DEFAULT_RESIZE = (128, 96)  # H, W: the toolkit's own input size (BaseModel on a CPU)
+NORMALIZE_MODES = ("auto", "imagenet", "dataset", "model")
+
+
+AUGMENTATION_HELP = (
+    "a preset, run on whole batches on the training device ("
+    + "; ".join(f"{k}: {v.help}" for k, v in augmentation.AUGMENTATIONS.items())
+    + "), or a user pipeline run per image on the CPU: a file saved by albumentations' A.save "
+    "(.json/.yaml/.yml), or module:function returning an albumentations or torchvision v2 "
+    "pipeline (module: a .py path or an importable module)")
+
+
+def augmentation_value(text: str) -> str:
+    """argparse type of --augmentation: a preset name or the shape of a pipeline reference (the
+    pipeline itself is loaded and checked by check_args)."""
+    if text in augmentation.AUGMENTATIONS or augmentation.is_pipeline_value(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: '{text}' (choose one of: {', '.join(augmentation.AUGMENTATIONS)}; or a "
+        f"saved albumentations pipeline {'/'.join(augmentation.PIPELINE_SUFFIXES)}, or "
+        "module:function)")
+
+
+# flags a resumed run may change: they decide how long and where it runs, not what it computes
+RESUME_SAFE = ("epochs", "early_stopping_patience", "log_interval", "valid_batch_size",
+               "num_workers", "cache_dir", "device", "compile", "data_dir", "augment_workers")
+# ... and those that only say how this call runs, never saved in config.json
+NOT_SAVED = ("resume", "config", "fold", "accept_data_change")
 
 
 def get_args_parser() -> FlagParser:
@@ -34,7 +63,12 @@ def get_args_parser() -> FlagParser:
                      help="where run folders go ($SM_MODEL_DIR if set)")
     run.add_argument("--config", default=None, help="a saved config.json replayed as defaults; flags override")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
-                     help="continue the run in RUN_DIR from last.pth")
+                     help="continue the run in RUN_DIR from last.pth, with its settings, split "
+                          "or folds and data; only " + ", ".join(f"--{k}" for k in RESUME_SAFE)
+                          + " may be changed")
+    run.add_argument("--accept_data_change", action="store_true",
+                     help="with --resume: go on although photos were added, removed or changed "
+                          "since the run started (new people are left out); refused otherwise")
     run.add_argument("--log_interval", type=int, default=20, help="batches between TensorBoard loss points")
 
     data = p.add_argument_group("data")
@@ -70,18 +104,46 @@ def get_args_parser() -> FlagParser:
                            "reads the cache and needs no loader workers")
 
     images = p.add_argument_group("images and augmentation")
-    images.add_argument("--resize", type=int, nargs=2, default=[128, 96], metavar=("H", "W"),
-                        help="model input size")
+    images.add_argument("--resize", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="model input size (when not given: %d %d; a timm model's own with "
+                             "--pretrained or --weights, and the only size a ViT-like model "
+                             "takes)" % DEFAULT_RESIZE)
     images.add_argument("--augmentation", default="CustomAugmentation",
-                        choices=list(augmentation.AUGMENTATIONS),
-                        help="; ".join(f"{k}: {v.help}" for k, v in augmentation.AUGMENTATIONS.items()))
+                        type=augmentation_value, help=AUGMENTATION_HELP)
+    images.add_argument("--augmentation_sha256", default=None, metavar="HEX",
+                        help="sha256 the --augmentation file (pipeline file or module) must have "
+                             "(when not given: not checked); config.json records it, so a replay "
+                             "(--config, --resume) refuses a changed file")
+    images.add_argument("--augment_workers", type=int, default=None, metavar="N",
+                        help="processes running a per-image pipeline while the model trains (0 = "
+                             "in the training process; when not given: one per core but one, 1..8)")
+    images.add_argument("--crop_margin", type=float, default=0.0, metavar="M",
+                        help="cache M of the crop's height and width more on each side (0.1: "
+                             "1.2x the size), for random crops in training: a random --resize box, "
+                             "or with --rrc_scale a random-resized crop; evaluation takes the "
+                             "centred box, the crop of M = 0")
+    images.add_argument("--rrc_scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="random-resized crops in training (when not given: off): area range "
+                             "as a fraction of the cached image (with --crop_margin: of the crop "
+                             "and its margin), e.g. 0.5 1")
+    images.add_argument("--rrc_ratio", type=float, nargs=2, default=[3 / 4, 4 / 3],
+                        metavar=("LO", "HI"),
+                        help="aspect range of --rrc_scale crops relative to --resize's (1 = no "
+                             "stretch; default: 3/4 4/3, as torchvision's)")
     images.add_argument("--crop", default=None, choices=dataset.CROPS,
                         help="crop before resizing (when not given: the augmentation's; face = "
                              "detected face box)")
     images.add_argument("--face_margin", type=float, default=0.4, help="face box expansion per side (--crop face)")
     images.add_argument("--canny", action="store_true", help="add a Canny-edge channel through a learned 1x1 conv")
-    images.add_argument("--normalize", default="imagenet", choices=("imagenet", "dataset"),
-                        help="ImageNet mean/std, or the training images' own")
+    images.add_argument("--normalize", default="auto", choices=NORMALIZE_MODES,
+                        help="mean/std: imagenet; dataset (the training images' own); model (a "
+                             "timm model's pretrained_cfg); auto = model for a timm model with "
+                             "--pretrained or --weights, else imagenet")
+    images.add_argument("--interpolation", default="auto",
+                        choices=("auto", *dataset.INTERPOLATIONS),
+                        help="resizing into the cache: area (OpenCV area averaging); bilinear or "
+                             "bicubic (Pillow, as timm's transforms); auto = a timm model's own "
+                             "with --pretrained or --weights, else area")
     images.add_argument("--mixup", action="store_true", help="MixUp batches (soft targets)")
     images.add_argument("--cutmix", action="store_true", help="CutMix batches (soft targets)")
     images.add_argument("--mixup_alpha", type=float, default=0.2, help="MixUp Beta(alpha, alpha)")
@@ -91,7 +153,9 @@ def get_args_parser() -> FlagParser:
     net.add_argument("--model", default="BaseModel", help=models.MODEL_HELP)
     net.add_argument("--multi_head", action="store_true",
                      help="one backbone, three heads (mask, gender, age); 18-class p = product of heads")
-    net.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
+    net.add_argument("--pretrained", action="store_true",
+                     help="timm hub weights (internet, or HF_HUB_OFFLINE=1 and a local hub cache); "
+                          "the model's own input size, mean/std and interpolation come with them")
     net.add_argument("--weights", default=None, metavar="FILE",
                      help="local pretrained state dict; heads of another size are re-initialised")
     net.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier")
@@ -102,19 +166,41 @@ def get_args_parser() -> FlagParser:
     crit.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
     crit.add_argument("--arc_scale", type=float, default=30.0, help="arcface logit scale")
     crit.add_argument("--arc_margin", type=float, default=0.5, help="arcface angular margin (radians)")
+    crit.add_argument("--class_weights", default="none", choices=losses.CLASS_WEIGHTS,
+                      help="weigh every loss by class, from the training photos: balanced = "
+                           "inverse frequency; effective = inverse effective number of samples "
+                           "(Cui et al. 2019); per head for --multi_head")
+    crit.add_argument("--class_weights_beta", type=float, default=losses.EFFECTIVE_BETA,
+                      help="effective: beta of (1 - beta^n) / (1 - beta); 0 weighs classes "
+                           "alike, nearer 1 nearer balanced")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch_size", type=int, default=64, help="training batch size")
     opt.add_argument("--valid_batch_size", type=int, default=1000, help="validation batch size")
-    opt.add_argument("--optimizer", default="adam", choices=engine.OPTIMIZERS, help="optimizer")
+    opt.add_argument("--optimizer", default="adam", choices=engine.OPTIMIZERS, metavar="NAME",
+                     help="torch's " + ", ".join(engine.TORCH_OPTIMIZERS) + "; or timm's "
+                          + ", ".join(engine.TIMM_OPTIMIZERS))
     opt.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    opt.add_argument("--head_lr_mult", type=float, default=1.0,
+                     help="the heads (new layers) learn at lr x this; e.g. 10 for a pretrained "
+                          "backbone that should move slowly")
+    opt.add_argument("--layer_decay", type=float, default=None,
+                     help="timm models: layer-wise lr decay, each block lr x this^(depth from "
+                          "the top), e.g. 0.75")
     opt.add_argument("--momentum", type=float, default=0.9, help="momentum (optimizer momentum)")
     opt.add_argument("--weight_decay", type=float, default=0.0, help="weight decay")
-    opt.add_argument("--scheduler", default="steplr", choices=engine.SCHEDULERS, help="learning-rate schedule")
+    opt.add_argument("--scheduler", default="steplr", choices=engine.SCHEDULERS,
+                     help="learning-rate schedule: torch's " + ", ".join(engine.TORCH_SCHEDULERS)
+                          + "; timm's " + ", ".join(engine.TIMM_SCHEDULERS) + " (per update, "
+                          "their own warm-up from --warmup_lr, floor --min_lr)")
     opt.add_argument("--lr_decay_step", type=int, default=20, help="steplr: epochs between decays")
     opt.add_argument("--gamma", type=float, default=0.5, help="steplr/exponentiallr/lambdalr decay factor")
     opt.add_argument("--tmax", type=int, default=None,
-                     help="cosineannealinglr period in epochs (when not given: --epochs)")
+                     help="cosineannealinglr and timm schedules: period in epochs (when not "
+                          "given: --epochs)")
+    opt.add_argument("--min_lr", type=float, default=0.0, help="timm schedules: the lr floor")
+    opt.add_argument("--warmup_lr", type=float, default=1e-5,
+                     help="timm schedules: the lr the warm-up starts from")
     opt.add_argument("--maxlr", type=float, default=None, help="cycliclr upper lr (when not given: 10 x --lr)")
     opt.add_argument("--mode", default="max", choices=("min", "max"),
                      help="reducelronplateau: min watches val loss, max watches val F1")
@@ -124,6 +210,21 @@ def get_args_parser() -> FlagParser:
     opt.add_argument("--warmup_epochs", type=int, default=0, help="linear lr warm-up epochs")
     opt.add_argument("--early_stopping_patience", type=int, default=5,
                      help="stop after N epochs without a better val F1 (0 or -1 = off)")
+    opt.add_argument("--grad_accum_steps", type=int, default=1,
+                     help="batches whose gradients add up to one optimizer update (an effective "
+                          "batch of N x --batch_size)")
+    opt.add_argument("--clip_grad", type=float, default=None,
+                     help="clip gradients to this norm (or value, --clip_mode) before each update")
+    opt.add_argument("--clip_mode", default="norm", choices=engine.CLIP_MODES,
+                     help="norm, value or agc (adaptive), as timm's dispatch_clip_grad")
+    opt.add_argument("--model_ema", action="store_true",
+                     help="keep an exponential moving average of the weights (timm's ModelEmaV3), "
+                          "validated each epoch; best.pth holds the better of model and EMA")
+    opt.add_argument("--model_ema_decay", type=float, default=0.9998,
+                     help="EMA decay per update, 0 < decay < 1 (short runs: 0.99 or "
+                          "--model_ema_warmup)")
+    opt.add_argument("--model_ema_warmup", action="store_true",
+                     help="EMA decay ramps up as 1 - (1 + update)^(-2/3) to --model_ema_decay")
 
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -156,15 +257,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(saved) - known)
     if unknown:
         raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
-    saved = {k: v for k, v in saved.items() if k not in ("config", "resume")}
+    saved = {k: v for k, v in saved.items() if k not in NOT_SAVED}
+    saved.setdefault("interpolation", "area")  # what a run saved before the flag existed used
     for action in parser._actions:
         if action.dest in saved:
+            saved[action.dest] = whole_numbers(action, saved[action.dest])
             check_replayed(action, saved[action.dest], replay)
     for dest, values in WERE_BOOLEAN.items():  # run folders of older versions
         if isinstance(saved.get(dest), bool):
             saved[dest] = values[saved[dest]]
     parser.set_defaults(**saved)
-    return parser.parse_args(argv)
+    replayed = parser.parse_args(argv)
+    if args.augmentation_sha256 is None and \
+            pipelines.resolved_value(replayed.augmentation) != saved.get("augmentation"):
+        replayed.augmentation_sha256 = None  # the recorded hash is of the replayed pipeline
+    if replayed.resume:
+        check_resumed_settings(replayed, saved, replay)
+    return replayed
+
+
+def whole_numbers(action: argparse.Action, value):
+    """2.0 -> 2 where the flag takes integers (JSON writers turn 2 into 2.0); other values as they
+    are, for check_replayed to judge."""
+    def whole(v):
+        return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 63 else v
+    if action.type is not int:
+        return value
+    return [whole(v) for v in value] if isinstance(value, list) else whole(value)
+
+
+def check_resumed_settings(args: argparse.Namespace, saved: dict, source: str) -> None:
+    """A resume continues the same experiment: a flag that would change what it computes (any but
+    RESUME_SAFE) is refused in one line naming it, so config.json stays what trained."""
+    changed = [k for k, v in saved.items()
+               if k not in RESUME_SAFE and k in vars(args) and getattr(args, k) != v]
+    if changed:
+        key = changed[0]
+        raise UserError(f"--resume {args.resume}: --{key} {json.dumps(getattr(args, key))} differs "
+                        f"from the run's {json.dumps(saved[key])} ({source}); a resumed run keeps its "
+                        "settings except " + ", ".join(f"--{k}" for k in RESUME_SAFE)
+                        + "; start a new run (--config) to change them")
 
 
 def check_replayed(action: argparse.Action, value, source: str) -> None:
@@ -179,12 +311,14 @@ def check_replayed(action: argparse.Action, value, source: str) -> None:
         return
     elif action.nargs == 0:  # store_true / store_false
         expected, fits = "true or false", isinstance(value, bool)
+    elif value is None:  # a flag whose default is None (--rrc_scale, --tmax) may stay unset
+        fits = action.default is None or action.type is None
+        if isinstance(action.nargs, int):
+            expected = f"a list of {action.nargs} values"
     elif isinstance(action.nargs, int):
         expected = f"a list of {action.nargs} values"
         fits = isinstance(value, list) and len(value) == action.nargs and all(
             action.type is None or isinstance(v, action.type) for v in value)
-    elif value is None:
-        fits = action.default is None or action.type is None
     elif action.type in (int, float):
         fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             action.type is float or float(value).is_integer())
@@ -199,9 +333,9 @@ def check_replayed(action: argparse.Action, value, source: str) -> None:
 
 # flag -> (is the value fine?, what was expected): checked before any data loads
 LIMITS = {
-    "epochs": (lambda v: v >= 1, "at least 1"),
-    "batch_size": (lambda v: v >= 1, "at least 1"),
-    "valid_batch_size": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: 1 <= v <= 1_000_000, "1 to 1,000,000"),
+    "batch_size": (lambda v: 1 <= v <= 65_536, "1 to 65,536"),
+    "valid_batch_size": (lambda v: 1 <= v <= 65_536, "1 to 65,536"),
     "lr": (lambda v: v >= 0, "a learning rate of 0 or more"),  # 0 freezes: a sanity check
     "momentum": (lambda v: 0 <= v < 1, "0 <= momentum < 1"),
     "weight_decay": (lambda v: v >= 0, "0 or more"),
@@ -215,7 +349,7 @@ LIMITS = {
     "warmup_epochs": (lambda v: v >= 0, "0 or more epochs"),
     "early_stopping_patience": (lambda v: v >= -1, "-1 or 0 (off) or a number of epochs"),
     "log_interval": (lambda v: v >= 1, "at least 1 batch"),
-    "num_workers": (lambda v: v >= 0, "0 (one per core) or more"),
+    "num_workers": (lambda v: 0 <= v <= 256, "0 (one per core) to 256"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "0 <= seed < 2**32"),
     "mixup_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
     "cutmix_alpha": (lambda v: v > 0, "a Beta parameter above 0"),
@@ -225,15 +359,27 @@ LIMITS = {
     "arc_margin": (lambda v: 0 <= v < math.pi / 2, "0 <= margin < pi/2 radians"),
     "drop_rate": (lambda v: 0 <= v < 1, "0 <= rate < 1"),
     "face_margin": (lambda v: v >= 0, "0 or more (a fraction of the face box per side)"),
-    "old_age": (lambda v: v > 30, "an age above 30 (30..old_age-1 is the middle group)"),
+    "crop_margin": (lambda v: 0 <= v <= 0.5, "0 <= margin <= 0.5 (a fraction of the crop per side)"),
+    "augment_workers": (lambda v: v is None or 0 <= v <= 256, "0 (in the training process) to 256"),
+    "old_age": (lambda v: 30 < v <= 150, "an age above 30 (30..old_age-1 is the middle group)"),
+    "kfold": (lambda v: v == 0 or 2 <= v <= 1000, "0 (off) or 2 to 1,000 folds"),
+    "class_weights_beta": (lambda v: 0 <= v < 1, "0 <= beta < 1"),
+    "model_ema_decay": (lambda v: 0 < v < 1, "0 < decay < 1"),
+    "grad_accum_steps": (lambda v: v >= 1, "at least 1 batch"),
+    "clip_grad": (lambda v: v is None or v > 0, "a clipping threshold above 0"),
+    "head_lr_mult": (lambda v: v >= 0, "0 or more (0 freezes the heads)"),
+    "layer_decay": (lambda v: v is None or 0 < v <= 1, "0 < decay <= 1"),
+    "min_lr": (lambda v: v >= 0, "0 or more"),
+    "warmup_lr": (lambda v: v >= 0, "0 or more"),
 }
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject every bad name, number or combination before data loads."""
     for flag, (fine, expected) in LIMITS.items():
-        if not fine(getattr(args, flag)):
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected {expected}")
+        value = getattr(args, flag)
+        if isinstance(value, float) and not math.isfinite(value) or not fine(value):
+            raise UserError(f"--{flag} {value}: expected {expected}")
     if args.name in ("", ".", "..") or Path(args.name).name != args.name or "\\" in args.name:
         raise UserError(f"--name '{args.name}': expected a plain folder name (no '/'); "
                         "use --model_dir for where run folders go")
@@ -244,22 +390,33 @@ def check_args(args: argparse.Namespace) -> None:
     except ValueError as why:
         raise UserError(f"--model: {why}") from None
     fixed = models.fixed_input_size(args.model)
-    if fixed is not None and tuple(args.resize) != fixed:
+    if fixed is not None and args.resize is not None and tuple(args.resize) != fixed:
         raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: {args.model} takes only "
                         f"{fixed[0]}x{fixed[1]} inputs; pass --resize {fixed[0]} {fixed[1]}")
+    if args.normalize == "model" and not models.timm_pretrained_cfg(args.model):
+        raise UserError(f"--normalize model: {args.model} has no timm pretrained_cfg with a "
+                        "mean/std; use --normalize imagenet or dataset")
+    if args.layer_decay is not None and not models.is_timm(args.model):
+        raise UserError(f"--layer_decay {args.layer_decay}: needs a timm model (it uses the "
+                        f"model's block structure); {args.model} is not one, use --head_lr_mult")
     if args.multi_head and (args.category != "multi" or args.age_label_num != 3):
         raise UserError("--multi_head needs --category multi and --age_label_num 3")
     if args.criterion == "arcface" and args.multi_head:
         raise UserError("--criterion arcface works with single-head models; drop --multi_head")
     if not 0 <= args.val_ratio < 1:
         raise UserError(f"--val_ratio {args.val_ratio}: expected 0 <= ratio < 1")
-    if args.kfold == 1 or args.kfold < 0:
-        raise UserError(f"--kfold {args.kfold}: expected 0 (off) or at least 2")
     if args.fold is not None and not (args.kfold or args.folds):
         raise UserError(f"--fold {args.fold} needs --kfold K or --folds FILE")
-    if min(args.resize) < 16:
-        raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
+    resize = model_defaults(args)["resize"]
+    if min(resize) < 16 or max(resize) > 4096:
+        raise UserError(f"--resize {resize[0]} {resize[1]}: expected H W of 16 to 4096 pixels")
     drop_range(args.drop_ages)
+    if args.rrc_scale is not None and not 0 < args.rrc_scale[0] <= args.rrc_scale[1] <= 1:
+        raise UserError(f"--rrc_scale {args.rrc_scale[0]} {args.rrc_scale[1]}: expected "
+                        "0 < LO <= HI <= 1 (area fractions)")
+    if not 0 < args.rrc_ratio[0] <= args.rrc_ratio[1]:
+        raise UserError(f"--rrc_ratio {args.rrc_ratio[0]} {args.rrc_ratio[1]}: expected "
+                        "0 < LO <= HI (aspect ratios)")
     for flag in ("relabel", "weights", "config", "folds"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
@@ -269,10 +426,16 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume:  # before its config.json is rewritten with this call's flags
         for last in [Path(args.resume) / "last.pth", *Path(args.resume).glob("fold*/last.pth")]:
             if last.is_file():
-                models.load_checkpoint(last, mmap=True)
+                saved = models.load_checkpoint(last, mmap=True)
+                if args.model_ema and saved.get("ema") is None:
+                    raise UserError(f"--model_ema: {last} was trained without it and holds no "
+                                    "EMA weights to resume; resume without --model_ema")
     if args.weights:
         models.read_state_dict(args.weights)
     engine.resolve_device(args.device)
+    # loaded, hashed and run on dummy images of the cached size: a pipeline that does not load
+    # or changes the size fails here, before any photo is decoded
+    pipelines.checked_pipeline(args.augmentation, preprocess_of(args), args.augmentation_sha256)
 
 
 def drop_range(text: str | None) -> tuple[int, int] | None:
@@ -288,9 +451,40 @@ def drop_range(text: str | None) -> tuple[int, int] | None:
     return low, high
 
 
+def model_defaults(args: argparse.Namespace) -> dict:
+    """What a run's --resize (when not given), --normalize auto and --interpolation auto mean:
+    a timm model with --pretrained or --weights brings its pretrained_cfg's input size, mean/std
+    ('model') and interpolation, since its weights learned on them; a model that takes one input
+    size only gets that size; anything else gets the toolkit's own (128x96, ImageNet, area).
+    Values the user gave are kept; train.py records the result in config.json."""
+    cfg = models.timm_pretrained_cfg(args.model) if models.is_timm(args.model) else None
+    own = cfg if cfg and (args.pretrained or args.weights) else None
+    fixed = models.fixed_input_size(args.model)
+    resize = args.resize or (fixed or (own and own["input_size"][1:]) or DEFAULT_RESIZE)
+    normalize = args.normalize
+    if normalize == "auto":
+        normalize = "model" if own and own.get("mean") else "imagenet"
+    interpolation = args.interpolation
+    if interpolation == "auto":
+        wanted = own and own.get("interpolation")
+        interpolation = "area" if not own else (
+            wanted if wanted in dataset.INTERPOLATIONS else "bilinear")
+    return {"resize": [int(v) for v in resize], "normalize": normalize,
+            "interpolation": interpolation}
+
+
+def model_normalization(model_name: str) -> tuple[list, list]:
+    """(mean, std) of a timm model's pretrained_cfg: --normalize model."""
+    cfg = models.timm_pretrained_cfg(model_name)
+    return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+
+
 def preprocess_of(settings: argparse.Namespace) -> dataset.Preprocess:
-    """The deterministic image pipeline (crop, size, edges) of a run's settings: what its cache
-    holds and what its checkpoints tell inference."""
-    crop = settings.crop or augmentation.AUGMENTATIONS[settings.augmentation].crop
-    return dataset.Preprocess(resize=tuple(settings.resize), crop=crop, canny=settings.canny,
-                              face_margin=settings.face_margin)
+    """The deterministic image pipeline (crop, size, edges, interpolation) of a run's settings:
+    what its cache holds and what its checkpoints tell inference."""
+    crop = settings.crop or augmentation.augmentation_spec(settings.augmentation).crop
+    resolved = model_defaults(settings)
+    return dataset.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
+                              face_margin=settings.face_margin,
+                              interpolation=resolved["interpolation"],
+                              crop_margin=settings.crop_margin)

@@ -6,6 +6,7 @@ read by every consumer (splits, cache, training, inference, the notebook), so la
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,8 +24,8 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from checked_io import (NUM_CLASSES, UserError, atomic_write_text, problems_error,
-                        read_csv_checked)
+from checked_io import (NUM_CLASSES, UserError, atomic_write_text, file_inside, file_mode,
+                        lock_temp, problems_error, read_csv_checked, remove_stale_temps)
 
 
 MASK_NAMES = ("wear", "incorrect", "not_wear")
@@ -86,6 +87,22 @@ def category_target(label, category: str):
     return {"mask": mask, "gender": gender, "age": age}[category]
 
 
+AGE6_NAMES = ("<20", "20s", "30s", "40s", "50s", "60+")  # the --age_label_num 6 bins
+
+
+def class_names(category: str = "multi", age_label_num: int = 3) -> list[str]:
+    """Readable names of a run's classes, by index: '09 incorrect-female-<30' for the 18 classes
+    (class = mask*6 + gender*3 + age), '1 female' for --category gender. With age_label_num 6,
+    the training targets' names (36 for multi, whose index is (mask*2 + gender)*6 + age bin)."""
+    ages = AGE6_NAMES if age_label_num == 6 else AGE_NAMES
+    if category == "multi":
+        names = [f"{m}-{g}-{a}" for m in MASK_NAMES for g in GENDER_NAMES for a in ages]
+    else:
+        names = list({"mask": MASK_NAMES, "gender": GENDER_NAMES, "age": ages}[category])
+    width = len(str(len(names) - 1))
+    return [f"{c:0{width}d} {name}" for c, name in enumerate(names)]
+
+
 def heads_to_class_probs(mask_probs, gender_probs, age_probs):
     """Per-head probabilities [..., 3], [..., 2], [..., 3] -> 18-class probabilities [..., 18].
 
@@ -130,10 +147,19 @@ def parse_profile_name(name: str) -> dict:
     gender = match["gender"].lower()
     if gender not in GENDER_BY_NAME:
         raise ValueError(f"gender '{match['gender']}' is not male/female")
-    if not match["age"].isdigit():
-        raise ValueError(f"age '{match['age']}' is not a number")
     return {"id": match["id"], "gender": GENDER_BY_NAME[gender], "race": match["race"],
-            "age": int(match["age"])}
+            "age": parse_age(match["age"])}
+
+
+MAX_AGE = 150  # years; a larger number is a typo, and would overflow no integer column
+
+
+def parse_age(text: str) -> int:
+    """An age in years written with ASCII digits (str.isdigit would take '²' or '٤٥'), 0..150;
+    ValueError saying why not."""
+    if not re.fullmatch(r"[0-9]{1,3}", text) or int(text) > MAX_AGE:
+        raise ValueError(f"age '{text}' is not a number of years 0..{MAX_AGE}")
+    return int(text)
 
 
 def train_images_dir(data_dir: str | Path) -> Path:
@@ -217,51 +243,74 @@ FALSE_VALUES = {"false", "0", "no", "n", "f", ""}
 def apply_relabel(frame: pd.DataFrame, relabel: str | Path, warn=print) -> pd.DataFrame:
     """Apply a relabel CSV: column ``id`` plus any of ``gender`` (male/female), ``age`` (a number)
     and ``swap_mask`` (true: this person's incorrect_mask and normal photos are swapped).
-    Empty cells keep the label. Unknown ids and bad values are errors naming the row."""
-    relabel = Path(relabel)
-    try:
-        table = pd.read_csv(relabel, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as why:
-        raise UserError(f"relabel file {relabel}: cannot read ({why})") from None
-    allowed = {"id", "gender", "age", "swap_mask"}
-    if "id" not in table.columns or not set(table.columns) - {"id"} <= allowed - {"id"}:
-        raise UserError(f"relabel file {relabel}: columns {list(table.columns)}; expected 'id' "
-                        "and any of gender, age, swap_mask")
+    Empty cells keep the label. Unknown ids, bad values and a person given two different labels
+    are errors naming the line(s)."""
+    table = _read_relabel(Path(relabel))
     frame = frame.copy()
     known_ids = set(frame["id"])
-    problems, changed = [], set()
+    problems, changed, first_line = [], set(), {}
     for line, row in zip(range(2, len(table) + 2), table.to_dict("records")):
         where = f"{relabel}:{line}"
         person = row["id"].strip()
         if person not in known_ids:
             problems.append(f"{where}: id '{person}' is not a profile of the data")
             continue
-        rows = frame["id"] == person
-        gender = row.get("gender", "").strip().lower()
-        if gender:
-            if gender not in GENDER_BY_NAME:
-                problems.append(f"{where}: gender '{row['gender']}' is not male/female")
-            else:
-                frame.loc[rows, "gender"] = GENDER_BY_NAME[gender]
-        age = row.get("age", "").strip()
-        if age:
-            if not age.isdigit():
-                problems.append(f"{where}: age '{row['age']}' is not a number")
-            else:
-                frame.loc[rows, "age"] = int(age)
-        swap = row.get("swap_mask", "").strip().lower()
-        if swap not in TRUE_VALUES | FALSE_VALUES:
-            problems.append(f"{where}: swap_mask '{row['swap_mask']}' is not true/false")
-        elif swap in TRUE_VALUES:
-            incorrect, normal = MASK_BY_STEM["incorrect_mask"], MASK_BY_STEM["normal"]
-            old = frame.loc[rows, "mask"]
-            frame.loc[rows, "mask"] = old.replace({incorrect: normal, normal: incorrect})
-        if gender or age or swap in TRUE_VALUES:
+        if person in first_line:
+            earlier = table.iloc[first_line[person] - 2].to_dict()
+            if {k: str(v).strip().lower() for k, v in earlier.items()} != \
+                    {k: str(v).strip().lower() for k, v in row.items()}:
+                problems.append(f"{where}: id '{person}' is relabelled differently on line "
+                                f"{first_line[person]}; keep one line per person")
+            continue
+        first_line[person] = line
+        problems += _relabel_person(frame, person, row, where)
+        if any(row.get(k, "").strip() for k in ("gender", "age")) or \
+                row.get("swap_mask", "").strip().lower() in TRUE_VALUES:
             changed.add(person)
     if problems:
         raise problems_error(problems, f"relabel file {relabel}")
     warn(f"relabel: {len(changed)} people changed by {relabel}")
     return frame
+
+
+def _read_relabel(relabel: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(relabel, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"relabel file {relabel}: empty; expected a header line id,gender,age,"
+                        "swap_mask and one line per person") from None
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as why:
+        raise UserError(f"relabel file {relabel}: cannot read ({why})") from None
+    allowed = {"id", "gender", "age", "swap_mask"}
+    if "id" not in table.columns or not set(table.columns) - {"id"} <= allowed - {"id"}:
+        raise UserError(f"relabel file {relabel}: columns {list(table.columns)}; expected 'id' "
+                        "and any of gender, age, swap_mask")
+    return table
+
+
+def _relabel_person(frame: pd.DataFrame, person: str, row: dict, where: str) -> list[str]:
+    """Apply one relabel line to the photos of ``person`` in place; returns its problems."""
+    rows, problems = frame["id"] == person, []
+    gender = row.get("gender", "").strip().lower()
+    if gender:
+        if gender not in GENDER_BY_NAME:
+            problems.append(f"{where}: gender '{row['gender']}' is not male/female")
+        else:
+            frame.loc[rows, "gender"] = GENDER_BY_NAME[gender]
+    age = row.get("age", "").strip()
+    if age:
+        try:
+            frame.loc[rows, "age"] = parse_age(age)
+        except ValueError as why:
+            problems.append(f"{where}: {why}")
+    swap = row.get("swap_mask", "").strip().lower()
+    if swap not in TRUE_VALUES | FALSE_VALUES:
+        problems.append(f"{where}: swap_mask '{row['swap_mask']}' is not true/false")
+    elif swap in TRUE_VALUES:
+        incorrect, normal = MASK_BY_STEM["incorrect_mask"], MASK_BY_STEM["normal"]
+        old = frame.loc[rows, "mask"]
+        frame.loc[rows, "mask"] = old.replace({incorrect: normal, normal: incorrect})
+    return problems
 
 
 def parse_eval_dir(eval_dir: str | Path, warn=print) -> pd.DataFrame:
@@ -280,6 +329,15 @@ def parse_eval_dir(eval_dir: str | Path, warn=print) -> pd.DataFrame:
     problems += [f"{info_path}: ImageID {image_id} appears more than once"
                  for image_id in duplicated]
     info = info.copy()
+    # an ImageID names a file inside images/: never an absolute path or one that climbs out
+    outside = []
+    for line, image_id in enumerate(info["ImageID"], start=2):
+        try:
+            file_inside(image_id, eval_dir / "images", f"{info_path}:{line}: ImageID")
+        except UserError as why:
+            outside.append(str(why))
+    if outside:
+        raise problems_error(outside, info_path)
     info["path"] = [str(eval_dir / "images" / image_id) for image_id in info["ImageID"]]
     for image_id, path in zip(info["ImageID"], info["path"]):
         if not Path(path).is_file():
@@ -433,6 +491,9 @@ def fold_age6(probs, category: str):
 # Decode once: crop + resize every photo once per configuration into a uint8 cache on disk
 # ----------------------------------------------------------------------------------------------
 CROPS = ("center", "face", "none")
+# area: OpenCV's area averaging when shrinking (bilinear when enlarging), the toolkit's own;
+# bilinear / bicubic: Pillow's antialiased filters, what timm's transforms use for its models
+INTERPOLATIONS = ("area", "bilinear", "bicubic")
 CACHE_VERSION = 1  # bump when the decoding below changes what lands in a cache
 
 
@@ -443,13 +504,34 @@ class Preprocess:
     crop: str = "center"                  # center | face | none
     canny: bool = False                   # add a Canny-edge 4th channel
     face_margin: float = 0.4              # face box expansion per side, fraction of the box
+    interpolation: str = "area"           # area | bilinear | bicubic (INTERPOLATIONS)
+    # cached beyond the crop on each side, as a fraction of its height/width: room for random
+    # crops in training; evaluation takes the centred --resize box, the crop of margin 0
+    crop_margin: float = 0.0
 
     @property
     def channels(self) -> int:
         return 4 if self.canny else 3
 
+    @property
+    def margin_pixels(self) -> tuple[int, int]:
+        """Rows above (and below) and columns left (and right) of the crop in the cache."""
+        height, width = self.resize
+        return round(self.crop_margin * height), round(self.crop_margin * width)
+
+    @property
+    def cached_size(self) -> tuple[int, int]:
+        """H, W of a cached image: --resize plus the margin on both sides."""
+        (height, width), (pad_h, pad_w) = self.resize, self.margin_pixels
+        return height + 2 * pad_h, width + 2 * pad_w
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "resize": list(self.resize)}
+        values = {**asdict(self), "resize": list(self.resize)}
+        if self.interpolation == "area":  # the default stays out: old cache names and checkpoints hold
+            del values["interpolation"]
+        if not self.crop_margin:  # the cache names and checkpoints of margin-0 runs stay as they were
+            del values["crop_margin"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocess":
@@ -491,30 +573,75 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess,
     height, width = preprocess.resize
     if box is None and preprocess.crop == "center":
         box = center_box(image.shape[1], image.shape[0], height / width)
-    if box is not None:
+    if preprocess.crop_margin:
+        image = _crop_with_margin(image, box, preprocess)
+        height, width = preprocess.cached_size
+    elif box is not None:
         x0, y0, x1, y1 = (int(v) for v in box)
         image = image[max(y0, 0):y1, max(x0, 0):x1]
-    shrinking = image.shape[0] >= height
-    resized = cv2.resize(image, (width, height),
-                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    if preprocess.interpolation == "area":
+        shrinking = image.shape[0] >= height
+        resized = cv2.resize(image, (width, height),
+                             interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    else:
+        from PIL import Image
+        method = {"bilinear": Image.Resampling.BILINEAR,
+                  "bicubic": Image.Resampling.BICUBIC}[preprocess.interpolation]
+        resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+            (width, height), method))
     if preprocess.canny:
         edges = cv2.Canny(cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY), 100, 200)
         resized = np.dstack([resized, edges])
     return resized
 
 
-def _file_signature(paths: list[str]) -> list[tuple[str, int, int]]:
-    signature = []
-    for path in paths:
-        stat = os.stat(path)
-        signature.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
-    return signature
+def _crop_with_margin(image: np.ndarray, box, preprocess: Preprocess) -> np.ndarray:
+    """The crop ``box`` (clipped to the photo, as the margin-0 crop is; None: the whole photo)
+    grown by the preprocess's margin on each side, so that its centred --resize box covers the
+    box itself; what lies beyond the photo is mirrored (as the affine warps' borders are)."""
+    photo_h, photo_w = image.shape[:2]
+    x0, y0, x1, y1 = (0, 0, photo_w, photo_h) if box is None else (int(v) for v in box)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, photo_w), min(y1, photo_h)
+    (height, width), (pad_h, pad_w) = preprocess.resize, preprocess.margin_pixels
+    grow_y, grow_x = (y1 - y0) * pad_h / height, (x1 - x0) * pad_w / width
+    top, bottom = round(y0 - grow_y), round(y1 + grow_y)
+    left, right = round(x0 - grow_x), round(x1 + grow_x)
+    border = max(0, -top, -left, bottom - photo_h, right - photo_w)
+    if border:
+        image = cv2.copyMakeBorder(image, border, border, border, border, cv2.BORDER_REFLECT_101)
+    return image[top + border:bottom + border, left + border:right + border]
+
+
+@functools.lru_cache(maxsize=None)
+def _content_digest(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    # keyed by the stat too, so a file rewritten while this process runs is read again
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+
+def photo_digests(paths: list[str], threads: int | None = None) -> list[str]:
+    """A digest of every photo's bytes (blake2b; hashlib releases the GIL, so threads read and
+    hash in parallel). What the image cache, the face-box cache and a run's data fingerprint are
+    keyed by: a photo replaced by another of the same size and date is still told apart."""
+    def digest(path: str) -> str:
+        try:
+            stat = os.stat(path)
+            return _content_digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
+                                   stat.st_ctime_ns)
+        except OSError as why:
+            return f"error: {path}: cannot read the photo ({why.strerror})"
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(digest, paths))
+    problems = [d[len("error: "):] for d in digests if d.startswith("error: ")]
+    if problems:
+        raise problems_error(problems, "the images")
+    return digests
 
 
 def cache_key(paths: list[str], preprocess: Preprocess, boxes: np.ndarray | None = None) -> str:
-    """Name of the cache for these files (path, size, mtime) under this preprocessing."""
-    digest = hashlib.sha1(json.dumps([CACHE_VERSION, preprocess.to_dict(),
-                                      _file_signature(paths)]).encode())
+    """Name of the cache for these files (path and content) under this preprocessing."""
+    signature = list(zip(map(os.path.abspath, paths), photo_digests(paths)))
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, preprocess.to_dict(), signature]).encode())
     if boxes is not None:
         digest.update(np.ascontiguousarray(boxes, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
@@ -536,28 +663,56 @@ def build_caches(paths: list[str], variants: list[tuple[Preprocess, np.ndarray |
                  cache_dir: str | Path, progress: bool = True,
                  threads: int | None = None) -> list[np.ndarray]:
     """build_cache for several (preprocess, boxes) variants at once, decoding each photo once
-    (an ensemble of models at different resolutions or crops)."""
+    (an ensemble of models at different resolutions or crops). A cache file that is torn (a
+    copy cut short, a disk error) is rebuilt; temp files of killed builds are removed."""
     cache_dir = Path(cache_dir)
+    remove_stale_temps(cache_dir, ".images-*")  # killed cache builds
+    remove_stale_temps(cache_dir, ".*.tmp")  # killed atomic writes (the face-box cache's)
     targets = [cache_dir / f"images-{cache_key(paths, pre, boxes)}.npy" for pre, boxes in variants]
-    todo = [i for i, target in enumerate(targets) if not target.exists()]
+    shapes = [(len(paths), *pre.cached_size, pre.channels) for pre, _ in variants]
+    caches = [_open_cache(target, shape) for target, shape in zip(targets, shapes)]
+    todo = [i for i, cache in enumerate(caches) if cache is None]
     if todo:
         _fill_caches(paths, [variants[i] for i in todo], [targets[i] for i in todo], progress,
                      threads)
-    return [np.load(target, mmap_mode="r") for target in targets]
+    return [cache if cache is not None else _open_cache(target, shape, rebuilt=True)
+            for cache, target, shape in zip(caches, targets, shapes)]
+
+
+def _open_cache(target: Path, shape: tuple, rebuilt: bool = False) -> np.ndarray | None:
+    """The cache file as a read-only memmap, None when it is missing or torn (then removed, so
+    it is rebuilt: its name says which photos and preprocessing it holds, never its state)."""
+    if not target.exists():
+        return None
+    try:
+        images = np.load(target, mmap_mode="r")
+        if images.shape == shape and images.dtype == np.uint8:
+            return images
+        why = f"holds {images.dtype} {list(images.shape)}, expected uint8 {list(shape)}"
+    except (ValueError, OSError, EOFError) as error:  # truncated, empty, not an .npy
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if rebuilt:
+        raise UserError(f"{target}: the image cache just written is unreadable ({why}); check "
+                        "the disk and delete the file")
+    print(f"warning: {target}: torn image cache ({why}); rebuilding it", flush=True)
+    target.unlink(missing_ok=True)
+    return None
 
 
 def _fill_caches(paths, variants, targets, progress, threads) -> None:
     targets[0].parent.mkdir(parents=True, exist_ok=True)
-    temps, outputs = [], []
+    temps, outputs, locks = [], [], []
     problems: list[str] = []
     try:
         for (pre, _), target in zip(variants, targets):
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".npy")
             os.close(fd)
             temps.append(tmp)
-            height, width = pre.resize
+            locks.append(lock_temp(tmp))
+            height, width = pre.cached_size
             outputs.append(np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.uint8, shape=(len(paths), height, width, pre.channels)))
+            _reserve(tmp, target)
 
         def work(i: int) -> None:
             try:
@@ -581,6 +736,7 @@ def _fill_caches(paths, variants, targets, progress, threads) -> None:
             raise problems_error(sorted(problems), "the images")
         for out, tmp, target, (pre, _) in zip(outputs, temps, targets, variants):
             out.flush()
+            os.chmod(tmp, file_mode())  # mkstemp makes 0600; a cache is shared like any file
             os.replace(tmp, target)
             atomic_write_text(target.with_suffix(".json"), json.dumps(
                 {"preprocess": pre.to_dict(), "n_images": len(paths), "first": paths[:1]}))
@@ -588,6 +744,21 @@ def _fill_caches(paths, variants, targets, progress, threads) -> None:
         del outputs
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)
+        for lock in locks:
+            lock.close()
+
+
+def _reserve(tmp: str, target: Path) -> None:
+    """Allocate every byte of the (sparse) memmap file now: on a full disk this is one OSError
+    naming the cache, where writing into unallocated pages later would kill the process with a
+    bus error."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as why:
+        raise OSError(why.errno, f"{why.strerror} (writing the image cache)", str(target)) from None
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,10 +812,14 @@ class CachedBatches:
             return torch.multinomial(self.weights, n, replacement=True)
         return torch.randperm(n) if self.shuffle else torch.arange(n)
 
-    def __iter__(self):
+    def batch_picks(self) -> list[torch.Tensor]:
+        """This pass's batches as positions in ``rows`` (draws the order: shuffling moves the RNG)."""
         order = self._order()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            picks = order[start:start + self.batch_size]
+        return [order[start:start + self.batch_size]
+                for start in range(0, len(self) * self.batch_size, self.batch_size)]
+
+    def __iter__(self):
+        for picks in self.batch_picks():
             if self.resident is not None:
                 on_device = picks.to(self.device)
                 images = self.resident[self.position[on_device]]

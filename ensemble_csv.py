@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
+from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, calibrated_predictions,
                         check_labels, check_output_path, check_probabilities, read_csv_checked,
-                        run_cli)
+                        read_selection_json, run_cli, selection_offsets, write_together)
 
 DEFAULT_DIR = Path("output")
 PROBS_SUFFIX = "_probs.csv"
@@ -126,9 +126,10 @@ def find_inputs(output: Path, probs_output: Path | None, soft: bool) -> list[Pat
     return found
 
 
-def check_inputs(paths: list[Path], weights: list[float] | None, outputs: list[Path]) -> None:
-    if len(paths) < 2:
-        raise UserError(f"need at least 2 CSV files to vote, got {len(paths)}")
+def check_inputs(paths: list[Path], weights: list[float] | None, outputs: list[Path],
+                 minimum: int = 2) -> None:
+    if len(paths) < minimum:
+        raise UserError(f"need at least {minimum} CSV files to vote, got {len(paths)}")
     seen: dict[Path, Path] = {}
     for path in paths:
         if path.resolve() in seen:
@@ -147,38 +148,68 @@ def check_inputs(paths: list[Path], weights: list[float] | None, outputs: list[P
                             + " ".join(f"{w:g}" for w in weights))
 
 
+def selection_weights(path: Path, paths: list[Path]) -> tuple[list[float], np.ndarray | None,
+                                                               list[str]]:
+    """--weights_file: (one weight per file, the calibration offsets, member names) of a selection
+    file of experiments.py select; its members and the files pair up in order."""
+    selection = read_selection_json(path)
+    members = selection["members"]
+    names = ["+".join(member["runs"]) for member in members]
+    if len(members) != len(paths):
+        raise UserError(f"--weights_file {path}: {len(members)} member(s) ({', '.join(names)}) "
+                        f"but {len(paths)} probability file(s); give one per member, in that order")
+    return ([member["weight"] for member in members],
+            selection_offsets(selection), names)
+
+
 def main(args: argparse.Namespace) -> pd.DataFrame:
     """Vote the files named by ``args`` and write the result; returns it (ImageID, ans)."""
     if args.probs_output and not args.soft:
         raise UserError("--probs_output needs --soft (hard votes have no probabilities)")
+    if args.weights_file and not args.soft:
+        raise UserError("--weights_file needs --soft (a selection weighs probabilities)")
+    if args.weights_file and args.weights:
+        raise UserError("give --weights or --weights_file, not both")
     # both outputs checked before any input is read: neither is written when one cannot be
     output = check_output_path(args.output, "--output")
     probs_output = (check_output_path(args.probs_output, "--probs_output")
                     if args.probs_output else None)
     paths = [Path(p) for p in args.files] or find_inputs(output, probs_output, args.soft)
-    check_inputs(paths, args.weights, [output] + ([probs_output] if probs_output else []))
+    # a selection of one run is still worth applying: its calibration offsets
+    check_inputs(paths, args.weights, [output] + ([probs_output] if probs_output else []),
+                 minimum=1 if args.weights_file else 2)
+    weights, offsets, members = args.weights, None, None
+    if args.weights_file:
+        weights, offsets, members = selection_weights(Path(args.weights_file), paths)
+        offsets = None if args.no_calibrate else offsets
     reader = read_probabilities if args.soft else read_predictions
     tables = [reader(path) for path in paths]
     check_same_ids(tables, paths)
     n_ties = None
     if args.soft:
-        answer, mean_probs = soft_vote(tables, args.weights)
+        answer, mean_probs = soft_vote(tables, weights)
+        if offsets is not None:  # the selection's per-class offsets, as inference applies them
+            answer = pd.Series(calibrated_predictions(mean_probs.to_numpy(), offsets),
+                               index=answer.index, name="ans")
         file_answers = _aligned_matrix([table[PROB_COLUMNS] for table in tables]).argmax(axis=2)
     else:
-        answer, n_ties = hard_vote(tables, args.weights)
+        answer, n_ties = hard_vote(tables, weights)
         file_answers = _aligned_matrix(tables)
     result = answer.rename_axis("ImageID").reset_index()
-    atomic_write_text(output, result.to_csv(index=False))
+    outputs = {output: result.to_csv(index=False).encode()}
     if probs_output:
         probs = mean_probs.rename_axis("ImageID").reset_index()
-        atomic_write_text(probs_output, probs.to_csv(index=False))
+        outputs[probs_output] = probs.to_csv(index=False).encode()
+    write_together(outputs)  # the vote and its probabilities: both new or both as they were
 
     agreement = (file_answers == answer.to_numpy()).mean(axis=1)
-    weights = args.weights or [1] * len(paths)
+    weights = weights or [1] * len(paths)
     mode = "soft" if args.soft else "hard"
-    print(f"{mode} vote of {len(paths)} files, {len(result)} images -> {output}")
-    for path, weight, agrees in zip(paths, weights, agreement):
-        print(f"  {path}  weight {weight:g}  agreement with the result {agrees:.4f}")
+    calibrated = ", calibrated by the selection's offsets" if offsets is not None else ""
+    print(f"{mode} vote of {len(paths)} files, {len(result)} images{calibrated} -> {output}")
+    for i, (path, weight, agrees) in enumerate(zip(paths, weights, agreement)):
+        member = f" (member {members[i]})" if members else ""
+        print(f"  {path}{member}  weight {weight:g}  agreement with the result {agrees:.4f}")
     if n_ties is not None:
         print(f"ties broken: {n_ties}")
     return result
@@ -200,6 +231,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: all 1)")
     parser.add_argument("--soft", action="store_true",
                         help="inputs are probability CSVs (ImageID, p0..p17): average, then argmax")
+    parser.add_argument("--weights_file", default=None, metavar="SELECTION_JSON",
+                        help="with --soft: the weights (and calibration offsets) of a selection "
+                             "file of experiments.py select; the files are its members' "
+                             "probability CSVs, in the file's member order")
+    parser.add_argument("--no_calibrate", action="store_true",
+                        help="with --weights_file: ignore the selection's calibration offsets")
     parser.add_argument("--probs_output", default=None,
                         help="with --soft: also write the mean probabilities (ImageID, p0..p17)")
     return parser

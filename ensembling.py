@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 import dataset
-from checked_io import (NUM_CLASSES, PROB_COLUMNS, UserError, check_labels, check_probabilities,
-                        read_csv_checked, read_json_checked)
+from checked_io import (NUM_CLASSES, PROB_COLUMNS, UserError, calibrated_predictions,  # noqa: F401
+                        check_labels, check_probabilities, read_csv_checked, read_json_checked)
 
 HEAD_CATEGORIES = ("mask", "gender", "age")
 CALIBRATION_FILE = "calibration.json"
@@ -38,6 +38,19 @@ def ensemble_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
     if (stacked < 0).any() or not np.allclose(stacked.sum(-1), 1.0, atol=1e-3):
         raise ValueError("expected probabilities (non-negative, rows summing to 1), not logits")
     return stacked.mean(0)
+
+
+def weighted_probabilities(probabilities: Sequence[np.ndarray],
+                           weights: Sequence[float]) -> np.ndarray:
+    """Weighted soft vote: sum_i w_i p_i / sum_i w_i of probability arrays of one shape."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if (weights.shape != (len(probabilities),) or not np.isfinite(weights).all()
+            or (weights < 0).any() or not weights.sum() > 0):
+        raise ValueError(f"weights {weights.tolist()}: expected one number >= 0 per array, "
+                         "summing to more than 0")
+    ensemble_probabilities(probabilities)  # the same checks: probabilities, never logits
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])
+    return np.tensordot(weights / weights.sum(), stacked, axes=1)
 
 
 def check_categories(categories: Sequence[str]) -> list[str]:
@@ -69,12 +82,6 @@ def combine_categories(probs_by_category: dict[str, list[np.ndarray]],
 # ----------------------------------------------------------------------------------------------
 # Calibration: per-class offsets on log-probabilities
 # ----------------------------------------------------------------------------------------------
-def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
-    if offsets is None:
-        return probs.argmax(1)
-    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
-
-
 def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int = NUM_CLASSES) -> float:
     """sklearn's macro F1 (over the labels present in either array) from one bincount: the
     calibration search scores hundreds of candidates, where sklearn's checks dominate."""

@@ -1,9 +1,7 @@
-"""Face boxes: offline Haar-cascade detection, a per-photo cache, fallbacks, and crops around the face.
+"""Face boxes for a whole data set: detected once per photo (face_detector.detect_face) and cached,
+with fallbacks where detection fails, and crops around the face, the same at train and test time.
 
 Cropping every photo around the face, identically at train and test, was the winners' biggest gain.
-Detection has to work offline, so it uses only the Haar cascades shipped in the opencv-python-headless
-wheel. Masks hide the nose and mouth that frontal cascades rely on, so `detect_face` tries a chain of
-detectors, strongest first, and falls back to estimating the face from a pair of detected eyes.
 
 Training calls `crop_boxes_for_training` (boxes with the person-level fallback, plus the median box
 the run keeps for inference); inference calls `crop_boxes_for_inference` (each photo alone, the
@@ -17,13 +15,10 @@ PNG grid of crops per mask state. It reads and extends the same box cache as tra
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -33,31 +28,8 @@ import pandas as pd
 
 from checked_io import (FlagParser, UserError, atomic_write_bytes, atomic_write_text,
                         check_output_path, problems_error, run_cli)
-from dataset import IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES, decode_image
-
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
-
-# Faces in these portraits are at least 20% of the image height, so detecting on a copy ~170 px tall
-# keeps them >= 34 px, above the cascades' 20-24 px windows, at a fraction of the full-size cost.
-DETECT_HEIGHT = 170
-# A plausible face box: its height is 20-80% of the image height (portraits show one person, 20-70%
-# observed, with slack for loose boxes), at least 85% of it lies inside the image, and its centre is
-# in the upper 70% (boxes lower down are masks or collars that look like a face to a cascade).
-MIN_FACE_FRACTION = 0.2
-MAX_FACE_FRACTION = 0.8
-MIN_INSIDE_FRACTION = 0.85
-MAX_CENTER_Y_FRACTION = 0.7
-# Face-cascade hits need this many merged neighbour windows (at scaleFactor 1.1): on the dev set,
-# masked-face hits with fewer were wrong (a box on the mask) about half the time. scaleFactor 1.05
-# with 8 neighbours found 0.6% more right boxes but cost 40% more time and made twice the wrong ones.
-MIN_NEIGHBOURS = 6
-
-# Eye pair -> face box, fitted on the dev set's unmasked photos against frontalface_default boxes so
-# that every detector returns boxes in the same convention: side = 2.6 x the distance between the
-# eye centres, centre = eye midpoint shifted right 0.03 and down 0.30 eye distances.
-EYE_DISTANCE_TO_FACE_SIDE = 2.6
-EYE_MIDPOINT_TO_FACE_CENTER = (0.03, 0.30)
-EYE_SEARCH_HEIGHT_FRACTION = 0.7  # eyes are searched in the upper 70% of the image only
+from dataset import IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES, decode_image, photo_digests
+from face_detector import Box, clip_box, detect_face, detector_signature
 
 # The built-in fallback when no box was ever detected and no median was supplied: a square of side
 # 0.55 x image width centred at (0.5 W, 0.4 H), i.e. x 86..298, y 99..310 on a 384 x 512 portrait.
@@ -81,150 +53,15 @@ FALLBACK_KINDS = ("none", "profile", "median")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 TABLE_COLUMNS = ("path", *BOX_COLUMNS, "score", "method", "fallback", "detected", "image_w",
                  "image_h")
-CACHE_COLUMNS = ("path", "size", "mtime_ns", "detector", "image_w", "image_h", *BOX_COLUMNS, "score",
+CACHE_COLUMNS = ("path", "size", "mtime_ns", "digest", "detector", "image_w", "image_h", *BOX_COLUMNS, "score",
                  "method")
 INT_CACHE_COLUMNS = ("size", "mtime_ns", "image_w", "image_h", *BOX_COLUMNS)
-
-
-@dataclass(frozen=True)
-class CascadeStep:
-    """Run a face cascade on the downscaled, contrast-equalised image."""
-    method: str
-    cascade_file: str
-    scale_factor: float = 1.1
-
-
-@dataclass(frozen=True)
-class EyePairStep:
-    """Detect eyes, pair them up and estimate the face box from the pair (works with a mask on)."""
-    method: str
-    cascade_file: str
-    detect_height: int  # eyes are ~1/10 of a face: they need more pixels than faces
-    min_neighbors: int = 2
-
-
-# Tried in order; the first step with a plausible box wins (its largest box). Cumulative share of the
-# dev set's masked photos given a right box (IoU >= 0.5 with the box of the person's unmasked photo)
-# after each step: default 49%, alt2 58%, alt 59%, eye pairs at 256 px 74%, at 512 px 81% (the
-# last step costs ~45 ms but runs only when all others failed), with 0.8% wrong boxes (IoU < 0.3).
-# Incorrectly worn masks: 82% -> 98%; unmasked photos: 99.7%.
-DETECTION_STEPS: tuple[CascadeStep | EyePairStep, ...] = (
-    CascadeStep("frontal_default", "haarcascade_frontalface_default.xml"),
-    CascadeStep("frontal_alt2", "haarcascade_frontalface_alt2.xml"),
-    CascadeStep("frontal_alt", "haarcascade_frontalface_alt.xml"),
-    EyePairStep("eye_pair_256", "haarcascade_eye.xml", detect_height=256),
-    EyePairStep("eye_pair_512", "haarcascade_eye.xml", detect_height=512),
-)
 
 
 class FaceBoxes(NamedTuple):
     """`detect_boxes` result: the box table and how many images were run through the detector."""
     table: pd.DataFrame
     n_detected: int
-
-
-@functools.lru_cache(maxsize=None)
-def _cascade(file_name: str) -> cv2.CascadeClassifier:
-    path = os.path.join(cv2.data.haarcascades, file_name)
-    cascade = cv2.CascadeClassifier(path)
-    if cascade.empty():
-        raise UserError(f"{path}: cannot load the Haar cascade (expected it in the opencv wheel)")
-    return cascade
-
-
-def _equalised_gray(gray: np.ndarray, height: int) -> np.ndarray:
-    """Downscale to `height` rows and equalise contrast locally.
-
-    CLAHE rather than a global histogram equalisation: a dark mask takes a large share of the
-    histogram and a global equalisation then flattens the eyes (CLAHE found 6% more masked faces).
-    """
-    scale = min(1.0, height / gray.shape[0])
-    if scale < 1.0:
-        gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(gray)
-
-
-def _is_plausible(box: tuple[float, float, float, float], image_w: int, image_h: int) -> bool:
-    x0, y0, x1, y1 = box
-    width, height = x1 - x0, y1 - y0
-    if width <= 0 or not MIN_FACE_FRACTION * image_h <= height <= MAX_FACE_FRACTION * image_h:
-        return False
-    inside_w = max(0.0, min(x1, image_w) - max(x0, 0))
-    inside_h = max(0.0, min(y1, image_h) - max(y0, 0))
-    if inside_w * inside_h < MIN_INSIDE_FRACTION * width * height:
-        return False
-    return (y0 + y1) / 2 <= MAX_CENTER_Y_FRACTION * image_h
-
-
-def _cascade_candidates(gray: np.ndarray, step: CascadeStep) -> list[tuple[tuple, float]]:
-    small = _equalised_gray(gray, DETECT_HEIGHT)
-    scale = small.shape[0] / gray.shape[0]
-    height = small.shape[0]
-    rects, neighbours = _cascade(step.cascade_file).detectMultiScale2(
-        small, scaleFactor=step.scale_factor, minNeighbors=MIN_NEIGHBOURS - 1,
-        minSize=(int(0.15 * height),) * 2, maxSize=(int(0.85 * height),) * 2)
-    return [((x / scale, y / scale, (x + w) / scale, (y + h) / scale), float(n))
-            for (x, y, w, h), n in zip(rects, neighbours)]
-
-
-def _eye_pair_candidates(gray: np.ndarray, step: EyePairStep) -> list[tuple[tuple, float]]:
-    small = _equalised_gray(gray, step.detect_height)
-    scale = small.shape[0] / gray.shape[0]
-    height = small.shape[0]
-    upper = small[: int(EYE_SEARCH_HEIGHT_FRACTION * height)]
-    rects, neighbours = _cascade(step.cascade_file).detectMultiScale2(
-        upper, scaleFactor=1.1, minNeighbors=step.min_neighbors,
-        minSize=(int(0.03 * height),) * 2, maxSize=(int(0.2 * height),) * 2)
-    eyes = [(x + w / 2, y + h / 2, (w + h) / 2, n) for (x, y, w, h), n in zip(rects, neighbours)]
-    candidates = []
-    for left in eyes:
-        for right in eyes:
-            distance = right[0] - left[0]
-            mean_size = (left[2] + right[2]) / 2
-            # two eyes of one face: level, of similar size, 1.2-3.5 eye widths apart
-            if (distance <= 0 or abs(right[1] - left[1]) > 0.25 * distance
-                    or not 1.2 * mean_size < distance < 3.5 * mean_size
-                    or max(left[2], right[2]) > 1.5 * min(left[2], right[2])):
-                continue
-            side = EYE_DISTANCE_TO_FACE_SIDE * distance
-            center_x = (left[0] + right[0]) / 2 + EYE_MIDPOINT_TO_FACE_CENTER[0] * distance
-            center_y = (left[1] + right[1]) / 2 + EYE_MIDPOINT_TO_FACE_CENTER[1] * distance
-            box = (center_x - side / 2, center_y - side / 2, center_x + side / 2, center_y + side / 2)
-            candidates.append((tuple(v / scale for v in box), float(left[3] + right[3])))
-    return candidates
-
-
-def _clip_box(box: tuple[float, float, float, float], image_w: int, image_h: int) -> Box:
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    x0, x1 = max(0, min(x0, image_w - 1)), max(1, min(x1, image_w))
-    y0, y1 = max(0, min(y0, image_h - 1)), max(1, min(y1, image_h))
-    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
-
-
-def detect_face(image_bgr: np.ndarray) -> tuple[Box, float, str] | None:
-    """Find the face in a portrait: (box, score, method), or None when no detector finds one.
-
-    Steps of DETECTION_STEPS run in order and the first one with a plausible box wins; among its
-    plausible boxes the largest is the face (a portrait shows one person; smaller hits are masks,
-    ears or background). score is the number of merged detection windows (face cascades) or the
-    summed neighbour counts of the two eyes (eye pairs): higher is more confident. The box is
-    clipped to the image.
-    """
-    if image_bgr is None or image_bgr.ndim not in (2, 3) or image_bgr.size == 0:
-        raise UserError("detect_face: expected an H x W x 3 BGR image, got shape "
-                        f"{getattr(image_bgr, 'shape', None)}")
-    gray = image_bgr if image_bgr.ndim == 2 else cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
-    image_h, image_w = gray.shape
-    for step in DETECTION_STEPS:
-        if isinstance(step, CascadeStep):
-            candidates = _cascade_candidates(gray, step)
-        else:
-            candidates = _eye_pair_candidates(gray, step)
-        plausible = [(box, score) for box, score in candidates if _is_plausible(box, image_w, image_h)]
-        if plausible:
-            box, score = max(plausible, key=lambda c: ((c[0][2] - c[0][0]) * (c[0][3] - c[0][1]), c[1]))
-            return _clip_box(box, image_w, image_h), score, step.method
-    return None
 
 
 def box_iou(box_a: tuple, box_b: tuple) -> float:
@@ -276,7 +113,7 @@ def default_box(image_w: int, image_h: int) -> Box:
     side = DEFAULT_BOX_SIDE_FRACTION * image_w
     center_x = DEFAULT_BOX_CENTER_FRACTION[0] * image_w
     center_y = DEFAULT_BOX_CENTER_FRACTION[1] * image_h
-    return _clip_box((center_x - side / 2, center_y - side / 2, center_x + side / 2,
+    return clip_box((center_x - side / 2, center_y - side / 2, center_x + side / 2,
                       center_y + side / 2), image_w, image_h)
 
 
@@ -302,23 +139,8 @@ def _median_fallback_box(image_w: int, image_h: int, median_size: tuple[float, f
     center_x, center_y = median_center or (DEFAULT_BOX_CENTER_FRACTION[0] * image_w,
                                            DEFAULT_BOX_CENTER_FRACTION[1] * image_h)
     width, height = median_size
-    return _clip_box((center_x - width / 2, center_y - height / 2, center_x + width / 2,
+    return clip_box((center_x - width / 2, center_y - height / 2, center_x + width / 2,
                       center_y + height / 2), image_w, image_h), "median"
-
-
-# how photos are read for detection; part of the cache key, as a box from another decoder (e.g.
-# cv2.imread, which pads a truncated JPEG with grey) may stand for a photo this one rejects
-DECODER = "dataset.decode_image"
-
-
-def detector_signature() -> str:
-    """A short digest of every setting that changes what detect_face returns: cached boxes found
-    with other settings are detected again."""
-    settings = repr((DETECTION_STEPS, DETECT_HEIGHT, MIN_NEIGHBOURS, MIN_FACE_FRACTION,
-                     MAX_FACE_FRACTION, MIN_INSIDE_FRACTION, MAX_CENTER_Y_FRACTION,
-                     EYE_DISTANCE_TO_FACE_SIDE, EYE_MIDPOINT_TO_FACE_CENTER,
-                     EYE_SEARCH_HEIGHT_FRACTION, cv2.__version__, DECODER))
-    return hashlib.sha1(settings.encode()).hexdigest()[:12]
 
 
 def _file_key(path: str) -> tuple[str, int, int]:
@@ -346,6 +168,10 @@ def _read_cache(cache_file: Path | None, warn: Callable[[str], None]) -> tuple[d
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise UserError(f"{cache_file}: unreadable face-box cache ({error}); delete it to "
                         "rebuild") from None
+    if "digest" not in cached.columns and "mtime_ns" in cached.columns:
+        warn(f"warning: {cache_file}: a face-box cache of an older version (keyed by date, not "
+             "content); its photos are detected again")
+        return {}, 1
     missing = [c for c in CACHE_COLUMNS if c not in cached.columns]
     if missing:
         raise UserError(f"{cache_file}: not a face-box cache (missing columns {missing}); delete it "
@@ -379,8 +205,8 @@ def _parse_cache_row(row: dict[str, str]) -> dict:
         entry["score"] = math.nan
     if not math.isfinite(entry["score"]):
         raise ValueError(f"score {row['score']!r} is not a number")
-    if not row["path"] or not row["method"]:
-        raise ValueError("empty path or method")
+    if not row["path"] or not row["method"] or not row["digest"]:
+        raise ValueError("empty path, digest or method")
     if entry["image_w"] < 1 or entry["image_h"] < 1:
         raise ValueError(f"image size {row['image_w']}x{row['image_h']} is empty")
     x0, y0, x1, y1 = (entry[c] for c in BOX_COLUMNS)
@@ -392,13 +218,13 @@ def _parse_cache_row(row: dict[str, str]) -> dict:
     return entry
 
 
-def _detect_entry(path: str, key: tuple[str, int, int], signature: str) -> dict:
+def _detect_entry(path: str, key: tuple[str, int, int, str], signature: str) -> dict:
     # decoded exactly as training and inference decode, so all three agree on which photos are
     # corrupt or too small: cv2.imread pads a truncated JPEG with grey, decode_image rejects it
     image = cv2.cvtColor(decode_image(path), cv2.COLOR_RGB2BGR)
     found = detect_face(image)
     box, score, method = found if found is not None else ((-1, -1, -1, -1), 0.0, "none")
-    return dict(zip(CACHE_COLUMNS, (key[0], key[1], key[2], signature, image.shape[1],
+    return dict(zip(CACHE_COLUMNS, (key[0], key[1], key[2], key[3], signature, image.shape[1],
                                     image.shape[0], *box, score, method)))
 
 
@@ -434,9 +260,9 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
     - "median": the median detected size at the median centre of this set, or median_size /
       median_center when given (inference: the training set's, from `median_box_stats`); with
       no detection at all and none given, the built-in `default_box` (method "default").
-    Own detections are cached in `cache_file` (CSV, atomic) keyed by absolute path, size,
-    mtime_ns and `detector_signature()`; entries of other paths are kept, malformed rows dropped
-    with a warning. Missing photos are reported all at once before any detection, undecodable
+    Own detections are cached in `cache_file` (CSV, atomic, saved every SAVE_EVERY_S and when
+    stopped) keyed by absolute path, the photo's content digest and `detector_signature()`;
+    entries of other paths are kept, malformed rows dropped with a warning. Missing photos are reported all at once before any detection, undecodable
     ones (dataset.decode_image) all at once after it, with the readable photos' boxes cached.
     """
     paths = [str(p) for p in paths]
@@ -454,29 +280,43 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
             problems.append(str(why))
     if problems:
         raise problems_error(problems, "the images")
+    # the photo's bytes decide, not its date: a replaced photo with its mtime restored is new
+    keys = [(*key, digest) for key, digest in zip(keys, photo_digests(paths))]
     signature = detector_signature()
     to_detect = [i for i, key in enumerate(keys) if key[0] not in cached
-                 or (cached[key[0]]["size"], cached[key[0]]["mtime_ns"],
-                     cached[key[0]]["detector"]) != (key[1], key[2], signature)]
+                 or (cached[key[0]]["digest"], cached[key[0]]["detector"]) != (key[3], signature)]
     iterator = to_detect
     if progress and to_detect:
         from tqdm import tqdm
         iterator = tqdm(to_detect, desc="face boxes", unit="img", disable=None)  # None: off in logs
-    for index in iterator:
-        try:
-            cached[keys[index][0]] = _detect_entry(paths[index], keys[index], signature)
-        except UserError as why:
-            problems.append(str(why))
-            cached.pop(keys[index][0], None)  # a stale box of an earlier, readable version
-    if (to_detect or n_malformed) and cache_file is not None:
-        atomic_write_text(cache_file, pd.DataFrame(list(cached.values()),
-                                                columns=list(CACHE_COLUMNS)).to_csv(index=False))
+    saved_at = time.monotonic()
+    try:
+        for index in iterator:
+            try:
+                cached[keys[index][0]] = _detect_entry(paths[index], keys[index], signature)
+            except UserError as why:
+                problems.append(str(why))
+                cached.pop(keys[index][0], None)  # a stale box of an earlier, readable version
+            if cache_file is not None and time.monotonic() - saved_at >= SAVE_EVERY_S:
+                _write_cache(cache_file, cached)  # a kill loses at most SAVE_EVERY_S of work
+                saved_at = time.monotonic()
+    finally:  # also on Ctrl-C or an error: what was found so far is kept
+        if (to_detect or n_malformed) and cache_file is not None:
+            _write_cache(cache_file, cached)
     if problems:
         raise problems_error(problems, "the images")
     entries = [cached[key[0]] for key in keys]
     table = _resolve_fallbacks(entries, paths, profile_ids, median_size, median_center,
                                min_size_ratio)
     return FaceBoxes(table, len(to_detect))
+
+
+SAVE_EVERY_S = 20.0  # seconds of detection between saves of the box cache
+
+
+def _write_cache(cache_file: Path, cached: dict[str, dict]) -> None:
+    atomic_write_text(cache_file, pd.DataFrame(list(cached.values()),
+                                            columns=list(CACHE_COLUMNS)).to_csv(index=False))
 
 
 def _resolve_fallbacks(entries: list[dict], paths: list[str], profile_ids: list[str] | None,

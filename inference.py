@@ -4,6 +4,7 @@
     python inference.py --model_dir model/kfold model/exp2 --ensemble --tta flip
     python inference.py --model_dir model/exp --answers eval/answers.csv   # also score it
     python inference.py --fit_calibration model/kfold                # offsets from oof.csv
+    python inference.py --ensemble model/selection.json              # experiments.py select's mix
 
 Every model is rebuilt from its checkpoint alone (architecture, preprocessing, normalization,
 category), so no training flag is repeated here.
@@ -29,10 +30,13 @@ import dataset
 import engine
 import model as models
 from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
-                        check_labels, check_output_path, read_csv_checked, run_cli)
+                        check_labels, check_output_path, read_csv_checked, run_cli,
+                        write_together)
 from ensembling import (CALIBRATION_FILE, VOTING_RULE, calibrated_predictions, check_categories,
-                        combine_categories, fit_calibration, read_calibration, read_oof)
+                        combine_categories, ensemble_probabilities, fit_calibration,
+                        read_calibration, read_oof)
 from make_sample import resolve_eval_dir
+from selection import Selection, read_selection, selection_probabilities
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = FlagParser(description="Write the submission CSV from trained run folders. Every flag is "
@@ -58,12 +62,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="precision: checkpoint = what each model trained with (its best.pth records it); "
              "auto, bf16, fp16 or off as in train.py")
     add("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
-    add("--ensemble", action="store_true",
-        help="use every model given (all folds of a k-fold run); needed for more than one model")
+    add("--ensemble", nargs="?", const=True, default=False, metavar="SELECTION_JSON",
+        help="use every model given (all folds of a k-fold run); needed for more than one "
+             "model. With a selection file of experiments.py select: its runs, weighted as "
+             "selected, with its calibration (no --model_dir then)")
     add("--tta", default="none", choices=engine.TTA_MODES,
         help="test-time augmentation: flip averages the original and mirrored view")
     add("--answers", default=None, metavar="FILE",
-        help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, confusion")
+        help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, "
+             "per-class precision/recall/F1/support, confusion")
     add("--calibrate", default=None, metavar="FILE",
         help=f"JSON with 18 per-class log-prob 'offsets' (when not given: the "
              f"{CALIBRATION_FILE} of a run folder, if there is one)")
@@ -209,8 +216,11 @@ def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, b
     net = m.net.to(device)
     if m.precision.channels_last:
         net.to(memory_format=torch.channels_last)
+    # eval mode: the centred crop of the cache (the margin, if any, is for training's random
+    # crops) and normalisation; a user pipeline is never applied here
     augment = augmentation.build_augmentation(m.augmentation, m.normalize["mean"],
-                                              m.normalize["std"], m.preprocess.channels).to(device)
+                                              m.normalize["std"], m.preprocess.channels,
+                                              margin=m.preprocess.margin_pixels).to(device)
     batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=np.int64),
                                     np.arange(len(images)), batch_size, device)
     probs = engine.predict_views(net, batches, augment, tta=tta, category=m.category,
@@ -243,11 +253,18 @@ def calibrate_run(run_dir: Path, say: Callable[[str], None] = print) -> dict:
 
 
 def resolve_calibration(args: argparse.Namespace, run_dirs: Sequence[Path],
-                        say: Callable[[str], None] = print) -> np.ndarray | None:
+                        say: Callable[[str], None] = print,
+                        chosen: Selection | None = None) -> np.ndarray | None:
+    """--no_calibrate, else --calibrate FILE, else a selection's offsets (its run folders'
+    calibration.json files were fitted on single runs, not on the mix), else a run folder's."""
     if args.no_calibrate:
         return None
     if args.calibrate:
         return read_calibration(Path(args.calibrate))
+    if chosen is not None:
+        if chosen.offsets is not None:
+            say(f"calibration: the offsets of {chosen.path} (--no_calibrate to turn it off)")
+        return chosen.offsets
     found = [d / CALIBRATION_FILE for d in run_dirs if (d / CALIBRATION_FILE).is_file()]
     if len(found) > 1:
         raise UserError(f"several {CALIBRATION_FILE} ({', '.join(map(str, found))}); choose one "
@@ -301,6 +318,11 @@ def score_answers(predictions: pd.DataFrame, answers_df: pd.DataFrame) -> dict:
 def print_scores(metrics: dict, say: Callable[[str], None] = print) -> None:
     say(f"answers: macro F1 {metrics['f1']:.4f}, accuracy {metrics['acc']:.4f} | F1 mask "
         f"{metrics['f1_mask']:.4f}, gender {metrics['f1_gender']:.4f}, age {metrics['f1_age']:.4f}")
+    per_class = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
+    worst = engine.worst_class(metrics["per_class"])
+    say("per class (macro F1 is the mean of the f1 column over the classes present"
+        + (f"; worst: {worst[0]}" if worst else "") + "):\n"
+        + per_class.to_string(float_format=lambda v: f"{v:.4f}"))
     table = pd.DataFrame(metrics["confusion"], index=[f"t{c}" for c in range(NUM_CLASSES)],
                          columns=[f"p{c}" for c in range(NUM_CLASSES)])
     say("confusion matrix (rows: true class, columns: predicted):\n" + table.to_string())
@@ -321,6 +343,42 @@ def output_paths(output_dir: str | Path, name_csv: str) -> tuple[Path, Path]:
     return paths
 
 
+def resolve_runs(args: argparse.Namespace) -> tuple[list[Path], list[Path], list[str],
+                                                   Selection | None]:
+    """(run folders, checkpoints, the run each checkpoint belongs to, the selection if one was
+    given): --ensemble FILE's runs, else --model_dir's."""
+    if isinstance(args.ensemble, str) and Path(args.ensemble).is_dir():
+        raise UserError(f"--ensemble {args.ensemble}: is a folder; --ensemble takes a selection "
+                        "JSON of experiments.py select, or nothing (then the runs of --model_dir)")
+    chosen = read_selection(args.ensemble) if isinstance(args.ensemble, str) else None
+    if chosen is not None and args.model_dir:
+        raise UserError(f"--ensemble {args.ensemble} names its runs; drop --model_dir")
+    if chosen is None:
+        run_dirs = [Path(p) for p in (args.model_dir
+                                      or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
+        checkpoints = find_checkpoints(run_dirs)
+        return run_dirs, checkpoints, [str(p) for p in checkpoints], None
+    per_run = {name: find_checkpoints([run_dir]) for name, run_dir in chosen.run_dirs.items()}
+    checkpoints = find_checkpoints([p for paths in per_run.values() for p in paths])
+    owners = [name for name, paths in per_run.items() for _ in paths]
+    print(f"selection {chosen.path}: " + ", ".join(
+        f"{'+'.join(names)} {weight:.3f}" for names, weight in chosen.members))
+    return list(chosen.run_dirs.values()), checkpoints, owners, chosen
+
+
+def weighted_by_selection(chosen: Selection, loaded: Sequence[LoadedModel], owners: list[str],
+                          model_probs: list[np.ndarray]) -> np.ndarray:
+    """A selection's soft vote: each run's folds averaged, then the members weighted."""
+    probs_by_run: dict[str, list[np.ndarray]] = {}
+    for m, owner, probs in zip(loaded, owners, model_probs):
+        if m.category != chosen.categories[owner]:
+            raise UserError(f"{m.path}: a {m.category} model, but {chosen.path} selected run "
+                            f"{owner} as {chosen.categories[owner]}")
+        probs_by_run.setdefault(owner, []).append(probs)
+    return selection_probabilities(chosen, {run: ensemble_probabilities(p)
+                                            for run, p in probs_by_run.items()})
+
+
 def main(args: argparse.Namespace) -> dict:
     """Predict as ``args`` says; returns {'predictions', 'probs', 'output_csv', ...}."""
     if args.fit_calibration:
@@ -334,9 +392,7 @@ def main(args: argparse.Namespace) -> dict:
     device = engine.resolve_device(args.device)
     if args.amp != "checkpoint":  # a GPU without bf16 is named before any work
         engine.choose_precision(args.amp, "auto", device)
-    run_dirs = [Path(p) for p in (args.model_dir
-                                  or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
-    checkpoints = find_checkpoints(run_dirs)
+    run_dirs, checkpoints, owners, chosen = resolve_runs(args)
     if len(checkpoints) > 1 and not args.ensemble:
         raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "
                         "add --ensemble to average them")
@@ -350,25 +406,31 @@ def main(args: argparse.Namespace) -> dict:
     if args.answers:
         answers = read_csv_checked(args.answers, ["ImageID", "ans"])
         check_answers(answers, info["ImageID"].tolist(), args.answers)
-    offsets = resolve_calibration(args, run_dirs)
+    offsets = resolve_calibration(args, run_dirs, chosen=chosen)
 
     loaded = load_models(checkpoints, resize=args.resize, crop=args.crop,
                          augmentation=args.augmentation, amp=args.amp, device=device)
     check_categories([m.category for m in loaded])
     caches = build_image_caches(loaded, info["path"].tolist(), args.cache_dir)
-    probs_by_category: dict[str, list[np.ndarray]] = {}
-    for m, images in zip(loaded, caches):
-        probs_by_category.setdefault(m.category, []).append(predict_model(
-            m, images, device=device, batch_size=args.batch_size, tta=args.tta))
-    probs = combine_categories(probs_by_category)
+    model_probs = [predict_model(m, images, device=device, batch_size=args.batch_size,
+                                 tta=args.tta)
+                   for m, images in zip(loaded, caches)]
+    if chosen is not None:
+        probs = weighted_by_selection(chosen, loaded, owners, model_probs)
+    else:
+        probs_by_category: dict[str, list[np.ndarray]] = {}
+        for m, probs in zip(loaded, model_probs):
+            probs_by_category.setdefault(m.category, []).append(probs)
+        probs = combine_categories(probs_by_category)
 
     predictions = pd.DataFrame({"ImageID": info["ImageID"].to_numpy(),
                                 "ans": calibrated_predictions(probs, offsets).astype(np.int64)})
     validate_submission(info, predictions)
     probs_table = pd.concat([predictions[["ImageID"]],
                              pd.DataFrame(probs, columns=PROB_COLUMNS)], axis=1)
-    atomic_write_text(output_csv, predictions.to_csv(index=False))
-    atomic_write_text(probs_csv, probs_table.to_csv(index=False, float_format="%.6f"))
+    # both or neither: a submission never sits beside the probabilities of another prediction
+    write_together({output_csv: predictions.to_csv(index=False).encode(),
+                    probs_csv: probs_table.to_csv(index=False, float_format="%.6f").encode()})
     metrics = None
     if answers is not None:
         metrics = score_answers(predictions, answers)

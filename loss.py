@@ -2,6 +2,8 @@
 
 Soft targets (rows summing to 1) come from mixup/cutmix; hard labels are turned into one-hot rows so
 that each loss has a single formula and hard labels give exactly the value of their one-hot rows.
+Every loss takes per-class weights (``weight``; class_weights computes them from the training
+targets); a multi-head loss takes one weight vector per head.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import inspect
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,13 +23,15 @@ ClassWeights = torch.Tensor | Sequence[float] | None
 
 
 class _SoftTargetLoss(nn.Module):
-    """Checks shapes, turns hard labels into one-hot rows, then calls ``soft_loss``."""
+    """Checks shapes, turns hard labels into one-hot rows, then calls ``soft_loss``; holds the
+    optional per-class ``weight``."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, weight: ClassWeights = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
+        self.register_buffer("weight", _class_weights(weight, num_classes))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -64,7 +69,8 @@ def _class_weights(weight: ClassWeights, num_classes: int) -> torch.Tensor | Non
 
 def _weighted_mean(per_class: torch.Tensor, soft: torch.Tensor,
                    weight: torch.Tensor | None) -> torch.Tensor:
-    """Batch mean of per-class losses; with weights, normalised like F.cross_entropy(weight=)."""
+    """Batch mean of per-class losses; with weights, normalised like F.cross_entropy(weight=):
+    each term weighted by its class, divided by the summed weight of the targets."""
     if weight is None:
         return per_class.sum(1).mean()
     return (per_class * weight).sum() / (soft @ weight).sum()
@@ -72,10 +78,6 @@ def _weighted_mean(per_class: torch.Tensor, soft: torch.Tensor,
 
 class SoftTargetCrossEntropy(_SoftTargetLoss):
     """sum_c -t_c log p_c, optionally class-weighted."""
-
-    def __init__(self, num_classes: int, weight: ClassWeights = None) -> None:
-        super().__init__(num_classes)
-        self.register_buffer("weight", _class_weights(weight, num_classes))
 
     def soft_loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         return _weighted_mean(-soft * F.log_softmax(logits, 1), soft, self.weight)
@@ -85,11 +87,10 @@ class FocalLoss(_SoftTargetLoss):
     """sum_c -t_c (1 - p_c)^gamma log p_c; gamma=0 is cross-entropy."""
 
     def __init__(self, num_classes: int, gamma: float = 2.0, weight: ClassWeights = None) -> None:
-        super().__init__(num_classes)
+        super().__init__(num_classes, weight)
         if gamma < 0:
             raise ValueError(f"focal gamma must be >= 0, got {gamma}")
         self.gamma = gamma
-        self.register_buffer("weight", _class_weights(weight, num_classes))
 
     def soft_loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         log_probs = F.log_softmax(logits, 1)
@@ -98,24 +99,27 @@ class FocalLoss(_SoftTargetLoss):
 
 
 class LabelSmoothingLoss(_SoftTargetLoss):
-    """Cross-entropy against t * (1 - eps) + eps / C."""
+    """Cross-entropy against t * (1 - eps) + eps / C; with weights it equals
+    F.cross_entropy(weight=, label_smoothing=) on hard labels."""
 
-    def __init__(self, num_classes: int, smoothing: float = 0.1) -> None:
-        super().__init__(num_classes)
+    def __init__(self, num_classes: int, smoothing: float = 0.1,
+                 weight: ClassWeights = None) -> None:
+        super().__init__(num_classes, weight)
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.smoothing = smoothing
 
     def soft_loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         smoothed = soft * (1 - self.smoothing) + self.smoothing / self.num_classes
-        return (-smoothed * F.log_softmax(logits, 1)).sum(1).mean()
+        return _weighted_mean(-smoothed * F.log_softmax(logits, 1), soft, self.weight)
 
 
 class SoftF1Loss(_SoftTargetLoss):
-    """1 - macro soft-F1 of softmax probabilities over the batch."""
+    """1 - macro soft-F1 of softmax probabilities over the batch (a weighted mean over classes
+    with weights)."""
 
-    def __init__(self, num_classes: int, eps: float = 1e-7) -> None:
-        super().__init__(num_classes)
+    def __init__(self, num_classes: int, eps: float = 1e-7, weight: ClassWeights = None) -> None:
+        super().__init__(num_classes, weight)
         self.eps = eps
 
     def soft_loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -123,14 +127,17 @@ class SoftF1Loss(_SoftTargetLoss):
         true_pos = (probs * soft).sum(0)
         # 2TP + FP + FN == predicted mass + true mass, per class
         f1 = 2 * true_pos / (probs.sum(0) + soft.sum(0) + self.eps)
-        return 1 - f1.mean()
+        if self.weight is None:
+            return 1 - f1.mean()
+        return 1 - (f1 * self.weight).sum() / self.weight.sum()
 
 
 class ArcFaceLoss(_SoftTargetLoss):
     """Additive angular margin on cosine logits (scale * cos theta from CosineClassifier)."""
 
-    def __init__(self, num_classes: int, scale: float = 30.0, margin: float = 0.5) -> None:
-        super().__init__(num_classes)
+    def __init__(self, num_classes: int, scale: float = 30.0, margin: float = 0.5,
+                 weight: ClassWeights = None) -> None:
+        super().__init__(num_classes, weight)
         if scale <= 0 or not 0 <= margin < math.pi / 2:
             raise ValueError(f"arcface needs scale > 0 and 0 <= margin < pi/2, "
                              f"got scale={scale}, margin={margin}")
@@ -151,14 +158,19 @@ class ArcFaceLoss(_SoftTargetLoss):
         cos_margin = cos * math.cos(self.margin) - sin * math.sin(self.margin)
         cos_margin = torch.where(cos > self.threshold, cos_margin, cos - self.linear_penalty)
         adjusted = cos + soft * (cos_margin - cos)
-        return (-soft * F.log_softmax(self.scale * adjusted, 1)).sum(1).mean()
+        return _weighted_mean(-soft * F.log_softmax(self.scale * adjusted, 1), soft, self.weight)
 
 
 class BCELoss(_SoftTargetLoss):
-    """Per-class BCEWithLogits against one-hot or soft rows, mean over classes and batch."""
+    """Per-class BCEWithLogits against one-hot or soft rows, mean over classes and batch; with
+    weights each photo counts as much as its class's weight (pos and neg terms alike)."""
 
     def soft_loss(self, logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits, soft)
+        if self.weight is None:
+            return F.binary_cross_entropy_with_logits(logits, soft)
+        per_photo = F.binary_cross_entropy_with_logits(logits, soft, reduction="none").mean(1)
+        photo_weight = soft @ self.weight
+        return (per_photo * photo_weight).sum() / photo_weight.sum()
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {
@@ -182,17 +194,23 @@ def _check_name(name: str) -> None:
 
 
 class MultiHeadLoss(nn.Module):
-    """Sum of one base loss per head of [B, 8] = (mask 3, gender 2, age 3) logits, 18-class targets."""
+    """Sum of one base loss per head of [B, 8] = (mask 3, gender 2, age 3) logits, 18-class
+    targets. ``weight``: None, or one class-weight vector per head (3, 2 and 3 values)."""
 
-    def __init__(self, base_name: str, **options) -> None:
+    def __init__(self, base_name: str, weight: Sequence[ClassWeights] | None = None,
+                 **options) -> None:
         super().__init__()
         _check_name(base_name)
         factory = LOSSES[base_name]
         options = _accepted_options(factory, options)
-        if options.pop("weight", None) is not None:
-            raise ValueError("class weights are per 18-class label and do not apply to a "
-                             "multi-head loss; drop them or train a single-head model")
-        self.heads = nn.ModuleList(factory(num_classes=size, **options) for size in HEAD_SIZES)
+        options.pop("weight", None)
+        if weight is None:
+            weight = [None] * len(HEAD_SIZES)
+        elif isinstance(weight, torch.Tensor) or len(weight) != len(HEAD_SIZES):
+            raise ValueError("multi-head class weights are one vector per head (mask 3, gender 2, "
+                             "age 3 values), not one per 18-class label")
+        self.heads = nn.ModuleList(factory(num_classes=size, weight=w, **options)
+                                   for size, w in zip(HEAD_SIZES, weight))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 2 or logits.shape[1] != sum(HEAD_SIZES):
@@ -210,6 +228,41 @@ class MultiHeadLoss(nn.Module):
             head_targets = decode_class(target)
         head_logits = logits.split(HEAD_SIZES, dim=1)
         return sum(loss(out, t) for loss, out, t in zip(self.heads, head_logits, head_targets))
+
+
+# ----------------------------------------------------------------------------------------------
+# Class weights from the training targets
+# ----------------------------------------------------------------------------------------------
+CLASS_WEIGHTS = ("none", "balanced", "effective")
+EFFECTIVE_BETA = 0.999  # Cui et al. 2019 try 0.9 .. 0.9999; nearer 1 is nearer 'balanced'
+
+
+def class_weights(targets: np.ndarray, num_classes: int, mode: str,
+                  beta: float = EFFECTIVE_BETA) -> torch.Tensor | None:
+    """Per-class loss weights from the training targets (None for 'none').
+
+    balanced: n / (C * n_c), scikit-learn's compute_class_weight('balanced'), inverse frequency.
+    effective: 1 / E_c with E_c = (1 - beta^n_c) / (1 - beta), the effective number of samples
+    (Cui et al. 2019, "Class-Balanced Loss Based on Effective Number of Samples"), scaled to sum
+    to C; beta 0 weighs every class alike, beta -> 1 approaches 'balanced'.
+    A class without training targets has no weight: ValueError naming its index.
+    """
+    if mode == "none":
+        return None
+    if mode not in CLASS_WEIGHTS:
+        raise ValueError(f"unknown class weights {mode!r}; choose one of: {', '.join(CLASS_WEIGHTS)}")
+    targets = np.asarray(targets, dtype=np.int64)
+    counts = np.bincount(targets, minlength=num_classes)[:num_classes]
+    absent = np.flatnonzero(counts == 0)
+    if len(absent):
+        raise ValueError(f"class(es) {', '.join(map(str, absent))} have no training target")
+    if mode == "balanced":
+        from sklearn.utils.class_weight import compute_class_weight
+        weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=targets)
+    else:
+        weights = (1 - beta) / (1 - np.power(beta, counts.astype(np.float64)))
+        weights = weights * num_classes / weights.sum()
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def build_loss(name: str, num_classes: int, *, multi_head: bool = False, **options) -> nn.Module:

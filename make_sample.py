@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from checked_io import FlagParser, UserError, run_cli
+from checked_io import FlagParser, UserError, lock_temp, remove_stale_temps, run_cli
 from dataset import (GENDER_NAMES, MASK_BY_STEM, MASK_NAMES, PHOTO_STEMS, age_group, encode_class,
                      train_images_dir)
 
@@ -322,11 +322,15 @@ def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_peopl
         raise UserError(f"{out_dir} exists and is not a generated sample (no {MARKER}); "
                         "remove it or pick another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir.parent, f".{out_dir.name}.tmp-*")  # a killed generation's
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only, which the published dataset should not be
+    (tmp / ".lock").touch()
+    lock = lock_temp(tmp / ".lock")  # held while building: the folder is not a stale one
     try:
         _build(tmp, n_train_people, n_eval_people, seed)
         (tmp / MARKER).write_text(json.dumps(params))
+        (tmp / ".lock").unlink()  # not part of the sample; the open handle keeps the lock
         if out_dir.exists():  # an older sample (other parameters) or an empty dir: move it aside first
             os.replace(out_dir, tmp.with_name(tmp.name + "-old"))
         try:
@@ -335,6 +339,7 @@ def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_peopl
             if _read_marker(out_dir) != params:
                 raise
     finally:
+        lock.close()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(tmp.with_name(tmp.name + "-old"), ignore_errors=True)
     return out_dir

@@ -9,12 +9,16 @@ and per-part learning rates the same for every architecture.
 from __future__ import annotations
 
 import difflib
+import functools
 import io
+import pickle
+import re
 import socket
 import urllib.parse
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -38,12 +42,17 @@ TORCHVISION_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 TORCHVISION_PREFIX = "tv_"
 TIMM_PREFIX = "timm/"
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm's own prefixes for a Hugging Face hub repo id
 # auxiliary heads would make forward return tuples in train mode
 _TORCHVISION_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True},
                        "googlenet": {"aux_logits": False, "init_weights": True}}
 MODEL_NAMES = ["BaseModel", *TORCHVISION_MODELS]  # plus tv_<name> and every timm name
-MODEL_HELP = ("BaseModel, a torchvision model (" + ", ".join(TORCHVISION_MODELS)
-              + ", or tv_<any torchvision classifier>) or a timm name (see timm.list_models())")
+MODEL_HELP = ("BaseModel; a torchvision model (" + ", ".join(TORCHVISION_MODELS)
+              + ": these bare names mean torchvision's; tv_<name> for any other torchvision "
+                "classifier); a timm name (timm.list_models(), e.g. convnext_atto or "
+                "resnet18.a1_in1k with its pretrained tag; timm/<name> for timm's where a "
+                "torchvision model has the same name); or hf-hub:<org>/<repo> for a timm model "
+                "on the Hugging Face hub (offline: HF_HUB_OFFLINE=1 with a local hub cache)")
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -131,6 +140,8 @@ def _resolve(name: str) -> tuple[str, str]:
     """name -> (family, name inside that family); unknown names raise ValueError."""
     if name == "BaseModel":
         return "base", name
+    if name.startswith(HUB_PREFIXES):
+        return "hub", name.split(":", 1)[1]
     if name in TORCHVISION_MODELS:
         return "torchvision", name
     if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in _torchvision_names():
@@ -150,8 +161,29 @@ def _torchvision_names() -> list[str]:
 
 
 def validate_model_name(name: str) -> None:
-    """Raise ValueError for a name build_model would reject, without building anything."""
-    _resolve(name)
+    """Raise ValueError for a name build_model would reject, without building anything (a hub
+    name's config is read: from the local cache, or downloaded)."""
+    family, inner_name = _resolve(name)
+    if family == "hub":
+        _hub_config(inner_name)
+
+
+def is_timm(name: str) -> bool:
+    """Whether ``name`` builds a timm model (a timm name or a hub repo)."""
+    return _resolve(name)[0] in ("timm", "hub")
+
+
+def timm_pretrained_cfg(name: str) -> dict | None:
+    """timm's pretrained_cfg of a model name (mean, std, input_size, interpolation,
+    fixed_input_size, ...): its default or tagged weights', or a hub repo's config.json; None for
+    other models and timm names without one. Known without building the model."""
+    family, inner_name = _resolve(name)
+    if family == "hub":
+        return dict(_hub_config(inner_name)[0])
+    if family != "timm":
+        return None
+    cfg = timm.models.get_pretrained_cfg(inner_name)
+    return None if cfg is None else cfg.to_dict()
 
 
 def model_family(name: str) -> str:
@@ -163,13 +195,29 @@ def model_family(name: str) -> str:
 def fixed_input_size(name: str) -> tuple[int, int] | None:
     """(H, W) that a timm model accepts and nothing else (ViT, Swin: its pretrained_cfg says
     fixed_input_size), else None; known without building the model."""
-    family, inner_name = _resolve(name)
-    if family != "timm":
+    cfg = timm_pretrained_cfg(name)
+    if cfg is None or not cfg.get("fixed_input_size"):
         return None
-    cfg = timm.models.get_pretrained_cfg(inner_name)
-    if cfg is None or not cfg.fixed_input_size:
-        return None
-    return int(cfg.input_size[1]), int(cfg.input_size[2])
+    return int(cfg["input_size"][1]), int(cfg["input_size"][2])
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_config(hub_id: str) -> tuple[dict, str, dict]:
+    """(pretrained_cfg, timm architecture, model arguments) of a timm model on the Hugging Face
+    hub, read once per process; UserError when neither the hub nor the local cache has it."""
+    import huggingface_hub.constants as hf_constants
+    from timm.models import load_model_config_from_hf
+
+    host = urllib.parse.urlparse(hf_constants.ENDPOINT).hostname or ""
+    if not hf_constants.HF_HUB_OFFLINE and not _reachable(host):  # fail fast, no minute of retries
+        raise UserError(f"hf-hub:{hub_id}: the Hugging Face hub ({host}) is unreachable; for a "
+                        "model in the local hub cache set HF_HUB_OFFLINE=1")
+    try:
+        return load_model_config_from_hf(hub_id)
+    except Exception as error:  # hub and cache errors come in many types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"hf-hub:{hub_id}: no timm config.json on the hub or in the local cache "
+                        f"({reason})") from None
 
 
 def _strip_torchvision_head(net: nn.Module, name: str) -> int:
@@ -208,14 +256,16 @@ def _reachable(host: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _timm_backbone(timm_name: str, pretrained: bool) -> nn.Module:
+def _timm_backbone(timm_name: str, pretrained: bool, timm_kwargs: dict | None = None) -> nn.Module:
     if not pretrained:
-        return timm.create_model(timm_name, num_classes=0)
+        return timm.create_model(timm_name, num_classes=0, **(timm_kwargs or {}))
     import huggingface_hub.constants as hf_constants
 
     offline_msg = (f"cannot download pretrained weights for {timm_name!r} (no internet?); "
-                   "pass --weights FILE with a local state dict instead")
-    host = _pretrained_host(timm_name)
+                   "pass --weights FILE with a local state dict instead, or set "
+                   "HF_HUB_OFFLINE=1 when they are in the local Hugging Face cache")
+    host = (urllib.parse.urlparse(hf_constants.ENDPOINT).hostname or ""
+            if timm_name.startswith(HUB_PREFIXES) else _pretrained_host(timm_name))
     if host is None:
         raise UserError(f"timm has no pretrained weights for {timm_name!r}; "
                         "drop --pretrained or pass --weights FILE")
@@ -224,13 +274,14 @@ def _timm_backbone(timm_name: str, pretrained: bool) -> nn.Module:
     if not hf_constants.HF_HUB_OFFLINE and not _reachable(host):
         raise UserError(offline_msg)
     try:
-        return timm.create_model(timm_name, pretrained=True, num_classes=0)
+        return timm.create_model(timm_name, pretrained=True, num_classes=0, **(timm_kwargs or {}))
     except Exception as error:  # network and hub errors come in many types
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{offline_msg} ({reason})") from error
 
 
-def _build_backbone(family: str, name: str, pretrained: bool) -> tuple[nn.Module, int]:
+def _build_backbone(family: str, name: str, pretrained: bool,
+                    timm_kwargs: dict | None = None) -> tuple[nn.Module, int]:
     if family == "base":
         if pretrained:
             raise UserError("BaseModel has no pretrained weights; drop --pretrained")
@@ -244,32 +295,68 @@ def _build_backbone(family: str, name: str, pretrained: bool) -> tuple[nn.Module
         builder = TORCHVISION_MODELS.get(name) or torchvision.models.get_model_builder(name)
         backbone = builder(weights=None, **_TORCHVISION_KWARGS.get(name, {}))
         return backbone, _strip_torchvision_head(backbone, name)
-    backbone = _timm_backbone(name, pretrained)
+    backbone = _timm_backbone(name, pretrained, timm_kwargs)
     # models with a pre-logits layer (mobilenetv3's conv_head) output head_hidden_size features
     return backbone, getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
 def build_model(name: str, num_classes: int, *, multi_head: bool = False, canny: bool = False,
                 cosine_head: bool = False, cosine_scale: float = 30.0, pretrained: bool = False,
-                weights: str | None = None, drop_rate: float = 0.0) -> nn.Module:
+                weights: str | None = None, drop_rate: float = 0.0,
+                timm_kwargs: dict | None = None) -> nn.Module:
     """Build a classifier returning logits [B, num_classes], or [B, 8] (mask, gender, age) heads.
 
-    ``model.model_config`` holds every argument needed to rebuild it with build_model(**config).
+    ``model.model_config`` holds every argument needed to rebuild it with build_model(**config);
+    a hub model's records the timm architecture and arguments its config.json named, so it is
+    rebuilt without the hub.
     """
     family, inner_name = _resolve(name)
     if multi_head and num_classes != NUM_CLASSES:
         raise ValueError(f"multi_head predicts all {NUM_CLASSES} classes; got num_classes={num_classes}")
-    backbone, num_features = _build_backbone(family, inner_name, pretrained)
+    if family == "hub":  # recorded (and rebuilt) as timm/<architecture> with the repo's arguments
+        _, architecture, hub_args = _hub_config(inner_name)
+        timm_kwargs = {k: v for k, v in (hub_args or {}).items() if k != "num_classes"}
+        family, inner_name = "timm", name if pretrained else architecture  # weights: the hub's
+        name = TIMM_PREFIX + architecture
+    backbone, num_features = _build_backbone(family, inner_name, pretrained, timm_kwargs)
     head_sizes = HEAD_SIZES if multi_head else (num_classes,)
     net = ImageClassifier(backbone, num_features, head_sizes, drop_rate=drop_rate,
                           cosine_head=cosine_head, cosine_scale=cosine_scale, canny=canny)
     net.model_config = {"name": name, "num_classes": num_classes, "multi_head": multi_head,
                         "canny": canny, "cosine_head": cosine_head, "drop_rate": drop_rate}
+    if timm_kwargs:
+        net.model_config["timm_kwargs"] = dict(timm_kwargs)
     if cosine_head:  # the arcface loss reads cosines back as logits / scale: both must agree
         net.model_config["cosine_scale"] = cosine_scale
     if weights:
         load_weights(net, weights)
     return net
+
+
+def parameter_groups(net: nn.Module, lr: float, weight_decay: float, *, head_lr_mult: float = 1.0,
+                     layer_decay: float | None = None) -> list[dict]:
+    """Optimizer parameter groups of a build_model network: the backbone at ``lr`` (timm's
+    layer-wise decay with ``layer_decay``: lr x layer_decay^(depth from the top), no weight decay
+    on 1-D tensors, as timm does), then the new layers (heads, and the Canny mix layer) at
+    ``lr * head_lr_mult``. Each group's lr is final (no lr_scale key), so torch's and timm's
+    schedulers alike scale every group in proportion."""
+    if head_lr_mult == 1 and layer_decay is None:  # one group, as checkpoints before groups hold
+        return [{"params": list(net.parameters()), "lr": lr, "weight_decay": weight_decay}]
+    new_layers = [p for part in (net.edge_mix, net.heads) if part is not None
+                  for p in part.parameters()]
+    if layer_decay is None:
+        groups = [{"params": list(net.backbone.parameters()), "lr": lr,
+                   "weight_decay": weight_decay}]
+    else:
+        if not hasattr(net.backbone, "group_matcher"):
+            raise UserError("--layer_decay needs a timm model (it uses the model's group_matcher)")
+        from timm.optim import param_groups_layer_decay
+        groups = param_groups_layer_decay(net.backbone, weight_decay=weight_decay,
+                                          layer_decay=layer_decay)
+        for group in groups:
+            group["lr"] = lr * group.pop("lr_scale", 1.0)
+    groups.append({"params": new_layers, "lr": lr * head_lr_mult, "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]
 
 
 def multi_head_class_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -378,10 +465,26 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# Checkpoints are read with weights_only=True: tensors and plain Python values only, so a file
+# that would run code when unpickled (a crafted "checkpoint") is refused, never executed. Checkpoints
+# written before that switch also hold numpy arrays (the RNG state of last.pth): numpy's array
+# reconstruction, which runs no user code, is the one addition allowed.
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType,
+                        np.dtypes.Int64DType, np._core.multiarray._reconstruct,
+                        np._core.multiarray.scalar]
+
+
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """A train.py checkpoint; ``mmap`` only maps it (a cheap check that it is whole)."""
+    """A train.py checkpoint, loaded without running any code it might carry; ``mmap`` only maps
+    it (a cheap check that it is whole). UserError naming the file otherwise."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as why:
+        found = re.search(r"GLOBAL (\S+)", str(why))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path}: refused: it holds an object{what} that loading would have to "
+                        "run code for, which no checkpoint of this toolkit does") from None
     except Exception as why:  # a torn or foreign file: name it instead of a traceback
         raise UserError(f"{path}: not a readable checkpoint ({type(why).__name__}); expected a "
                         "whole file written by train.py") from None

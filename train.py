@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
+import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +31,17 @@ import config
 import dataset
 import engine
 import model as models
+import pipelines
 import reporting
-from checked_io import UserError, atomic_write_text, read_csv_checked, run_cli
+from checked_io import (UserError, atomic_write_text, check_labels, read_csv_checked,
+                        remove_stale_temps, run_cli, shown_cell, write_together)
 from config import get_args_parser, parse_args  # noqa: F401  (train.get_args_parser, as documented)
 from engine import Processes
 from make_sample import resolve_train_dir
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_mask", "f1_gender",
-                  "f1_age", "lr", "seconds", "images_per_s"]
+                  "f1_age", "lr", "seconds", "images_per_s", "val_f1_ema"]
+PER_CLASS_FIELDS = ["class", "precision", "recall", "f1", "support"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,18 +62,20 @@ def new_run_dir(model_dir: str | Path, name: str) -> Path:
             number += 1
 
 
-def prepare_run_dir(settings: argparse.Namespace) -> Path:
-    """The run folder, with config.json written: --resume's, {name} itself when one fold of a
-    shared k-fold run is trained (--fold), else a new {name}, {name}2, ..."""
+def prepare_run_dir(settings: argparse.Namespace, photos: pd.DataFrame) -> Path:
+    """The run folder, with config.json and photos.csv written together: --resume's, {name} itself
+    when one fold of a shared k-fold run is trained (--fold), else a new {name}, {name}2, ..."""
     if settings.resume:
         run_dir = Path(settings.resume)
+        remove_stale_temps(run_dir, ".*.tmp")  # a checkpoint save cut short by a kill
     elif settings.fold is not None:
         run_dir = Path(settings.model_dir) / settings.name
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = new_run_dir(settings.model_dir, settings.name)
-    saved = {k: v for k, v in vars(settings).items() if k not in ("resume", "config", "fold")}
-    atomic_write_text(run_dir / "config.json", json.dumps(saved, indent=2))
+    saved = {k: v for k, v in vars(settings).items() if k not in config.NOT_SAVED}
+    write_together({run_dir / "config.json": json.dumps(saved, indent=2).encode(),
+                    run_dir / PHOTOS_FILE: photos.to_csv(index=False).encode()})
     return run_dir
 
 
@@ -76,6 +84,13 @@ def remove_if_no_checkpoint(run_dir: Path) -> None:
     at once, out of memory) leaves no folder behind: it would only hold a config and an empty log."""
     if not any(run_dir.rglob("*.pth")):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def write_per_class(path: Path, per_class: dict) -> None:
+    """per_class.csv: precision, recall, F1 and support of every class (engine.per_class_scores)."""
+    table = pd.DataFrame([{"class": name, **scores} for name, scores in per_class.items()],
+                         columns=PER_CLASS_FIELDS)
+    atomic_write_text(path, table.to_csv(index=False, float_format="%.4f"))
 
 
 def write_summary(path: Path, rows: list[dict]) -> None:
@@ -154,16 +169,36 @@ def train_rows_after_policies(args: argparse.Namespace, frame: pd.DataFrame,
 
 def normalization(settings: argparse.Namespace, images: np.ndarray,
                   train_rows: np.ndarray) -> tuple[list, list]:
-    if settings.normalize == "imagenet":
+    mode = config.model_defaults(settings)["normalize"]
+    if mode == "model":
+        return config.model_normalization(settings.model)
+    if mode == "imagenet":
         return list(augmentation.IMAGENET_MEAN), list(augmentation.IMAGENET_STD)
     return augmentation.dataset_statistics(images[np.sort(np.unique(train_rows))],
                                            seed=settings.seed)
 
 
+def check_class_weights(settings: argparse.Namespace, frame: pd.DataFrame,
+                        train_row_sets: list[np.ndarray]) -> None:
+    """--class_weights needs every class among the training photos of each model (each fold):
+    checked before any photo is decoded."""
+    if settings.class_weights == "none":
+        return
+    targets = dataset.training_targets(frame, "multi" if settings.multi_head else settings.category,
+                                       settings.age_label_num, settings.old_age)
+    for k, rows in enumerate(train_row_sets):
+        try:
+            engine.class_weights_of(settings, targets[rows])
+        except UserError as why:
+            raise UserError(f"fold {k}: {why}" if len(train_row_sets) > 1 else str(why)) from None
+
+
 def training_batches(settings: argparse.Namespace, frame: pd.DataFrame, images: np.ndarray,
                      train_rows: np.ndarray, val_rows: np.ndarray, n_out: int,
-                     device: torch.device, procs: Processes):
-    """(train batches, this process's val batches, their positions among val_rows)."""
+                     device: torch.device, procs: Processes,
+                     pipeline: pipelines.Pipeline | None = None):
+    """(train batches, this process's val batches, their positions among val_rows); with a
+    per-image ``pipeline`` the train batches go through it on the CPU first."""
     targets = dataset.training_targets(frame, "multi" if settings.multi_head else settings.category,
                                        settings.age_label_num, settings.old_age)
     weights = sampler = None
@@ -179,7 +214,12 @@ def training_batches(settings: argparse.Namespace, frame: pd.DataFrame, images: 
                                      rank=procs.rank, shuffle=True, seed=settings.seed)
     train_batches = dataset.CachedBatches(images, targets[train_rows], train_rows,
                                           settings.batch_size, device, shuffle=True,
-                                          weights=weights, sampler=sampler)
+                                          weights=weights, sampler=sampler,
+                                          preload=False if pipeline is not None else None)
+    if pipeline is not None:
+        workers = settings.augment_workers
+        train_batches = pipelines.PipelineBatches(
+            train_batches, pipeline, pipelines.default_workers() if workers is None else workers)
     # each process scores its share of val; the shares are gathered back in order
     mine = np.arange(procs.rank, len(val_rows), procs.world)
     val_batches = dataset.CachedBatches(images, targets[val_rows][mine], val_rows[mine],
@@ -200,104 +240,149 @@ class FitData:
     preprocess: dataset.Preprocess
     mean: list
     std: list
+    pipeline: pipelines.Pipeline | None = None  # per-image augmentation of the train batches
 
 
 def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: dict | None = None,
-        procs: Processes = Processes()) -> dict:
-    """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events."""
+        procs: Processes = Processes(), hparams: bool = True) -> dict:
+    """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events
+    (with the run's HParams session at the end unless ``hparams`` is off: a k-fold run logs one
+    for the whole run instead)."""
     device = engine.process_device(settings.device, procs)
     engine.seed_everything(settings.seed)
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+    pipeline = data.pipeline
     train_batches, val_batches, mine = training_batches(
-        settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs)
+        settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs,
+        pipeline)
+    class_weights = engine.class_weights_of(settings, train_batches.targets.cpu().numpy())
     trainer = engine.build_trainer(settings, n_out, device, steps_per_epoch=len(train_batches),
                                    mean=data.mean, std=data.std,
-                                   channels=data.preprocess.channels, procs=procs)
+                                   channels=data.preprocess.channels, procs=procs,
+                                   class_weights=class_weights,
+                                   margin=data.preprocess.margin_pixels)
     if procs.distributed:  # different augmentation draws per process, same model init
         torch.manual_seed(settings.seed * 1000 + procs.rank)
-    stopper, state = EarlyStopping(settings.early_stopping_patience), {"epoch": 0, "summary": []}
+    stopper = EarlyStopping(settings.early_stopping_patience)
+    state = {"epoch": 0, "summary": [], "wall_s": 0.0}
     if (run_dir / "last.pth").is_file():
-        state = restore_progress(trainer, stopper, run_dir / "last.pth", procs)
+        state = restore_progress(settings, trainer, stopper, run_dir, extra or {}, procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
     precision = engine.Precision(trainer.autocast_dtype, trainer.channels_last)
     record = {"model_config": trainer.net.model_config, "preprocess": data.preprocess.to_dict(),
               "normalize": {"mean": list(data.mean), "std": list(data.std)},
               "precision": precision.record(),
               "category": settings.category, "age_label_num": settings.age_label_num,
-              "augmentation": settings.augmentation, "config": vars(settings), **(extra or {})}
+              "augmentation": settings.augmentation, "config": vars(settings),
+              "augmentation_pipeline": pipeline.record() if pipeline is not None else None,
+              **(extra or {})}
     true_val = data.frame["label"].to_numpy()[data.val_rows]
     writer = None
     if procs.main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
     try:
+        since = time.perf_counter()
         for epoch in range(state["epoch"], settings.epochs):
-            train, val = run_epoch(settings, trainer, train_batches, val_batches, true_val, mine,
-                                   epoch, writer, procs)
-            row = summary_row(epoch, train, val, lr=trainer.optimizer.param_groups[0]["lr"])
+            train, val, val_ema = run_epoch(settings, trainer, train_batches, val_batches,
+                                            true_val, mine, epoch, writer, procs)
+            row = summary_row(epoch, train, val, lr=trainer.optimizer.param_groups[0]["lr"],
+                              val_ema=val_ema)
             step_schedule(settings, trainer, val, warming=epoch < settings.warmup_epochs)
             state["summary"].append(row)
             state["epoch"] = epoch + 1
-            improved = stopper.step(val["f1"], epoch + 1, always_improves=not len(data.val_rows))
+            # wall-clock training time, kept in last.pth so that a resumed run adds to it
+            state["wall_s"] += time.perf_counter() - since
+            since = time.perf_counter()
+            # the epoch's candidate for best.pth: the model's weights or, when better, the EMA's
+            weights_of, kept = ("ema", val_ema) if val_ema and val_ema["f1"] > val["f1"] \
+                else ("model", val)
+            improved = stopper.step(kept["f1"], epoch + 1, always_improves=not len(data.val_rows))
+            rng = procs.gather(engine.rng_state())  # every process's: a resume is exact on each
             if procs.main:
-                reporting.log_epoch(writer, row, val, data.images, data.val_rows,
-                                    dataset.CATEGORY_CLASSES[settings.category])
-                save_epoch(run_dir, record, trainer, stopper, state, val, improved)
-                print(epoch_line(settings, row, improved), flush=True)
+                reporting.log_epoch(writer, row, kept, data.images, data.val_rows,
+                                    settings.category, which=" (EMA)" if weights_of == "ema" else "",
+                                    confusion_png=run_dir / "confusion.png" if improved else None,
+                                    margin=data.preprocess.margin_pixels)
+                save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
+                           weights_of)
+                print(epoch_line(settings, row, improved, kept), flush=True)
             procs.barrier()
             if stopper.should_stop:
                 procs.say(stopper.message(epoch + 1))
                 break
+        if writer is not None and hparams:
+            reporting.log_hparams(writer, vars(settings), reporting.run_hparams_metrics(
+                state["summary"], stopper.best_f1, stopper.best_epoch, state["wall_s"]))
     finally:
         if writer is not None:
             writer.close()
     procs.say(f"best: epoch {stopper.best_epoch}, val F1 {stopper.best_f1:.4f} -> "
               f"{run_dir / 'best.pth'}")
     return {"best_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
-            "summary": state["summary"]}
+            "summary": state["summary"], "wall_s": state["wall_s"]}
 
 
-def restore_progress(trainer: engine.Trainer, stopper: EarlyStopping, last_path: Path,
-                     procs: Processes) -> dict:
-    """--resume: everything that shapes the next epochs, from last.pth; returns the run state
-    (epochs done, summary rows)."""
-    saved = models.load_checkpoint(last_path)
+def restore_progress(settings: argparse.Namespace, trainer: engine.Trainer,
+                     stopper: EarlyStopping, run_dir: Path, extra: dict, procs: Processes) -> dict:
+    """--resume: everything that shapes the next epochs, from last.pth (each process its own
+    random state); returns the run state (epochs done, summary rows), summary.csv rewritten
+    from it. Refuses another number of processes, or data other than the run's."""
+    saved = models.load_checkpoint(run_dir / "last.pth")
+    trained, today = saved.get("data_fingerprint"), extra.get("data_fingerprint")
+    if trained and trained != today and not settings.accept_data_change:
+        raise UserError(f"--resume {run_dir}: the training data's fingerprint {today} differs "
+                        f"from the run's {trained} (last.pth); add --accept_data_change to go on "
+                        "anyway, or start a new run")
+    states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # per process
+    if len(states) != procs.world:
+        raise UserError(f"--resume {run_dir}: the run trained on {len(states)} process(es), this "
+                        f"is {procs.world}; resume it with torchrun --nproc_per_node "
+                        f"{len(states)} (or without torchrun for 1) to continue it exactly")
     trainer.net.load_state_dict(saved["model"])
     trainer.load_state_dict(saved)
     stopper.load_state_dict(saved["train_state"])
-    if not procs.distributed:
-        engine.set_rng_state(saved["rng"])
-    return {"epoch": saved["train_state"]["epoch"], "summary": saved["train_state"]["summary"]}
+    engine.set_rng_state(states[procs.rank])
+    train_state = saved["train_state"]
+    state = {"epoch": train_state["epoch"], "summary": train_state["summary"],
+             "wall_s": float(train_state.get("wall_s", 0.0))}  # 0: saved before it was kept
+    if procs.main:  # a kill between last.pth and summary.csv left the file an epoch behind
+        write_summary(run_dir / "summary.csv", state["summary"])
+    return state
 
 
 def run_epoch(settings: argparse.Namespace, trainer: engine.Trainer, train_batches, val_batches,
               true_val: np.ndarray, mine: np.ndarray, epoch: int, writer,
-              procs: Processes) -> tuple[dict, dict]:
-    """Train one epoch (warming the lr up per batch during the first --warmup_epochs), then score
-    validation; returns (train metrics gathered over processes, val metrics)."""
+              procs: Processes) -> tuple[dict, dict, dict | None]:
+    """Train one epoch (warming the lr up per batch during the first --warmup_epochs, unless a
+    timm schedule warms up itself), then score validation; returns (train metrics gathered over
+    processes, val metrics, the EMA weights' val metrics or None)."""
     if train_batches.sampler is not None:
         train_batches.sampler.set_epoch(epoch)
     steps = len(train_batches)
     warmup = (epoch * steps, settings.warmup_epochs * steps) \
-        if epoch < settings.warmup_epochs else None
+        if epoch < settings.warmup_epochs and not engine.is_timm_schedule(trainer.scheduler) \
+        else None
     train = engine.train_one_epoch(trainer, train_batches, warmup=warmup, epoch=epoch,
                                    log_interval=settings.log_interval, writer=writer,
                                    progress=procs.main)
     train = gather_train_metrics(train, procs)
     if not len(true_val):
-        return train, {"loss": float("nan"), "f1": float("nan"), "acc": float("nan")}
-    val = engine.evaluate(trainer.runner, val_batches, trainer.augment, true_val,
-                          category=settings.category, age_label_num=settings.age_label_num,
-                          criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
-                          channels_last=trainer.channels_last, procs=procs, positions=mine)
-    return train, val
+        return train, {"loss": float("nan"), "f1": float("nan"), "acc": float("nan")}, None
+    scored = [trainer.runner] + ([trainer.ema.module] if trainer.ema is not None else [])
+    vals = [engine.evaluate(model, val_batches, trainer.augment, true_val,
+                            category=settings.category, age_label_num=settings.age_label_num,
+                            criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
+                            channels_last=trainer.channels_last, procs=procs, positions=mine)
+            for model in scored]
+    return train, vals[0], vals[1] if len(vals) > 1 else None
 
 
 def step_schedule(settings: argparse.Namespace, trainer: engine.Trainer, val: dict,
                   warming: bool) -> None:
     """Epoch schedules step after each epoch (plateau on val loss or F1); per-batch ones stepped
     in the loop, and warm-up epochs leave the schedule alone."""
-    if trainer.per_batch_schedule or warming:
+    if trainer.per_batch_schedule or warming:  # timm's schedules step per update too
         return
     if isinstance(trainer.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         trainer.scheduler.step(val["loss"] if settings.mode == "min" else val["f1"])
@@ -305,30 +390,43 @@ def step_schedule(settings: argparse.Namespace, trainer: engine.Trainer, val: di
         trainer.scheduler.step()
 
 
-def summary_row(epoch: int, train: dict, val: dict, lr: float) -> dict:
+def summary_row(epoch: int, train: dict, val: dict, lr: float, val_ema: dict | None = None) -> dict:
     return {"epoch": epoch + 1, "train_loss": train["loss"], "val_loss": val["loss"],
             "val_f1": val["f1"], "val_acc": val["acc"], "f1_mask": val.get("f1_mask", ""),
             "f1_gender": val.get("f1_gender", ""), "f1_age": val.get("f1_age", ""),
             "lr": lr, "seconds": round(train["seconds"], 2),
-            "images_per_s": round(train["images_per_s"], 1)}
+            "images_per_s": round(train["images_per_s"], 1),
+            "val_f1_ema": val_ema["f1"] if val_ema else ""}
 
 
-def epoch_line(settings: argparse.Namespace, row: dict, improved: bool) -> str:
+def epoch_line(settings: argparse.Namespace, row: dict, improved: bool, kept: dict) -> str:
+    """The epoch in one line; ``kept`` is what the epoch's candidate for best.pth scored."""
+    ema = f" (EMA {row['val_f1_ema']:.4f})" if row["val_f1_ema"] != "" else ""
+    worst = engine.worst_class(kept["per_class"]) if "per_class" in kept else None
     return (f"epoch {row['epoch']}/{settings.epochs}: train loss {row['train_loss']:.4f}, "
-            f"val loss {row['val_loss']:.4f}, val F1 {row['val_f1']:.4f}, acc {row['val_acc']:.4f}, "
-            f"lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s" + (" *" if improved else ""))
+            f"val loss {row['val_loss']:.4f}, val F1 {row['val_f1']:.4f}{ema}, "
+            f"acc {row['val_acc']:.4f}"
+            + (f", worst class {worst[0]} F1 {worst[1]:.2f}" if worst else "")
+            + f", lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s" + (" *" if improved else ""))
 
 
 def save_epoch(run_dir: Path, record: dict, trainer: engine.Trainer, stopper: EarlyStopping,
-               state: dict, val: dict, improved: bool) -> None:
-    """best.pth when the epoch improved, last.pth (everything --resume needs), summary.csv."""
+               state: dict, val: dict, improved: bool, rng: list[dict],
+               weights_of: str = "model") -> None:
+    """best.pth (the model's or the EMA's weights, ``weights_of``, whichever scored ``val``) and
+    per_class.csv when the epoch improved; last.pth (everything --resume needs, every process's
+    random state in ``rng``), summary.csv."""
     weights = trainer.net.state_dict()
     if improved:
-        models.save_checkpoint({**record, "model": weights, "epoch": state["epoch"],
-                                "metrics": strip_arrays(val)}, run_dir / "best.pth")
+        best = trainer.ema.module.state_dict() if weights_of == "ema" else weights
+        models.save_checkpoint({**record, "model": best, "weights": weights_of,
+                                "epoch": state["epoch"], "metrics": strip_arrays(val)},
+                               run_dir / "best.pth")
+        if "per_class" in val:
+            write_per_class(run_dir / "per_class.csv", val["per_class"])
     models.save_checkpoint({**record, "model": weights, **trainer.state_dict(),
                             "train_state": {**state, **stopper.state_dict()},
-                            "rng": engine.rng_state(), "epoch": state["epoch"]},
+                            "rng": rng, "epoch": state["epoch"]},
                            run_dir / "last.pth")
     write_summary(run_dir / "summary.csv", state["summary"])
 
@@ -343,7 +441,67 @@ def gather_train_metrics(train: dict, procs: Processes) -> dict:
 
 
 def strip_arrays(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
+    """The scalar metrics as plain Python numbers (checkpoints hold no numpy objects)."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()
+            if not isinstance(v, np.ndarray)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The photos a run trains on, recorded, so that a resume continues the same experiment or refuses
+# ----------------------------------------------------------------------------------------------
+PHOTOS_FILE = "photos.csv"
+
+
+def photo_record(frame: pd.DataFrame, data_dir: Path, roles) -> pd.DataFrame:
+    """One row per photo of the run: path (inside the data folder), profile, label, its content
+    digest (what the image cache is keyed by) and its role: train or val, or its fold."""
+    return pd.DataFrame({"path": [os.path.relpath(p, data_dir) for p in frame["path"]],
+                         "profile": frame["profile"].to_numpy(), "label": frame["label"].to_numpy(),
+                         "digest": dataset.photo_digests(frame["path"].tolist()), "role": roles})
+
+
+def data_fingerprint(photos: pd.DataFrame) -> str:
+    """The training data in one value (paths, contents, labels): kept in every checkpoint."""
+    rows = photos[["path", "digest", "label"]].sort_values("path").to_csv(index=False)
+    return hashlib.sha1(rows.encode()).hexdigest()[:16]
+
+
+def continued_photos(args: argparse.Namespace, frame: pd.DataFrame, data_dir: Path,
+                     say=print) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """--resume: today's photos checked against the run's photos.csv. Photos added, removed or
+    changed (content or label) since the run started are named and refused, unless
+    --accept_data_change: then the run goes on with the photos it still has (new people are left
+    out). Returns (the frame to continue on, the recorded photos) — (frame, None) for a run of an
+    earlier version without photos.csv, whose k-fold folds.csv still decides who validates where."""
+    run_dir = Path(args.resume)
+    recorded_file = run_dir / PHOTOS_FILE
+    if not recorded_file.is_file():
+        say(f"warning: {run_dir} has no {PHOTOS_FILE} (a run of an earlier version): today's data "
+            "cannot be checked against what it trained on")
+        return frame, None
+    # every cell as text: a hex digest such as '12e4...' must not turn into a number
+    recorded = read_csv_checked(recorded_file, ["path", "profile", "label", "digest", "role"],
+                                dtype=str)
+    recorded["label"] = check_labels(recorded["label"], str(recorded_file), "label")
+    today = photo_record(frame, data_dir, roles=None)
+    before, now = recorded.set_index("path"), today.set_index("path")
+    added = now.index.difference(before.index)
+    removed = before.index.difference(now.index)
+    both = now.index.intersection(before.index)
+    changed = both[(now.loc[both, "digest"] != before.loc[both, "digest"])
+                   | (now.loc[both, "label"] != before.loc[both, "label"])]
+    differences = [f"{len(paths)} photo(s) {what} (first: {paths[0]})"
+                   for what, paths in (("added", added), ("removed", removed),
+                                       ("changed in content or label", changed)) if len(paths)]
+    if differences and not args.accept_data_change:
+        raise UserError(f"--resume {run_dir}: the training data changed since the run started: "
+                        f"{'; '.join(differences)}; add --accept_data_change to go on with the "
+                        "photos the run still has (new ones left out), or start a new run")
+    if differences:
+        say(f"warning: --accept_data_change: {'; '.join(differences)}; the run goes on with the "
+            "photos it still has")
+    keep = today["path"].isin(before.index).to_numpy()
+    return frame[keep].reset_index(drop=True), recorded.set_index("path").loc[today["path"][keep]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,28 +520,48 @@ class FoldPlan:
 
 
 def fold_assignments(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> pd.Series:
-    """Fold per profile: from --folds FILE (checked against the data), else StratifiedGroupKFold."""
-    if not args.folds:
+    """Fold per profile: the resumed run's own folds.csv, else --folds FILE (checked against the
+    data), else StratifiedGroupKFold."""
+    folds_file = args.folds
+    if args.resume and (Path(args.resume) / "folds.csv").is_file():
+        folds_file = str(Path(args.resume) / "folds.csv")  # a resume never re-splits
+    if not folds_file:
         return dataset.kfold_assignments(frame, args.kfold, args.seed, args.category, warn=warn)
-    table = read_csv_checked(args.folds, ["profile", "fold"])
-    folds = table.set_index("profile")["fold"]
+    folds = read_folds(folds_file)
     missing = sorted(set(frame["profile"]) - set(folds.index))
     if missing:
-        raise UserError(f"{args.folds}: {len(missing)} profile(s) of the data have no fold "
-                        f"(first: {missing[0]})")
+        hint = " (people added since the run started? --accept_data_change leaves them out)" \
+            if args.resume else ""
+        raise UserError(f"{folds_file}: {len(missing)} profile(s) of the data have no fold "
+                        f"(first: {missing[0]}){hint}")
     n_folds = folds.nunique()
     if args.kfold and args.kfold != n_folds:
-        raise UserError(f"{args.folds} has {n_folds} folds but --kfold is {args.kfold}")
+        raise UserError(f"{folds_file} has {n_folds} folds but --kfold is {args.kfold}")
     if sorted(folds.unique()) != list(range(n_folds)):
-        raise UserError(f"{args.folds}: folds must be numbered 0..{n_folds - 1}")
+        raise UserError(f"{folds_file}: folds must be numbered 0..{n_folds - 1}")
     return folds.loc[sorted(set(frame["profile"]))]
+
+
+def read_folds(path: str | Path) -> pd.Series:
+    """folds.csv (profile, fold) -> fold by profile; every cell checked, the first bad line named."""
+    table = read_csv_checked(path, ["profile", "fold"], dtype=str)
+    for line, (profile, fold) in enumerate(zip(table["profile"], table["fold"]), start=2):
+        if pd.isna(profile) or not str(profile).strip():
+            raise UserError(f"{path}:{line}: empty profile; expected <id>_<gender>_<race>_<age>")
+        if pd.isna(fold) or not str(fold).strip().isdigit() or not str(fold).isascii():
+            raise UserError(f"{path}:{line}: fold {shown_cell(fold)} for {profile}; expected a "
+                            "fold number 0, 1, ...")
+    doubled = table["profile"][table["profile"].duplicated()]
+    if len(doubled):
+        raise UserError(f"{path}: profile {doubled.iloc[0]} is given more than one fold")
+    return table.set_index("profile")["fold"].astype(int)
 
 
 def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> FoldPlan:
     """fold_assignments and every fold's rows, with --fold and each fold's training photos
     checked."""
     folds = fold_assignments(args, frame, warn)
-    n_folds = int(folds.nunique()) if args.folds else args.kfold
+    n_folds = int(folds.max()) + 1
     if args.fold is not None and not 0 <= args.fold < n_folds:
         raise UserError(f"--fold {args.fold}: expected 0..{n_folds - 1}")
     fold_of_row = frame["profile"].map(folds).to_numpy()
@@ -393,8 +571,8 @@ def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> 
 
 
 def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
-              images: np.ndarray, run_dir: Path, preprocess: dataset.Preprocess, face_info: dict,
-              procs: Processes) -> dict:
+              images: np.ndarray, run_dir: Path, preprocess: dataset.Preprocess, extra: dict,
+              procs: Processes, pipeline: pipelines.Pipeline | None = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
     every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
@@ -411,10 +589,11 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         train_rows, val_rows = plan.rows[fold]
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
-        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
-        result = fit(settings, data, fold_dir, extra={"face": face_info, "fold": fold},
-                     procs=procs)
-        results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"]}
+        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
+        result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs,
+                     hparams=False)
+        results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
+                         "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}
         if procs.main:
             atomic_write_text(done, json.dumps(results[fold]))
         procs.barrier()
@@ -424,8 +603,10 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         procs.say(f"folds {pending} still to train; oof.csv is written when all are done "
                   f"(train them with --fold, then run once more with --resume {run_dir})")
         return {"run_dir": run_dir, "best_f1": float("nan"), "folds": results}
-    metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs) \
-        if procs.main else {}
+    metrics = {}
+    if procs.main:
+        metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs)
+        reporting.log_kfold_hparams(run_dir, vars(settings), plan.n_folds, metrics)
     metrics = procs.broadcast(metrics)
     return {"run_dir": run_dir, "best_f1": metrics["f1"], "oof": metrics, "folds": results}
 
@@ -446,9 +627,13 @@ def write_out_of_fold(settings: argparse.Namespace, frame: pd.DataFrame, images:
     probs = pd.DataFrame(oof, columns=[f"p{c}" for c in range(oof.shape[1])])
     atomic_write_text(run_dir / "oof.csv", pd.concat([table, probs], axis=1).to_csv(index=False))
     atomic_write_text(run_dir / "oof_metrics.json", json.dumps(metrics, indent=2))
+    write_per_class(run_dir / "per_class.csv", metrics["per_class"])
     heads = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("f1_"))
+    worst = engine.worst_class(metrics["per_class"])
     print(f"out-of-fold: macro F1 {metrics['f1']:.4f}, acc {metrics['acc']:.4f}"
-          + (f" ({heads})" if heads else "") + f" -> {run_dir / 'oof.csv'}")
+          + (f" ({heads})" if heads else "")
+          + (f", worst class {worst[0]} F1 {worst[1]:.2f}" if worst else "")
+          + f" -> {run_dir / 'oof.csv'}")
     return metrics
 
 
@@ -462,9 +647,10 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
     if precision.channels_last:
         net.to(memory_format=torch.channels_last)
     normalize = checkpoint["normalize"]
-    channels = dataset.Preprocess.from_dict(checkpoint["preprocess"]).channels
+    preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
     augment = augmentation.build_augmentation(checkpoint["augmentation"], normalize["mean"],
-                                              normalize["std"], channels).to(device)
+                                              normalize["std"], preprocess.channels,
+                                              margin=preprocess.margin_pixels).to(device)
     batches = dataset.CachedBatches(images, np.zeros(len(rows), dtype=int), rows,
                                     settings.valid_batch_size, device)
     probs, _ = engine.predict_probabilities(net, batches, augment,
@@ -502,6 +688,21 @@ def run_precision(args: argparse.Namespace, device: torch.device) -> engine.Prec
 # ----------------------------------------------------------------------------------------------
 # main: one split, or k folds with out-of-fold predictions
 # ----------------------------------------------------------------------------------------------
+def say_model_defaults(args: argparse.Namespace, resolved: dict, say=print) -> None:
+    """One line when the model's own preprocessing (timm's pretrained_cfg) replaced the toolkit's."""
+    taken = []
+    if args.resize is None and tuple(resolved["resize"]) != config.DEFAULT_RESIZE:
+        taken.append("input size {}x{}".format(*resolved["resize"]))
+    if args.normalize == "auto" and resolved["normalize"] == "model":
+        mean, std = config.model_normalization(args.model)
+        taken.append(f"mean {[round(v, 4) for v in mean]} std {[round(v, 4) for v in std]}")
+    if args.interpolation == "auto" and resolved["interpolation"] != "area":
+        taken.append(f"{resolved['interpolation']} resizing")
+    if taken:
+        say(f"model preprocessing: {', '.join(taken)} from {args.model}'s timm pretrained_cfg "
+            "(--resize, --normalize, --interpolation override it)")
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train as ``args`` says; returns {'run_dir', 'best_f1', ...}. Knows nothing of argparse
     and leaves ``args`` as given: what was resolved (the data folder, the number of folds of a
@@ -516,40 +717,67 @@ def main(args: argparse.Namespace) -> dict:
     device = engine.process_device(args.device, procs)
     precision = run_precision(args, device)
     data_dir, frame = load_records(args, say=procs.say)
+    frame, recorded = continued_photos(args, frame, data_dir, procs.say) if args.resume \
+        else (frame, None)
     # split or folds decided (and checked) before any photo is decoded or folder written
     plan = checked_folds(args, frame, warn=procs.say) if args.kfold or args.folds else None
     if plan is None:
-        train_rows, val_rows = dataset.SPLITS[args.dataset](frame, args.val_ratio, args.seed)
+        train_rows, val_rows = split_rows(args, frame, recorded)
+        roles = np.where(np.isin(np.arange(len(frame)), val_rows), "val", "train")
         train_rows = train_rows_after_policies(args, frame, train_rows)
+    check_class_weights(args, frame, [r for r, _ in plan.rows] if plan else [train_rows])
+    photos = photo_record(frame, data_dir, plan.fold_of_row if plan else roles)
+    resolved = config.model_defaults(args)  # 'auto' and an absent --resize, made explicit
+    pipeline = pipelines.load_pipeline(args.augmentation)
     settings = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir),
-                                     "kfold": plan.n_folds if plan else args.kfold,
+                                     "kfold": plan.n_folds if plan else args.kfold, **resolved,
                                      "amp": precision.amp,
-                                     "channels_last": "on" if precision.channels_last else "off"})
+                                     "channels_last": "on" if precision.channels_last else "off",
+                                     # the pipeline's file, absolute, and its hash: a replay
+                                     # uses the same one or refuses
+                                     "augmentation": pipelines.resolved_value(args.augmentation),
+                                     "augmentation_sha256": pipeline and pipeline.sha256})
+    say_model_defaults(args, resolved, procs.say)
     preprocess = config.preprocess_of(settings)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
         procs.barrier()
     images, face_info = build_image_cache(settings, frame, preprocess, say=procs.say)
     if procs.main:
         procs.barrier()
-        run_dir = prepare_run_dir(settings)
+        run_dir = prepare_run_dir(settings, photos)
     run_dir = Path(procs.broadcast(str(run_dir) if procs.main else None))
     procs.say(f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
               f"{settings.model} {settings.category} {preprocess.resize[0]}x{preprocess.resize[1]}"
-              f" crop {preprocess.crop} | {device} x {procs.world} process(es) | "
-              f"{precision.describe()}")
+              f" crop {preprocess.crop} | {engine.process_device(settings.device, procs)} x "
+              f"{procs.world} process(es) | {precision.describe()}")
+    extra = {"face": face_info, "data_fingerprint": data_fingerprint(photos)}
     try:
         if plan is not None:
-            return run_kfold(settings, frame, plan, images, run_dir, preprocess, face_info, procs)
+            return run_kfold(settings, frame, plan, images, run_dir, preprocess, extra, procs,
+                             pipeline)
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                   f"repeats), {len(val_rows)} val photos")
-        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
-        result = fit(settings, data, run_dir, extra={"face": face_info}, procs=procs)
+        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
+        result = fit(settings, data, run_dir, extra=extra, procs=procs)
+        if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
+            atomic_write_text(run_dir / "done.json", json.dumps(
+                {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
+                 "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}))
     except BaseException:  # any failure, ours or torch's (out of memory), before a checkpoint
         if procs.main and not settings.resume and settings.fold is None:
             remove_if_no_checkpoint(run_dir)
         raise
     return {"run_dir": run_dir, **result}
+
+
+def split_rows(args: argparse.Namespace, frame: pd.DataFrame,
+               recorded: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows) of a single run: the resumed run's own split, else --dataset's."""
+    if recorded is not None:
+        is_val = (recorded["role"] == "val").to_numpy()
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    return dataset.SPLITS[args.dataset](frame, args.val_ratio, args.seed)
 
 
 if __name__ == "__main__":

@@ -332,3 +332,28 @@ def test_center_box_inside_image_with_aspect():
         assert abs((y1 - y0) / (x1 - x0) - aspect) < 0.05
 
 
+
+
+def test_interpolation_is_preprocessing_and_its_default_keeps_old_cache_names(tiny_train_dir):
+    import hashlib
+    import json
+    from dataclasses import replace
+    from PIL import Image
+
+    path = str(sorted(tiny_train_dir.glob("*/normal.*"))[0])
+    default = dataset.Preprocess(resize=(32, 24))
+    # caches and checkpoints written before the field existed keep their names and meaning
+    old = {"resize": [32, 24], "crop": "center", "canny": False, "face_margin": 0.4}
+    assert default.to_dict() == old and dataset.Preprocess.from_dict(old) == default
+    files = [[str(Path(path).resolve()), dataset.photo_digests([path])[0]]]  # path and content
+    signature = json.dumps([dataset.CACHE_VERSION, old, files])
+    assert dataset.cache_key([path], default) == hashlib.sha1(signature.encode()).hexdigest()[:16]
+    bicubic = replace(default, interpolation="bicubic")
+    assert dataset.Preprocess.from_dict(bicubic.to_dict()) == bicubic
+    assert dataset.cache_key([path], bicubic) != dataset.cache_key([path], default)
+    # bicubic is Pillow's (antialiased, as timm's transforms) on the same crop
+    image = dataset.decode_image(path)
+    x0, y0, x1, y1 = dataset.center_box(image.shape[1], image.shape[0], 32 / 24)
+    expected = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize((24, 32), Image.BICUBIC))
+    np.testing.assert_array_equal(dataset.preprocess_image(image, bicubic), expected)
+    assert not np.array_equal(dataset.preprocess_image(image, default), expected)

@@ -17,6 +17,7 @@ import pytest
 
 import dataset
 import face
+import face_detector
 from checked_io import UserError
 
 IMAGE_W, IMAGE_H = 384, 512
@@ -126,7 +127,7 @@ def test_detect_face_finds_a_drawn_face_and_nothing_on_blank_images():
     (x0, y0, x1, y1), score, method = found
     assert x0 < 192 < x1 and y0 < 200 < y1  # the drawn face's centre
     assert 0.2 * IMAGE_H <= y1 - y0 <= 0.8 * IMAGE_H
-    assert score > 0 and method in {step.method for step in face.DETECTION_STEPS}
+    assert score > 0 and method in {step.method for step in face_detector.DETECTION_STEPS}
     assert face.detect_face(np.full((IMAGE_H, IMAGE_W, 3), 128, np.uint8)) is None
     gradient = np.tile(np.linspace(0, 255, IMAGE_W, dtype=np.uint8), (IMAGE_H, 1))
     assert face.detect_face(cv2.merge([gradient] * 3)) is None
@@ -154,7 +155,7 @@ def test_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, monkeypat
     assert row_box(third, paths[1]) == (40, 40, 240, 240)
     assert third.set_index("path").loc[paths[1], "fallback"] == "none"
 
-    monkeypatch.setattr(face, "MIN_NEIGHBOURS", face.MIN_NEIGHBOURS + 1)  # other detector settings
+    monkeypatch.setattr(face_detector, "MIN_NEIGHBOURS", face_detector.MIN_NEIGHBOURS + 1)  # other settings
     _, n_fourth = face.detect_boxes(paths, ids, cache, progress=False)
     assert n_fourth == 2 and detector.calls == 5
 

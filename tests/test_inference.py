@@ -423,3 +423,58 @@ def test_fit_calibration_paths_of_the_wrong_kind(tmp_path, capsys):
     code, err = cli(capsys, "--fit_calibration", tmp_path / "b")
     assert code == 2 and "calibration.json: is a folder; expected a file name" in err
     assert "calibration:" not in capsys.readouterr().out  # refused before fitting
+
+
+# ---------------------------------------------------------------------------- issue 15
+def test_answers_print_every_class_with_sklearns_scores(tiny_sample, trained_run, tmp_path, capsys):
+    from sklearn.metrics import precision_recall_fscore_support
+    answers_path = tiny_sample / "eval" / "answers.csv"
+    result = infer(tiny_sample, tmp_path, [trained_run], "--answers", str(answers_path))
+    written = pd.read_csv(tmp_path / "output.csv", dtype={"ImageID": str})
+    truth = pd.read_csv(answers_path, dtype={"ImageID": str}).set_index("ImageID")["ans"]
+    _, _, f1, support = precision_recall_fscore_support(
+        truth.loc[written["ImageID"]], written["ans"], labels=np.arange(18), zero_division=0)
+    per_class = result["metrics"]["per_class"]
+    assert [row["f1"] for row in per_class.values()] == pytest.approx(list(f1))
+    assert [row["support"] for row in per_class.values()] == list(support)
+    printed = capsys.readouterr().out
+    table = printed[printed.index("per class"):printed.index("confusion matrix")]
+    for name, row in per_class.items():  # one line per class: its name, then its four numbers
+        line = next(line for line in table.splitlines() if line.startswith(name))
+        assert line.split()[-1] == str(row["support"]) and f"{row['f1']:.4f}" in line
+
+
+def test_timm_model_mean_is_recorded_and_applied_by_inference(tiny_sample, tmp_path, run_flags,
+                                                               capsys):
+    import timm
+    import augmentation
+    import model as models
+    # test_resnet's pretrained_cfg has mean = std = 0.5 (not ImageNet's) and bilinear resizing;
+    # its "pretrained" weights: a state dict of a freshly built model (no network)
+    weights = tmp_path / "test_resnet.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    args = train.parse_args(run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1",
+                                      "--model", "test_resnet", "--weights", str(weights),
+                                      "--val_ratio", "0"))
+    run_dir = Path(train.main(args)["run_dir"])
+    assert "model preprocessing: mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5], bilinear resizing " \
+           "from test_resnet's timm pretrained_cfg" in capsys.readouterr().out
+    best = torch.load(run_dir / "best.pth", weights_only=False)
+    assert best["normalize"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert best["preprocess"]["interpolation"] == "bilinear"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["normalize"], saved["interpolation"], saved["resize"]) == ("model", "bilinear",
+                                                                             [32, 24])
+    result = infer(tiny_sample, tmp_path / "out", [run_dir])
+    assert result["models"][0]["preprocess"].interpolation == "bilinear"
+    # inference's probabilities are the network's on the photos normalized with mean/std 0.5
+    net = models.restore_model(best)
+    pixels = torch.from_numpy(np.array(result["caches"][0])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        expected = net((pixels - 0.5) / 0.5).softmax(1).numpy()
+        imagenet = augmentation.build_augmentation("BaseAugmentation").eval()(
+            torch.from_numpy(np.array(result["caches"][0])))
+        other = net(imagenet).softmax(1).numpy()
+    np.testing.assert_allclose(result["probs"], expected, atol=1e-5)
+    assert not np.allclose(result["probs"], other, atol=1e-3)  # the mean made a difference

@@ -1,6 +1,7 @@
 """The project's shape: modules import downwards only, scripts never import scripts, the CSV voter
 starts without torch, and every script's flags read the same way (one spelling listed, hyphens
 accepted, each default shown once)."""
+import argparse
 import ast
 import subprocess
 import sys
@@ -11,12 +12,13 @@ import pytest
 import benchmark
 import config
 import ensemble_csv
+import experiments
 import face
 import inference
 import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "inference", "benchmark", "ensemble_csv"}
+SCRIPTS = {"train", "inference", "benchmark", "ensemble_csv", "experiments"}
 
 
 def project_imports() -> dict[str, set[str]]:
@@ -55,9 +57,18 @@ def test_the_csv_voter_starts_without_torch_opencv_or_sklearn():
     assert out.strip() == "[]"
 
 
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 PARSERS = {"train": config.get_args_parser, "inference": inference.get_args_parser,
            "benchmark": benchmark.get_args_parser, "ensemble_csv": ensemble_csv.get_args_parser,
-           "face": face.get_args_parser, "make_sample": make_sample.get_args_parser}
+           "face": face.get_args_parser, "make_sample": make_sample.get_args_parser,
+           "experiments": experiments.get_args_parser,
+           "experiments table": lambda: subcommand_parser(experiments.get_args_parser(), "table"),
+           "experiments select": lambda: subcommand_parser(experiments.get_args_parser(),
+                                                           "select")}
 
 
 @pytest.mark.parametrize("script", list(PARSERS))
@@ -96,3 +107,7 @@ def test_hyphens_work_in_every_script():
     assert ensemble_csv.parse_args(["a.csv", "b.csv", "--probs-output", "p.csv"]).probs_output == "p.csv"
     assert benchmark.parse_args(["--side-by-side", "2"]).side_by_side == [2]
     assert make_sample.get_args_parser().parse_args(["--n-train-people", "5"]).n_train_people == 5
+    args = experiments.parse_args(["select", "run", "--split-repeats", "2", "--no-calibrate"])
+    assert args.split_repeats == 2 and args.no_calibrate and args.runs == ["run"]
+    assert ensemble_csv.parse_args(["a", "b", "--soft", "--weights-file", "s.json"]).weights_file \
+        == "s.json"

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +196,76 @@ def test_multi_head_checks():
         build_loss("cross_entropy", 3, multi_head=True)
     with pytest.raises(ValueError, match="multi-head"):
         build_loss("cross_entropy", NUM_CLASSES, multi_head=True, weight=torch.ones(18))
+
+
+# ---------------------------------------------------------------------------- class weights
+def test_class_weights_balanced_is_sklearns_and_effective_follows_cui_et_al():
+    from sklearn.utils.class_weight import compute_class_weight
+    from loss import class_weights
+    targets = np.array([0] * 50 + [1] * 5 + [2] * 20)
+    balanced = class_weights(targets, 3, "balanced")
+    np.testing.assert_allclose(balanced, compute_class_weight("balanced", classes=np.arange(3), y=targets),
+                               rtol=1e-6)
+    beta = 0.99
+    effective = class_weights(targets, 3, "effective", beta=beta)
+    raw = (1 - beta) / (1 - beta ** np.array([50.0, 5.0, 20.0]))
+    np.testing.assert_allclose(effective, raw * 3 / raw.sum(), rtol=1e-6)
+    assert effective[1] > effective[2] > effective[0]  # the rarest class weighs most
+    np.testing.assert_allclose(class_weights(targets, 3, "effective", beta=0.0), np.ones(3))
+    assert class_weights(targets, 3, "none") is None
+    with pytest.raises(ValueError, match="class.* 3 have no training target"):
+        class_weights(targets, 4, "balanced")
+
+
+def _weighted_soft_cross_entropy(logits, soft, weight):
+    per_term = -soft * F.log_softmax(logits, 1) * weight
+    return per_term.sum() / (soft @ weight).sum()
+
+
+def test_weighted_losses_match_torch_and_their_definition():
+    weight = torch.tensor([0.2, 3.0, 1.0])
+    logits, labels, soft = make_logits("x", 3), make_labels(3), make_soft(3)
+    torch.testing.assert_close(build_loss("label_smoothing", 3, smoothing=0.2, weight=weight)(logits, labels),
+                               F.cross_entropy(logits, labels, weight=weight, label_smoothing=0.2))
+    torch.testing.assert_close(build_loss("cross_entropy", 3, weight=weight)(logits, soft),
+                               _weighted_soft_cross_entropy(logits, soft, weight))
+    # focal: each photo's term times its class weight, over the summed weight
+    p_true = F.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1)
+    w = weight[labels]
+    expected = (w * -(1 - p_true) ** 2 * p_true.log()).sum() / w.sum()
+    torch.testing.assert_close(build_loss("focal", 3, weight=weight)(logits, labels), expected)
+    # bce: each photo counts as much as its class
+    per_photo = F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, 3).float(),
+                                                   reduction="none").mean(1)
+    torch.testing.assert_close(build_loss("bce", 3, weight=weight)(logits, labels),
+                               (per_photo * w).sum() / w.sum())
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_every_loss_takes_class_weights(name, kind):
+    logits = make_logits(name, 3)
+    target = make_labels(3) if kind == "hard" else make_soft(3)
+    plain = build_loss(name, 3)(logits, target)
+    # weights that are all alike change nothing, whatever their scale
+    torch.testing.assert_close(build_loss(name, 3, weight=torch.full((3,), 2.5))(logits, target), plain)
+    weighted = build_loss(name, 3, weight=torch.tensor([0.1, 5.0, 1.0]))(logits, target)
+    assert torch.isfinite(weighted) and not torch.allclose(weighted, plain)
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_multi_head_loss_weighs_each_head_with_its_own_vector(kind):
+    head_weights = [torch.tensor([1.0, 4.0, 0.5]), torch.tensor([2.0, 0.5]), torch.tensor([0.3, 1.0, 3.0])]
+    logits = make_logits("x", 8)
+    target = make_labels(NUM_CLASSES) if kind == "hard" else make_soft(NUM_CLASSES)
+    criterion = build_loss("cross_entropy", NUM_CLASSES, multi_head=True, weight=head_weights)
+    if kind == "hard":
+        head_targets = [F.one_hot(t, size).float() for t, size in zip(decode_class(target), HEAD_SIZES)]
+    else:
+        from dataset import class_probs_to_heads
+        head_targets = class_probs_to_heads(target)
+    expected = sum(_weighted_soft_cross_entropy(out, t, w) for out, t, w in
+                   zip(logits.split(HEAD_SIZES, 1), head_targets, head_weights))
+    torch.testing.assert_close(criterion(logits, target), expected)
+    assert not torch.allclose(criterion(logits, target),
+                              build_loss("cross_entropy", NUM_CLASSES, multi_head=True)(logits, target))

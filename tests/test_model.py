@@ -211,3 +211,64 @@ def test_channels_last_does_not_change_outputs():
     net.to(memory_format=torch.channels_last)
     torch.testing.assert_close(net(x.contiguous(memory_format=torch.channels_last)), expected,
                                rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- Hugging Face hub
+HUB_REPO = "local/face-test"
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    """A local Hugging Face cache holding the repo local/face-test (timm's test_resnet with its own
+    pretrained_cfg: mean 0.3, input 64x48, bicubic) used offline, as HF_HUB_OFFLINE=1 would."""
+    import huggingface_hub.constants as hf_constants
+    import timm
+    from timm.models import save_for_hf
+
+    source = timm.create_model("test_resnet")
+    repo = tmp_path / "hub" / f"models--{HUB_REPO.replace('/', '--')}"
+    revision = "0" * 40
+    save_for_hf(source, repo / "snapshots" / revision, safe_serialization=True,
+                data_config={"mean": (0.3, 0.3, 0.3), "std": (0.2, 0.2, 0.2),
+                             "input_size": (3, 64, 48), "interpolation": "bicubic"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    models._hub_config.cache_clear()
+    yield source
+    models._hub_config.cache_clear()
+
+
+def test_hub_model_builds_offline_and_is_recorded_as_its_timm_architecture(hub_cache, tmp_path,
+                                                                           monkeypatch):
+    import huggingface_hub.constants as hf_constants
+    import config
+
+    net = models.build_model(f"hf-hub:{HUB_REPO}", 3, pretrained=True)
+    assert net.model_config["name"] == "timm/test_resnet"
+    torch.testing.assert_close(net.backbone.state_dict()["conv1.0.weight"],
+                               hub_cache.state_dict()["conv1.0.weight"])  # the hub's weights
+    settings = config.parse_args(["--model", f"hf-hub:{HUB_REPO}", "--pretrained"])
+    assert config.model_defaults(settings) == {"resize": [64, 48], "normalize": "model",
+                                               "interpolation": "bicubic"}
+    assert config.model_normalization(settings.model) == ([0.3] * 3, [0.2] * 3)
+    # the checkpoint rebuilds without the hub
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    rebuilt = models.restore_model({"model_config": net.model_config, "model": net.state_dict()})
+    x = images()
+    torch.testing.assert_close(rebuilt(x), net.eval()(x))
+
+
+def test_hub_names_fail_in_one_line(hub_cache, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    with pytest.raises(UserError, match=r"^hf-hub:local/elsewhere: no timm config.json on the hub "
+                                        r"or in the local cache \("):
+        models.validate_model_name("hf-hub:local/elsewhere")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_reachable", lambda host, timeout_s=3.0: False)
+    models._hub_config.cache_clear()
+    with pytest.raises(UserError, match="unreachable; for a model in the local hub cache set "
+                                        "HF_HUB_OFFLINE=1"):
+        models.validate_model_name(f"hf-hub:{HUB_REPO}")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import augmentation
+import config
 import dataset
 import engine
 import loss as losses
@@ -87,6 +88,9 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     ("--lr_decay_step", "0"), ("--mixup_alpha", "-1"), ("--cutmix_alpha", "0"),
     ("--log_interval", "0"), ("--gamma", "-1"), ("--old_age", "20"), ("--warmup_epochs", "-1"),
     ("--patience", "-1"), ("--face_margin", "-1"), ("--smoothing", "1.5"),
+    ("--model_ema_decay", "1"), ("--model_ema_decay", "0"), ("--grad_accum_steps", "0"),
+    ("--clip_grad", "0"), ("--class_weights_beta", "1"), ("--head_lr_mult", "-1"),
+    ("--layer_decay", "0"), ("--min_lr", "-1"),
 ])
 def test_bad_numbers_rejected_before_any_work(flag, value, tmp_path):
     args = train.parse_args([flag, value, "--data_dir", str(tmp_path / "nowhere"),
@@ -102,6 +106,8 @@ def test_bad_numbers_rejected_before_any_work(flag, value, tmp_path):
     (["--drop_ages", "59-57"], "expected LO <= HI"),
     (["--model_dir", "{file}"], "is a file; expected a folder"),
     (["--cache_dir", "{file}/cache"], "is a file, not a folder"),
+    (["--layer_decay", "0.7"], "--layer_decay 0.7: needs a timm model"),
+    (["--normalize", "model"], "--normalize model: BaseModel has no timm pretrained_cfg"),
 ])
 def test_bad_names_and_paths_rejected_before_any_work(extra, expected, tmp_path):
     a_file = tmp_path / "a_file"
@@ -296,3 +302,99 @@ def test_benchmark_and_train_build_the_same_trainer():
     assert trainer.net.model_config["multi_head"] and trainer.mixer is not None
     logits = trainer.net(torch.zeros(2, 3, 32, 24))
     assert logits.shape == (2, 8)
+
+
+# ---------------------------------------------------------------------------- issue 15
+def test_class_weights_with_a_class_missing_from_training_say_so_before_decoding(tiny_train_dir,
+                                                                                 tmp_path):
+    # the tiny sample has no man of 60 or more
+    flags = ["--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"),
+             "--cache_dir", str(tmp_path / "cache"), "--class_weights", "balanced"]
+    with pytest.raises(UserError, match=r"^--class_weights balanced: class\(es\) 02 wear-male-60\+, "
+                                        r"08 incorrect-male-60\+, 14 not_wear-male-60\+ have no "
+                                        r"training photo"):
+        train.main(train.parse_args(flags))
+    with pytest.raises(UserError, match=r"^fold 0: --class_weights effective: class\(es\) 2 60\+"):
+        train.main(train.parse_args(flags + ["--class_weights", "effective", "--category", "age",
+                                             "--kfold", "2", "--old_age", "95"]))
+    assert not any(tmp_path.iterdir())  # no cache decoded, no run folder made
+
+
+def test_timm_model_brings_its_own_preprocessing_unless_overridden(tmp_path):
+    weights = str(tmp_path / "w.pth")  # model_defaults only reads the flags
+
+    def resolved(*flags):
+        return config.model_defaults(train.parse_args(list(flags)))
+    toolkit = {"resize": [128, 96], "normalize": "imagenet", "interpolation": "area"}
+    assert resolved() == toolkit
+    assert resolved("--model", "test_resnet") == toolkit  # no pretrained weights: nothing to match
+    assert resolved("--model", "resnet18", "--weights", weights) == toolkit  # torchvision's
+    # test_resnet's pretrained_cfg: 160x160, mean = std = 0.5, bilinear
+    assert resolved("--model", "test_resnet", "--weights", weights) == {
+        "resize": [160, 160], "normalize": "model", "interpolation": "bilinear"}
+    assert resolved("--model", "timm/resnet18", "--pretrained")["interpolation"] == "bicubic"
+    # a ViT takes one size: it gets it even without weights
+    assert resolved("--model", "test_vit")["resize"] == [160, 160]
+    assert resolved("--model", "test_vit", "--pretrained", "--resize", "160", "160",
+                    "--normalize", "imagenet", "--interpolation", "area") == {
+        "resize": [160, 160], "normalize": "imagenet", "interpolation": "area"}
+    assert config.model_normalization("test_vit") == ([0.5] * 3, [0.5] * 3)
+
+
+def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(tiny_train_dir, tmp_path,
+                                                                         run_flags):
+    extra = ["--epochs", "3", "--early_stopping_patience", "0", "--multi_head", "--model_ema",
+             "--model_ema_decay", "0.6", "--grad_accum_steps", "2", "--clip_grad", "1.0",
+             "--optimizer", "lamb", "--scheduler", "cosine", "--warmup_epochs", "1",
+             "--class_weights", "effective", "--head_lr_mult", "3"]
+    common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, *extra)]
+    subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    victim = subprocess.Popen(common + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    killed_dir = tmp_path / "runs" / "killed"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once the first epoch is checkpointed
+        if (killed_dir / "summary.csv").is_file():
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert len(summary_rows(killed_dir)) < 3, "the run finished before it could be killed"
+    subprocess.run([sys.executable, "train.py", "--resume", str(killed_dir)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    whole_dir = tmp_path / "runs" / "whole"
+    whole = torch.load(whole_dir / "last.pth", weights_only=False)
+    resumed = torch.load(killed_dir / "last.pth", weights_only=False)
+    assert resumed["epoch"] == whole["epoch"] == 3 and resumed["updates"] == whole["updates"] == 9
+    for part in ("model", "ema"):
+        for key, tensor in whole[part].items():
+            assert torch.equal(tensor, resumed[part][key]), (part, key)
+    assert whole["scheduler"] == resumed["scheduler"]
+    assert any(not torch.equal(whole["ema"][k], whole["model"][k]) for k in whole["model"])
+    # what the run folder shows: the EMA's F1 per epoch, best.pth's weights named, per class
+    rows = summary_rows(whole_dir)
+    assert all(r["val_f1_ema"] != "" for r in rows)
+    best = torch.load(whole_dir / "best.pth", weights_only=False)
+    assert best["weights"] in ("model", "ema")
+    if best["epoch"] == 3:  # then best.pth holds the last epoch's weights of the kind it names
+        source = whole["ema"] if best["weights"] == "ema" else whole["model"]
+        assert all(torch.equal(best["model"][k], source[k]) for k in source)
+    per_class = list(csv.DictReader(open(whole_dir / "per_class.csv")))
+    assert [r["class"] for r in per_class] == dataset.class_names("multi")
+    assert float(per_class[0]["f1"]) == pytest.approx(best["metrics"]["per_class"][per_class[0]["class"]]["f1"], abs=1e-4)
+    assert (whole_dir / "confusion.png").read_bytes().startswith(b"\x89PNG")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(whole_dir)).Reload().Tags()["scalars"]
+    assert {"F1/val_ema", "F1_class/09 incorrect-female-<30"} <= set(tags)
+    assert json.loads((whole_dir / "config.json").read_text())["class_weights"] == "effective"
+
+
+def test_resume_with_model_ema_of_a_run_without_it_refuses_before_touching_it(tiny_train_dir,
+                                                                              tmp_path, run):
+    run_dir = run(tiny_train_dir, tmp_path, "--epochs", "1")["run_dir"]
+    config_before = (run_dir / "config.json").read_text()
+    # the resume refuses any setting that changes what the run computes (config.check_resumed_settings)
+    with pytest.raises(UserError, match=r"^--resume .*: --model_ema true differs from the run's false"):
+        train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2", "--model_ema"]))
+    assert (run_dir / "config.json").read_text() == config_before

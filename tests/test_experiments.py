@@ -1,0 +1,415 @@
+"""experiments.py: the run table and the out-of-fold ensemble selection, its file, and what
+inference.py --ensemble FILE and ensemble_csv.py --soft --weights_file make of it."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import f1_score
+
+import dataset
+import ensemble_csv
+import experiments
+import inference
+import selection
+import train
+from checked_io import PROB_COLUMNS, run_cli
+
+
+# ---------------------------------------------------------------------------- synthetic OOF runs
+def people(n_people: int, n_folds: int = 3, seed: int = 0) -> pd.DataFrame:
+    """7 photos per person with the competition's labels; folds by person."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for person in range(n_people):
+        gender, age = rng.integers(2), rng.integers(3)
+        profile = f"{person:06d}_{['male', 'female'][gender]}_Asian_{[20, 40, 60][age]}"
+        for stem in dataset.PHOTO_STEMS:
+            label = dataset.encode_class(dataset.MASK_BY_STEM[stem], gender, age)
+            rows.append({"path": f"/data/{profile}/{stem}.jpg", "profile": profile,
+                         "fold": person % n_folds, "label": int(label)})
+    # in the order selection keeps rows in (profile/photo), so arrays here line up with its own
+    return pd.DataFrame(rows).sort_values("path", ignore_index=True)
+
+
+def noisy_probs(labels: np.ndarray, skill: float, n_classes: int, seed: int) -> np.ndarray:
+    """Probabilities that favour the true class by ``skill`` (0 = noise)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(labels), n_classes))
+    logits[np.arange(len(labels)), labels] += skill
+    probs = np.exp(logits)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def write_oof_run(run_dir: Path, photos: pd.DataFrame, probs: np.ndarray,
+                  category: str = "multi", folds: pd.Series | None = None) -> Path:
+    """The files train.py --kfold writes that selection reads: config.json, folds.csv, oof.csv."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"category": category, "kfold": 3}))
+    if folds is None:
+        folds = photos.groupby("profile")["fold"].first()
+    folds.rename("fold").to_frame().to_csv(run_dir / "folds.csv")
+    table = photos.assign(label=dataset.category_target(photos["label"].to_numpy(), category))
+    columns = [f"p{c}" for c in range(probs.shape[1])]
+    pd.concat([table, pd.DataFrame(probs, columns=columns)], axis=1).to_csv(
+        run_dir / "oof.csv", index=False)
+    return run_dir
+
+
+def select_cli(capsys, *argv) -> tuple[int, str]:
+    code = run_cli(experiments.main, experiments.parse_args, ["select", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def macro(labels, probs) -> float:
+    return f1_score(labels, probs.argmax(1), average="macro")
+
+
+def test_selection_picks_the_obviously_better_run_of_a_pair(tmp_path, capsys):
+    photos = people(60)
+    labels = photos["label"].to_numpy()
+    # confidently wrong: any share of it in the mix costs F1 (listed first, so order cannot win)
+    write_oof_run(tmp_path / "model" / "a-wrong", photos,
+                  noisy_probs((labels + 1) % 18, 3.0, 18, 1))
+    write_oof_run(tmp_path / "model" / "good", photos, noisy_probs(labels, 2.5, 18, 2))
+    result = experiments.main(experiments.parse_args(
+        ["select", str(tmp_path / "model"), "--split_repeats", "1"]))
+    assert result["best_single"]["runs"] == ["good"]
+    assert [m["runs"] for m in result["members"]] == [["good"]]
+    document = json.loads((tmp_path / "model" / "selection.json").read_text())
+    assert document["members"][0]["weight"] == 1.0 and set(document["runs"]) == {"good"}
+    assert document["runs"]["good"]["path"] == "good"  # relative to the file: move them together
+    out = capsys.readouterr().out
+    assert "step  1: + good" in out and "split-half check" in out
+
+
+def test_split_half_check_exposes_a_gain_fitted_to_noise(tmp_path, capsys):
+    photos = people(60)
+    labels = photos["label"].to_numpy()
+    runs = [selection.read_oof_run(write_oof_run(tmp_path / n, photos, p), n) for n, p in (
+        ("noise", noisy_probs(labels, 0.0, 18, 1)), ("good", noisy_probs(labels, 2.5, 18, 2)))]
+    result = selection.select_runs(runs, repeats=5)
+    # the pure-noise run raises the OOF F1 a little by chance ...
+    assert "noise" in [m["runs"][0] for m in result["members"]]
+    assert result["oof_f1"] > result["best_single"]["oof_f1"]
+    # ... which the held-out halves do not confirm, and the verdict says so
+    check = result["split_half"]
+    assert check["mix"]["mean"] < 0.01 and check["mix"]["positive"] < 0.8 * check["halves"]
+    out = capsys.readouterr().out
+    assert "verdict: " in out and "gain over the best single run holds" not in out
+    assert "safer: --steps 1 (the best single run good alone)" in out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_selection_never_lowers_oof_f1_below_the_best_single_run(seed):
+    rng = np.random.default_rng(seed)
+    photos = people(int(rng.integers(8, 40)), seed=seed)
+    labels = photos["label"].to_numpy()
+    probs = [noisy_probs(labels, float(rng.uniform(0, 3)), 18, seed * 10 + i)
+             for i in range(int(rng.integers(2, 6)))]
+    chosen = selection.greedy_selection(probs, labels, steps=int(rng.integers(1, 12)),
+                                        patience=int(rng.integers(1, 4)))
+    best_single = max(macro(labels, p) for p in probs)
+    mix = selection.mix_of(probs, chosen.weights)
+    assert macro(labels, mix) >= best_single - 1e-12
+    assert macro(labels, mix) == pytest.approx(chosen.history[chosen.best_step - 1]["f1"])
+    assert chosen.history[0]["f1"] == pytest.approx(best_single)  # step 1: the best single
+    assert chosen.counts.sum() == chosen.best_step
+
+
+def test_a_second_run_that_fixes_the_first_ones_blind_spot_is_added(tmp_path, capsys):
+    photos = people(60)
+    labels = photos["label"].to_numpy()
+    # run a is good on gender 0 only, run b on gender 1 only: the mix beats both
+    gender = dataset.decode_class(labels)[1]
+    a = np.where((gender == 0)[:, None], noisy_probs(labels, 3, 18, 1), noisy_probs(labels, 0, 18, 2))
+    b = np.where((gender == 1)[:, None], noisy_probs(labels, 3, 18, 3), noisy_probs(labels, 0, 18, 4))
+    runs = [selection.read_oof_run(write_oof_run(tmp_path / n, photos, p), n)
+            for n, p in (("a", a), ("b", b))]
+    result = selection.select_runs(runs, repeats=2)
+    assert sorted(m["runs"][0] for m in result["members"]) == ["a", "b"]
+    assert result["oof_f1"] > result["best_single"]["oof_f1"] + 0.1
+    check = result["split_half"]
+    assert check["mix"]["mean"] > 0.05  # real: it holds on unseen people
+    assert check["mix"]["positive"] == check["halves"] == 4
+    assert "verdict: the mix's gain over the best single run holds" in capsys.readouterr().out
+
+
+def test_person_halves_never_split_a_person():
+    photos = people(40)
+    halves = selection.person_halves(photos["label"].to_numpy(), photos["profile"].to_numpy(), 3)
+    assert sorted(np.concatenate(halves).tolist()) == list(range(len(photos)))
+    first, second = (set(photos["profile"].to_numpy()[h]) for h in halves)
+    assert not first & second and abs(len(first) - len(second)) <= 4
+
+
+def test_a_trio_of_per_category_runs_is_one_candidate(tmp_path):
+    photos = people(30)
+    labels = photos["label"].to_numpy()
+    runs = []
+    for category in ("mask", "gender", "age"):
+        target = dataset.category_target(labels, category)
+        probs = noisy_probs(target, 2.0, dataset.CATEGORY_CLASSES[category], len(runs))
+        runs.append(write_oof_run(tmp_path / f"cv-{category}", photos, probs, category))
+    oof_runs = [selection.read_oof_run(d, d.name) for d in runs]
+    candidates = selection.build_candidates(oof_runs)
+    assert [c.runs for c in candidates] == [("cv-mask", "cv-gender", "cv-age")]
+    np.testing.assert_array_equal(selection.truth_labels(oof_runs), labels)
+    expected = dataset.heads_to_class_probs(*(r.probs for r in oof_runs))
+    np.testing.assert_allclose(candidates[0].probs, expected)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_runs_on_different_folds_are_refused_naming_them(tmp_path, capsys):
+    photos = people(30)
+    labels = photos["label"].to_numpy()
+    write_oof_run(tmp_path / "a", photos, noisy_probs(labels, 1, 18, 1))
+    other = photos.groupby("profile")["fold"].first().map(lambda f: (f + 1) % 3)
+    write_oof_run(tmp_path / "b", photos.assign(fold=photos["profile"].map(other)),
+                  noisy_probs(labels, 1, 18, 2), folds=other)
+    code, err = select_cli(capsys, tmp_path / "a", tmp_path / "b", "-o", tmp_path / "s.json")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "different folds" in err and " a (folds" in err and " b (folds" in err
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_oof", "no oof.csv"),
+    ("empty_model_dir", "no run folders in"),
+    ("only_single_runs", "no finished k-fold runs"),
+    ("incomplete_trio", "make no mask+gender+age trio (no age run)"),
+    ("other_labels", "labels differ"),
+    ("logits", "not a number in [0, 1]"),
+])
+def test_bad_selection_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, message):
+    photos = people(12)
+    labels = photos["label"].to_numpy()
+    model = tmp_path / "model"
+    model.mkdir()
+    good = write_oof_run(model / "good", photos, noisy_probs(labels, 1, 18, 1))
+    argv = [model]
+    if case == "no_oof":
+        (model / "half").mkdir()
+        (model / "half" / "config.json").write_text("{}")
+        argv = [good, model / "half"]
+    elif case == "empty_model_dir":
+        shutil.rmtree(good)
+    elif case == "only_single_runs":
+        (good / "oof.csv").unlink()
+    elif case == "incomplete_trio":
+        for category in ("mask", "gender"):
+            target = dataset.category_target(labels, category)
+            write_oof_run(model / category, photos,
+                          noisy_probs(target, 1, dataset.CATEGORY_CLASSES[category], 3), category)
+    elif case == "other_labels":
+        write_oof_run(model / "relabelled", photos.assign(label=(labels + 1) % 18),
+                      noisy_probs(labels, 1, 18, 4))
+    elif case == "logits":
+        write_oof_run(model / "logits", photos, np.log(noisy_probs(labels, 1, 18, 5)))
+    code, err = select_cli(capsys, *argv, "-o", tmp_path / "s.json")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("weights", [[0, 0], [-1, 2], ["1", 1]])
+def test_selection_weights_that_do_not_sum_positive_are_refused(tmp_path, capsys, weights):
+    document = {"format": "maskface-selection/1", "runs": {"a": {"path": "a"}, "b": {"path": "b"}},
+                "members": [{"runs": ["a"], "weight": weights[0]},
+                            {"runs": ["b"], "weight": weights[1]}]}
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps(document))
+    code = run_cli(inference.main, inference.parse_args,
+                   ["--ensemble", str(path), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "weight" in err
+    probs = [tmp_path / "a.csv", tmp_path / "b.csv"]
+    for p in probs:
+        pd.DataFrame([[f"{i}.jpg"] + [1 / 18] * 18 for i in range(3)],
+                     columns=["ImageID", *PROB_COLUMNS]).to_csv(p, index=False)
+    code = run_cli(ensemble_csv.main, ensemble_csv.parse_args,
+                   [*map(str, probs), "--soft", "--weights_file", str(path),
+                    "-o", str(tmp_path / "vote.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "weight" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "vote.csv").exists()
+
+
+# ---------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def model_dir(tiny_sample, tmp_path_factory, run_flags) -> Path:
+    """Two tiny k-fold runs on shared folds and one single run, under one model dir."""
+    out = tmp_path_factory.mktemp("experiments")
+    flags = lambda *extra: train.parse_args(run_flags(  # noqa: E731
+        tiny_sample / "train" / "images", out, "--epochs", "1", "--early_stopping_patience", "0",
+        *extra))
+    first = train.main(flags("--kfold", "2", "--name", "cv-a"))["run_dir"]
+    train.main(flags("--folds", str(first / "folds.csv"), "--name", "cv-b", "--lr", "0.01",
+                     "--augmentation", "BaseAugmentation"))
+    train.main(flags("--name", "single"))
+    return out / "runs"
+
+
+def test_inference_with_the_selection_file_applies_the_selected_weights(
+        model_dir, tiny_sample, tmp_path, capsys):
+    runs = tmp_path / "model"
+    shutil.copytree(model_dir, runs, ignore=shutil.ignore_patterns("single"))
+    selected = experiments.main(experiments.parse_args(["select", str(runs), "--split_repeats", "1"]))
+    document = json.loads((runs / "selection.json").read_text())
+    eval_dir = tiny_sample / "eval"
+    common = ["--data_dir", str(eval_dir), "--cache_dir", str(tmp_path / "cache"),
+              "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    per_run = {}
+    for name in ("cv-a", "cv-b"):  # each run alone: the mean of its folds
+        per_run[name] = inference.main(inference.parse_args(
+            ["--ensemble", "--model_dir", str(runs / name), "--name_csv", f"{name}.csv",
+             "--no_calibrate", *common]))["probs"]
+
+    def expected(doc: dict) -> np.ndarray:
+        total = sum(m["weight"] for m in doc["members"])
+        return sum(m["weight"] / total * per_run[m["runs"][0]] for m in doc["members"])
+
+    result = inference.main(inference.parse_args(["--ensemble", str(runs / "selection.json"),
+                                                  *common]))
+    np.testing.assert_allclose(result["probs"], expected(document), atol=1e-6)
+    assert [m["weight"] for m in document["members"]] == pytest.approx(
+        [m["weight"] for m in selected["members"]])
+    offsets = np.asarray(document["calibration"]["offsets"])
+    np.testing.assert_array_equal(result["predictions"]["ans"].to_numpy(),
+                                  (np.log(np.clip(result["probs"], 1e-12, None))
+                                   + offsets).argmax(1))
+    # uneven weights, so the check can tell a weighted vote from a plain one
+    document["members"] = [{"runs": ["cv-a"], "weight": 3}, {"runs": ["cv-b"], "weight": 1}]
+    (runs / "uneven.json").write_text(json.dumps(document))
+    uneven = inference.main(inference.parse_args(["--ensemble", str(runs / "uneven.json"),
+                                                  "--name_csv", "uneven.csv", *common]))
+    np.testing.assert_allclose(uneven["probs"], expected(document), atol=1e-6)
+    assert not np.allclose(uneven["probs"], (per_run["cv-a"] + per_run["cv-b"]) / 2, atol=1e-4)
+    # ensemble_csv.py with the same file and the runs' probability CSVs: the same submission
+    vote = ensemble_csv.main(ensemble_csv.parse_args(
+        [str(tmp_path / "out" / "cv-a_probs.csv"), str(tmp_path / "out" / "cv-b_probs.csv"),
+         "--soft", "--weights_file", str(runs / "uneven.json"), "-o", str(tmp_path / "v.csv")]))
+    assert vote["ans"].tolist() == uneven["predictions"]["ans"].tolist()
+    # a run retrained after the selection is refused, nothing written
+    with open(runs / "cv-b" / "oof.csv", "a") as f:
+        f.write("\n")
+    capsys.readouterr()
+    code = run_cli(inference.main, inference.parse_args,
+                   ["--ensemble", str(runs / "selection.json"), *common[:-1],
+                    str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not the one selected on" in err and not (tmp_path / "never").exists()
+
+
+def test_table_lists_every_run_folder_and_survives_half_written_ones(model_dir, tmp_path, capsys):
+    runs = tmp_path / "model"
+    shutil.copytree(model_dir, runs)
+    # a per-category k-fold run (its small files, as train.py writes them)
+    shutil.copytree(runs / "cv-a", runs / "cv-mask")
+    config = json.loads((runs / "cv-mask" / "config.json").read_text())
+    (runs / "cv-mask" / "config.json").write_text(json.dumps({**config, "category": "mask"}))
+    (runs / "cv-mask" / "oof_metrics.json").write_text(json.dumps({"f1": 0.5, "acc": 0.6}))
+    # half-written folders: a config.json alone, a torn summary.csv, nothing at all
+    (runs / "just-config").mkdir()
+    shutil.copy(runs / "single" / "config.json", runs / "just-config")
+    shutil.copytree(runs / "single", runs / "torn")
+    (runs / "torn" / "done.json").unlink()
+    (runs / "torn" / "summary.csv").write_text("epoch,train_loss,val_l")
+    (runs / "empty").mkdir()
+    (runs / "edited").mkdir()  # a hand-edited config.json of the wrong types
+    (runs / "edited" / "config.json").write_text('{"kfold": "3", "augmentation": ["x"]}')
+    (runs / "cv-b" / "oof.csv").unlink()  # killed before the out-of-fold step
+    capsys.readouterr()
+    table = experiments.main(experiments.parse_args(
+        ["table", str(runs), "--csv", str(tmp_path / "t.csv"), "--sort", "oof_f1"]))
+    out = capsys.readouterr().out
+    by_run = table.set_index("run")
+    assert set(by_run.index) == {"cv-a", "cv-b", "cv-mask", "single", "just-config", "torn",
+                                 "empty", "edited"}
+    oof = json.loads((runs / "cv-a" / "oof_metrics.json").read_text())
+    assert by_run.loc["cv-a", "oof_f1"] == pytest.approx(oof["f1"])
+    assert by_run.loc["cv-a", "f1_age"] == pytest.approx(oof["f1_age"])
+    assert by_run.loc["cv-a", "kind"] == "2-fold" and by_run.loc["cv-a", "status"] == "done"
+    assert by_run.loc["cv-a", "folds"] == by_run.loc["cv-b", "folds"]  # shared folds.csv
+    assert by_run.loc["cv-mask", "category"] == "mask"
+    scores = table["oof_f1"].astype(float)  # --sort oof_f1: largest first, blanks last
+    assert scores.notna().tolist() == sorted(scores.notna().tolist(), reverse=True)
+    assert scores.dropna().is_monotonic_decreasing and scores.notna().sum() == 3
+    summary = pd.read_csv(runs / "single" / "summary.csv")
+    assert by_run.loc["single", "val_f1"] == pytest.approx(summary["val_f1"].max())
+    assert by_run.loc["single", "wall_s"] > 0 and by_run.loc["single", "epochs"] == "1/1"
+    assert "no oof.csv (2/2 folds done)" in by_run.loc["cv-b", "status"]
+    assert "no summary.csv" in by_run.loc["just-config", "status"]
+    assert "unreadable summary.csv" in by_run.loc["torn", "status"]
+    assert "no config.json" in by_run.loc["empty", "status"]
+    # the settings that differ between the runs get a column; the same ones do not
+    assert {"lr", "augmentation"} <= set(table.columns) and "batch_size" not in table.columns
+    assert by_run.loc["cv-b", "lr"] == "0.01"
+    assert pd.read_csv(tmp_path / "t.csv")["run"].tolist() == table["run"].tolist()
+    assert "cv-mask" in out and "torn" in out
+    only = experiments.main(experiments.parse_args(["table", str(runs), "--filter", "cv-*"]))
+    assert sorted(only["run"]) == ["cv-a", "cv-b", "cv-mask"]
+
+
+def test_runs_log_tensorboard_hparams(model_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for run, metric, expected in (
+            ("cv-a", "hparams/oof_f1",
+             json.loads((model_dir / "cv-a" / "oof_metrics.json").read_text())["f1"]),
+            ("single", "hparams/best_val_f1",
+             pd.read_csv(model_dir / "single" / "summary.csv")["val_f1"].max())):
+        events = EventAccumulator(str(model_dir / run))
+        events.Reload()
+        assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+        assert events.Scalars(metric)[-1].value == pytest.approx(expected, abs=1e-6)
+
+
+def test_ensemble_csv_applies_a_selection_of_one_run_with_its_offsets(tmp_path, capsys):
+    ids = [f"{i}.jpg" for i in range(4)]
+    probs = np.full((4, 18), 0.02)
+    probs[:, 0], probs[:, 1] = 0.5, 0.18  # class 0 wins unless calibrated
+    pd.concat([pd.DataFrame({"ImageID": ids}), pd.DataFrame(probs, columns=PROB_COLUMNS)],
+              axis=1).to_csv(tmp_path / "a_probs.csv", index=False)
+    offsets = [0.0] * 18
+    offsets[1] = 2.0  # log 0.18 + 2 > log 0.5
+    (tmp_path / "s.json").write_text(json.dumps({
+        "format": "maskface-selection/1", "runs": {"a": {"path": "a"}},
+        "members": [{"runs": ["a"], "weight": 1.0}], "calibration": {"offsets": offsets}}))
+    argv = [str(tmp_path / "a_probs.csv"), "--soft", "--weights_file", str(tmp_path / "s.json")]
+    vote = ensemble_csv.main(ensemble_csv.parse_args(argv + ["-o", str(tmp_path / "v.csv")]))
+    assert vote["ans"].tolist() == [1] * 4 and "member a" in capsys.readouterr().out
+    plain = ensemble_csv.main(ensemble_csv.parse_args(argv + ["-o", str(tmp_path / "p.csv"),
+                                                              "--no_calibrate"]))
+    assert plain["ans"].tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("case, message", [
+    ("folder", "is a folder; --ensemble takes a selection JSON"),
+    ("with_model_dir", "names its runs; drop --model_dir"),
+    ("not_a_selection", "not a selection file of experiments.py select"),
+    ("run_gone", "run a: no folder"),
+    ("trio_of_two", "expected \"runs\": 1 run (or a trio of 3)"),
+])
+def test_inference_refuses_a_bad_selection_file_in_one_line(tmp_path, capsys, case, message):
+    (tmp_path / "a").mkdir()
+    document = {"format": "maskface-selection/1", "runs": {"a": {"path": "a"}},
+                "members": [{"runs": ["a"], "weight": 1}]}
+    path, extra = tmp_path / "selection.json", []
+    if case == "folder":
+        path = tmp_path / "a"
+    elif case == "with_model_dir":
+        extra = ["--model_dir", str(tmp_path / "a")]
+    elif case == "not_a_selection":
+        document.pop("format")
+    elif case == "run_gone":
+        (tmp_path / "a").rmdir()
+    elif case == "trio_of_two":
+        document["members"] = [{"runs": ["a", "a"], "weight": 1}]
+    (tmp_path / "selection.json").write_text(json.dumps(document))
+    code = run_cli(inference.main, inference.parse_args,
+                   ["--ensemble", str(path), *extra, "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
