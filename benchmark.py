@@ -15,7 +15,11 @@ Prints one table (measurement | images/s, seconds or MB | ratio):
      training loop (engine.train_one_epoch over cached photos, augmentation included);
   3. inference with and without flip TTA (engine.predict_views);
   4. cache build time from a cold cache, its size on disk, and the peak memory of the process;
-  5. with --side_by_side N: N training processes at once on the device (k-fold's folds run as
+  5. with --compare_augmentation VALUE ...: the data path and the training loop with other
+     --augmentation values in the same run: presets, and per-image pipelines (a saved
+     albumentations file, module:function, TrivialAugmentWide, RandAugment) whose batches come
+     from --augment_workers worker processes;
+  6. with --side_by_side N: N training processes at once on the device (k-fold's folds run as
      `train.py --fold i &`) against one, in images/s trained in all (one window of
      batches x repeats batches each; it pays where the ratio is clearly above 1).
 Every rate is the median of --repeats timed windows of --batches batches, after warm-up batches.
@@ -49,6 +53,7 @@ import config
 import dataset
 import engine
 import model as models
+import pipelines
 from checked_io import FlagParser, UserError, atomic_write_text, check_output_path, run_cli
 from make_sample import resolve_train_dir
 
@@ -79,6 +84,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--augmentation", default="CustomAugmentation", choices=list(augmentation.AUGMENTATIONS),
         help="the toolkit's batch augmentation (train.py's default); its crop also decides "
              "whether the reference loader centre-crops first")
+    add("--compare_augmentation", nargs="+", default=[], metavar="VALUE",
+        help="also time the data path and training loop with these --augmentation values: "
+             "presets or user pipelines (aug.json, module:function), e.g. examples/strong_aug.json "
+             "TrivialAugmentWide; off when not given")
+    add("--augment_workers", type=int, default=None, metavar="N",
+        help="worker processes of the per-image pipelines (as train.py; when not given: one per "
+             "core but one, 1..8)")
     add("--optimizer", default="adam", choices=engine.OPTIMIZERS, help="optimizer of the train steps")
     add("--compile", action="store_true", help="torch.compile the model (as train.py --compile)")
     add("--side_by_side", type=int, nargs="+", default=[], metavar="N",
@@ -122,6 +134,11 @@ def check_args(args: argparse.Namespace) -> None:
                         "process counts of at least 1")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
+    if args.augment_workers is not None and args.augment_workers < 0:
+        raise UserError(f"--augment_workers {args.augment_workers}: expected 0 or more")
+    preprocess = dataset.Preprocess(resize=tuple(args.resize))
+    for value in args.compare_augmentation:  # loaded and run on dummy images now, not after minutes
+        pipelines.checked_pipeline(value, preprocess)
     if min(args.resize) < 16:
         raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
     # both are only used after minutes of measuring: a path of the wrong kind must fail now
@@ -295,6 +312,53 @@ def time_toolkit_path(images: np.ndarray, labels: np.ndarray, preset: str, *,
         synchronize(device)
         seconds.append(time.perf_counter() - started)
     return rate(batches * batch_size, seconds)
+
+
+def time_augmentation(images: np.ndarray, labels: np.ndarray, value: str, *,
+                      settings: argparse.Namespace, device: torch.device, batches: int,
+                      repeats: int, workers: int) -> dict:
+    """--augmentation ``value``'s data path (to a normalized batch on the device) and training
+    loop (train_one_epoch with it), images/s each; a per-image pipeline runs in ``workers``
+    processes, started (and warmed up) before the timing."""
+    pipeline = pipelines.load_pipeline(value)
+    if pipeline is None:
+        path = time_toolkit_path(images, labels, value, batch_size=settings.batch_size,
+                                 device=device, batches=batches, repeats=repeats)
+    else:
+        augment = augmentation.build_augmentation(value).to(device).train()
+        epoch = pipeline_batches(images, labels, pipeline, batches, settings.batch_size, device,
+                                 workers)
+        next(iter(epoch))  # starts the workers
+        seconds = []
+        for _ in range(repeats):
+            synchronize(device)
+            started = time.perf_counter()
+            for uint8_images, _, _ in epoch:
+                augment(uint8_images)
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+        path = rate(batches * settings.batch_size, seconds)
+    torch.manual_seed(settings.seed)
+    trainer = build_trainer(argparse.Namespace(**{**vars(settings), "augmentation": value}), device)
+    epoch = toolkit_batches(images, labels, batches * settings.batch_size, settings.batch_size,
+                            device)
+    if pipeline is not None:
+        epoch = pipeline_batches(images, labels, pipeline, batches, settings.batch_size, device,
+                                 workers)
+    train_epoch(trainer, epoch)  # warm-up, and the workers' start
+    loop = statistics.median(train_epoch(trainer, epoch)["images_per_s"] for _ in range(repeats))
+    how = "batched on the device" if pipeline is None else (
+        f"per image in {workers} worker process(es)" if workers else "per image, in process")
+    return {"value": value, "how": how, "path": path, "loop": loop}
+
+
+def pipeline_batches(images: np.ndarray, labels: np.ndarray, pipeline: pipelines.Pipeline,
+                     batches: int, batch_size: int, device: torch.device,
+                     workers: int) -> pipelines.PipelineBatches:
+    rows = np.resize(np.arange(len(images)), batches * batch_size)
+    cached = dataset.CachedBatches(images, np.asarray(labels)[rows], rows, batch_size, device,
+                                   shuffle=True, preload=False)
+    return pipelines.PipelineBatches(cached, pipeline, workers)
 
 
 def build_trainer(settings: argparse.Namespace, device: torch.device) -> engine.Trainer:
@@ -522,6 +586,13 @@ def format_report(results: dict) -> str:
         f"| peak memory (ru_maxrss) | {m['process']:,.0f} MB "
         f"| largest loader worker {m['largest_worker']:,.0f} MB |",
     ]
+    for row in results.get("augmentations", []):
+        lines += [
+            f"| data path: toolkit, {row['value']} ({row['how']}) "
+            f"| {row['path']['images_per_s']:,.0f} img/s "
+            f"| {row['path']['images_per_s'] / d['reference']['images_per_s']:.1f}x |",
+            f"| train step: toolkit loop with {row['value']} | {row['loop']:,.1f} img/s "
+            f"| {100 * row['loop'] / t['ceiling']['images_per_s']:.0f}% |"]
     for row in results.get("side_by_side", []):
         what = ("1 training process" if row["processes"] == 1
                 else f"{row['processes']} training processes at once, in all")
@@ -563,6 +634,11 @@ def main(args: argparse.Namespace) -> dict:
                                      autocast_dtype=autocast_dtype, batches=batches,
                                      repeats=repeats)
         del net
+        workers = pipelines.default_workers() if args.augment_workers is None \
+            else args.augment_workers
+        compared = [time_augmentation(images, targets, value, settings=settings, device=device,
+                                      batches=batches, repeats=repeats, workers=workers)
+                    for value in args.compare_augmentation]
         memory = peak_memory_mb()  # before the side-by-side processes count as children
         side_by_side = []
         if args.side_by_side:
@@ -583,7 +659,7 @@ def main(args: argparse.Namespace) -> dict:
                    "wall_s": time.perf_counter() - started},
         "machine": {**machine, "load_average_end": round(os.getloadavg()[0], 1)},
         "cache": cache, "data_path": data_path, "train": training, "inference": inferred,
-        "memory": memory, "side_by_side": side_by_side,
+        "memory": memory, "side_by_side": side_by_side, "augmentations": compared,
     }
     report = format_report(results)
     if args.output:

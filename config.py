@@ -15,6 +15,7 @@ import dataset
 import engine
 import loss as losses
 import model as models
+import pipelines
 from checked_io import FlagParser, UserError, check_output_path, read_json_checked
 
 # old spellings of the competition's code, accepted but not listed in --help
@@ -23,9 +24,28 @@ DEFAULT_RESIZE = (128, 96)  # H, W: the toolkit's own input size (BaseModel on a
 NORMALIZE_MODES = ("auto", "imagenet", "dataset", "model")
 
 
+AUGMENTATION_HELP = (
+    "a preset, run on whole batches on the training device ("
+    + "; ".join(f"{k}: {v.help}" for k, v in augmentation.AUGMENTATIONS.items())
+    + "), or a user pipeline run per image on the CPU: a file saved by albumentations' A.save "
+    "(.json/.yaml/.yml), or module:function returning an albumentations or torchvision v2 "
+    "pipeline (module: a .py path or an importable module)")
+
+
+def augmentation_value(text: str) -> str:
+    """argparse type of --augmentation: a preset name or the shape of a pipeline reference (the
+    pipeline itself is loaded and checked by check_args)."""
+    if text in augmentation.AUGMENTATIONS or augmentation.is_pipeline_value(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: '{text}' (choose one of: {', '.join(augmentation.AUGMENTATIONS)}; or a "
+        f"saved albumentations pipeline {'/'.join(augmentation.PIPELINE_SUFFIXES)}, or "
+        "module:function)")
+
+
 # flags a resumed run may change: they decide how long and where it runs, not what it computes
 RESUME_SAFE = ("epochs", "early_stopping_patience", "log_interval", "valid_batch_size",
-               "num_workers", "cache_dir", "device", "compile", "data_dir")
+               "num_workers", "cache_dir", "device", "compile", "data_dir", "augment_workers")
 # ... and those that only say how this call runs, never saved in config.json
 NOT_SAVED = ("resume", "config", "fold", "accept_data_change")
 
@@ -87,8 +107,27 @@ def get_args_parser() -> FlagParser:
                              "--pretrained or --weights, and the only size a ViT-like model "
                              "takes)" % DEFAULT_RESIZE)
     images.add_argument("--augmentation", default="CustomAugmentation",
-                        choices=list(augmentation.AUGMENTATIONS),
-                        help="; ".join(f"{k}: {v.help}" for k, v in augmentation.AUGMENTATIONS.items()))
+                        type=augmentation_value, help=AUGMENTATION_HELP)
+    images.add_argument("--augmentation_sha256", default=None, metavar="HEX",
+                        help="sha256 the --augmentation file (pipeline file or module) must have "
+                             "(when not given: not checked); config.json records it, so a replay "
+                             "(--config, --resume) refuses a changed file")
+    images.add_argument("--augment_workers", type=int, default=None, metavar="N",
+                        help="processes running a per-image pipeline while the model trains (0 = "
+                             "in the training process; when not given: one per core but one, 1..8)")
+    images.add_argument("--crop_margin", type=float, default=0.0, metavar="M",
+                        help="cache M of the crop's height and width more on each side (0.1: "
+                             "1.2x the size), for random crops in training: a random --resize box, "
+                             "or with --rrc_scale a random-resized crop; evaluation takes the "
+                             "centred box, the crop of M = 0")
+    images.add_argument("--rrc_scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="random-resized crops in training (when not given: off): area range "
+                             "as a fraction of the cached image (with --crop_margin: of the crop "
+                             "and its margin), e.g. 0.5 1")
+    images.add_argument("--rrc_ratio", type=float, nargs=2, default=[3 / 4, 4 / 3],
+                        metavar=("LO", "HI"),
+                        help="aspect range of --rrc_scale crops relative to --resize's (1 = no "
+                             "stretch; default: 3/4 4/3, as torchvision's)")
     images.add_argument("--crop", default=None, choices=dataset.CROPS,
                         help="crop before resizing (when not given: the augmentation's; face = "
                              "detected face box)")
@@ -218,10 +257,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             saved[action.dest] = whole_numbers(action, saved[action.dest])
             check_replayed(action, saved[action.dest], replay)
     parser.set_defaults(**saved)
-    args = parser.parse_args(argv)
-    if args.resume:
-        check_resumed_settings(args, saved, replay)
-    return args
+    replayed = parser.parse_args(argv)
+    if args.augmentation_sha256 is None and \
+            pipelines.resolved_value(replayed.augmentation) != saved.get("augmentation"):
+        replayed.augmentation_sha256 = None  # the recorded hash is of the replayed pipeline
+    if replayed.resume:
+        check_resumed_settings(replayed, saved, replay)
+    return replayed
 
 
 def whole_numbers(action: argparse.Action, value):
@@ -254,12 +296,14 @@ def check_replayed(action: argparse.Action, value, source: str) -> None:
     expected = names.get(action.type, "a string")
     if action.nargs == 0:  # store_true / store_false
         expected, fits = "true or false", isinstance(value, bool)
+    elif value is None:  # a flag whose default is None (--rrc_scale, --tmax) may stay unset
+        fits = action.default is None or action.type is None
+        if isinstance(action.nargs, int):
+            expected = f"a list of {action.nargs} values"
     elif isinstance(action.nargs, int):
         expected = f"a list of {action.nargs} values"
         fits = isinstance(value, list) and len(value) == action.nargs and all(
             action.type is None or isinstance(v, action.type) for v in value)
-    elif value is None:
-        fits = action.default is None or action.type is None
     elif action.type in (int, float):
         fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             action.type is float or float(value).is_integer())
@@ -300,6 +344,8 @@ LIMITS = {
     "arc_margin": (lambda v: 0 <= v < math.pi / 2, "0 <= margin < pi/2 radians"),
     "drop_rate": (lambda v: 0 <= v < 1, "0 <= rate < 1"),
     "face_margin": (lambda v: v >= 0, "0 or more (a fraction of the face box per side)"),
+    "crop_margin": (lambda v: 0 <= v <= 0.5, "0 <= margin <= 0.5 (a fraction of the crop per side)"),
+    "augment_workers": (lambda v: v is None or 0 <= v <= 256, "0 (in the training process) to 256"),
     "old_age": (lambda v: 30 < v <= 150, "an age above 30 (30..old_age-1 is the middle group)"),
     "kfold": (lambda v: v == 0 or 2 <= v <= 1000, "0 (off) or 2 to 1,000 folds"),
     "class_weights_beta": (lambda v: 0 <= v < 1, "0 <= beta < 1"),
@@ -350,6 +396,12 @@ def check_args(args: argparse.Namespace) -> None:
     if min(resize) < 16 or max(resize) > 4096:
         raise UserError(f"--resize {resize[0]} {resize[1]}: expected H W of 16 to 4096 pixels")
     drop_range(args.drop_ages)
+    if args.rrc_scale is not None and not 0 < args.rrc_scale[0] <= args.rrc_scale[1] <= 1:
+        raise UserError(f"--rrc_scale {args.rrc_scale[0]} {args.rrc_scale[1]}: expected "
+                        "0 < LO <= HI <= 1 (area fractions)")
+    if not 0 < args.rrc_ratio[0] <= args.rrc_ratio[1]:
+        raise UserError(f"--rrc_ratio {args.rrc_ratio[0]} {args.rrc_ratio[1]}: expected "
+                        "0 < LO <= HI (aspect ratios)")
     for flag in ("relabel", "weights", "config", "folds"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
@@ -366,6 +418,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.weights:
         models.read_state_dict(args.weights)
     engine.resolve_device(args.device)
+    # loaded, hashed and run on dummy images of the cached size: a pipeline that does not load
+    # or changes the size fails here, before any photo is decoded
+    pipelines.checked_pipeline(args.augmentation, preprocess_of(args), args.augmentation_sha256)
 
 
 def drop_range(text: str | None) -> tuple[int, int] | None:
@@ -412,8 +467,9 @@ def model_normalization(model_name: str) -> tuple[list, list]:
 def preprocess_of(settings: argparse.Namespace) -> dataset.Preprocess:
     """The deterministic image pipeline (crop, size, edges, interpolation) of a run's settings:
     what its cache holds and what its checkpoints tell inference."""
-    crop = settings.crop or augmentation.AUGMENTATIONS[settings.augmentation].crop
+    crop = settings.crop or augmentation.augmentation_spec(settings.augmentation).crop
     resolved = model_defaults(settings)
     return dataset.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
                               face_margin=settings.face_margin,
-                              interpolation=resolved["interpolation"])
+                              interpolation=resolved["interpolation"],
+                              crop_margin=settings.crop_margin)

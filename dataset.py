@@ -505,15 +505,32 @@ class Preprocess:
     canny: bool = False                   # add a Canny-edge 4th channel
     face_margin: float = 0.4              # face box expansion per side, fraction of the box
     interpolation: str = "area"           # area | bilinear | bicubic (INTERPOLATIONS)
+    # cached beyond the crop on each side, as a fraction of its height/width: room for random
+    # crops in training; evaluation takes the centred --resize box, the crop of margin 0
+    crop_margin: float = 0.0
 
     @property
     def channels(self) -> int:
         return 4 if self.canny else 3
 
+    @property
+    def margin_pixels(self) -> tuple[int, int]:
+        """Rows above (and below) and columns left (and right) of the crop in the cache."""
+        height, width = self.resize
+        return round(self.crop_margin * height), round(self.crop_margin * width)
+
+    @property
+    def cached_size(self) -> tuple[int, int]:
+        """H, W of a cached image: --resize plus the margin on both sides."""
+        (height, width), (pad_h, pad_w) = self.resize, self.margin_pixels
+        return height + 2 * pad_h, width + 2 * pad_w
+
     def to_dict(self) -> dict:
         values = {**asdict(self), "resize": list(self.resize)}
         if self.interpolation == "area":  # the default stays out: old cache names and checkpoints hold
             del values["interpolation"]
+        if not self.crop_margin:  # the cache names and checkpoints of margin-0 runs stay as they were
+            del values["crop_margin"]
         return values
 
     @classmethod
@@ -556,7 +573,10 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess,
     height, width = preprocess.resize
     if box is None and preprocess.crop == "center":
         box = center_box(image.shape[1], image.shape[0], height / width)
-    if box is not None:
+    if preprocess.crop_margin:
+        image = _crop_with_margin(image, box, preprocess)
+        height, width = preprocess.cached_size
+    elif box is not None:
         x0, y0, x1, y1 = (int(v) for v in box)
         image = image[max(y0, 0):y1, max(x0, 0):x1]
     if preprocess.interpolation == "area":
@@ -573,6 +593,23 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess,
         edges = cv2.Canny(cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY), 100, 200)
         resized = np.dstack([resized, edges])
     return resized
+
+
+def _crop_with_margin(image: np.ndarray, box, preprocess: Preprocess) -> np.ndarray:
+    """The crop ``box`` (clipped to the photo, as the margin-0 crop is; None: the whole photo)
+    grown by the preprocess's margin on each side, so that its centred --resize box covers the
+    box itself; what lies beyond the photo is mirrored (as the affine warps' borders are)."""
+    photo_h, photo_w = image.shape[:2]
+    x0, y0, x1, y1 = (0, 0, photo_w, photo_h) if box is None else (int(v) for v in box)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, photo_w), min(y1, photo_h)
+    (height, width), (pad_h, pad_w) = preprocess.resize, preprocess.margin_pixels
+    grow_y, grow_x = (y1 - y0) * pad_h / height, (x1 - x0) * pad_w / width
+    top, bottom = round(y0 - grow_y), round(y1 + grow_y)
+    left, right = round(x0 - grow_x), round(x1 + grow_x)
+    border = max(0, -top, -left, bottom - photo_h, right - photo_w)
+    if border:
+        image = cv2.copyMakeBorder(image, border, border, border, border, cv2.BORDER_REFLECT_101)
+    return image[top + border:bottom + border, left + border:right + border]
 
 
 @functools.lru_cache(maxsize=None)
@@ -632,7 +669,7 @@ def build_caches(paths: list[str], variants: list[tuple[Preprocess, np.ndarray |
     remove_stale_temps(cache_dir, ".images-*")  # killed cache builds
     remove_stale_temps(cache_dir, ".*.tmp")  # killed atomic writes (the face-box cache's)
     targets = [cache_dir / f"images-{cache_key(paths, pre, boxes)}.npy" for pre, boxes in variants]
-    shapes = [(len(paths), *pre.resize, pre.channels) for pre, _ in variants]
+    shapes = [(len(paths), *pre.cached_size, pre.channels) for pre, _ in variants]
     caches = [_open_cache(target, shape) for target, shape in zip(targets, shapes)]
     todo = [i for i, cache in enumerate(caches) if cache is None]
     if todo:
@@ -672,7 +709,7 @@ def _fill_caches(paths, variants, targets, progress, threads) -> None:
             os.close(fd)
             temps.append(tmp)
             locks.append(lock_temp(tmp))
-            height, width = pre.resize
+            height, width = pre.cached_size
             outputs.append(np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.uint8, shape=(len(paths), height, width, pre.channels)))
             _reserve(tmp, target)
@@ -775,10 +812,14 @@ class CachedBatches:
             return torch.multinomial(self.weights, n, replacement=True)
         return torch.randperm(n) if self.shuffle else torch.arange(n)
 
-    def __iter__(self):
+    def batch_picks(self) -> list[torch.Tensor]:
+        """This pass's batches as positions in ``rows`` (draws the order: shuffling moves the RNG)."""
         order = self._order()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            picks = order[start:start + self.batch_size]
+        return [order[start:start + self.batch_size]
+                for start in range(0, len(self) * self.batch_size, self.batch_size)]
+
+    def __iter__(self):
+        for picks in self.batch_picks():
             if self.resident is not None:
                 on_device = picks.to(self.device)
                 images = self.resident[self.position[on_device]]

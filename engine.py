@@ -362,9 +362,10 @@ class Trainer:
 def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_epoch: int,
                   mean=augmentation.IMAGENET_MEAN, std=augmentation.IMAGENET_STD,
                   channels: int = 3, procs: Processes = Processes(),
-                  class_weights=None) -> Trainer:
+                  class_weights=None, margin: tuple[int, int] = (0, 0)) -> Trainer:
     """Model, loss, optimizer, schedule, scaler, EMA, augmentation and mixer as ``settings``
-    (train.py's flags) say, on ``device``; ``steps_per_epoch`` counts batches."""
+    (train.py's flags) say, on ``device``; ``steps_per_epoch`` counts batches, ``margin`` is the
+    cache's (rows, columns) beyond the crop on each side (--crop_margin)."""
     net, runner = build_network(settings, n_out, device, procs)
     groups = models.parameter_groups(net, settings.lr, settings.weight_decay,
                                      head_lr_mult=settings.head_lr_mult,
@@ -382,8 +383,9 @@ def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_
         net=net, runner=runner, criterion=criterion,
         optimizer=optimizer, scheduler=scheduler, per_batch_schedule=per_batch,
         scaler=torch.amp.GradScaler(device.type) if autocast == torch.float16 else None,
-        augment=augmentation.build_augmentation(settings.augmentation, mean, std,
-                                                channels).to(device),
+        augment=augmentation.build_augmentation(
+            settings.augmentation, mean, std, channels, margin=margin,
+            rrc_scale=settings.rrc_scale, rrc_ratio=settings.rrc_ratio).to(device),
         mixer=augmentation.build_mixer(mixed_classes, settings.mixup, settings.cutmix,
                                        settings.mixup_alpha, settings.cutmix_alpha),
         autocast_dtype=autocast, channels_last=settings.channels_last, ema=ema,

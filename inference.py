@@ -206,8 +206,11 @@ def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, b
                   autocast_dtype: torch.dtype | None = None, tta: str = "none") -> np.ndarray:
     """Scored-space probabilities [N, 18|3|2] of one model, averaged over its TTA views."""
     net = m.net.to(device)
+    # eval mode: the centred crop of the cache (the margin, if any, is for training's random
+    # crops) and normalisation; a user pipeline is never applied here
     augment = augmentation.build_augmentation(m.augmentation, m.normalize["mean"],
-                                              m.normalize["std"], m.preprocess.channels).to(device)
+                                              m.normalize["std"], m.preprocess.channels,
+                                              margin=m.preprocess.margin_pixels).to(device)
     batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=np.int64),
                                     np.arange(len(images)), batch_size, device)
     probs = engine.predict_views(net, batches, augment, tta=tta, category=m.category,

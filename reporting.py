@@ -131,10 +131,11 @@ def prediction_grid_figure(images: np.ndarray, truth: np.ndarray, predicted: np.
 
 def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.ndarray,
               category: str, *, confusion_png: str | Path | None = None,
-              which: str = "") -> None:
+              which: str = "", margin: tuple[int, int] = (0, 0)) -> None:
     """TensorBoard scalars and figures of one epoch; ``val`` is what the epoch's candidate for
     best.pth scored (``which``: ' (EMA)' when that is the EMA weights), and ``confusion_png``
-    where its confusion matrix is also saved."""
+    where its confusion matrix is also saved; ``margin``: the cache's beyond the crop (the
+    photos shown are the centred crops the model saw)."""
     step = row["epoch"]
     writer.add_scalar("Loss/train", row["train_loss"], step)
     writer.add_scalar("LR", row["lr"], step)
@@ -158,8 +159,11 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
     writer.add_image("Confusion/val", image, step, dataformats="HWC")
     shown = confident_mistakes(truth, predicted, val["probs"])
     if len(shown):
-        figure = prediction_grid_figure(np.asarray(images[val_rows[shown]]), truth[shown],
-                                        predicted[shown], val["probs"][shown, predicted[shown]],
+        pad_h, pad_w = margin
+        photos = np.asarray(images[val_rows[shown]])
+        photos = photos[:, pad_h:photos.shape[1] - pad_h, pad_w:photos.shape[2] - pad_w]
+        figure = prediction_grid_figure(photos, truth[shown], predicted[shown],
+                                        val["probs"][shown, predicted[shown]],
                                         dataset.class_names(category))
         writer.add_image("Predictions/val", render(figure), step, dataformats="HWC")
     plt.close("all")

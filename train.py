@@ -31,6 +31,7 @@ import config
 import dataset
 import engine
 import model as models
+import pipelines
 import reporting
 from checked_io import (UserError, atomic_write_text, check_labels, read_csv_checked,
                         remove_stale_temps, run_cli, shown_cell, write_together)
@@ -194,8 +195,10 @@ def check_class_weights(settings: argparse.Namespace, frame: pd.DataFrame,
 
 def training_batches(settings: argparse.Namespace, frame: pd.DataFrame, images: np.ndarray,
                      train_rows: np.ndarray, val_rows: np.ndarray, n_out: int,
-                     device: torch.device, procs: Processes):
-    """(train batches, this process's val batches, their positions among val_rows)."""
+                     device: torch.device, procs: Processes,
+                     pipeline: pipelines.Pipeline | None = None):
+    """(train batches, this process's val batches, their positions among val_rows); with a
+    per-image ``pipeline`` the train batches go through it on the CPU first."""
     targets = dataset.training_targets(frame, "multi" if settings.multi_head else settings.category,
                                        settings.age_label_num, settings.old_age)
     weights = sampler = None
@@ -211,7 +214,12 @@ def training_batches(settings: argparse.Namespace, frame: pd.DataFrame, images: 
                                      rank=procs.rank, shuffle=True, seed=settings.seed)
     train_batches = dataset.CachedBatches(images, targets[train_rows], train_rows,
                                           settings.batch_size, device, shuffle=True,
-                                          weights=weights, sampler=sampler)
+                                          weights=weights, sampler=sampler,
+                                          preload=False if pipeline is not None else None)
+    if pipeline is not None:
+        workers = settings.augment_workers
+        train_batches = pipelines.PipelineBatches(
+            train_batches, pipeline, pipelines.default_workers() if workers is None else workers)
     # each process scores its share of val; the shares are gathered back in order
     mine = np.arange(procs.rank, len(val_rows), procs.world)
     val_batches = dataset.CachedBatches(images, targets[val_rows][mine], val_rows[mine],
@@ -232,6 +240,7 @@ class FitData:
     preprocess: dataset.Preprocess
     mean: list
     std: list
+    pipeline: pipelines.Pipeline | None = None  # per-image augmentation of the train batches
 
 
 def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: dict | None = None,
@@ -242,13 +251,16 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
     device = engine.process_device(settings.device, procs)
     engine.seed_everything(settings.seed)
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+    pipeline = data.pipeline
     train_batches, val_batches, mine = training_batches(
-        settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs)
+        settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs,
+        pipeline)
     class_weights = engine.class_weights_of(settings, train_batches.targets.cpu().numpy())
     trainer = engine.build_trainer(settings, n_out, device, steps_per_epoch=len(train_batches),
                                    mean=data.mean, std=data.std,
                                    channels=data.preprocess.channels, procs=procs,
-                                   class_weights=class_weights)
+                                   class_weights=class_weights,
+                                   margin=data.preprocess.margin_pixels)
     if procs.distributed:  # different augmentation draws per process, same model init
         torch.manual_seed(settings.seed * 1000 + procs.rank)
     stopper = EarlyStopping(settings.early_stopping_patience)
@@ -259,7 +271,9 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
     record = {"model_config": trainer.net.model_config, "preprocess": data.preprocess.to_dict(),
               "normalize": {"mean": list(data.mean), "std": list(data.std)},
               "category": settings.category, "age_label_num": settings.age_label_num,
-              "augmentation": settings.augmentation, "config": vars(settings), **(extra or {})}
+              "augmentation": settings.augmentation, "config": vars(settings),
+              "augmentation_pipeline": pipeline.record() if pipeline is not None else None,
+              **(extra or {})}
     true_val = data.frame["label"].to_numpy()[data.val_rows]
     writer = None
     if procs.main:
@@ -286,7 +300,8 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
             if procs.main:
                 reporting.log_epoch(writer, row, kept, data.images, data.val_rows,
                                     settings.category, which=" (EMA)" if weights_of == "ema" else "",
-                                    confusion_png=run_dir / "confusion.png" if improved else None)
+                                    confusion_png=run_dir / "confusion.png" if improved else None,
+                                    margin=data.preprocess.margin_pixels)
                 save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
                            weights_of)
                 print(epoch_line(settings, row, improved, kept), flush=True)
@@ -555,7 +570,7 @@ def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> 
 
 def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
               images: np.ndarray, run_dir: Path, preprocess: dataset.Preprocess, extra: dict,
-              procs: Processes) -> dict:
+              procs: Processes, pipeline: pipelines.Pipeline | None = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
     every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
@@ -572,7 +587,7 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         train_rows, val_rows = plan.rows[fold]
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
-        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
+        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
         result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs,
                      hparams=False)
         results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
@@ -627,9 +642,10 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
     checkpoint = models.load_checkpoint(checkpoint_path)
     net = models.restore_model(checkpoint).to(device)
     normalize = checkpoint["normalize"]
-    channels = dataset.Preprocess.from_dict(checkpoint["preprocess"]).channels
+    preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
     augment = augmentation.build_augmentation(checkpoint["augmentation"], normalize["mean"],
-                                              normalize["std"], channels).to(device)
+                                              normalize["std"], preprocess.channels,
+                                              margin=preprocess.margin_pixels).to(device)
     batches = dataset.CachedBatches(images, np.zeros(len(rows), dtype=int), rows,
                                     settings.valid_batch_size, device)
     probs, _ = engine.predict_probabilities(net, batches, augment,
@@ -680,8 +696,13 @@ def main(args: argparse.Namespace) -> dict:
     check_class_weights(args, frame, [r for r, _ in plan.rows] if plan else [train_rows])
     photos = photo_record(frame, data_dir, plan.fold_of_row if plan else roles)
     resolved = config.model_defaults(args)  # 'auto' and an absent --resize, made explicit
+    pipeline = pipelines.load_pipeline(args.augmentation)
     settings = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir),
-                                     "kfold": plan.n_folds if plan else args.kfold, **resolved})
+                                     "kfold": plan.n_folds if plan else args.kfold, **resolved,
+                                     # the pipeline's file, absolute, and its hash: a replay
+                                     # uses the same one or refuses
+                                     "augmentation": pipelines.resolved_value(args.augmentation),
+                                     "augmentation_sha256": pipeline and pipeline.sha256})
     say_model_defaults(args, resolved, procs.say)
     preprocess = config.preprocess_of(settings)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
@@ -698,11 +719,12 @@ def main(args: argparse.Namespace) -> dict:
     extra = {"face": face_info, "data_fingerprint": data_fingerprint(photos)}
     try:
         if plan is not None:
-            return run_kfold(settings, frame, plan, images, run_dir, preprocess, extra, procs)
+            return run_kfold(settings, frame, plan, images, run_dir, preprocess, extra, procs,
+                             pipeline)
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                   f"repeats), {len(val_rows)} val photos")
-        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std)
+        data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
         result = fit(settings, data, run_dir, extra=extra, procs=procs)
         if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
             atomic_write_text(run_dir / "done.json", json.dumps(

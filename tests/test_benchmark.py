@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import benchmark
 import dataset
 from checked_io import UserError
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HEADLINE = re.compile(r"^data path ratio: \d+\.\dx; train loop / ceiling: \d+%$")
 
 
@@ -18,7 +20,8 @@ def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys
     results = benchmark.main(benchmark.parse_args([
         "--smoke", "--data_dir", str(tiny_train_dir), "--resize", "64", "48", "--batch_size", "16",
         "--device", "cpu", "--cache_dir", str(cache_root), "--output", str(table),
-        "--side_by_side", "2"]))
+        "--side_by_side", "2", "--compare_augmentation", str(EXAMPLES / "strong_aug.json"),
+        "ErasingAugmentation", "--augment_workers", "1"]))
     for figure in (results["data_path_ratio"], results["train_loop_percent"]):
         assert isinstance(figure, float) and figure > 0
     rates = [results["data_path"]["reference"], results["data_path"]["toolkit"],
@@ -38,6 +41,14 @@ def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys
     written = table.read_text()
     assert written == results["table"] and "| measurement |" in written and "BaseModel 64x48" in written
     assert "| side by side: 2 training processes at once" in written
+    # the user pipeline's data path and loop, next to a batched preset, from the same run
+    pipeline, erasing = results["augmentations"]
+    assert pipeline["how"] == "per image in 1 worker process(es)"
+    assert erasing["how"] == "batched on the device"
+    for row in (pipeline, erasing):
+        assert row["path"]["images_per_s"] > 0 and row["loop"] > 0
+        assert f"| data path: toolkit, {row['value']} ({row['how']}) |" in written
+        assert f"| train step: toolkit loop with {row['value']} |" in written
     assert not list(table.parent.glob(".*"))  # the atomic write left no temp file behind
     assert not any(cache_root.iterdir())  # the cold cache is removed afterwards
 
@@ -116,6 +127,9 @@ def test_unknown_model_is_a_user_error_before_any_work(tiny_train_dir, tmp_path)
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--compare_augmentation", "{tmp}/adir/aug.json"], "--augmentation .*aug.json: file not found"),
+    (["--compare_augmentation", f"{EXAMPLES}/strong_aug.py:nothing"], "has no function 'nothing'"),
+    (["--compare_augmentation", "StrongAugmentaton"], "unknown augmentation 'StrongAugmentaton'"),
     (["--output", "{tmp}/adir"], "--output .*adir: is a folder"),
     (["--output", "{tmp}/afile/table.md"], "--output .*afile/table.md: .*afile is a file"),
     (["--cache_dir", "{tmp}/afile"], "--cache_dir .*afile: is a file; expected a folder"),

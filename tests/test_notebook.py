@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import augmentation
 import dataset
 
 nbformat = pytest.importorskip("nbformat")
@@ -18,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Data_EDA.ipynb"
 KERNEL = "python3"
 EXECUTION_LIMIT_S = 60  # the whole notebook, not per cell: it must stay quick on the tiny sample
-PARAMETERS = ("DATA_DIR", "EVAL_DIR", "OOF_FILE", "RELABEL_OUT", "MAX_PEOPLE_SHOWN", "MIN_CONFIDENCE")
+PARAMETERS = ("DATA_DIR", "EVAL_DIR", "OOF_FILE", "RELABEL_OUT", "MAX_PEOPLE_SHOWN", "MIN_CONFIDENCE",
+              "AUGMENTATIONS_SHOWN")
+# section 8 with both kinds of user pipeline (the examples/ files) next to a per-image preset
+USER_PIPELINES = ["TrivialAugmentWide", "examples/strong_aug.json", "examples/aug_v2.py:build"]
 TEMPLATE_COLUMNS = ["id", "gender", "age", "swap_mask"]
 
 
@@ -53,10 +57,11 @@ def figures(notebook) -> int:
 
 
 def sample_parameters(tiny_sample: Path, relabel_out: Path, oof_file: Path | None,
-                      min_confidence: float = 0.5) -> dict:
+                      min_confidence: float = 0.5, augmentations: list[str] | None = None) -> dict:
     return {"DATA_DIR": str(tiny_sample / "train" / "images"), "EVAL_DIR": str(tiny_sample / "eval"),
             "OOF_FILE": None if oof_file is None else str(oof_file), "RELABEL_OUT": str(relabel_out),
-            "MAX_PEOPLE_SHOWN": 4, "MIN_CONFIDENCE": min_confidence}
+            "MAX_PEOPLE_SHOWN": 4, "MIN_CONFIDENCE": min_confidence,
+            "AUGMENTATIONS_SHOWN": augmentations}
 
 
 def synthetic_oof(frame: pd.DataFrame, gender_flips: dict[str, float], mask_swaps: dict[str, float],
@@ -96,6 +101,7 @@ def test_committed_notebook_is_clean_and_parameterised():
     assert list(defaults) == list(PARAMETERS)
     # the defaults work on any machine: the bundled sample, and an output relative to the working directory
     assert defaults["DATA_DIR"] is None and defaults["EVAL_DIR"] is None and defaults["OOF_FILE"] is None
+    assert defaults["AUGMENTATIONS_SHOWN"] is None  # every preset
     assert not Path(defaults["RELABEL_OUT"]).is_absolute()
 
 
@@ -106,6 +112,8 @@ def test_notebook_without_oof_writes_an_empty_valid_template(tiny_sample, tmp_pa
     assert relabel_out.read_text().splitlines() == [",".join(TEMPLATE_COLUMNS)]
     assert figures(notebook) >= 8  # one per section at least, bar charts to augmentations
     assert "face boxes: own detection rate" in printed(notebook)  # the face-crop section ran
+    for value in augmentation.AUGMENTATIONS:  # by default section 8 shows every preset
+        assert f"{value}: " in printed(notebook)
     frame = dataset.parse_train_dir(tiny_sample / "train" / "images", warn=lambda _: None)
     relabelled = dataset.apply_relabel(frame, relabel_out, warn=lambda _: None)
     pd.testing.assert_frame_equal(relabelled, frame)
@@ -121,7 +129,10 @@ def test_notebook_with_oof_lists_the_contradicted_people_first(tiny_sample, tmp_
     synthetic_oof(frame, gender_flips, mask_swaps).to_csv(oof_file, index=False)
     relabel_out = tmp_path / "relabel.csv"
 
-    notebook = run_notebook(sample_parameters(tiny_sample, relabel_out, oof_file))
+    notebook = run_notebook(sample_parameters(tiny_sample, relabel_out, oof_file,
+                                              augmentations=USER_PIPELINES))
+    for value in USER_PIPELINES:  # section 8 shows any --augmentation value
+        assert f"{value}: " in printed(notebook)
 
     template = pd.read_csv(relabel_out, dtype=str, keep_default_na=False)
     assert list(template.columns) == TEMPLATE_COLUMNS
