@@ -663,8 +663,8 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
 
 def run_precision(args: argparse.Namespace, device: torch.device) -> engine.Precision:
     """--amp and --channels_last resolved for this run (config.json records the result). A resumed
-    run keeps what its checkpoints trained with, and refuses flags that would change it: another
-    precision is another experiment, and the resumed run would no longer match an uninterrupted one."""
+    run keeps what its checkpoints trained with: config.json already holds it (parse_args refuses
+    flags that differ), except in runs of older versions, whose 'auto' may now mean bf16."""
     asked = engine.choose_precision(args.amp, args.channels_last, device, args.model)
     if not args.resume:
         return asked
@@ -674,13 +674,6 @@ def run_precision(args: argparse.Namespace, device: torch.device) -> engine.Prec
     if not trained:  # killed before its first checkpoint: nothing trained yet
         return asked
     kept = trained[0]
-    if args.amp != "auto" and asked.amp != kept.amp:
-        raise UserError(f"--amp {args.amp}: {args.resume} trained with --amp {kept.amp}; a resume "
-                        "continues with it (drop --amp, or start a new run)")
-    if args.channels_last != "auto" and asked.channels_last != kept.channels_last:
-        raise UserError(f"--channels_last {args.channels_last}: {args.resume} trained with "
-                        f"channels_last {'on' if kept.channels_last else 'off'}; a resume "
-                        "continues with it (drop --channels_last, or start a new run)")
     return engine.Precision(kept.autocast_dtype, kept.channels_last,
                             "as the run trained" + (f"; {kept.reason}" if kept.reason else ""))
 
