@@ -16,8 +16,8 @@ Prints one table (measurement | images/s, seconds or MB | ratio):
      BaseAugmentation, the same work as the reference;
   2. train step: the model's ceiling (a synthetic batch already on the device) against the real
      training loop (engine.train_one_epoch over cached photos, augmentation included), in fp32
-     and in the precision --amp/--channels_last choose (auto: engine.choose_precision), side by
-     side; with --compile also torch.compile'd;
+     and in the precision --amp/--channels_last choose (auto: mixed_precision.choose_precision),
+     side by side; with --compile also torch.compile'd;
   3. inference with and without flip TTA (engine.predict_views);
   4. cache build time from a cold cache, its size on disk, and the peak memory of the process;
   5. with --compare_augmentation VALUE ...: the data path and the training loop with other
@@ -34,8 +34,8 @@ The last line holds the two headline figures in a fixed form, for scripts to par
     data path ratio: 8.3x; train loop / ceiling: 85%
 --end_to_end instead times two whole jobs back to back, each in its own process and from cold:
 train.py (--epochs, cache built from scratch) + inference.py on --eval_dir, against the usual
-pipeline (reference.run_job: PIL + torchvision per image in a DataLoader, a plain fp32 loop with
-validation every epoch, inference through the same loader) on the same split, and prints both
+pipeline (usual_pipeline.run_job: PIL + torchvision per image in a DataLoader, a plain fp32 loop
+with validation every epoch, inference through the same loader) on the same split, and prints both
 times and their ratio (last line: "end to end: toolkit 1.9x faster than the usual pipeline").
 """
 from __future__ import annotations
@@ -60,21 +60,21 @@ import config
 import dataset
 import end_to_end
 import engine
+import image_cache
+import mixed_precision
 import model as models
 import pipelines
+import timing
+import usual_pipeline
 from checked_io import FlagParser, UserError, atomic_write_text, check_output_path, run_cli
 from make_sample import resolve_train_dir
-# the baseline's pipeline lives in reference.py; these names stay reachable from here
-from reference import (BASELINE_CENTER_CROP, ReferenceDataset,  # noqa: F401
-                       reference_loader, reference_transform)
 
 # BaseModel at 224x224 on 2 CPU cores: 6 batches x 3 repeats take under a minute when the machine
 # is otherwise idle, and stay under 3 minutes with other jobs saturating both cores
 DEFAULT_BATCHES = 6
 DEFAULT_REPEATS = 3
 SMOKE_BATCHES, SMOKE_REPEATS = 2, 1
-SIDE_BY_SIDE_TIMEOUT_S = 600  # a side-by-side process that has not reported by then is stuck
-AMP_NAMES = engine.AMP_NAMES
+AMP_NAMES = mixed_precision.AMP_NAMES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -87,10 +87,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--resize", type=int, nargs=2, default=[224, 224], metavar=("H", "W"), help="model input size")
     add("--batch_size", type=int, default=64, help="batch size of every measurement")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=engine.AMP_MODES,
+    add("--amp", default="auto", choices=mixed_precision.AMP_MODES,
         help="precision timed next to fp32, as train.py --amp (auto: bf16 on CUDA and on a CPU "
              "with native bf16 for models where it pays)")
-    add("--channels_last", default="auto", choices=engine.CHANNELS_LAST_MODES,
+    add("--channels_last", default="auto", choices=mixed_precision.CHANNELS_LAST_MODES,
         help="channels_last memory format, as train.py (auto: on on a CPU and where autocast "
              "runs)")
     add("--augmentation", default="CustomAugmentation", choices=list(augmentation.AUGMENTATIONS),
@@ -156,7 +156,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
     if args.augment_workers is not None and args.augment_workers < 0:
         raise UserError(f"--augment_workers {args.augment_workers}: expected 0 or more")
-    preprocess = dataset.Preprocess(resize=tuple(args.resize))
+    preprocess = image_cache.Preprocess(resize=tuple(args.resize))
     for value in args.compare_augmentation:  # loaded and run on dummy images now, not after minutes
         pipelines.checked_pipeline(value, preprocess)
     if min(args.resize) < 16:
@@ -178,43 +178,12 @@ def train_settings(args: argparse.Namespace, device: torch.device) -> argparse.N
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: a timer read without this measures only the launches
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rate(images: int, seconds: list[float]) -> dict:
-    """{'images', 'seconds' (each window), 'images_per_s' (median window)}."""
-    return {"images": images, "seconds": seconds,
-            "images_per_s": images / max(statistics.median(seconds), 1e-9)}
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 1)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-# ----------------------------------------------------------------------------------------------
 # The two data paths
 # ----------------------------------------------------------------------------------------------
-def toolkit_batches(images: np.ndarray, targets: np.ndarray, n_images: int, batch_size: int,
-                    device: torch.device | str, shuffle: bool = True) -> dataset.CachedBatches:
-    """CachedBatches over ``n_images`` rows of the cache (rows repeat when the data is smaller)."""
-    rows = np.resize(np.arange(len(images)), n_images)
-    return dataset.CachedBatches(images, np.asarray(targets)[rows], rows, batch_size, device,
-                                 shuffle=shuffle)
-
-
-def measure_cache(paths: list[str], preprocess: dataset.Preprocess, cache_dir: Path) -> dict:
+def measure_cache(paths: list[str], preprocess: image_cache.Preprocess, cache_dir: Path) -> dict:
     """Build the cache from cold into ``cache_dir``; returns its time, size and the memmap."""
     started = time.perf_counter()
-    images = dataset.build_cache(paths, preprocess, cache_dir, progress=False)
+    images = image_cache.build_cache(paths, preprocess, cache_dir, progress=False)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
     return {"images": len(paths), "seconds": seconds, "mb": size / 1e6,
@@ -222,7 +191,7 @@ def measure_cache(paths: list[str], preprocess: dataset.Preprocess, cache_dir: P
 
 
 def measure_data_path(paths: list[str], labels: np.ndarray, images: np.ndarray, *,
-                      settings: argparse.Namespace, preprocess: dataset.Preprocess,
+                      settings: argparse.Namespace, preprocess: image_cache.Preprocess,
                       device: torch.device, batches: int, repeats: int, workers: int) -> dict:
     """images/s of the reference loader and of the toolkit's cached path, each to a normalized
     float [B, 3, H, W] batch on the device."""
@@ -253,41 +222,43 @@ def time_reference(paths: list[str], labels: np.ndarray, settings: argparse.Name
     # one warm-up batch per worker: the workers start together, so by the time the first batch
     # arrives the others are nearly done, and timing from there would flatter the reference
     warmup = max(workers, 1)
-    loader = reference_loader(paths, labels, resize=settings.resize, batch_size=batch_size,
-                              workers=workers, n_images=(warmup + batches * repeats) * batch_size,
-                              center_crop=custom, pin_memory=device.type == "cuda")
+    loader = usual_pipeline.reference_loader(
+        paths, labels, resize=settings.resize, batch_size=batch_size, workers=workers,
+        n_images=(warmup + batches * repeats) * batch_size, center_crop=custom,
+        pin_memory=device.type == "cuda")
     stream = iter(loader)
     for _ in range(warmup):
         next(stream)[0].to(device, non_blocking=True)
     seconds = []
     for _ in range(repeats):
-        synchronize(device)
+        timing.synchronize(device)
         started = time.perf_counter()
         for _ in range(batches):
             next(stream)[0].to(device, non_blocking=True)
-        synchronize(device)
+        timing.synchronize(device)
         seconds.append(time.perf_counter() - started)
     next(stream, None)  # exhausted: the workers exit and stop competing for the CPU
     del stream, loader
-    return rate(batches * batch_size, seconds)
+    return timing.rate(batches * batch_size, seconds)
 
 
 def time_toolkit_path(images: np.ndarray, labels: np.ndarray, preset: str, *,
                       batch_size: int, device: torch.device, batches: int, repeats: int) -> dict:
     """CachedBatches -> BatchAugmentation (train mode) for ``batches`` batches, ``repeats`` times."""
     augment = augmentation.build_augmentation(preset).to(device).train()
-    for uint8_images, _, _ in toolkit_batches(images, labels, batch_size, batch_size, device):
+    for uint8_images, _, _ in timing.toolkit_batches(images, labels, batch_size, batch_size,
+                                                     device):
         augment(uint8_images)
-    epoch = toolkit_batches(images, labels, batches * batch_size, batch_size, device)
+    epoch = timing.toolkit_batches(images, labels, batches * batch_size, batch_size, device)
     seconds = []
     for _ in range(repeats):
-        synchronize(device)
+        timing.synchronize(device)
         started = time.perf_counter()
         for uint8_images, _, _ in epoch:
             augment(uint8_images)
-        synchronize(device)
+        timing.synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return rate(batches * batch_size, seconds)
+    return timing.rate(batches * batch_size, seconds)
 
 
 def time_augmentation(images: np.ndarray, labels: np.ndarray, value: str, *,
@@ -307,22 +278,24 @@ def time_augmentation(images: np.ndarray, labels: np.ndarray, value: str, *,
         next(iter(epoch))  # starts the workers
         seconds = []
         for _ in range(repeats):
-            synchronize(device)
+            timing.synchronize(device)
             started = time.perf_counter()
             for uint8_images, _, _ in epoch:
                 augment(uint8_images)
-            synchronize(device)
+            timing.synchronize(device)
             seconds.append(time.perf_counter() - started)
-        path = rate(batches * settings.batch_size, seconds)
+        path = timing.rate(batches * settings.batch_size, seconds)
     torch.manual_seed(settings.seed)
-    trainer = build_trainer(argparse.Namespace(**{**vars(settings), "augmentation": value}), device)
-    epoch = toolkit_batches(images, labels, batches * settings.batch_size, settings.batch_size,
-                            device)
+    trainer = timing.build_trainer(
+        argparse.Namespace(**{**vars(settings), "augmentation": value}), device)
+    epoch = timing.toolkit_batches(images, labels, batches * settings.batch_size,
+                                   settings.batch_size, device)
     if pipeline is not None:
         epoch = pipeline_batches(images, labels, pipeline, batches, settings.batch_size, device,
                                  workers)
-    train_epoch(trainer, epoch)  # warm-up, and the workers' start
-    loop = statistics.median(train_epoch(trainer, epoch)["images_per_s"] for _ in range(repeats))
+    timing.train_epoch(trainer, epoch)  # warm-up, and the workers' start
+    loop = statistics.median(timing.train_epoch(trainer, epoch)["images_per_s"]
+                             for _ in range(repeats))
     how = "batched on the device" if pipeline is None else (
         f"per image in {workers} worker process(es)" if workers else "per image, in process")
     return {"value": value, "how": how, "path": path, "loop": loop}
@@ -337,182 +310,8 @@ def pipeline_batches(images: np.ndarray, labels: np.ndarray, pipeline: pipelines
     return pipelines.PipelineBatches(cached, pipeline, workers)
 
 
-def build_trainer(settings: argparse.Namespace, device: torch.device) -> engine.Trainer:
-    """Model, loss, optimizer, scaler and augmentation as train.py builds them for ``settings``."""
-    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
-    return engine.build_trainer(settings, n_out, device, steps_per_epoch=1)
-
-
-def train_epoch(trainer: engine.Trainer, batches, augment: nn.Module | None = None) -> dict:
-    """engine.train_one_epoch over ``batches`` with the trainer's parts (its augmentation unless
-    another is given)."""
-    return engine.train_one_epoch(trainer, batches, augment=augment, progress=False)
-
-
-def warmup_batches(device: torch.device) -> int:
-    # cuDNN's autotuner (benchmark mode) tries kernels on the first batches of each shape
-    return 3 if device.type == "cuda" else 1
-
-
-def measure_training(settings: argparse.Namespace | list[argparse.Namespace], images: np.ndarray,
-                     targets: np.ndarray, *, device: torch.device, batches: int,
-                     repeats: int) -> dict | list[dict]:
-    """Train-step images/s: synthetic batches already on the device (the ceiling) against the real
-    loop on cached photos, both through engine.train_one_epoch with the same model and optimizer.
-    Given a list of settings (precisions), each gets its own trainer; the windows of all of them
-    alternate, so background load hits every one alike. Returns the models for inference."""
-    many = isinstance(settings, list)
-    every = settings if many else [settings]
-    prepared = [_prepare_training(s, images, targets, device=device, batches=batches)
-                for s in every]
-    rates = [{"ceiling": [], "loop": []} for _ in every]
-    for _ in range(repeats):
-        for (trainer, ready, real), measured in zip(prepared, rates):
-            measured["ceiling"].append(train_epoch(trainer, ready, nn.Identity())["images_per_s"])
-            measured["loop"].append(train_epoch(trainer, real)["images_per_s"])
-    results = []
-    for s, (trainer, _, _), measured in zip(every, prepared, rates):
-        ceiling, loop = ({"images": batches * s.batch_size, "rates": measured[key],
-                          "images_per_s": statistics.median(measured[key])}
-                         for key in ("ceiling", "loop"))
-        results.append({"ceiling": ceiling, "loop": loop,
-                        "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
-                        "model": trainer.net, "precision": engine.precision_of(s, device)})
-    return results if many else results[0]
-
-
-def _prepare_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
-                      device: torch.device, batches: int) -> tuple:
-    """(trainer, ready synthetic batches, real cached batches), warmed up."""
-    torch.manual_seed(settings.seed)
-    trainer = build_trainer(settings, device)
-    batch_size, (height, width) = settings.batch_size, settings.resize
-    synthetic = torch.randn(batch_size, 3, height, width, device=device)
-    if trainer.channels_last:
-        synthetic = synthetic.contiguous(memory_format=torch.channels_last)
-    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
-    synthetic_targets = torch.randint(0, n_out, (batch_size,), device=device)
-    # an identity "augmentation" over ready batches: the very same step code, minus the data
-    ready = [(synthetic, synthetic_targets, None)] * batches
-    real = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
-    warmup = warmup_batches(device)
-    train_epoch(trainer, ready[:warmup], nn.Identity())
-    train_epoch(trainer, toolkit_batches(images, targets, warmup * batch_size, batch_size, device))
-    return trainer, ready, real
-
-
-def measure_precisions(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
-                       device: torch.device, batches: int, repeats: int,
-                       compile_too: bool = False) -> dict:
-    """measure_training in fp32 and in ``settings``' precision (one measurement when they are the
-    same), and torch.compile'd in that precision with ``compile_too``, windows alternating.
-    Returns {'fp32', 'chosen', 'compiled' (or None)}; 'chosen' keeps its model for inference."""
-    fp32 = argparse.Namespace(**{**vars(settings), "amp": "off", "channels_last": "off",
-                                 "compile": False})
-    chosen = argparse.Namespace(**{**vars(settings), "compile": False})
-    runs = {"chosen": chosen}
-    if engine.precision_of(chosen, device) != engine.precision_of(fp32, device):
-        runs["fp32"] = fp32
-    if compile_too:
-        runs["compiled"] = argparse.Namespace(**{**vars(chosen), "compile": True})
-    measured = dict(zip(runs, measure_training(list(runs.values()), images, targets,
-                                               device=device, batches=batches, repeats=repeats)))
-    for name in set(measured) - {"chosen"}:
-        measured[name].pop("model")
-    return {"chosen": measured["chosen"], "fp32": measured.get("fp32", measured["chosen"]),
-            "compiled": measured.get("compiled")}
-
-
-# ----------------------------------------------------------------------------------------------
-# Several training processes side by side on one device (folds of a k-fold run, `--fold i &`)
-# ----------------------------------------------------------------------------------------------
-def side_by_side_worker(settings: argparse.Namespace, cache_path: str, targets: np.ndarray,
-                        batches: int, threads: int, seed: int, barrier, reports) -> None:
-    """One of N processes training at once on one device, as `train.py --fold i` would: its own
-    model and optimizer over the shared cache file. Warms up, waits for the others, trains
-    ``batches`` batches, and reports when it started and ended (or what went wrong)."""
-    try:
-        torch.set_num_threads(threads)
-        engine.tune_host_allocator()
-        device = torch.device(settings.device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        images = np.load(cache_path, mmap_mode="r")
-        torch.manual_seed(seed)
-        trainer = build_trainer(settings, device)
-        batch_size = settings.batch_size
-        train_epoch(trainer, toolkit_batches(images, targets, warmup_batches(device) * batch_size,
-                                             batch_size, device))
-        epoch = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
-        barrier.wait(timeout=SIDE_BY_SIDE_TIMEOUT_S)
-        started = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
-        images_done = train_epoch(trainer, epoch)["images"]
-        reports.put({"images": images_done, "started": started, "ended": time.perf_counter()})
-    except BaseException as why:  # the parent turns this into one error line
-        barrier.abort()
-        reports.put({"error": f"{type(why).__name__}: {why}"})
-
-
-def measure_side_by_side(settings: argparse.Namespace, cache_path: str | Path,
-                         targets: np.ndarray, *, counts: list[int], batches: int) -> list[dict]:
-    """Train-loop images/s of N processes training at once on ``settings.device``, for 1 and each
-    N in ``counts``: all images trained over the time from the common start to the last finish.
-    The CPU threads are shared out (each process gets threads // N), so on a CPU this asks whether
-    N small jobs beat one job with all the cores; on a GPU, whether one job leaves it idle."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot start again in a forked child
-    threads = torch.get_num_threads()
-    rows = []
-    for n in sorted({1, *counts}):
-        barrier, reports, threads_each = context.Barrier(n), context.Queue(), max(1, threads // n)
-        workers = [context.Process(target=side_by_side_worker, daemon=True, args=(
-            settings, str(cache_path), targets, batches, threads_each, settings.seed + i,
-            barrier, reports)) for i in range(n)]
-        for worker in workers:
-            worker.start()
-        try:
-            done = collect_reports(reports, workers)
-        finally:
-            for worker in workers:
-                worker.join(timeout=30)
-                if worker.is_alive():
-                    worker.kill()
-        errors = [r["error"] for r in done if "error" in r]
-        if errors:
-            raise UserError(f"side-by-side run of {n} process(es) on {settings.device} failed: "
-                            f"{errors[0]}")
-        seconds = max(r["ended"] for r in done) - min(r["started"] for r in done)
-        images = sum(r["images"] for r in done)
-        rows.append({"processes": n, "images": images, "seconds": seconds,
-                     "threads_each": threads_each,
-                     "images_per_s": images / max(seconds, 1e-9)})
-    for row in rows:
-        row["ratio"] = row["images_per_s"] / rows[0]["images_per_s"]
-    return rows
-
-
-def collect_reports(reports, workers: list,
-                    timeout_s: float | None = SIDE_BY_SIDE_TIMEOUT_S) -> list[dict]:
-    """One report per worker; a worker that died without one (killed, out of memory) is reported
-    as an error instead of waiting for it forever (nor longer than ``timeout_s``)."""
-    import queue
-    done: list[dict] = []
-    deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
-    while len(done) < len(workers):
-        try:
-            done.append(reports.get(timeout=1.0))
-            continue
-        except queue.Empty:
-            pass
-        dead = [w for w in workers if w.exitcode not in (None, 0)]
-        if dead:
-            return done + [{"error": f"a process exited with code {dead[0].exitcode}"}]
-        if time.monotonic() > deadline:
-            return done + [{"error": f"no result after {timeout_s} s"}]
-    return done
-
-
 def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.ndarray, *,
-                      device: torch.device, precision: engine.Precision, batches: int,
+                      device: torch.device, precision: mixed_precision.Precision, batches: int,
                       repeats: int) -> dict:
     """Eval-mode images/s through engine.predict_views, alone and with flip TTA (a second pass
     over the mirrored batches, averaged as inference.py does); windows alternate."""
@@ -525,8 +324,10 @@ def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.n
                                     autocast_dtype=precision.autocast_dtype,
                                     channels_last=precision.channels_last)
 
-    predict(toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False), "none")
-    epoch = toolkit_batches(images, zeros, batches * batch_size, batch_size, device, shuffle=False)
+    predict(timing.toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False),
+            "none")
+    epoch = timing.toolkit_batches(images, zeros, batches * batch_size, batch_size, device,
+                                   shuffle=False)
     plain_seconds, flip_seconds = [], []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -535,8 +336,8 @@ def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.n
         started = time.perf_counter()
         predict(epoch, "flip")
         flip_seconds.append(time.perf_counter() - started)
-    plain = rate(batches * batch_size, plain_seconds)
-    flip = rate(batches * batch_size, flip_seconds)
+    plain = timing.rate(batches * batch_size, plain_seconds)
+    flip = timing.rate(batches * batch_size, flip_seconds)
     return {"plain": plain, "flip": flip, "ratio": flip["images_per_s"] / plain["images_per_s"]}
 
 
@@ -552,7 +353,7 @@ def peak_memory_mb() -> dict:
 # ----------------------------------------------------------------------------------------------
 def end_to_end_main(args: argparse.Namespace) -> dict:
     """--end_to_end: both whole jobs (end_to_end.measure) in a scratch folder, then the table."""
-    machine = machine_info(engine.resolve_device(args.device))
+    machine = timing.machine_info(engine.resolve_device(args.device))
     job = {key: getattr(args, key) for key in (
         "model", "resize", "epochs", "batch_size", "device", "amp", "channels_last",
         "augmentation", "optimizer", "workers", "data_dir", "eval_dir")}
@@ -673,7 +474,7 @@ def main(args: argparse.Namespace) -> dict:
     settings = train_settings(args, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py: fixed input sizes
-    machine = machine_info(device)
+    machine = timing.machine_info(device)
     data_dir = resolve_train_dir(args.data_dir)
     frame = dataset.add_labels(dataset.parse_train_dir(data_dir))
     paths = frame["path"].tolist()
@@ -690,8 +491,9 @@ def main(args: argparse.Namespace) -> dict:
         data_path = measure_data_path(paths, targets, images, settings=settings,
                                       preprocess=preprocess, device=device, batches=batches,
                                       repeats=repeats, workers=args.workers)
-        measured = measure_precisions(settings, images, targets, device=device, batches=batches,
-                                      repeats=repeats, compile_too=args.compile)
+        measured = timing.measure_precisions(settings, images, targets, device=device,
+                                             batches=batches, repeats=repeats,
+                                             compile_too=args.compile)
         training, net = measured["chosen"], measured["chosen"].pop("model")
         precision = training["precision"]
         inferred = measure_inference(net, settings, images, device=device, precision=precision,
@@ -707,7 +509,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.side_by_side:
             if device.type == "cuda":  # hand this process's cached blocks back for the others
                 torch.cuda.empty_cache()
-            side_by_side = measure_side_by_side(settings, images.filename, targets,
+            side_by_side = timing.measure_side_by_side(settings, images.filename, targets,
                                                 counts=args.side_by_side,
                                                 batches=batches * repeats)
         del images

@@ -13,7 +13,9 @@ from pathlib import Path
 import augmentation
 import dataset
 import engine
+import image_cache
 import loss as losses
+import mixed_precision
 import model as models
 import pipelines
 from checked_io import FlagParser, UserError, check_output_path, read_json_checked
@@ -130,7 +132,7 @@ def get_args_parser() -> FlagParser:
                         metavar=("LO", "HI"),
                         help="aspect range of --rrc_scale crops relative to --resize's (1 = no "
                              "stretch; default: 3/4 4/3, as torchvision's)")
-    images.add_argument("--crop", default=None, choices=dataset.CROPS,
+    images.add_argument("--crop", default=None, choices=image_cache.CROPS,
                         help="crop before resizing (when not given: the augmentation's; face = "
                              "detected face box)")
     images.add_argument("--face_margin", type=float, default=0.4, help="face box expansion per side (--crop face)")
@@ -140,7 +142,7 @@ def get_args_parser() -> FlagParser:
                              "timm model's pretrained_cfg); auto = model for a timm model with "
                              "--pretrained or --weights, else imagenet")
     images.add_argument("--interpolation", default="auto",
-                        choices=("auto", *dataset.INTERPOLATIONS),
+                        choices=("auto", *image_cache.INTERPOLATIONS),
                         help="resizing into the cache: area (OpenCV area averaging); bilinear or "
                              "bicubic (Pillow, as timm's transforms); auto = a timm model's own "
                              "with --pretrained or --weights, else area")
@@ -228,12 +230,12 @@ def get_args_parser() -> FlagParser:
 
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    speed.add_argument("--amp", default="auto", choices=engine.AMP_MODES,
+    speed.add_argument("--amp", default="auto", choices=mixed_precision.AMP_MODES,
                        help="mixed precision. auto: bf16 on CUDA, and on a CPU with native bf16 "
                             "(AMX / AVX-512 BF16) for models measured to gain from it; else fp32. "
                             "off: fp32. The choice is printed and recorded in config.json")
     speed.add_argument("--channels_last", nargs="?", const="on", default="auto",
-                       choices=engine.CHANNELS_LAST_MODES,
+                       choices=mixed_precision.CHANNELS_LAST_MODES,
                        help="channels_last memory format (auto: on on a CPU and where --amp "
                             "runs autocast; the bare flag means on)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -468,7 +470,7 @@ def model_defaults(args: argparse.Namespace) -> dict:
     if interpolation == "auto":
         wanted = own and own.get("interpolation")
         interpolation = "area" if not own else (
-            wanted if wanted in dataset.INTERPOLATIONS else "bilinear")
+            wanted if wanted in image_cache.INTERPOLATIONS else "bilinear")
     return {"resize": [int(v) for v in resize], "normalize": normalize,
             "interpolation": interpolation}
 
@@ -479,12 +481,12 @@ def model_normalization(model_name: str) -> tuple[list, list]:
     return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
 
 
-def preprocess_of(settings: argparse.Namespace) -> dataset.Preprocess:
+def preprocess_of(settings: argparse.Namespace) -> image_cache.Preprocess:
     """The deterministic image pipeline (crop, size, edges, interpolation) of a run's settings:
     what its cache holds and what its checkpoints tell inference."""
     crop = settings.crop or augmentation.augmentation_spec(settings.augmentation).crop
     resolved = model_defaults(settings)
-    return dataset.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
-                              face_margin=settings.face_margin,
-                              interpolation=resolved["interpolation"],
-                              crop_margin=settings.crop_margin)
+    return image_cache.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
+                                  face_margin=settings.face_margin,
+                                  interpolation=resolved["interpolation"],
+                                  crop_margin=settings.crop_margin)

@@ -1,7 +1,7 @@
 """Whole jobs timed end to end, back to back on one machine: the toolkit's train.py + inference.py
-(each its own process, from a cold cache) against the usual pipeline (reference.run_job in its own
-process: PIL + torchvision per image in a DataLoader, a plain fp32 loop), on the same split, the
-same epochs and the same eval photos. benchmark.py --end_to_end prints the result.
+(each its own process, from a cold cache) against the usual pipeline (usual_pipeline.run_job in
+its own process: PIL + torchvision per image in a DataLoader, a plain fp32 loop), on the same
+split, the same epochs and the same eval photos. benchmark.py --end_to_end prints the result.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sklearn.metrics import f1_score
 import augmentation
 import config
 import dataset
-import reference
+import usual_pipeline
 from checked_io import UserError
 from make_sample import resolve_eval_dir, resolve_train_dir
 
@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parent
 
 
 def time_usual_job(job: dict) -> dict:
-    """reference.run_job(**job) in a fresh spawned process, as a user would start it; timed from
-    the process start (imports included, as for the toolkit's scripts) to its result."""
+    """usual_pipeline.run_job(**job) in a fresh spawned process, as a user would start it; timed
+    from the process start (imports included, as for the toolkit's scripts) to its result."""
     started = time.perf_counter()
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            result = pool.submit(reference.run_job, **job).result()
+            result = pool.submit(usual_pipeline.run_job, **job).result()
     except BrokenProcessPool:  # killed (out of memory) without a result
         raise UserError("--end_to_end: the usual pipeline's process died before it finished") \
             from None

@@ -28,6 +28,8 @@ from torch import nn
 import augmentation
 import dataset
 import engine
+import image_cache
+import mixed_precision
 import model as models
 from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
                         check_labels, check_output_path, read_csv_checked, run_cli,
@@ -56,9 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="override every model's training input size (warns when it differs)")
     add("--augmentation", default=None, choices=list(augmentation.AUGMENTATIONS),
         help="override the augmentation (in eval mode it only normalizes)")
-    add("--crop", default=None, choices=dataset.CROPS, help="override the training crop")
+    add("--crop", default=None, choices=image_cache.CROPS, help="override the training crop")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="checkpoint", choices=("checkpoint", *engine.AMP_MODES),
+    add("--amp", default="checkpoint", choices=("checkpoint", *mixed_precision.AMP_MODES),
         help="precision: checkpoint = what each model trained with (its best.pth records it); "
              "auto, bf16, fp16 or off as in train.py")
     add("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
@@ -123,11 +125,11 @@ class LoadedModel:
     name: str
     category: str
     age_label_num: int
-    preprocess: dataset.Preprocess
+    preprocess: image_cache.Preprocess
     augmentation: str
     normalize: dict
     face: dict
-    precision: engine.Precision
+    precision: mixed_precision.Precision
 
     def describe(self) -> str:
         height, width = self.preprocess.resize
@@ -154,7 +156,7 @@ def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
     loaded = []
     for i, path in enumerate(paths):
         checkpoint, checkpoints[i] = checkpoints[i], None  # freed once its network holds it
-        preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
+        preprocess = image_cache.Preprocess.from_dict(checkpoint["preprocess"])
         trained_aug = checkpoint.get("augmentation", "BaseAugmentation")
         changes = {"resize": tuple(resize) if resize else None, "crop": crop}
         for field, value in changes.items():
@@ -171,8 +173,9 @@ def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
             raise UserError(f"{path}: {why}") from None
         config = checkpoint.get("config") or {}
         name = config.get("model") or checkpoint["model_config"].get("name")
-        precision = (engine.recorded_precision(checkpoint, device) if amp == "checkpoint" else
-                     engine.choose_precision(amp, "auto", device, checkpoint["model_config"]["name"]))
+        precision = (mixed_precision.recorded_precision(checkpoint, device)
+                     if amp == "checkpoint" else
+                     mixed_precision.choose_precision(amp, "auto", device, name))
         loaded.append(LoadedModel(
             path=Path(path), net=net, name=str(name), category=checkpoint["category"],
             age_label_num=int(checkpoint.get("age_label_num", 3)), preprocess=preprocess,
@@ -205,7 +208,7 @@ def build_image_caches(loaded: Sequence[LoadedModel], paths: list[str],
             import face
             boxes = face.crop_boxes_for_inference(paths, owner.preprocess, cache_dir, owner.face)
         variants.append((owner.preprocess, boxes))
-    caches = dataset.build_caches(paths, variants, cache_dir)
+    caches = image_cache.build_caches(paths, variants, cache_dir)
     return [caches[keys.index(_variant_key(m))] for m in loaded]
 
 
@@ -391,7 +394,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
     device = engine.resolve_device(args.device)
     if args.amp != "checkpoint":  # a GPU without bf16 is named before any work
-        engine.choose_precision(args.amp, "auto", device)
+        mixed_precision.choose_precision(args.amp, "auto", device)
     run_dirs, checkpoints, owners, chosen = resolve_runs(args)
     if len(checkpoints) > 1 and not args.ensemble:
         raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import config
-import engine
 import inference
+import mixed_precision
 import model as models
 import train
 from checked_io import UserError
@@ -40,28 +40,28 @@ def no_native_bf16(monkeypatch):
 
 # ---------------------------------------------------------------------------- the decision
 def test_auto_is_fp32_where_bf16_is_not_native(no_native_bf16):
-    assert engine.cpu_bf16_unit() is None
+    assert mixed_precision.cpu_bf16_unit() is None
     for model_name in ("resnet18", "BaseModel", "convnext_atto"):
-        chosen = engine.choose_precision("auto", "auto", CPU, model_name)
+        chosen = mixed_precision.choose_precision("auto", "auto", CPU, model_name)
         assert (chosen.autocast_dtype, chosen.channels_last) == (None, True)
         assert chosen.describe() == "fp32 + channels_last (auto: this CPU has no native bf16)"
-    assert not engine.choose_precision("auto", "off", CPU, "resnet18").channels_last
-    forced = engine.choose_precision("bf16", "auto", CPU, "resnet18")
+    assert not mixed_precision.choose_precision("auto", "off", CPU, "resnet18").channels_last
+    forced = mixed_precision.choose_precision("bf16", "auto", CPU, "resnet18")
     assert forced.autocast_dtype == torch.bfloat16 and forced.channels_last
     assert "emulated" in forced.describe()
 
 
 def test_auto_is_bf16_and_channels_last_where_native_and_measured_to_pay(native_bf16):
-    assert engine.cpu_bf16_unit() == "AMX"
-    chosen = engine.choose_precision("auto", "auto", CPU, "resnet18")
+    assert mixed_precision.cpu_bf16_unit() == "AMX"
+    chosen = mixed_precision.choose_precision("auto", "auto", CPU, "resnet18")
     assert (chosen.amp, chosen.channels_last) == ("bf16", True)
     assert chosen.describe() == "bf16 autocast + channels_last (auto: AMX bf16 on this CPU)"
-    assert not engine.choose_precision("auto", "off", CPU, "resnet18").channels_last
+    assert not mixed_precision.choose_precision("auto", "off", CPU, "resnet18").channels_last
     # a family not measured to gain stays fp32; --amp off always wins
-    assert engine.choose_precision("auto", "auto", CPU, "BaseModel").autocast_dtype is None
-    off = engine.choose_precision("off", "off", CPU, "resnet18")
+    assert mixed_precision.choose_precision("auto", "auto", CPU, "BaseModel").autocast_dtype is None
+    off = mixed_precision.choose_precision("off", "off", CPU, "resnet18")
     assert (off.autocast_dtype, off.channels_last, off.amp) == (None, False, "off")
-    assert engine.choose_precision("off", "auto", CPU, "resnet18").autocast_dtype is None
+    assert mixed_precision.choose_precision("off", "auto", CPU, "resnet18").autocast_dtype is None
 
 
 @pytest.mark.parametrize("broken", ["missing", "raising"])
@@ -73,8 +73,8 @@ def test_a_missing_or_failing_probe_means_fp32(monkeypatch, broken):
         else:
             monkeypatch.setattr(torch.cpu, probe, lambda: (_ for _ in ()).throw(RuntimeError()),
                                 raising=False)
-    assert engine.cpu_bf16_unit() is None
-    assert engine.choose_precision("auto", "auto", CPU, "resnet18").autocast_dtype is None
+    assert mixed_precision.cpu_bf16_unit() is None
+    assert mixed_precision.choose_precision("auto", "auto", CPU, "resnet18").autocast_dtype is None
 
 
 def test_channels_last_flag_spellings_and_old_config_files(tmp_path):
@@ -93,7 +93,7 @@ def test_channels_last_flag_spellings_and_old_config_files(tmp_path):
 # ---------------------------------------------------------------------------- the record
 def test_choice_round_trips_through_config_checkpoint_and_inference(
         tiny_sample, tmp_path, run_flags, native_bf16, monkeypatch, capsys):
-    monkeypatch.setitem(engine.CPU_BF16_FAMILIES, "base", "a test's say-so")
+    monkeypatch.setitem(mixed_precision.CPU_BF16_FAMILIES, "base", "a test's say-so")
     flags = run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1")
     run_dir = train.main(train.parse_args(flags))["run_dir"]
     assert "| bf16 autocast + channels_last (auto: AMX bf16 on this CPU)" in capsys.readouterr().out
@@ -128,7 +128,7 @@ def test_a_run_folder_of_before_the_record_resumes_in_fp32(tiny_train_dir, tmp_p
     del last["precision"]
     last["config"].update(amp="auto", channels_last=False)
     models.save_checkpoint(last, run_dir / "last.pth")
-    monkeypatch.setitem(engine.CPU_BF16_FAMILIES, "base", "a test's say-so")  # auto would be bf16
+    monkeypatch.setitem(mixed_precision.CPU_BF16_FAMILIES, "base", "a test's say-so")  # auto would be bf16
     train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
     resumed = torch.load(run_dir / "last.pth", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["precision"] == {"amp": "off", "channels_last": False}

@@ -15,8 +15,11 @@ import augmentation
 import config
 import dataset
 import engine
+import image_cache
 import loss as losses
+import mixed_precision
 import model as models
+import run_folder
 import train
 from checked_io import UserError
 
@@ -40,7 +43,7 @@ def summary_rows(run_dir: Path) -> list[dict]:
     ("--optimizer", engine.OPTIMIZERS), ("--scheduler", engine.SCHEDULERS),
     ("--criterion", list(losses.LOSSES)), ("--augmentation", list(augmentation.AUGMENTATIONS)),
     ("--dataset", list(dataset.SPLITS)), ("--category", list(dataset.CATEGORY_CLASSES)),
-    ("--data_balancing", dataset.BALANCING), ("--amp", engine.AMP_MODES), ("--crop", dataset.CROPS),
+    ("--data_balancing", dataset.BALANCING), ("--amp", mixed_precision.AMP_MODES), ("--crop", image_cache.CROPS),
 ])
 def test_every_choice_parses_and_a_typo_lists_the_choices(flag, values, capsys):
     for value in values:
@@ -158,9 +161,9 @@ def test_unreadable_weights_named_before_data_loads(tmp_path):
 
 
 def test_run_folder_numbering_with_dotted_names(tmp_path):
-    names = [train.new_run_dir(tmp_path, "lr1e-3.v2").name for _ in range(3)]
+    names = [run_folder.new_run_dir(tmp_path, "lr1e-3.v2").name for _ in range(3)]
     assert names == ["lr1e-3.v2", "lr1e-3.v22", "lr1e-3.v23"]
-    assert [train.new_run_dir(tmp_path, "exp").name for _ in range(2)] == ["exp", "exp2"]
+    assert [run_folder.new_run_dir(tmp_path, "exp").name for _ in range(2)] == ["exp", "exp2"]
 
 
 # ---------------------------------------------------------------------------- runs
@@ -172,7 +175,7 @@ def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run)
     assert list(run_dir.glob("events.out.tfevents.*"))
     rows = summary_rows(run_dir)
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(train.SUMMARY_FIELDS) <= set(rows[0])
+    assert set(run_folder.SUMMARY_FIELDS) <= set(rows[0])
     best = torch.load(run_dir / "best.pth", weights_only=False)
     assert best["preprocess"]["resize"] == [32, 24]
     rebuilt = models.restore_model(best)
