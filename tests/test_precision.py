@@ -136,7 +136,7 @@ def test_a_run_folder_of_before_the_record_resumes_in_fp32(tiny_train_dir, tmp_p
 
 def test_bf16_resume_after_sigkill_matches_uninterrupted_and_keeps_its_precision(
         tiny_train_dir, tmp_path, run_flags):
-    common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "3",
+    common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "2",
                                                       "--early_stopping_patience", "0",
                                                       "--amp", "bf16", "--channels_last")]
     subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
@@ -151,7 +151,7 @@ def test_bf16_resume_after_sigkill_matches_uninterrupted_and_keeps_its_precision
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert len((killed_dir / "summary.csv").read_text().splitlines()) < 4, "finished unkilled"
+    assert len((killed_dir / "summary.csv").read_text().splitlines()) < 3, "finished unkilled"
     config_before = (killed_dir / "config.json").read_text()
     with pytest.raises(UserError, match=re.escape('--amp "off" differs from the run\'s "bf16"')):
         train.main(train.parse_args(["--resume", str(killed_dir), "--amp", "off"]))
@@ -160,7 +160,7 @@ def test_bf16_resume_after_sigkill_matches_uninterrupted_and_keeps_its_precision
                    capture_output=True, timeout=300)
     whole = torch.load(tmp_path / "runs" / "whole" / "last.pth", weights_only=False)
     resumed = torch.load(killed_dir / "last.pth", weights_only=False)
-    assert resumed["epoch"] == whole["epoch"] == 3
+    assert resumed["epoch"] == whole["epoch"] == 2
     assert resumed["precision"] == whole["precision"] == {"amp": "bf16", "channels_last": True}
     for key, tensor in whole["model"].items():
         assert torch.equal(tensor, resumed["model"][key]), key
