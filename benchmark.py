@@ -250,6 +250,13 @@ def time_toolkit_path(images: np.ndarray, labels: np.ndarray, preset: str, *,
                                                      device):
         augment(uint8_images)
     epoch = timing.toolkit_batches(images, labels, batches * batch_size, batch_size, device)
+    return time_augmented_passes(augment, epoch, batches * batch_size, device=device,
+                                 repeats=repeats)
+
+
+def time_augmented_passes(augment: nn.Module, epoch, images: int, *, device: torch.device,
+                          repeats: int) -> dict:
+    """images/s of ``repeats`` passes over ``epoch``'s batches through ``augment``."""
     seconds = []
     for _ in range(repeats):
         timing.synchronize(device)
@@ -258,7 +265,7 @@ def time_toolkit_path(images: np.ndarray, labels: np.ndarray, preset: str, *,
             augment(uint8_images)
         timing.synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return timing.rate(batches * batch_size, seconds)
+    return timing.rate(images, seconds)
 
 
 def time_augmentation(images: np.ndarray, labels: np.ndarray, value: str, *,
@@ -276,15 +283,8 @@ def time_augmentation(images: np.ndarray, labels: np.ndarray, value: str, *,
         epoch = pipeline_batches(images, labels, pipeline, batches, settings.batch_size, device,
                                  workers)
         next(iter(epoch))  # starts the workers
-        seconds = []
-        for _ in range(repeats):
-            timing.synchronize(device)
-            started = time.perf_counter()
-            for uint8_images, _, _ in epoch:
-                augment(uint8_images)
-            timing.synchronize(device)
-            seconds.append(time.perf_counter() - started)
-        path = timing.rate(batches * settings.batch_size, seconds)
+        path = time_augmented_passes(augment, epoch, batches * settings.batch_size,
+                                     device=device, repeats=repeats)
     torch.manual_seed(settings.seed)
     trainer = timing.build_trainer(
         argparse.Namespace(**{**vars(settings), "augmentation": value}), device)

@@ -3,10 +3,8 @@ is recorded in config.json and the checkpoints and followed by inference, and th
 its resume after SIGKILL are as exact as an fp32 one."""
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -135,22 +133,14 @@ def test_a_run_folder_of_before_the_record_resumes_in_fp32(tiny_train_dir, tmp_p
 
 
 def test_bf16_resume_after_sigkill_matches_uninterrupted_and_keeps_its_precision(
-        tiny_train_dir, tmp_path, run_flags):
+        tiny_train_dir, tmp_path, run_flags, run_killed_after_first_epoch):
     common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "2",
                                                       "--early_stopping_patience", "0",
                                                       "--amp", "bf16", "--channels_last")]
     subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
-    victim = subprocess.Popen(common + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "runs" / "killed"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once the first epoch is checkpointed
-        if (killed_dir / "summary.csv").is_file():
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    run_killed_after_first_epoch(common + ["--name", "killed"], killed_dir)
     assert len((killed_dir / "summary.csv").read_text().splitlines()) < 3, "finished unkilled"
     config_before = (killed_dir / "config.json").read_text()
     with pytest.raises(UserError, match=re.escape('--amp "off" differs from the run\'s "bf16"')):

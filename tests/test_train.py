@@ -1,10 +1,8 @@
 import csv
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -194,21 +192,14 @@ def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run)
     assert saved["epochs"] == 2 and saved["resize"] == [32, 24]
 
 
-def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path, run_flags):
+def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path, run_flags,
+                                                    run_killed_after_first_epoch):
     common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "3",
                                                       "--early_stopping_patience", "0")]
     subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
-    victim = subprocess.Popen(common + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "runs" / "killed"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once the first epoch is checkpointed
-        if (killed_dir / "summary.csv").is_file():
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    run_killed_after_first_epoch(common + ["--name", "killed"], killed_dir)
     rows = summary_rows(killed_dir)
     assert len(rows) < 3, "the run finished before it could be killed"
     subprocess.run([sys.executable, "train.py", "--resume", str(killed_dir)], cwd=ROOT, check=True,
@@ -344,8 +335,8 @@ def test_timm_model_brings_its_own_preprocessing_unless_overridden(tmp_path):
     assert config.model_normalization("test_vit") == ([0.5] * 3, [0.5] * 3)
 
 
-def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(tiny_train_dir, tmp_path,
-                                                                         run_flags):
+def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(
+        tiny_train_dir, tmp_path, run_flags, run_killed_after_first_epoch):
     extra = ["--epochs", "3", "--early_stopping_patience", "0", "--multi_head", "--model_ema",
              "--model_ema_decay", "0.6", "--grad_accum_steps", "2", "--clip_grad", "1.0",
              "--optimizer", "lamb", "--scheduler", "cosine", "--warmup_epochs", "1",
@@ -353,16 +344,8 @@ def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(tiny_tr
     common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, *extra)]
     subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
-    victim = subprocess.Popen(common + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "runs" / "killed"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once the first epoch is checkpointed
-        if (killed_dir / "summary.csv").is_file():
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    run_killed_after_first_epoch(common + ["--name", "killed"], killed_dir)
     assert len(summary_rows(killed_dir)) < 3, "the run finished before it could be killed"
     subprocess.run([sys.executable, "train.py", "--resume", str(killed_dir)], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
