@@ -587,6 +587,9 @@ def main(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest
     device = engine.process_device(args.device, procs)
     precision = run_precision(args, device)
+    if args.compile and device.type == "cpu":
+        procs.say("note: --compile measured no gain on a CPU (README, Performance) and compiles "
+                  "for a minute or more before the first batch")
     data_dir, frame = load_records(args, say=procs.say)
     frame, recorded = (run_folder.continued_photos(args, frame, data_dir, procs.say)
                        if args.resume else (frame, None))
