@@ -4,6 +4,9 @@
     python benchmark.py --resize 128 96                    # the toolkit's default input size
     python benchmark.py --model resnet18 --amp bf16 --output benchmarks/r18.md
     python benchmark.py --side_by_side 2                   # do folds side by side pay here?
+    python benchmark.py --model resnet18 --resize 128 96 --compile  # + torch.compile rows
+    python benchmark.py --end_to_end --model resnet18 --resize 128 96 --epochs 4 \
+        --data_dir DEV/train/images --eval_dir DEV/eval    # whole jobs: toolkit vs usual code
 
 Prints one table (measurement | images/s, seconds or MB | ratio):
   1. data path: the baseline's loader (PIL + torchvision Resize/ToTensor/Normalize in a
@@ -12,7 +15,9 @@ Prints one table (measurement | images/s, seconds or MB | ratio):
      random flip, affine and colour jitter, which the reference does not) and with
      BaseAugmentation, the same work as the reference;
   2. train step: the model's ceiling (a synthetic batch already on the device) against the real
-     training loop (engine.train_one_epoch over cached photos, augmentation included);
+     training loop (engine.train_one_epoch over cached photos, augmentation included), in fp32
+     and in the precision --amp/--channels_last choose (auto: mixed_precision.choose_precision),
+     side by side; with --compile also torch.compile'd;
   3. inference with and without flip TTA (engine.predict_views);
   4. cache build time from a cold cache, its size on disk, and the peak memory of the process;
   5. with --compare_augmentation VALUE ...: the data path and the training loop with other
@@ -27,6 +32,11 @@ On a shared CPU, other busy processes slow torch's threads far more than the ref
 single-threaded workers: compare runs whose load average (printed) stayed low.
 The last line holds the two headline figures in a fixed form, for scripts to parse:
     data path ratio: 8.3x; train loop / ceiling: 85%
+--end_to_end instead times two whole jobs back to back, each in its own process and from cold:
+train.py (--epochs, cache built from scratch) + inference.py on --eval_dir, against the usual
+pipeline (usual_pipeline.run_job: PIL + torchvision per image in a DataLoader, a plain fp32 loop
+with validation every epoch, inference through the same loader) on the same split, and prints both
+times and their ratio (last line: "end to end: toolkit 1.9x faster than the usual pipeline").
 """
 from __future__ import annotations
 
@@ -43,17 +53,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from torchvision import transforms
 
 import augmentation
 import config
 import dataset
+import end_to_end
 import engine
+import image_cache
+import mixed_precision
 import model as models
 import pipelines
+import timing
+import usual_pipeline
 from checked_io import FlagParser, UserError, atomic_write_text, check_output_path, run_cli
 from make_sample import resolve_train_dir
 
@@ -62,10 +74,7 @@ from make_sample import resolve_train_dir
 DEFAULT_BATCHES = 6
 DEFAULT_REPEATS = 3
 SMOKE_BATCHES, SMOKE_REPEATS = 2, 1
-SIDE_BY_SIDE_TIMEOUT_S = 600  # a side-by-side process that has not reported by then is stuck
-# the baseline's CustomAugmentation crops 320 x 256 (H x W) out of the 512 x 384 portraits
-BASELINE_CENTER_CROP = (320, 256)
-AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+AMP_NAMES = mixed_precision.AMP_NAMES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,9 +87,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--resize", type=int, nargs=2, default=[224, 224], metavar=("H", "W"), help="model input size")
     add("--batch_size", type=int, default=64, help="batch size of every measurement")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=engine.AMP_MODES, help="mixed precision (auto: bf16 on CUDA)")
-    add("--channels_last", default="auto", choices=("auto", "on", "off"),
-        help="channels_last memory format (auto: on for CUDA)")
+    add("--amp", default="auto", choices=mixed_precision.AMP_MODES,
+        help="precision timed next to fp32, as train.py --amp (auto: bf16 on CUDA and on a CPU "
+             "with native bf16 for models where it pays)")
+    add("--channels_last", default="auto", choices=mixed_precision.CHANNELS_LAST_MODES,
+        help="channels_last memory format, as train.py (auto: on on a CPU and where autocast "
+             "runs)")
     add("--augmentation", default="CustomAugmentation", choices=list(augmentation.AUGMENTATIONS),
         help="the toolkit's batch augmentation (train.py's default); its crop also decides "
              "whether the reference loader centre-crops first")
@@ -92,7 +104,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="worker processes of the per-image pipelines (as train.py; when not given: one per "
              "core but one, 1..8)")
     add("--optimizer", default="adam", choices=engine.OPTIMIZERS, help="optimizer of the train steps")
-    add("--compile", action="store_true", help="torch.compile the model (as train.py --compile)")
+    add("--compile", action="store_true",
+        help="also time the train step torch.compile'd (as train.py --compile)")
+    add("--end_to_end", action="store_true",
+        help="time whole jobs instead: train.py --epochs + inference.py against the usual "
+             "pipeline, back to back")
+    add("--epochs", type=int, default=4, help="--end_to_end: epochs of both jobs")
+    add("--eval_dir", default=None,
+        help="--end_to_end: eval folder with info.csv and images/ ($SM_CHANNEL_EVAL, else the "
+             "bundled sample)")
     add("--side_by_side", type=int, nargs="+", default=[], metavar="N",
         help="also time N training processes at once on the device (folds run side by side) "
              "against one, e.g. --side_by_side 2 4; off when not given")
@@ -126,7 +146,7 @@ def check_args(args: argparse.Namespace) -> None:
         models.validate_model_name(args.model)
     except ValueError as why:
         raise UserError(str(why)) from None
-    for flag in ("batches", "repeats", "batch_size"):
+    for flag in ("batches", "repeats", "batch_size", "epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
     if any(n < 1 for n in args.side_by_side):
@@ -136,7 +156,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
     if args.augment_workers is not None and args.augment_workers < 0:
         raise UserError(f"--augment_workers {args.augment_workers}: expected 0 or more")
-    preprocess = dataset.Preprocess(resize=tuple(args.resize))
+    preprocess = image_cache.Preprocess(resize=tuple(args.resize))
     for value in args.compare_augmentation:  # loaded and run on dummy images now, not after minutes
         pipelines.checked_pipeline(value, preprocess)
     if min(args.resize) < 16:
@@ -150,95 +170,20 @@ def check_args(args: argparse.Namespace) -> None:
 
 def train_settings(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
     """train.py's flags for this benchmark, so model, optimizer, loss and amp are built as it would."""
-    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "on"
     flags = ["--model", args.model, "--resize", *map(str, args.resize),
              "--batch_size", str(args.batch_size), "--device", str(device), "--amp", args.amp,
-             "--augmentation", args.augmentation, "--optimizer", args.optimizer]
-    flags += ["--channels_last"] if channels_last else []
-    flags += ["--compile"] if args.compile else []
+             "--channels_last", args.channels_last, "--augmentation", args.augmentation,
+             "--optimizer", args.optimizer]
     return config.get_args_parser().parse_args(flags)
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    # CUDA kernels run asynchronously: a timer read without this measures only the launches
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rate(images: int, seconds: list[float]) -> dict:
-    """{'images', 'seconds' (each window), 'images_per_s' (median window)}."""
-    return {"images": images, "seconds": seconds,
-            "images_per_s": images / max(statistics.median(seconds), 1e-9)}
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"cpus": os.cpu_count(), "torch": torch.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 1)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # ----------------------------------------------------------------------------------------------
 # The two data paths
 # ----------------------------------------------------------------------------------------------
-def reference_transform(resize, mean=augmentation.IMAGENET_MEAN, std=augmentation.IMAGENET_STD,
-                        center_crop: bool = False) -> transforms.Compose:
-    """The baseline's BaseAugmentation (Resize, ToTensor, Normalize); with center_crop, its
-    CustomAugmentation: CenterCrop first and ColorJitter(0.1, 0.1, 0.1, 0.1) after the resize."""
-    steps = [transforms.CenterCrop(BASELINE_CENTER_CROP)] if center_crop else []
-    steps += [transforms.Resize(tuple(resize), Image.BILINEAR)]
-    if center_crop:
-        steps += [transforms.ColorJitter(0.1, 0.1, 0.1, 0.1)]
-    steps += [transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)]
-    return transforms.Compose(steps)
-
-
-class ReferenceDataset(Dataset):
-    """The baseline's dataset: every item opens and decodes its JPEG with PIL, then transforms it."""
-
-    def __init__(self, paths: list[str], labels: np.ndarray, transform: transforms.Compose):
-        self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(Image.open(self.paths[index])), int(self.labels[index])
-
-
-def reference_loader(paths: list[str], labels: np.ndarray, *, resize, batch_size: int,
-                     workers: int, n_images: int, center_crop: bool = False, shuffle: bool = True,
-                     pin_memory: bool = False, mean=augmentation.IMAGENET_MEAN,
-                     std=augmentation.IMAGENET_STD, seed: int | None = None) -> DataLoader:
-    """The baseline's DataLoader over ``n_images`` draws (whole shuffled epochs, as shuffle=True
-    gives, continued into a further epoch when more images than the data are needed). With a
-    ``seed`` it shuffles as CachedBatches does after torch.manual_seed(seed)."""
-    data = ReferenceDataset(paths, labels, reference_transform(resize, mean, std, center_crop))
-    if shuffle:
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        sampler = RandomSampler(data, num_samples=n_images, generator=generator)
-    else:
-        sampler = np.resize(np.arange(len(data)), n_images).tolist()
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=True)
-
-
-def toolkit_batches(images: np.ndarray, targets: np.ndarray, n_images: int, batch_size: int,
-                    device: torch.device | str, shuffle: bool = True) -> dataset.CachedBatches:
-    """CachedBatches over ``n_images`` rows of the cache (rows repeat when the data is smaller)."""
-    rows = np.resize(np.arange(len(images)), n_images)
-    return dataset.CachedBatches(images, np.asarray(targets)[rows], rows, batch_size, device,
-                                 shuffle=shuffle)
-
-
-def measure_cache(paths: list[str], preprocess: dataset.Preprocess, cache_dir: Path) -> dict:
+def measure_cache(paths: list[str], preprocess: image_cache.Preprocess, cache_dir: Path) -> dict:
     """Build the cache from cold into ``cache_dir``; returns its time, size and the memmap."""
     started = time.perf_counter()
-    images = dataset.build_cache(paths, preprocess, cache_dir, progress=False)
+    images = image_cache.build_cache(paths, preprocess, cache_dir, progress=False)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
     return {"images": len(paths), "seconds": seconds, "mb": size / 1e6,
@@ -246,7 +191,7 @@ def measure_cache(paths: list[str], preprocess: dataset.Preprocess, cache_dir: P
 
 
 def measure_data_path(paths: list[str], labels: np.ndarray, images: np.ndarray, *,
-                      settings: argparse.Namespace, preprocess: dataset.Preprocess,
+                      settings: argparse.Namespace, preprocess: image_cache.Preprocess,
                       device: torch.device, batches: int, repeats: int, workers: int) -> dict:
     """images/s of the reference loader and of the toolkit's cached path, each to a normalized
     float [B, 3, H, W] batch on the device."""
@@ -277,41 +222,50 @@ def time_reference(paths: list[str], labels: np.ndarray, settings: argparse.Name
     # one warm-up batch per worker: the workers start together, so by the time the first batch
     # arrives the others are nearly done, and timing from there would flatter the reference
     warmup = max(workers, 1)
-    loader = reference_loader(paths, labels, resize=settings.resize, batch_size=batch_size,
-                              workers=workers, n_images=(warmup + batches * repeats) * batch_size,
-                              center_crop=custom, pin_memory=device.type == "cuda")
+    loader = usual_pipeline.reference_loader(
+        paths, labels, resize=settings.resize, batch_size=batch_size, workers=workers,
+        n_images=(warmup + batches * repeats) * batch_size, center_crop=custom,
+        pin_memory=device.type == "cuda")
     stream = iter(loader)
     for _ in range(warmup):
         next(stream)[0].to(device, non_blocking=True)
     seconds = []
     for _ in range(repeats):
-        synchronize(device)
+        timing.synchronize(device)
         started = time.perf_counter()
         for _ in range(batches):
             next(stream)[0].to(device, non_blocking=True)
-        synchronize(device)
+        timing.synchronize(device)
         seconds.append(time.perf_counter() - started)
     next(stream, None)  # exhausted: the workers exit and stop competing for the CPU
     del stream, loader
-    return rate(batches * batch_size, seconds)
+    return timing.rate(batches * batch_size, seconds)
 
 
 def time_toolkit_path(images: np.ndarray, labels: np.ndarray, preset: str, *,
                       batch_size: int, device: torch.device, batches: int, repeats: int) -> dict:
     """CachedBatches -> BatchAugmentation (train mode) for ``batches`` batches, ``repeats`` times."""
     augment = augmentation.build_augmentation(preset).to(device).train()
-    for uint8_images, _, _ in toolkit_batches(images, labels, batch_size, batch_size, device):
+    for uint8_images, _, _ in timing.toolkit_batches(images, labels, batch_size, batch_size,
+                                                     device):
         augment(uint8_images)
-    epoch = toolkit_batches(images, labels, batches * batch_size, batch_size, device)
+    epoch = timing.toolkit_batches(images, labels, batches * batch_size, batch_size, device)
+    return time_augmented_passes(augment, epoch, batches * batch_size, device=device,
+                                 repeats=repeats)
+
+
+def time_augmented_passes(augment: nn.Module, epoch, images: int, *, device: torch.device,
+                          repeats: int) -> dict:
+    """images/s of ``repeats`` passes over ``epoch``'s batches through ``augment``."""
     seconds = []
     for _ in range(repeats):
-        synchronize(device)
+        timing.synchronize(device)
         started = time.perf_counter()
         for uint8_images, _, _ in epoch:
             augment(uint8_images)
-        synchronize(device)
+        timing.synchronize(device)
         seconds.append(time.perf_counter() - started)
-    return rate(batches * batch_size, seconds)
+    return timing.rate(images, seconds)
 
 
 def time_augmentation(images: np.ndarray, labels: np.ndarray, value: str, *,
@@ -329,24 +283,19 @@ def time_augmentation(images: np.ndarray, labels: np.ndarray, value: str, *,
         epoch = pipeline_batches(images, labels, pipeline, batches, settings.batch_size, device,
                                  workers)
         next(iter(epoch))  # starts the workers
-        seconds = []
-        for _ in range(repeats):
-            synchronize(device)
-            started = time.perf_counter()
-            for uint8_images, _, _ in epoch:
-                augment(uint8_images)
-            synchronize(device)
-            seconds.append(time.perf_counter() - started)
-        path = rate(batches * settings.batch_size, seconds)
+        path = time_augmented_passes(augment, epoch, batches * settings.batch_size,
+                                     device=device, repeats=repeats)
     torch.manual_seed(settings.seed)
-    trainer = build_trainer(argparse.Namespace(**{**vars(settings), "augmentation": value}), device)
-    epoch = toolkit_batches(images, labels, batches * settings.batch_size, settings.batch_size,
-                            device)
+    trainer = timing.build_trainer(
+        argparse.Namespace(**{**vars(settings), "augmentation": value}), device)
+    epoch = timing.toolkit_batches(images, labels, batches * settings.batch_size,
+                                   settings.batch_size, device)
     if pipeline is not None:
         epoch = pipeline_batches(images, labels, pipeline, batches, settings.batch_size, device,
                                  workers)
-    train_epoch(trainer, epoch)  # warm-up, and the workers' start
-    loop = statistics.median(train_epoch(trainer, epoch)["images_per_s"] for _ in range(repeats))
+    timing.train_epoch(trainer, epoch)  # warm-up, and the workers' start
+    loop = statistics.median(timing.train_epoch(trainer, epoch)["images_per_s"]
+                             for _ in range(repeats))
     how = "batched on the device" if pipeline is None else (
         f"per image in {workers} worker process(es)" if workers else "per image, in process")
     return {"value": value, "how": how, "path": path, "loop": loop}
@@ -361,146 +310,9 @@ def pipeline_batches(images: np.ndarray, labels: np.ndarray, pipeline: pipelines
     return pipelines.PipelineBatches(cached, pipeline, workers)
 
 
-def build_trainer(settings: argparse.Namespace, device: torch.device) -> engine.Trainer:
-    """Model, loss, optimizer, scaler and augmentation as train.py builds them for ``settings``."""
-    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
-    return engine.build_trainer(settings, n_out, device, steps_per_epoch=1)
-
-
-def train_epoch(trainer: engine.Trainer, batches, augment: nn.Module | None = None) -> dict:
-    """engine.train_one_epoch over ``batches`` with the trainer's parts (its augmentation unless
-    another is given)."""
-    return engine.train_one_epoch(trainer, batches, augment=augment, progress=False)
-
-
-def warmup_batches(device: torch.device) -> int:
-    # cuDNN's autotuner (benchmark mode) tries kernels on the first batches of each shape
-    return 3 if device.type == "cuda" else 1
-
-
-def measure_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
-                     device: torch.device, batches: int, repeats: int) -> dict:
-    """Train-step images/s: synthetic batches already on the device (the ceiling) against the real
-    loop on cached photos, both through engine.train_one_epoch with the same model and optimizer;
-    the windows alternate so background load hits both alike. Returns the model for inference."""
-    torch.manual_seed(settings.seed)
-    trainer = build_trainer(settings, device)
-    batch_size, (height, width) = settings.batch_size, settings.resize
-
-    synthetic = torch.randn(batch_size, 3, height, width, device=device)
-    if settings.channels_last:
-        synthetic = synthetic.contiguous(memory_format=torch.channels_last)
-    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
-    synthetic_targets = torch.randint(0, n_out, (batch_size,), device=device)
-    # an identity "augmentation" over ready batches: the very same step code, minus the data
-    ready = [(synthetic, synthetic_targets, None)] * batches
-    real = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
-
-    warmup = warmup_batches(device)
-    train_epoch(trainer, ready[:warmup], nn.Identity())
-    train_epoch(trainer, toolkit_batches(images, targets, warmup * batch_size, batch_size, device))
-    ceiling_rates, loop_rates = [], []
-    for _ in range(repeats):
-        ceiling_rates.append(train_epoch(trainer, ready, nn.Identity())["images_per_s"])
-        loop_rates.append(train_epoch(trainer, real)["images_per_s"])
-    ceiling = {"images": batches * batch_size, "images_per_s": statistics.median(ceiling_rates),
-               "rates": ceiling_rates}
-    loop = {"images": batches * batch_size, "images_per_s": statistics.median(loop_rates),
-            "rates": loop_rates}
-    return {"ceiling": ceiling, "loop": loop,
-            "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
-            "model": trainer.net, "autocast_dtype": trainer.autocast_dtype}
-
-
-# ----------------------------------------------------------------------------------------------
-# Several training processes side by side on one device (folds of a k-fold run, `--fold i &`)
-# ----------------------------------------------------------------------------------------------
-def side_by_side_worker(settings: argparse.Namespace, cache_path: str, targets: np.ndarray,
-                        batches: int, threads: int, seed: int, barrier, reports) -> None:
-    """One of N processes training at once on one device, as `train.py --fold i` would: its own
-    model and optimizer over the shared cache file. Warms up, waits for the others, trains
-    ``batches`` batches, and reports when it started and ended (or what went wrong)."""
-    try:
-        torch.set_num_threads(threads)
-        engine.tune_host_allocator()
-        device = torch.device(settings.device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        images = np.load(cache_path, mmap_mode="r")
-        torch.manual_seed(seed)
-        trainer = build_trainer(settings, device)
-        batch_size = settings.batch_size
-        train_epoch(trainer, toolkit_batches(images, targets, warmup_batches(device) * batch_size,
-                                             batch_size, device))
-        epoch = toolkit_batches(images, targets, batches * batch_size, batch_size, device)
-        barrier.wait(timeout=SIDE_BY_SIDE_TIMEOUT_S)
-        started = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
-        images_done = train_epoch(trainer, epoch)["images"]
-        reports.put({"images": images_done, "started": started, "ended": time.perf_counter()})
-    except BaseException as why:  # the parent turns this into one error line
-        barrier.abort()
-        reports.put({"error": f"{type(why).__name__}: {why}"})
-
-
-def measure_side_by_side(settings: argparse.Namespace, cache_path: str | Path,
-                         targets: np.ndarray, *, counts: list[int], batches: int) -> list[dict]:
-    """Train-loop images/s of N processes training at once on ``settings.device``, for 1 and each
-    N in ``counts``: all images trained over the time from the common start to the last finish.
-    The CPU threads are shared out (each process gets threads // N), so on a CPU this asks whether
-    N small jobs beat one job with all the cores; on a GPU, whether one job leaves it idle."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot start again in a forked child
-    threads = torch.get_num_threads()
-    rows = []
-    for n in sorted({1, *counts}):
-        barrier, reports, threads_each = context.Barrier(n), context.Queue(), max(1, threads // n)
-        workers = [context.Process(target=side_by_side_worker, daemon=True, args=(
-            settings, str(cache_path), targets, batches, threads_each, settings.seed + i,
-            barrier, reports)) for i in range(n)]
-        for worker in workers:
-            worker.start()
-        try:
-            done = collect_reports(reports, workers)
-        finally:
-            for worker in workers:
-                worker.join(timeout=30)
-                if worker.is_alive():
-                    worker.kill()
-        errors = [r["error"] for r in done if "error" in r]
-        if errors:
-            raise UserError(f"side-by-side run of {n} process(es) on {settings.device} failed: "
-                            f"{errors[0]}")
-        seconds = max(r["ended"] for r in done) - min(r["started"] for r in done)
-        images = sum(r["images"] for r in done)
-        rows.append({"processes": n, "images": images, "seconds": seconds,
-                     "threads_each": threads_each,
-                     "images_per_s": images / max(seconds, 1e-9)})
-    for row in rows:
-        row["ratio"] = row["images_per_s"] / rows[0]["images_per_s"]
-    return rows
-
-
-def collect_reports(reports, workers: list) -> list[dict]:
-    """One report per worker; a worker that died without one (killed, out of memory) is reported
-    as an error instead of waiting for it forever."""
-    import queue
-    done: list[dict] = []
-    deadline = time.monotonic() + SIDE_BY_SIDE_TIMEOUT_S
-    while len(done) < len(workers):
-        try:
-            done.append(reports.get(timeout=1.0))
-            continue
-        except queue.Empty:
-            pass
-        dead = [w for w in workers if w.exitcode not in (None, 0)]
-        if dead:
-            return done + [{"error": f"a process exited with code {dead[0].exitcode}"}]
-        if time.monotonic() > deadline:
-            return done + [{"error": f"no result after {SIDE_BY_SIDE_TIMEOUT_S} s"}]
-    return done
-
-
 def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.ndarray, *,
-                      device: torch.device, autocast_dtype, batches: int, repeats: int) -> dict:
+                      device: torch.device, precision: mixed_precision.Precision, batches: int,
+                      repeats: int) -> dict:
     """Eval-mode images/s through engine.predict_views, alone and with flip TTA (a second pass
     over the mirrored batches, averaged as inference.py does); windows alternate."""
     augment = augmentation.build_augmentation(settings.augmentation).to(device)
@@ -509,11 +321,13 @@ def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.n
 
     def predict(view, tta: str) -> np.ndarray:
         return engine.predict_views(net, view, augment, tta=tta, category="multi",
-                                    autocast_dtype=autocast_dtype,
-                                    channels_last=settings.channels_last)
+                                    autocast_dtype=precision.autocast_dtype,
+                                    channels_last=precision.channels_last)
 
-    predict(toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False), "none")
-    epoch = toolkit_batches(images, zeros, batches * batch_size, batch_size, device, shuffle=False)
+    predict(timing.toolkit_batches(images, zeros, batch_size, batch_size, device, shuffle=False),
+            "none")
+    epoch = timing.toolkit_batches(images, zeros, batches * batch_size, batch_size, device,
+                                   shuffle=False)
     plain_seconds, flip_seconds = [], []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -522,8 +336,8 @@ def measure_inference(net: nn.Module, settings: argparse.Namespace, images: np.n
         started = time.perf_counter()
         predict(epoch, "flip")
         flip_seconds.append(time.perf_counter() - started)
-    plain = rate(batches * batch_size, plain_seconds)
-    flip = rate(batches * batch_size, flip_seconds)
+    plain = timing.rate(batches * batch_size, plain_seconds)
+    flip = timing.rate(batches * batch_size, flip_seconds)
     return {"plain": plain, "flip": flip, "ratio": flip["images_per_s"] / plain["images_per_s"]}
 
 
@@ -535,12 +349,62 @@ def peak_memory_mb() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# End to end: whole jobs (end_to_end.py), the toolkit's scripts against the usual pipeline
+# ----------------------------------------------------------------------------------------------
+def end_to_end_main(args: argparse.Namespace) -> dict:
+    """--end_to_end: both whole jobs (end_to_end.measure) in a scratch folder, then the table."""
+    machine = timing.machine_info(engine.resolve_device(args.device))
+    job = {key: getattr(args, key) for key in (
+        "model", "resize", "epochs", "batch_size", "device", "amp", "channels_last",
+        "augmentation", "optimizer", "workers", "data_dir", "eval_dir")}
+    parent = Path(args.cache_dir) if args.cache_dir else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="benchmark-e2e-", dir=parent))
+    try:
+        results = end_to_end.measure(job, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    machine["load_average_end"] = round(os.getloadavg()[0], 1)
+    report = end_to_end.format_report(results, job, machine)
+    if args.output:
+        atomic_write_text(args.output, report)
+    results["table"] = report
+    results["headline"] = (f"end to end: toolkit {results['ratio']:.2f}x faster than the usual "
+                           "pipeline")
+    print(report)
+    print(results["headline"], flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 def headline(results: dict) -> str:
     # the issue's reference pipeline is Resize/ToTensor/Normalize: compared with the same work
     return (f"data path ratio: {results['data_path']['ratio_base']:.1f}x; "
             f"train loop / ceiling: {results['train']['percent']:.0f}%")
+
+
+def train_rows(results: dict, device: str) -> list[str]:
+    """Ceilings in fp32, in the chosen precision and compiled (each against fp32's), then the
+    real loop in each (against its own ceiling)."""
+    fp32, chosen, compiled = results["train_fp32"], results["train"], results["train_compiled"]
+    base = fp32["ceiling"]["images_per_s"]
+    name = chosen["precision"].describe(why=False)
+    settings = [("fp32", fp32)]
+    if chosen is not fp32:
+        settings.append((f"chosen = {name}", chosen))
+    else:  # the chosen precision is fp32 here: one measurement
+        settings[0] = ("fp32 = chosen", fp32)
+    if compiled is not None:
+        settings.append((f"{name} + torch.compile", compiled))
+    rows = [f"| train step: ceiling, {name} (synthetic batch on {device}) "
+            f"| {r['ceiling']['images_per_s']:,.1f} img/s "
+            f"| {r['ceiling']['images_per_s'] / base:.2f}x fp32 |" for name, r in settings]
+    rows += [f"| train step: toolkit loop, {name} (train_one_epoch, real photos) "
+             f"| {r['loop']['images_per_s']:,.1f} img/s | {r['percent']:.0f}% of its ceiling |"
+             for name, r in settings]
+    return rows
 
 
 def format_report(results: dict) -> str:
@@ -552,8 +416,10 @@ def format_report(results: dict) -> str:
     lines = [
         f"## {c['model']} {height}x{width}, batch {c['batch_size']}, {machine['device']} "
         f"(amp {c['amp']}, channels_last {'on' if c['channels_last'] else 'off'}, "
-        f"{'compiled, ' if c['compile'] else ''}{c['augmentation']})",
+        f"{c['augmentation']})",
         "",
+        f"precision chosen by --amp {c['amp_flag']} --channels_last {c['channels_last_flag']}: "
+        f"{t['precision'].describe()}",
         f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, device {machine['device']}"
         f"{gpu}, {machine['threads']} torch threads, load average {machine['load_average']} at "
         f"start, {machine['load_average_end']} at end",
@@ -573,11 +439,7 @@ def format_report(results: dict) -> str:
             f"| {d['reference']['images_per_s']:,.0f} img/s | 1.0x |",
             f"| data path: toolkit, {c['augmentation']} (+ flip, affine warp, colour jitter) "
             f"| {d['toolkit']['images_per_s']:,.0f} img/s | {d['ratio']:.1f}x |"]
-    lines += [
-        f"| train step: ceiling (synthetic batch on {machine['device']}) "
-        f"| {t['ceiling']['images_per_s']:,.1f} img/s | 100% |",
-        f"| train step: toolkit loop (train_one_epoch, real photos) "
-        f"| {t['loop']['images_per_s']:,.1f} img/s | {t['percent']:.0f}% |",
+    lines += train_rows(results, machine["device"]) + [
         f"| inference (predict_views) | {i['plain']['images_per_s']:,.0f} img/s | 1.00x |",
         f"| inference with flip TTA | {i['flip']['images_per_s']:,.0f} img/s | {i['ratio']:.2f}x |",
         f"| cache build, cold ({cache['images']:,} photos) | {cache['seconds']:.1f} s "
@@ -605,12 +467,14 @@ def main(args: argparse.Namespace) -> dict:
     """Run every measurement as ``args`` says; prints and returns the results."""
     started = time.perf_counter()
     check_args(args)
+    if args.end_to_end:
+        return end_to_end_main(args)
     device = engine.resolve_device(args.device)
     engine.tune_host_allocator()
     settings = train_settings(args, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py: fixed input sizes
-    machine = machine_info(device)
+    machine = timing.machine_info(device)
     data_dir = resolve_train_dir(args.data_dir)
     frame = dataset.add_labels(dataset.parse_train_dir(data_dir))
     paths = frame["path"].tolist()
@@ -627,12 +491,13 @@ def main(args: argparse.Namespace) -> dict:
         data_path = measure_data_path(paths, targets, images, settings=settings,
                                       preprocess=preprocess, device=device, batches=batches,
                                       repeats=repeats, workers=args.workers)
-        training = measure_training(settings, images, targets, device=device, batches=batches,
-                                    repeats=repeats)
-        net, autocast_dtype = training.pop("model"), training.pop("autocast_dtype")
-        inferred = measure_inference(net, settings, images, device=device,
-                                     autocast_dtype=autocast_dtype, batches=batches,
-                                     repeats=repeats)
+        measured = timing.measure_precisions(settings, images, targets, device=device,
+                                             batches=batches, repeats=repeats,
+                                             compile_too=args.compile)
+        training, net = measured["chosen"], measured["chosen"].pop("model")
+        precision = training["precision"]
+        inferred = measure_inference(net, settings, images, device=device, precision=precision,
+                                     batches=batches, repeats=repeats)
         del net
         workers = pipelines.default_workers() if args.augment_workers is None \
             else args.augment_workers
@@ -644,7 +509,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.side_by_side:
             if device.type == "cuda":  # hand this process's cached blocks back for the others
                 torch.cuda.empty_cache()
-            side_by_side = measure_side_by_side(settings, images.filename, targets,
+            side_by_side = timing.measure_side_by_side(settings, images.filename, targets,
                                                 counts=args.side_by_side,
                                                 batches=batches * repeats)
         del images
@@ -652,13 +517,16 @@ def main(args: argparse.Namespace) -> dict:
         shutil.rmtree(cache_dir, ignore_errors=True)
     results = {
         "config": {"model": args.model, "resize": list(settings.resize),
-                   "batch_size": args.batch_size, "amp": AMP_NAMES[autocast_dtype],
-                   "channels_last": settings.channels_last, "compile": settings.compile,
+                   "batch_size": args.batch_size, "amp": precision.amp,
+                   "amp_flag": args.amp, "channels_last_flag": args.channels_last,
+                   "channels_last": precision.channels_last, "compile": args.compile,
                    "augmentation": args.augmentation, "batches": batches, "repeats": repeats,
                    "data_dir": str(data_dir), "n_photos": len(paths),
                    "wall_s": time.perf_counter() - started},
         "machine": {**machine, "load_average_end": round(os.getloadavg()[0], 1)},
-        "cache": cache, "data_path": data_path, "train": training, "inference": inferred,
+        "cache": cache, "data_path": data_path, "train": training,
+        "train_fp32": measured["fp32"], "train_compiled": measured["compiled"],
+        "inference": inferred,
         "memory": memory, "side_by_side": side_by_side, "augmentations": compared,
     }
     report = format_report(results)

@@ -13,13 +13,17 @@ from pathlib import Path
 import augmentation
 import dataset
 import engine
+import image_cache
 import loss as losses
+import mixed_precision
 import model as models
 import pipelines
 from checked_io import FlagParser, UserError, check_output_path, read_json_checked
 
 # old spellings of the competition's code, accepted but not listed in --help
 ALIASES = {"--age_lable_num": "--age_label_num"}
+# flags that were on/off switches: config.json files of older runs hold true/false for them
+WERE_BOOLEAN = {"channels_last": {True: "on", False: "off"}}
 DEFAULT_RESIZE = (128, 96)  # H, W: the toolkit's own input size (BaseModel on a CPU)
 NORMALIZE_MODES = ("auto", "imagenet", "dataset", "model")
 
@@ -128,7 +132,7 @@ def get_args_parser() -> FlagParser:
                         metavar=("LO", "HI"),
                         help="aspect range of --rrc_scale crops relative to --resize's (1 = no "
                              "stretch; default: 3/4 4/3, as torchvision's)")
-    images.add_argument("--crop", default=None, choices=dataset.CROPS,
+    images.add_argument("--crop", default=None, choices=image_cache.CROPS,
                         help="crop before resizing (when not given: the augmentation's; face = "
                              "detected face box)")
     images.add_argument("--face_margin", type=float, default=0.4, help="face box expansion per side (--crop face)")
@@ -138,7 +142,7 @@ def get_args_parser() -> FlagParser:
                              "timm model's pretrained_cfg); auto = model for a timm model with "
                              "--pretrained or --weights, else imagenet")
     images.add_argument("--interpolation", default="auto",
-                        choices=("auto", *dataset.INTERPOLATIONS),
+                        choices=("auto", *image_cache.INTERPOLATIONS),
                         help="resizing into the cache: area (OpenCV area averaging); bilinear or "
                              "bicubic (Pillow, as timm's transforms); auto = a timm model's own "
                              "with --pretrained or --weights, else area")
@@ -226,9 +230,14 @@ def get_args_parser() -> FlagParser:
 
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    speed.add_argument("--amp", default="auto", choices=engine.AMP_MODES,
-                       help="mixed precision (auto: bf16 on CUDA)")
-    speed.add_argument("--channels_last", action="store_true", help="channels_last memory format")
+    speed.add_argument("--amp", default="auto", choices=mixed_precision.AMP_MODES,
+                       help="mixed precision. auto: bf16 on CUDA, and on a CPU with native bf16 "
+                            "(AMX / AVX-512 BF16) for models measured to gain from it; else fp32. "
+                            "off: fp32. The choice is printed and recorded in config.json")
+    speed.add_argument("--channels_last", nargs="?", const="on", default="auto",
+                       choices=mixed_precision.CHANNELS_LAST_MODES,
+                       help="channels_last memory format (auto: on on a CPU and where --amp "
+                            "runs autocast; the bare flag means on)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
 
@@ -256,6 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if action.dest in saved:
             saved[action.dest] = whole_numbers(action, saved[action.dest])
             check_replayed(action, saved[action.dest], replay)
+    for dest, values in WERE_BOOLEAN.items():  # run folders of older versions
+        if isinstance(saved.get(dest), bool):
+            saved[dest] = values[saved[dest]]
     parser.set_defaults(**saved)
     replayed = parser.parse_args(argv)
     if args.augmentation_sha256 is None and \
@@ -294,7 +306,12 @@ def check_replayed(action: argparse.Action, value, source: str) -> None:
     file skips argparse's conversion, so '"resize": 32' would fail deep inside training)."""
     names = {int: "an integer", float: "a number"}
     expected = names.get(action.type, "a string")
-    if action.nargs == 0:  # store_true / store_false
+    if action.dest in WERE_BOOLEAN and not isinstance(value, bool):
+        fits = value in action.choices
+        expected = "true or false (older runs) or one of " + ", ".join(action.choices)
+    elif action.dest in WERE_BOOLEAN:
+        return
+    elif action.nargs == 0:  # store_true / store_false
         expected, fits = "true or false", isinstance(value, bool)
     elif value is None:  # a flag whose default is None (--rrc_scale, --tmax) may stay unset
         fits = action.default is None or action.type is None
@@ -453,7 +470,7 @@ def model_defaults(args: argparse.Namespace) -> dict:
     if interpolation == "auto":
         wanted = own and own.get("interpolation")
         interpolation = "area" if not own else (
-            wanted if wanted in dataset.INTERPOLATIONS else "bilinear")
+            wanted if wanted in image_cache.INTERPOLATIONS else "bilinear")
     return {"resize": [int(v) for v in resize], "normalize": normalize,
             "interpolation": interpolation}
 
@@ -464,12 +481,12 @@ def model_normalization(model_name: str) -> tuple[list, list]:
     return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
 
 
-def preprocess_of(settings: argparse.Namespace) -> dataset.Preprocess:
+def preprocess_of(settings: argparse.Namespace) -> image_cache.Preprocess:
     """The deterministic image pipeline (crop, size, edges, interpolation) of a run's settings:
     what its cache holds and what its checkpoints tell inference."""
     crop = settings.crop or augmentation.augmentation_spec(settings.augmentation).crop
     resolved = model_defaults(settings)
-    return dataset.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
-                              face_margin=settings.face_margin,
-                              interpolation=resolved["interpolation"],
-                              crop_margin=settings.crop_margin)
+    return image_cache.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
+                                  face_margin=settings.face_margin,
+                                  interpolation=resolved["interpolation"],
+                                  crop_margin=settings.crop_margin)

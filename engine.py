@@ -1,4 +1,4 @@
-"""What training, inference and the benchmark share: the device and its precision, the torchrun
+"""What training, inference and the benchmark share: the device, the torchrun
 process group, the trainer's parts, one epoch of training, predicting, evaluating and scoring.
 
 build_trainer is the one place a model, loss, optimizer, schedule, scaler, augmentation and mixer
@@ -27,10 +27,10 @@ from tqdm import tqdm
 import augmentation
 import dataset
 import loss as losses
+import mixed_precision
 import model as models
 from checked_io import UserError
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 # the toolkit's first names keep their meaning (torch's optimizers; timm's 'sgd' is Nesterov);
 # every other name is timm's create_optimizer_v2, less those that need CUDA-only packages
 # (bitsandbytes bnb*, APEX fused*) or a second-order backward (adahessian)
@@ -69,7 +69,7 @@ def tune_host_allocator() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Device and precision
+# Device
 # ----------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     """--device: auto (CUDA when there is one), cpu, cuda or cuda:N; UserError when unusable."""
@@ -82,19 +82,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --amp, or None for full precision."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "fp16":
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if mode == "bf16":
-            raise UserError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
-        return torch.float16
-    return torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +256,7 @@ def build_network(settings: Any, n_out: int, device: torch.device,
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net.model_config = config
     net.to(device)
-    if settings.channels_last:
+    if mixed_precision.precision_of(settings, device).channels_last:
         net.to(memory_format=torch.channels_last)
     runner = net
     if procs.distributed:
@@ -373,7 +360,8 @@ def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_
     optimizer = build_optimizer(settings, groups, device)
     updates_per_epoch = math.ceil(steps_per_epoch / settings.grad_accum_steps)
     scheduler, per_batch = build_scheduler(settings, optimizer, updates_per_epoch)
-    autocast = amp_dtype(settings.amp, device)
+    precision = mixed_precision.precision_of(settings, device)
+    autocast = precision.autocast_dtype
     mixed_classes = dataset.NUM_CLASSES if settings.multi_head else n_out
     ema = None
     if settings.model_ema:  # after .to(device) and channels_last: the copy matches the model
@@ -388,7 +376,7 @@ def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_
             rrc_scale=settings.rrc_scale, rrc_ratio=settings.rrc_ratio).to(device),
         mixer=augmentation.build_mixer(mixed_classes, settings.mixup, settings.cutmix,
                                        settings.mixup_alpha, settings.cutmix_alpha),
-        autocast_dtype=autocast, channels_last=settings.channels_last, ema=ema,
+        autocast_dtype=autocast, channels_last=precision.channels_last, ema=ema,
         accum_steps=settings.grad_accum_steps, clip_grad=settings.clip_grad,
         clip_mode=settings.clip_mode)
 

@@ -28,8 +28,9 @@ import pandas as pd
 
 from checked_io import (FlagParser, UserError, atomic_write_bytes, atomic_write_text,
                         check_output_path, problems_error, run_cli)
-from dataset import IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES, decode_image, photo_digests
+from dataset import IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES
 from face_detector import Box, clip_box, detect_face, detector_signature
+from image_cache import decode_image, photo_digests
 
 # The built-in fallback when no box was ever detected and no median was supplied: a square of side
 # 0.55 x image width centred at (0.5 W, 0.4 H), i.e. x 86..298, y 99..310 on a 384 x 512 portrait.
@@ -263,7 +264,7 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
     Own detections are cached in `cache_file` (CSV, atomic, saved every SAVE_EVERY_S and when
     stopped) keyed by absolute path, the photo's content digest and `detector_signature()`;
     entries of other paths are kept, malformed rows dropped with a warning. Missing photos are reported all at once before any detection, undecodable
-    ones (dataset.decode_image) all at once after it, with the readable photos' boxes cached.
+    ones (image_cache.decode_image) all at once after it, with the readable photos' boxes cached.
     """
     paths = [str(p) for p in paths]
     if profile_ids is not None and len(profile_ids) != len(paths):
@@ -363,7 +364,8 @@ FACE_BOX_CACHE = "face_boxes.csv"  # in the image cache folder: shared by train,
 
 
 def crop_boxes(table: pd.DataFrame, preprocess) -> np.ndarray:
-    """Face-box table -> crop boxes [N, 4] for dataset.build_cache (margin and aspect of the run)."""
+    """Face-box table -> crop boxes [N, 4] for image_cache.build_cache (the run's margin and
+    aspect)."""
     height, width = preprocess.resize
     return np.array([crop_box(tuple(row[c] for c in BOX_COLUMNS), row["image_w"], row["image_h"],
                               preprocess.face_margin, height / width)

@@ -176,7 +176,8 @@ def detect_face(image_bgr: np.ndarray) -> tuple[Box, float, str] | None:
 
 
 # how photos are read for detection; part of the cache key, as a box from another decoder (e.g.
-# cv2.imread, which pads a truncated JPEG with grey) may stand for a photo this one rejects
+# cv2.imread, which pads a truncated JPEG with grey) may stand for a photo this one rejects; the
+# name it had when keys were first made (it moved to image_cache.py unchanged), so caches stay valid
 DECODER = "dataset.decode_image"
 
 

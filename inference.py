@@ -28,6 +28,8 @@ from torch import nn
 import augmentation
 import dataset
 import engine
+import image_cache
+import mixed_precision
 import model as models
 from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
                         check_labels, check_output_path, read_csv_checked, run_cli,
@@ -56,10 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="override every model's training input size (warns when it differs)")
     add("--augmentation", default=None, choices=list(augmentation.AUGMENTATIONS),
         help="override the augmentation (in eval mode it only normalizes)")
-    add("--crop", default=None, choices=dataset.CROPS, help="override the training crop")
+    add("--crop", default=None, choices=image_cache.CROPS, help="override the training crop")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=engine.AMP_MODES,
-        help="mixed precision (auto: bf16 on CUDA)")
+    add("--amp", default="checkpoint", choices=("checkpoint", *mixed_precision.AMP_MODES),
+        help="precision: checkpoint = what each model trained with (its best.pth records it); "
+             "auto, bf16, fp16 or off as in train.py")
     add("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
     add("--ensemble", nargs="?", const=True, default=False, metavar="SELECTION_JSON",
         help="use every model given (all folds of a k-fold run); needed for more than one "
@@ -122,16 +125,18 @@ class LoadedModel:
     name: str
     category: str
     age_label_num: int
-    preprocess: dataset.Preprocess
+    preprocess: image_cache.Preprocess
     augmentation: str
     normalize: dict
     face: dict
+    precision: mixed_precision.Precision
 
     def describe(self) -> str:
         height, width = self.preprocess.resize
         bins = " (6 age bins)" if self.age_label_num == 6 else ""
         return (f"model: {self.path} | {self.name} | {self.category}{bins} | "
-                f"resize {height}x{width} | crop {self.preprocess.crop}")
+                f"resize {height}x{width} | crop {self.preprocess.crop} | "
+                f"{self.precision.describe()}")
 
 
 def _shown(value) -> str:
@@ -140,16 +145,18 @@ def _shown(value) -> str:
 
 def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
                 crop: str | None = None, augmentation: str | None = None,
+                amp: str = "checkpoint", device: torch.device = torch.device("cpu"),
                 say: Callable[[str], None] = print) -> list[LoadedModel]:
     """Restore every checkpoint (eval mode, on the CPU); flags given override the training
-    settings, with a warning where they differ."""
+    settings, with a warning where they differ. ``amp`` 'checkpoint' runs each model on
+    ``device`` in the precision it trained with; another --amp value is decided as train.py does."""
     # every file is read and checked before any network is built: a bad last fold of an
     # ensemble fails before the others are restored
     checkpoints = [models.read_checkpoint(path) for path in paths]
     loaded = []
     for i, path in enumerate(paths):
         checkpoint, checkpoints[i] = checkpoints[i], None  # freed once its network holds it
-        preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
+        preprocess = image_cache.Preprocess.from_dict(checkpoint["preprocess"])
         trained_aug = checkpoint.get("augmentation", "BaseAugmentation")
         changes = {"resize": tuple(resize) if resize else None, "crop": crop}
         for field, value in changes.items():
@@ -166,11 +173,14 @@ def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
             raise UserError(f"{path}: {why}") from None
         config = checkpoint.get("config") or {}
         name = config.get("model") or checkpoint["model_config"].get("name")
+        precision = (mixed_precision.recorded_precision(checkpoint, device)
+                     if amp == "checkpoint" else
+                     mixed_precision.choose_precision(amp, "auto", device, name))
         loaded.append(LoadedModel(
             path=Path(path), net=net, name=str(name), category=checkpoint["category"],
             age_label_num=int(checkpoint.get("age_label_num", 3)), preprocess=preprocess,
             augmentation=augmentation or trained_aug, normalize=checkpoint["normalize"],
-            face=checkpoint.get("face") or {}))
+            face=checkpoint.get("face") or {}, precision=precision))
         say(loaded[-1].describe())
     return loaded
 
@@ -198,14 +208,17 @@ def build_image_caches(loaded: Sequence[LoadedModel], paths: list[str],
             import face
             boxes = face.crop_boxes_for_inference(paths, owner.preprocess, cache_dir, owner.face)
         variants.append((owner.preprocess, boxes))
-    caches = dataset.build_caches(paths, variants, cache_dir)
+    caches = image_cache.build_caches(paths, variants, cache_dir)
     return [caches[keys.index(_variant_key(m))] for m in loaded]
 
 
 def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, batch_size: int,
-                  autocast_dtype: torch.dtype | None = None, tta: str = "none") -> np.ndarray:
-    """Scored-space probabilities [N, 18|3|2] of one model, averaged over its TTA views."""
+                  tta: str = "none") -> np.ndarray:
+    """Scored-space probabilities [N, 18|3|2] of one model in its precision, averaged over its
+    TTA views."""
     net = m.net.to(device)
+    if m.precision.channels_last:
+        net.to(memory_format=torch.channels_last)
     # eval mode: the centred crop of the cache (the margin, if any, is for training's random
     # crops) and normalisation; a user pipeline is never applied here
     augment = augmentation.build_augmentation(m.augmentation, m.normalize["mean"],
@@ -214,7 +227,9 @@ def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, b
     batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=np.int64),
                                     np.arange(len(images)), batch_size, device)
     probs = engine.predict_views(net, batches, augment, tta=tta, category=m.category,
-                                 age_label_num=m.age_label_num, autocast_dtype=autocast_dtype)
+                                 age_label_num=m.age_label_num,
+                                 autocast_dtype=m.precision.autocast_dtype,
+                                 channels_last=m.precision.channels_last)
     m.net.cpu()  # an ensemble holds one model at a time on the device
     return probs
 
@@ -378,7 +393,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.resize and min(args.resize) < 16:
         raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
     device = engine.resolve_device(args.device)
-    autocast_dtype = engine.amp_dtype(args.amp, device)
+    if args.amp != "checkpoint":  # a GPU without bf16 is named before any work
+        mixed_precision.choose_precision(args.amp, "auto", device)
     run_dirs, checkpoints, owners, chosen = resolve_runs(args)
     if len(checkpoints) > 1 and not args.ensemble:
         raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "
@@ -396,11 +412,11 @@ def main(args: argparse.Namespace) -> dict:
     offsets = resolve_calibration(args, run_dirs, chosen=chosen)
 
     loaded = load_models(checkpoints, resize=args.resize, crop=args.crop,
-                         augmentation=args.augmentation)
+                         augmentation=args.augmentation, amp=args.amp, device=device)
     check_categories([m.category for m in loaded])
     caches = build_image_caches(loaded, info["path"].tolist(), args.cache_dir)
     model_probs = [predict_model(m, images, device=device, batch_size=args.batch_size,
-                                 autocast_dtype=autocast_dtype, tta=args.tta)
+                                 tta=args.tta)
                    for m, images in zip(loaded, caches)]
     if chosen is not None:
         probs = weighted_by_selection(chosen, loaded, owners, model_probs)

@@ -186,6 +186,12 @@ def timm_pretrained_cfg(name: str) -> dict | None:
     return None if cfg is None else cfg.to_dict()
 
 
+def model_family(name: str) -> str:
+    """'base' (BaseModel), 'torchvision' or 'timm': where ``name``'s architecture comes from;
+    ValueError for an unknown name."""
+    return _resolve(name)[0]
+
+
 def fixed_input_size(name: str) -> tuple[int, int] | None:
     """(H, W) that a timm model accepts and nothing else (ViT, Swin: its pretrained_cfg says
     fixed_input_size), else None; known without building the model."""

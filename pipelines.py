@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import augmentation
 import dataset
+import image_cache
 from augmentation import (AUGMENTATIONS, PIPELINE_SUFFIXES, POLICIES, augmentation_spec,
                           is_pipeline_value)
 from checked_io import UserError
@@ -261,7 +262,7 @@ def check_pipeline(pipeline: Pipeline, shape: tuple[int, int, int]) -> None:
             pipeline.apply(dummy.copy())
 
 
-def checked_pipeline(value: str, preprocess: dataset.Preprocess,
+def checked_pipeline(value: str, preprocess: image_cache.Preprocess,
                      sha256: str | None = None) -> Pipeline | None:
     """load_pipeline, its file checked against ``sha256`` (what a replayed run recorded) and its
     draws checked on dummy images of the cached size: all before any photo is decoded."""

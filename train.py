@@ -11,12 +11,7 @@ epoch loop's parts in engine.py; this file decides what data each model sees and
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,75 +25,16 @@ import augmentation
 import config
 import dataset
 import engine
+import image_cache
+import mixed_precision
 import model as models
 import pipelines
 import reporting
-from checked_io import (UserError, atomic_write_text, check_labels, read_csv_checked,
-                        remove_stale_temps, run_cli, shown_cell, write_together)
+import run_folder
+from checked_io import UserError, atomic_write_text, read_csv_checked, run_cli, shown_cell
 from config import get_args_parser, parse_args  # noqa: F401  (train.get_args_parser, as documented)
 from engine import Processes
 from make_sample import resolve_train_dir
-
-SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_mask", "f1_gender",
-                  "f1_age", "lr", "seconds", "images_per_s", "val_f1_ema"]
-PER_CLASS_FIELDS = ["class", "precision", "recall", "f1", "support"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders
-# ----------------------------------------------------------------------------------------------
-def new_run_dir(model_dir: str | Path, name: str) -> Path:
-    """{model_dir}/{name}, else {name}2, {name}3, ... (created, so parallel runs never share one).
-    The number is appended to the whole name, so dotted names like 'lr1e-3.v2' number right."""
-    root = Path(model_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    number = 1
-    while True:
-        candidate = root / (name if number == 1 else f"{name}{number}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            number += 1
-
-
-def prepare_run_dir(settings: argparse.Namespace, photos: pd.DataFrame) -> Path:
-    """The run folder, with config.json and photos.csv written together: --resume's, {name} itself
-    when one fold of a shared k-fold run is trained (--fold), else a new {name}, {name}2, ..."""
-    if settings.resume:
-        run_dir = Path(settings.resume)
-        remove_stale_temps(run_dir, ".*.tmp")  # a checkpoint save cut short by a kill
-    elif settings.fold is not None:
-        run_dir = Path(settings.model_dir) / settings.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        run_dir = new_run_dir(settings.model_dir, settings.name)
-    saved = {k: v for k, v in vars(settings).items() if k not in config.NOT_SAVED}
-    write_together({run_dir / "config.json": json.dumps(saved, indent=2).encode(),
-                    run_dir / PHOTOS_FILE: photos.to_csv(index=False).encode()})
-    return run_dir
-
-
-def remove_if_no_checkpoint(run_dir: Path) -> None:
-    """A new run that failed before its first checkpoint (no weights offline, a loss that blew up
-    at once, out of memory) leaves no folder behind: it would only hold a config and an empty log."""
-    if not any(run_dir.rglob("*.pth")):
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def write_per_class(path: Path, per_class: dict) -> None:
-    """per_class.csv: precision, recall, F1 and support of every class (engine.per_class_scores)."""
-    table = pd.DataFrame([{"class": name, **scores} for name, scores in per_class.items()],
-                         columns=PER_CLASS_FIELDS)
-    atomic_write_text(path, table.to_csv(index=False, float_format="%.4f"))
-
-
-def write_summary(path: Path, rows: list[dict]) -> None:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, out.getvalue())
 
 
 class EarlyStopping:
@@ -143,15 +79,15 @@ def load_records(args: argparse.Namespace, say=print) -> tuple[Path, pd.DataFram
 
 
 def build_image_cache(settings: argparse.Namespace, frame: pd.DataFrame,
-                      preprocess: dataset.Preprocess, say=print) -> tuple[np.ndarray, dict]:
+                      preprocess: image_cache.Preprocess, say=print) -> tuple[np.ndarray, dict]:
     """The decode-once cache for every training photo (and the face boxes when cropping faces)."""
     boxes, face_info = None, {}
     if preprocess.crop == "face":
         import face
         boxes, face_info = face.crop_boxes_for_training(frame, preprocess, settings.cache_dir,
                                                         say=say)
-    images = dataset.build_cache(frame["path"].tolist(), preprocess, settings.cache_dir,
-                                 boxes=boxes, threads=settings.num_workers or None)
+    images = image_cache.build_cache(frame["path"].tolist(), preprocess, settings.cache_dir,
+                                     boxes=boxes, threads=settings.num_workers or None)
     return images, face_info
 
 
@@ -237,7 +173,7 @@ class FitData:
     images: np.ndarray
     train_rows: np.ndarray
     val_rows: np.ndarray
-    preprocess: dataset.Preprocess
+    preprocess: image_cache.Preprocess
     mean: list
     std: list
     pipeline: pipelines.Pipeline | None = None  # per-image augmentation of the train batches
@@ -268,8 +204,10 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
     if (run_dir / "last.pth").is_file():
         state = restore_progress(settings, trainer, stopper, run_dir, extra or {}, procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
+    precision = mixed_precision.Precision(trainer.autocast_dtype, trainer.channels_last)
     record = {"model_config": trainer.net.model_config, "preprocess": data.preprocess.to_dict(),
               "normalize": {"mean": list(data.mean), "std": list(data.std)},
+              "precision": precision.record(),
               "category": settings.category, "age_label_num": settings.age_label_num,
               "augmentation": settings.augmentation, "config": vars(settings),
               "augmentation_pipeline": pipeline.record() if pipeline is not None else None,
@@ -345,7 +283,7 @@ def restore_progress(settings: argparse.Namespace, trainer: engine.Trainer,
     state = {"epoch": train_state["epoch"], "summary": train_state["summary"],
              "wall_s": float(train_state.get("wall_s", 0.0))}  # 0: saved before it was kept
     if procs.main:  # a kill between last.pth and summary.csv left the file an epoch behind
-        write_summary(run_dir / "summary.csv", state["summary"])
+        run_folder.write_summary(run_dir / "summary.csv", state["summary"])
     return state
 
 
@@ -371,7 +309,7 @@ def run_epoch(settings: argparse.Namespace, trainer: engine.Trainer, train_batch
     vals = [engine.evaluate(model, val_batches, trainer.augment, true_val,
                             category=settings.category, age_label_num=settings.age_label_num,
                             criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
-                            channels_last=settings.channels_last, procs=procs, positions=mine)
+                            channels_last=trainer.channels_last, procs=procs, positions=mine)
             for model in scored]
     return train, vals[0], vals[1] if len(vals) > 1 else None
 
@@ -421,12 +359,12 @@ def save_epoch(run_dir: Path, record: dict, trainer: engine.Trainer, stopper: Ea
                                 "epoch": state["epoch"], "metrics": strip_arrays(val)},
                                run_dir / "best.pth")
         if "per_class" in val:
-            write_per_class(run_dir / "per_class.csv", val["per_class"])
+            run_folder.write_per_class(run_dir / "per_class.csv", val["per_class"])
     models.save_checkpoint({**record, "model": weights, **trainer.state_dict(),
                             "train_state": {**state, **stopper.state_dict()},
                             "rng": rng, "epoch": state["epoch"]},
                            run_dir / "last.pth")
-    write_summary(run_dir / "summary.csv", state["summary"])
+    run_folder.write_summary(run_dir / "summary.csv", state["summary"])
 
 
 def gather_train_metrics(train: dict, procs: Processes) -> dict:
@@ -442,64 +380,6 @@ def strip_arrays(metrics: dict) -> dict:
     """The scalar metrics as plain Python numbers (checkpoints hold no numpy objects)."""
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()
             if not isinstance(v, np.ndarray)}
-
-
-# ----------------------------------------------------------------------------------------------
-# The photos a run trains on, recorded, so that a resume continues the same experiment or refuses
-# ----------------------------------------------------------------------------------------------
-PHOTOS_FILE = "photos.csv"
-
-
-def photo_record(frame: pd.DataFrame, data_dir: Path, roles) -> pd.DataFrame:
-    """One row per photo of the run: path (inside the data folder), profile, label, its content
-    digest (what the image cache is keyed by) and its role: train or val, or its fold."""
-    return pd.DataFrame({"path": [os.path.relpath(p, data_dir) for p in frame["path"]],
-                         "profile": frame["profile"].to_numpy(), "label": frame["label"].to_numpy(),
-                         "digest": dataset.photo_digests(frame["path"].tolist()), "role": roles})
-
-
-def data_fingerprint(photos: pd.DataFrame) -> str:
-    """The training data in one value (paths, contents, labels): kept in every checkpoint."""
-    rows = photos[["path", "digest", "label"]].sort_values("path").to_csv(index=False)
-    return hashlib.sha1(rows.encode()).hexdigest()[:16]
-
-
-def continued_photos(args: argparse.Namespace, frame: pd.DataFrame, data_dir: Path,
-                     say=print) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """--resume: today's photos checked against the run's photos.csv. Photos added, removed or
-    changed (content or label) since the run started are named and refused, unless
-    --accept_data_change: then the run goes on with the photos it still has (new people are left
-    out). Returns (the frame to continue on, the recorded photos) — (frame, None) for a run of an
-    earlier version without photos.csv, whose k-fold folds.csv still decides who validates where."""
-    run_dir = Path(args.resume)
-    recorded_file = run_dir / PHOTOS_FILE
-    if not recorded_file.is_file():
-        say(f"warning: {run_dir} has no {PHOTOS_FILE} (a run of an earlier version): today's data "
-            "cannot be checked against what it trained on")
-        return frame, None
-    # every cell as text: a hex digest such as '12e4...' must not turn into a number
-    recorded = read_csv_checked(recorded_file, ["path", "profile", "label", "digest", "role"],
-                                dtype=str)
-    recorded["label"] = check_labels(recorded["label"], str(recorded_file), "label")
-    today = photo_record(frame, data_dir, roles=None)
-    before, now = recorded.set_index("path"), today.set_index("path")
-    added = now.index.difference(before.index)
-    removed = before.index.difference(now.index)
-    both = now.index.intersection(before.index)
-    changed = both[(now.loc[both, "digest"] != before.loc[both, "digest"])
-                   | (now.loc[both, "label"] != before.loc[both, "label"])]
-    differences = [f"{len(paths)} photo(s) {what} (first: {paths[0]})"
-                   for what, paths in (("added", added), ("removed", removed),
-                                       ("changed in content or label", changed)) if len(paths)]
-    if differences and not args.accept_data_change:
-        raise UserError(f"--resume {run_dir}: the training data changed since the run started: "
-                        f"{'; '.join(differences)}; add --accept_data_change to go on with the "
-                        "photos the run still has (new ones left out), or start a new run")
-    if differences:
-        say(f"warning: --accept_data_change: {'; '.join(differences)}; the run goes on with the "
-            "photos it still has")
-    keep = today["path"].isin(before.index).to_numpy()
-    return frame[keep].reset_index(drop=True), recorded.set_index("path").loc[today["path"][keep]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +449,7 @@ def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> 
 
 
 def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
-              images: np.ndarray, run_dir: Path, preprocess: dataset.Preprocess, extra: dict,
+              images: np.ndarray, run_dir: Path, preprocess: image_cache.Preprocess, extra: dict,
               procs: Processes, pipeline: pipelines.Pipeline | None = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
@@ -625,7 +505,7 @@ def write_out_of_fold(settings: argparse.Namespace, frame: pd.DataFrame, images:
     probs = pd.DataFrame(oof, columns=[f"p{c}" for c in range(oof.shape[1])])
     atomic_write_text(run_dir / "oof.csv", pd.concat([table, probs], axis=1).to_csv(index=False))
     atomic_write_text(run_dir / "oof_metrics.json", json.dumps(metrics, indent=2))
-    write_per_class(run_dir / "per_class.csv", metrics["per_class"])
+    run_folder.write_per_class(run_dir / "per_class.csv", metrics["per_class"])
     heads = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("f1_"))
     worst = engine.worst_class(metrics["per_class"])
     print(f"out-of-fold: macro F1 {metrics['f1']:.4f}, acc {metrics['acc']:.4f}"
@@ -640,9 +520,12 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
     """Scored-space probabilities of ``rows`` from a fold's best checkpoint."""
     device = engine.process_device(settings.device, procs)
     checkpoint = models.load_checkpoint(checkpoint_path)
+    precision = mixed_precision.recorded_precision(checkpoint, device)
     net = models.restore_model(checkpoint).to(device)
+    if precision.channels_last:
+        net.to(memory_format=torch.channels_last)
     normalize = checkpoint["normalize"]
-    preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
+    preprocess = image_cache.Preprocess.from_dict(checkpoint["preprocess"])
     augment = augmentation.build_augmentation(checkpoint["augmentation"], normalize["mean"],
                                               normalize["std"], preprocess.channels,
                                               margin=preprocess.margin_pixels).to(device)
@@ -651,8 +534,26 @@ def fold_probabilities(settings: argparse.Namespace, checkpoint_path: Path, imag
     probs, _ = engine.predict_probabilities(net, batches, augment,
                                             category=checkpoint["category"],
                                             age_label_num=checkpoint["age_label_num"],
-                                            autocast_dtype=engine.amp_dtype(settings.amp, device))
+                                            autocast_dtype=precision.autocast_dtype,
+                                            channels_last=precision.channels_last)
     return probs
+
+
+def run_precision(args: argparse.Namespace, device: torch.device) -> mixed_precision.Precision:
+    """--amp and --channels_last resolved for this run (config.json records the result). A resumed
+    run keeps what its checkpoints trained with: config.json already holds it (parse_args refuses
+    flags that differ), except in runs of older versions, whose 'auto' may now mean bf16."""
+    asked = mixed_precision.choose_precision(args.amp, args.channels_last, device, args.model)
+    if not args.resume:
+        return asked
+    lasts = [Path(args.resume) / "last.pth", *sorted(Path(args.resume).glob("fold*/last.pth"))]
+    trained = [mixed_precision.recorded_precision(models.load_checkpoint(p, mmap=True), device)
+               for p in lasts if p.is_file()]
+    if not trained:  # killed before its first checkpoint: nothing trained yet
+        return asked
+    kept = trained[0]
+    return mixed_precision.Precision(kept.autocast_dtype, kept.channels_last,
+                            "as the run trained" + (f"; {kept.reason}" if kept.reason else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,9 +585,14 @@ def main(args: argparse.Namespace) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest
+    device = engine.process_device(args.device, procs)
+    precision = run_precision(args, device)
+    if args.compile and device.type == "cpu":
+        procs.say("note: --compile measured no gain on a CPU (README, Performance) and compiles "
+                  "for a minute or more before the first batch")
     data_dir, frame = load_records(args, say=procs.say)
-    frame, recorded = continued_photos(args, frame, data_dir, procs.say) if args.resume \
-        else (frame, None)
+    frame, recorded = (run_folder.continued_photos(args, frame, data_dir, procs.say)
+                       if args.resume else (frame, None))
     # split or folds decided (and checked) before any photo is decoded or folder written
     plan = checked_folds(args, frame, warn=procs.say) if args.kfold or args.folds else None
     if plan is None:
@@ -694,11 +600,13 @@ def main(args: argparse.Namespace) -> dict:
         roles = np.where(np.isin(np.arange(len(frame)), val_rows), "val", "train")
         train_rows = train_rows_after_policies(args, frame, train_rows)
     check_class_weights(args, frame, [r for r, _ in plan.rows] if plan else [train_rows])
-    photos = photo_record(frame, data_dir, plan.fold_of_row if plan else roles)
+    photos = run_folder.photo_record(frame, data_dir, plan.fold_of_row if plan else roles)
     resolved = config.model_defaults(args)  # 'auto' and an absent --resize, made explicit
     pipeline = pipelines.load_pipeline(args.augmentation)
     settings = argparse.Namespace(**{**vars(args), "data_dir": str(data_dir),
                                      "kfold": plan.n_folds if plan else args.kfold, **resolved,
+                                     "amp": precision.amp,
+                                     "channels_last": "on" if precision.channels_last else "off",
                                      # the pipeline's file, absolute, and its hash: a replay
                                      # uses the same one or refuses
                                      "augmentation": pipelines.resolved_value(args.augmentation),
@@ -710,13 +618,13 @@ def main(args: argparse.Namespace) -> dict:
     images, face_info = build_image_cache(settings, frame, preprocess, say=procs.say)
     if procs.main:
         procs.barrier()
-        run_dir = prepare_run_dir(settings, photos)
+        run_dir = run_folder.prepare_run_dir(settings, photos)
     run_dir = Path(procs.broadcast(str(run_dir) if procs.main else None))
     procs.say(f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
               f"{settings.model} {settings.category} {preprocess.resize[0]}x{preprocess.resize[1]}"
               f" crop {preprocess.crop} | {engine.process_device(settings.device, procs)} x "
-              f"{procs.world} process(es)")
-    extra = {"face": face_info, "data_fingerprint": data_fingerprint(photos)}
+              f"{procs.world} process(es) | {precision.describe()}")
+    extra = {"face": face_info, "data_fingerprint": run_folder.data_fingerprint(photos)}
     try:
         if plan is not None:
             return run_kfold(settings, frame, plan, images, run_dir, preprocess, extra, procs,
@@ -732,7 +640,7 @@ def main(args: argparse.Namespace) -> dict:
                  "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}))
     except BaseException:  # any failure, ours or torch's (out of memory), before a checkpoint
         if procs.main and not settings.resume and settings.fold is None:
-            remove_if_no_checkpoint(run_dir)
+            run_folder.remove_if_no_checkpoint(run_dir)
         raise
     return {"run_dir": run_dir, **result}
 

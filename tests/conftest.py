@@ -1,5 +1,8 @@
-"""Shared fixtures: a tiny generated dataset in the competition layout (made once per session)
-and the train.py flags of a tiny, fast run on it."""
+"""Shared fixtures: a tiny generated dataset in the competition layout (made once per session),
+the train.py flags of a tiny, fast run on it, and a run killed once it has a checkpoint."""
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -30,3 +33,21 @@ def run_flags():
                 "--batch_size", "32", "--valid_batch_size", "64", "--device", "cpu", *extra]
     return flags
 
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def run_killed_after_first_epoch():
+    """run_killed_after_first_epoch(command, run_dir): start ``command`` (train.py and its flags)
+    and SIGKILL it as soon as ``run_dir``'s summary.csv exists (its first epoch checkpointed)."""
+    def run(command: list[str], run_dir: Path, timeout_s: float = 240) -> None:
+        victim = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and not (run_dir / "summary.csv").is_file():
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    return run

@@ -8,6 +8,9 @@ import torch
 import augmentation
 import benchmark
 import dataset
+import image_cache
+import timing
+import usual_pipeline
 from checked_io import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -64,12 +67,12 @@ def test_headline_format_rounds_as_documented():
 def test_reference_and_toolkit_batches_match(tiny_train_dir, tmp_path, crop, preset):
     frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
     paths, labels = frame["path"].tolist()[:16], frame["label"].to_numpy()[:16]
-    images = dataset.build_cache(paths, dataset.Preprocess((64, 48), crop=crop), tmp_path,
-                                 progress=False)
-    reference, reference_labels = next(iter(benchmark.reference_loader(
+    images = image_cache.build_cache(paths, image_cache.Preprocess((64, 48), crop=crop), tmp_path,
+                                     progress=False)
+    reference, reference_labels = next(iter(usual_pipeline.reference_loader(
         paths, labels, resize=(64, 48), batch_size=16, workers=0, n_images=16,
         center_crop=crop == "center", shuffle=False)))
-    uint8_images, toolkit_labels, _ = next(iter(benchmark.toolkit_batches(
+    uint8_images, toolkit_labels, _ = next(iter(timing.toolkit_batches(
         images, labels, 16, 16, "cpu", shuffle=False)))
     toolkit = augmentation.build_augmentation(preset).train()(uint8_images)
 
@@ -86,13 +89,13 @@ def test_reference_and_toolkit_batches_match(tiny_train_dir, tmp_path, crop, pre
 def test_reference_and_toolkit_shuffle_alike_for_the_same_seed(tiny_train_dir, tmp_path):
     frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
     paths, labels = frame["path"].tolist()[:24], frame["label"].to_numpy()[:24]
-    images = dataset.build_cache(paths, dataset.Preprocess((32, 24), crop="none"), tmp_path,
-                                 progress=False)
-    reference = benchmark.reference_loader(paths, labels, resize=(32, 24), batch_size=8,
+    images = image_cache.build_cache(paths, image_cache.Preprocess((32, 24), crop="none"), tmp_path,
+                                     progress=False)
+    reference = usual_pipeline.reference_loader(paths, labels, resize=(32, 24), batch_size=8,
                                            workers=0, n_images=24, seed=7)
     torch.manual_seed(7)
     # drawn before the DataLoader starts, which takes a base seed from torch's global RNG
-    toolkit = list(benchmark.toolkit_batches(images, labels, 24, 8, "cpu", shuffle=True))
+    toolkit = list(timing.toolkit_batches(images, labels, 24, 8, "cpu", shuffle=True))
     augment = augmentation.build_augmentation("BaseAugmentation").train()
     shuffled = False
     for (ref_images, ref_labels), (uint8_images, toolkit_labels, rows) in zip(reference, toolkit):
@@ -107,14 +110,14 @@ def test_side_by_side_failure_is_one_user_error_not_a_hang(tiny_train_dir, tmp_p
                                         torch.device("cpu"))
     missing = tmp_path / "no-such-cache.npy"
     with pytest.raises(UserError, match="side-by-side run of 1 process.*no-such-cache.npy"):
-        benchmark.measure_side_by_side(settings, missing, np.zeros(10, dtype=int), counts=[2],
+        timing.measure_side_by_side(settings, missing, np.zeros(10, dtype=int), counts=[2],
                                        batches=1)
 
 
 def test_reference_loader_draws_more_than_one_epoch(tiny_train_dir):
     frame = dataset.parse_train_dir(tiny_train_dir)
     paths = frame["path"].tolist()[:10]
-    loader = benchmark.reference_loader(paths, [0] * 10, resize=(32, 24), batch_size=8,
+    loader = usual_pipeline.reference_loader(paths, [0] * 10, resize=(32, 24), batch_size=8,
                                         workers=0, n_images=24)
     assert [len(images) for images, _ in loader] == [8, 8, 8]
 
@@ -149,3 +152,52 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_work(tiny_train_dir, tmp
         benchmark.main(benchmark.parse_args(argv + [f.format(tmp=tmp_path) for f in flags]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no cache, no output
     assert not any((tmp_path / "adir").iterdir())
+
+
+def test_ceilings_and_loops_in_fp32_and_the_chosen_precision_side_by_side(tiny_train_dir,
+                                                                          tmp_path):
+    frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
+    images = image_cache.build_cache(frame["path"].tolist()[:16], image_cache.Preprocess((32, 24)),
+                                     tmp_path, progress=False)
+    targets = frame["label"].to_numpy()[:16]
+    settings = benchmark.train_settings(benchmark.parse_args(
+        ["--resize", "32", "24", "--batch_size", "8", "--amp", "bf16"]), torch.device("cpu"))
+    measured = timing.measure_precisions(settings, images, targets, device=torch.device("cpu"),
+                                            batches=1, repeats=1)
+    fp32, chosen = measured["fp32"], measured["chosen"]
+    assert fp32 is not chosen and measured["compiled"] is None
+    assert (fp32["precision"].amp, chosen["precision"].amp) == ("off", "bf16")
+    first_conv = next(m for m in chosen["model"].modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    rows = benchmark.train_rows({"train_fp32": fp32, "train": chosen, "train_compiled": None},
+                                "cpu")
+    assert len(rows) == 4 and "ceiling, fp32 (" in rows[0] and "1.00x fp32" in rows[0]
+    assert "ceiling, chosen = bf16 autocast + channels_last (" in rows[1]
+    assert "loop, fp32 (" in rows[2] and "% of its ceiling" in rows[3]
+    # where the chosen precision is fp32 itself, it is measured once and named with why
+    auto = benchmark.train_settings(benchmark.parse_args(
+        ["--resize", "32", "24", "--batch_size", "8", "--amp", "off", "--channels_last", "off"]),
+        torch.device("cpu"))
+    once = timing.measure_precisions(auto, images, targets, device=torch.device("cpu"),
+                                        batches=1, repeats=1)
+    assert once["fp32"] is once["chosen"]
+
+
+def test_end_to_end_times_both_whole_jobs(tiny_sample, tmp_path, capsys):
+    results = benchmark.main(benchmark.parse_args([
+        "--end_to_end", "--data_dir", str(tiny_sample / "train" / "images"),
+        "--eval_dir", str(tiny_sample / "eval"), "--resize", "32", "24", "--epochs", "1",
+        "--batch_size", "16", "--device", "cpu", "--workers", "0",
+        "--cache_dir", str(tmp_path / "scratch"), "--output", str(tmp_path / "e2e.md")]))
+    toolkit, usual = results["toolkit"], results["usual"]
+    assert toolkit["seconds"] > 0 and usual["seconds"] > 0
+    assert results["ratio"] == pytest.approx(usual["seconds"] / toolkit["seconds"])
+    # both jobs really trained and predicted the 4 eval people's photos
+    assert 0 <= toolkit["best_f1"] <= 1 and 0 <= toolkit["eval_f1"] <= 1
+    assert 0 <= usual["best_f1"] <= 1 and 0 <= usual["eval_f1"] <= 1
+    assert len(usual["predictions"]) == results["n_eval"] == 4 * 7
+    assert toolkit["precision"].startswith("fp32") or "autocast" in toolkit["precision"]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert re.match(r"^end to end: toolkit \d+\.\d\dx faster than the usual pipeline$", printed[-1])
+    assert (tmp_path / "e2e.md").read_text() == results["table"]
+    assert not any((tmp_path / "scratch").iterdir())  # the scratch runs and caches are removed

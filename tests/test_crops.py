@@ -8,6 +8,7 @@ import torch
 
 import dataset
 import face
+import image_cache
 import inference
 import train
 
@@ -31,14 +32,14 @@ def test_train_and_inference_use_the_same_pixels(tiny_train_dir, tmp_path, crop,
         tiny_train_dir, tmp_path, "--cache_dir", str(cache_dir), "--resize", "48", "32",
         "--epochs", "1", "--crop", crop)))
     checkpoint = torch.load(result["run_dir"] / "best.pth", weights_only=False)
-    preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
+    preprocess = image_cache.Preprocess.from_dict(checkpoint["preprocess"])
     assert preprocess.crop == crop
     frame = dataset.parse_train_dir(tiny_train_dir)
     boxes = None
     if crop == "face":
         assert checkpoint["face"]["median_size"] is not None
         boxes, _ = face.crop_boxes_for_training(frame, preprocess, cache_dir)
-    train_images = dataset.build_cache(frame["path"].tolist(), preprocess, cache_dir, boxes=boxes)
+    train_images = image_cache.build_cache(frame["path"].tolist(), preprocess, cache_dir, boxes=boxes)
 
     eval_dir, sources = eval_copy_of_train_photos(tiny_train_dir, tmp_path)
     out = inference.main(inference.parse_args([
@@ -61,7 +62,7 @@ def test_train_and_inference_use_the_same_pixels(tiny_train_dir, tmp_path, crop,
 
 def test_face_boxes_are_detected_once_and_shared(tiny_train_dir, tmp_path):
     frame = dataset.parse_train_dir(tiny_train_dir).head(21)
-    pre = dataset.Preprocess(resize=(48, 32), crop="face")
+    pre = image_cache.Preprocess(resize=(48, 32), crop="face")
     said = []
     first, info = face.crop_boxes_for_training(frame, pre, tmp_path, say=said.append)
     assert said[0].startswith("face boxes: 21 photos detected now")

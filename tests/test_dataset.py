@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dataset
+import image_cache
 from checked_io import UserError
 
 
@@ -123,8 +124,8 @@ def test_corrupt_image_reported_by_cache_and_nothing_written(tmp_path, tiny_trai
     frame = dataset.parse_train_dir(root)
     cache_dir = tmp_path / "cache"
     with pytest.raises(UserError, match="mask3.jpg: corrupt or unreadable image"):
-        dataset.build_cache(frame["path"].tolist(), dataset.Preprocess(resize=(32, 24)), cache_dir,
-                            progress=False)
+        image_cache.build_cache(frame["path"].tolist(), image_cache.Preprocess(resize=(32, 24)), cache_dir,
+                                progress=False)
     assert not list(cache_dir.glob("*.npy"))
 
 
@@ -133,8 +134,8 @@ def test_tiny_image_is_named_not_a_crash(tmp_path):
     tiny = tmp_path / "mask1.jpg"
     cv2.imwrite(str(tiny), np.zeros((1, 1, 3), np.uint8))
     with pytest.raises(UserError, match=r"mask1.jpg: image is 1x1 pixels; expected a photo of at least 16x16"):
-        dataset.build_cache([str(tiny)], dataset.Preprocess(resize=(32, 24)), tmp_path / "cache",
-                            progress=False)
+        image_cache.build_cache([str(tiny)], image_cache.Preprocess(resize=(32, 24)), tmp_path / "cache",
+                                progress=False)
 
 
 def test_eval_parsing(tiny_sample, tmp_path):
@@ -285,24 +286,24 @@ def test_cache_reused_then_rebuilt_after_image_change(tiny_train_dir, tmp_path):
     photos = tmp_path / "photos"
     shutil.copytree(tiny_train_dir, photos)
     paths = [str(photos / Path(p).parent.name / Path(p).name) for p in frame["path"][:14]]
-    pre = dataset.Preprocess(resize=(40, 30))
+    pre = image_cache.Preprocess(resize=(40, 30))
     cache_dir = tmp_path / "cache"
-    first = dataset.build_cache(paths, pre, cache_dir, progress=False)
+    first = image_cache.build_cache(paths, pre, cache_dir, progress=False)
     assert first.dtype == np.uint8 and first.shape == (14, 40, 30, 3)
     stamp = {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")}
-    again = dataset.build_cache(paths, pre, cache_dir, progress=False)
+    again = image_cache.build_cache(paths, pre, cache_dir, progress=False)
     assert {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")} == stamp  # nothing rebuilt
     assert np.array_equal(first, again)
     # the same pixels as decoding the photo directly
-    direct = dataset.preprocess_image(dataset.decode_image(paths[3]), pre)
+    direct = image_cache.preprocess_image(image_cache.decode_image(paths[3]), pre)
     assert np.array_equal(first[3], direct)
     shutil.copy(paths[0], paths[3])  # change one image
-    changed = dataset.build_cache(paths, pre, cache_dir, progress=False)
+    changed = image_cache.build_cache(paths, pre, cache_dir, progress=False)
     assert len(list(cache_dir.glob("*.npy"))) == 2
     assert np.array_equal(changed[3], first[0]) and not np.array_equal(changed[3], first[3])
     # another preprocessing is another cache
-    dataset.build_cache(paths, dataset.Preprocess(resize=(40, 30), canny=True), cache_dir,
-                        progress=False)
+    image_cache.build_cache(paths, image_cache.Preprocess(resize=(40, 30), canny=True), cache_dir,
+                            progress=False)
     assert len(list(cache_dir.glob("*.npy"))) == 3
 
 
@@ -325,9 +326,9 @@ def test_cached_batches_cover_rows_in_order_and_shuffled():
 
 
 def test_center_box_inside_image_with_aspect():
-    assert dataset.center_box(384, 512, 320 / 256) == (64, 96, 320, 416)  # the baseline's crop
+    assert image_cache.center_box(384, 512, 320 / 256) == (64, 96, 320, 416)  # the baseline's crop
     for width, height, aspect in [(384, 512, 128 / 96), (384, 512, 1.0), (1000, 500, 2.0)]:
-        x0, y0, x1, y1 = dataset.center_box(width, height, aspect)
+        x0, y0, x1, y1 = image_cache.center_box(width, height, aspect)
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
         assert abs((y1 - y0) / (x1 - x0) - aspect) < 0.05
 
@@ -341,19 +342,19 @@ def test_interpolation_is_preprocessing_and_its_default_keeps_old_cache_names(ti
     from PIL import Image
 
     path = str(sorted(tiny_train_dir.glob("*/normal.*"))[0])
-    default = dataset.Preprocess(resize=(32, 24))
+    default = image_cache.Preprocess(resize=(32, 24))
     # caches and checkpoints written before the field existed keep their names and meaning
     old = {"resize": [32, 24], "crop": "center", "canny": False, "face_margin": 0.4}
-    assert default.to_dict() == old and dataset.Preprocess.from_dict(old) == default
-    files = [[str(Path(path).resolve()), dataset.photo_digests([path])[0]]]  # path and content
-    signature = json.dumps([dataset.CACHE_VERSION, old, files])
-    assert dataset.cache_key([path], default) == hashlib.sha1(signature.encode()).hexdigest()[:16]
+    assert default.to_dict() == old and image_cache.Preprocess.from_dict(old) == default
+    files = [[str(Path(path).resolve()), image_cache.photo_digests([path])[0]]]  # path and content
+    signature = json.dumps([image_cache.CACHE_VERSION, old, files])
+    assert image_cache.cache_key([path], default) == hashlib.sha1(signature.encode()).hexdigest()[:16]
     bicubic = replace(default, interpolation="bicubic")
-    assert dataset.Preprocess.from_dict(bicubic.to_dict()) == bicubic
-    assert dataset.cache_key([path], bicubic) != dataset.cache_key([path], default)
+    assert image_cache.Preprocess.from_dict(bicubic.to_dict()) == bicubic
+    assert image_cache.cache_key([path], bicubic) != image_cache.cache_key([path], default)
     # bicubic is Pillow's (antialiased, as timm's transforms) on the same crop
-    image = dataset.decode_image(path)
-    x0, y0, x1, y1 = dataset.center_box(image.shape[1], image.shape[0], 32 / 24)
+    image = image_cache.decode_image(path)
+    x0, y0, x1, y1 = image_cache.center_box(image.shape[1], image.shape[0], 32 / 24)
     expected = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize((24, 32), Image.BICUBIC))
-    np.testing.assert_array_equal(dataset.preprocess_image(image, bicubic), expected)
-    assert not np.array_equal(dataset.preprocess_image(image, default), expected)
+    np.testing.assert_array_equal(image_cache.preprocess_image(image, bicubic), expected)
+    assert not np.array_equal(image_cache.preprocess_image(image, default), expected)

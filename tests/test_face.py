@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import dataset
 import face
 import face_detector
+import image_cache
 from checked_io import UserError
 
 IMAGE_W, IMAGE_H = 384, 512
@@ -364,7 +364,7 @@ def test_malformed_cache_rows_are_dropped_with_a_warning_on_every_path(tmp_path,
     assert n_detected == 0 and len(warnings) == 1  # the rewritten cache is clean
 
     # train.py --crop face and inference read the same cache the same way
-    preprocess = dataset.Preprocess((64, 48), crop="face")
+    preprocess = image_cache.Preprocess((64, 48), crop="face")
     frame = pd.DataFrame({"path": paths, "profile": ids})
     for detect in (lambda say: face.crop_boxes_for_training(frame, preprocess, cache_dir, say=say),
                    lambda say: face.crop_boxes_for_inference(paths, preprocess, cache_dir, {},

@@ -14,6 +14,7 @@ from sklearn.metrics import f1_score
 import augmentation
 import dataset
 import engine
+import image_cache
 import model as models
 import train
 from checked_io import UserError
@@ -51,8 +52,8 @@ def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path
     assert checkpoint["fold"] == 1
     net = models.restore_model(checkpoint)
     in_fold = oof[oof["fold"] == 1]
-    preprocess = dataset.Preprocess.from_dict(checkpoint["preprocess"])
-    images = dataset.build_cache(in_fold["path"].tolist(), preprocess, tmp_path / "check-cache")
+    preprocess = image_cache.Preprocess.from_dict(checkpoint["preprocess"])
+    images = image_cache.build_cache(in_fold["path"].tolist(), preprocess, tmp_path / "check-cache")
     augment = augmentation.build_augmentation(checkpoint["augmentation"],
                                               checkpoint["normalize"]["mean"],
                                               checkpoint["normalize"]["std"])

@@ -111,3 +111,28 @@ def test_hyphens_work_in_every_script():
     assert args.split_repeats == 2 and args.no_calibrate and args.runs == ["run"]
     assert ensemble_csv.parse_args(["a", "b", "--soft", "--weights-file", "s.json"]).weights_file \
         == "s.json"
+
+
+MAX_FILE_LINES = 700
+MAX_FUNCTION_LINES = 80  # argument parsers excepted: one flag per statement reads fine long
+
+
+def test_no_file_or_function_outgrows_one_concern():
+    too_long = []
+    for path in sorted(ROOT.glob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            too_long.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    node.name != "get_args_parser" and \
+                    node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                too_long.append(f"{path.name}: {node.name}() "
+                                f"{node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long
+
+
+def test_the_readme_file_table_names_every_file():
+    table = (ROOT / "README.md").read_text().split("## Quick start")[0]
+    missing = [path.name for path in ROOT.glob("*.py") if f"`{path.name}`" not in table]
+    assert not missing, f"README's file table lacks {missing}"

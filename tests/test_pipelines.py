@@ -14,6 +14,7 @@ import torch
 
 import augmentation
 import dataset
+import image_cache
 import inference
 import pipelines
 import train
@@ -99,8 +100,8 @@ def test_a_user_pipeline_trains_and_is_recorded(kind, saved_pipeline, v2_module,
 
 def test_same_seed_same_batches_with_any_worker_count(saved_pipeline, tiny_train_dir, tmp_path):
     frame = dataset.parse_train_dir(tiny_train_dir)
-    images = dataset.build_cache(frame["path"].tolist()[:40], dataset.Preprocess((32, 24)),
-                                 tmp_path / "cache", progress=False)
+    images = image_cache.build_cache(frame["path"].tolist()[:40], image_cache.Preprocess((32, 24)),
+                                     tmp_path / "cache", progress=False)
     pipeline = pipelines.load_pipeline(str(saved_pipeline))
 
     def batches(seed: int, workers: int) -> list[torch.Tensor]:
@@ -239,14 +240,14 @@ def test_a_replay_refuses_a_changed_pipeline_file(saved_pipeline, tiny_train_dir
 
 # ---------------------------------------------------------------------------- crops and margin
 def test_margin_zero_keeps_todays_crop_and_cache_names():
-    assert "crop_margin" not in dataset.Preprocess().to_dict()
-    assert dataset.Preprocess.from_dict({"resize": [128, 96], "crop": "center"}).crop_margin == 0
+    assert "crop_margin" not in image_cache.Preprocess().to_dict()
+    assert image_cache.Preprocess.from_dict({"resize": [128, 96], "crop": "center"}).crop_margin == 0
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 256, (512, 384, 3), dtype=np.uint8)
-    box = dataset.center_box(384, 512, 64 / 48)
+    box = image_cache.center_box(384, 512, 64 / 48)
     x0, y0, x1, y1 = box
     today = cv2.resize(photo[y0:y1, x0:x1], (48, 64), interpolation=cv2.INTER_AREA)
-    assert np.array_equal(dataset.preprocess_image(photo, dataset.Preprocess((64, 48))), today)
+    assert np.array_equal(image_cache.preprocess_image(photo, image_cache.Preprocess((64, 48))), today)
     # and the eval view of a margin-0 cache is that crop, normalized
     augment = augmentation.build_augmentation("CustomAugmentation").eval()
     batch = torch.from_numpy(today[None])
@@ -257,9 +258,9 @@ def test_margin_zero_keeps_todays_crop_and_cache_names():
 def test_a_margin_is_cached_around_the_same_crop(crop):
     yy, xx = np.mgrid[0:512, 0:384]
     photo = np.stack([xx * 255 // 383, yy * 255 // 511, (xx + yy) % 256], -1).astype(np.uint8)
-    plain = dataset.preprocess_image(photo, dataset.Preprocess((64, 48), crop=crop))
-    wide = dataset.Preprocess((64, 48), crop=crop, crop_margin=0.25)
-    cached = dataset.preprocess_image(photo, wide)
+    plain = image_cache.preprocess_image(photo, image_cache.Preprocess((64, 48), crop=crop))
+    wide = image_cache.Preprocess((64, 48), crop=crop, crop_margin=0.25)
+    cached = image_cache.preprocess_image(photo, wide)
     assert wide.margin_pixels == (16, 12) and cached.shape == (96, 72, 3) == (*wide.cached_size, 3)
     centre = BatchAugmentation(AugmentSpec(), margin=wide.margin_pixels).centre(
         torch.from_numpy(cached[None]))[0].numpy()
@@ -313,7 +314,7 @@ def test_train_and_inference_see_the_same_pixels_with_a_margin(tiny_train_dir, t
     result = run_tiny(run_flags, tiny_train_dir, tmp_path, "--epochs", "1", "--crop_margin", "0.2",
                       "--rrc_scale", "0.5", "1", "--cache_dir", str(tmp_path / "cache"))
     best = torch.load(result["run_dir"] / "best.pth", weights_only=True)
-    preprocess = dataset.Preprocess.from_dict(best["preprocess"])
+    preprocess = image_cache.Preprocess.from_dict(best["preprocess"])
     assert preprocess.crop_margin == 0.2 and preprocess.cached_size == (44, 34)
     eval_dir = tiny_train_dir.parents[1] / "eval"
     out = inference.main(inference.parse_args([
@@ -324,7 +325,7 @@ def test_train_and_inference_see_the_same_pixels_with_a_margin(tiny_train_dir, t
     loaded = inference.load_models([result["run_dir"] / "best.pth"], say=lambda _: None)[0]
     centred = np.ascontiguousarray(out["caches"][0][:, 6:-6, 5:-5])
     direct = inference.predict_model(
-        inference.LoadedModel(**{**vars(loaded), "preprocess": dataset.Preprocess((32, 24))}),
+        inference.LoadedModel(**{**vars(loaded), "preprocess": image_cache.Preprocess((32, 24))}),
         centred, device=torch.device("cpu"), batch_size=64)
     assert np.allclose(direct, out["probs"], atol=1e-6)
 

@@ -21,6 +21,7 @@ import torch
 import checked_io
 import dataset
 import face
+import image_cache
 import inference
 import make_sample
 import model as models
@@ -40,7 +41,7 @@ def replace_keeping_size_and_date(path: Path) -> None:
     """Another photo of exactly the same byte size, its mtime set back: what `cp -p` or an unzip
     of an edited archive leave."""
     before = path.stat()
-    image = dataset.decode_image(str(path))
+    image = image_cache.decode_image(str(path))
     for quality in range(95, 5, -1):  # a re-encoding that can be padded to the old size
         ok, data = cv2.imencode(".jpg", cv2.cvtColor(255 - image, cv2.COLOR_RGB2BGR),
                                 [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -204,8 +205,8 @@ def test_a_full_disk_under_the_image_cache_is_one_line_and_leaves_nothing(tiny_t
         paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))]
 
         def build(_):
-            dataset.build_cache(paths, dataset.Preprocess(resize=(128, 96)), full / "cache",
-                                progress=False)
+            image_cache.build_cache(paths, image_cache.Preprocess(resize=(128, 96)), full / "cache",
+                                    progress=False)
         assert run_cli(build, lambda argv: None, []) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "No space left on device (writing the image cache)" in err
@@ -222,8 +223,8 @@ def test_a_full_disk_is_the_same_line_where_mounts_are_not_allowed(tiny_train_di
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:5]]
     with pytest.raises(OSError, match="No space left on device") as error:
-        dataset.build_cache(paths, dataset.Preprocess(resize=(32, 24)), tmp_path / "c",
-                            progress=False)
+        image_cache.build_cache(paths, image_cache.Preprocess(resize=(32, 24)), tmp_path / "c",
+                                progress=False)
     assert error.value.filename.startswith(str(tmp_path / "c" / "images-"))
     assert list((tmp_path / "c").iterdir()) == []
 
@@ -241,13 +242,13 @@ def test_an_atomic_write_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
 def test_a_torn_cache_file_is_rebuilt(tiny_train_dir, tmp_path, damage, capsys):
     paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:6]]
-    preprocess = dataset.Preprocess(resize=(32, 24))
-    first = np.array(dataset.build_cache(paths, preprocess, tmp_path, progress=False))
+    preprocess = image_cache.Preprocess(resize=(32, 24))
+    first = np.array(image_cache.build_cache(paths, preprocess, tmp_path, progress=False))
     cache_file = next(tmp_path.glob("images-*.npy"))
     data = cache_file.read_bytes()
     cache_file.write_bytes({"truncate": data[: len(data) // 2], "empty": b"",
                             "garbage": b"not an array" * 10}[damage])
-    again = dataset.build_cache(paths, preprocess, tmp_path, progress=False)
+    again = image_cache.build_cache(paths, preprocess, tmp_path, progress=False)
     assert np.array_equal(again, first)
     assert "torn image cache" in capsys.readouterr().out
 
@@ -262,8 +263,8 @@ def test_temp_files_of_killed_runs_are_removed_but_live_ones_kept(tiny_train_dir
         os.utime(temp, (time.time() - 3600, time.time() - 3600))
     holder = checked_io.lock_temp(live)  # a run still writing it
     try:
-        dataset.build_cache([str(sorted(tiny_train_dir.glob("*/*.jpg"))[0])],
-                            dataset.Preprocess(resize=(32, 24)), cache, progress=False)
+        image_cache.build_cache([str(sorted(tiny_train_dir.glob("*/*.jpg"))[0])],
+                                image_cache.Preprocess(resize=(32, 24)), cache, progress=False)
         assert not killed.exists() and not orphan.exists() and live.exists()
     finally:
         holder.close()
@@ -278,8 +279,8 @@ def test_temp_files_of_killed_runs_are_removed_but_live_ones_kept(tiny_train_dir
 def test_cache_files_get_the_umasks_permissions(tiny_train_dir, tmp_path):
     old = os.umask(0o027)
     try:
-        dataset.build_cache([str(sorted(tiny_train_dir.glob("*/*.jpg"))[0])],
-                            dataset.Preprocess(resize=(32, 24)), tmp_path, progress=False)
+        image_cache.build_cache([str(sorted(tiny_train_dir.glob("*/*.jpg"))[0])],
+                                image_cache.Preprocess(resize=(32, 24)), tmp_path, progress=False)
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {oct(0o640)}
@@ -400,10 +401,10 @@ def test_a_folds_file_with_a_bad_cell_names_the_line(tiny_train_dir, tmp_path, r
 # ---------------------------------------------------------------------------- 7. stale pixels
 def test_the_cache_never_serves_a_replaced_photo(own_train_dir, tmp_path):
     paths = [str(p) for p in sorted(own_train_dir.glob("*/*.jpg"))[:4]]
-    preprocess = dataset.Preprocess(resize=(32, 24))
-    before = np.array(dataset.build_cache(paths, preprocess, tmp_path / "cache", progress=False))
+    preprocess = image_cache.Preprocess(resize=(32, 24))
+    before = np.array(image_cache.build_cache(paths, preprocess, tmp_path / "cache", progress=False))
     replace_keeping_size_and_date(Path(paths[1]))  # same path, size and mtime: a stat key is fooled
-    after = np.array(dataset.build_cache(paths, preprocess, tmp_path / "cache", progress=False))
+    after = np.array(image_cache.build_cache(paths, preprocess, tmp_path / "cache", progress=False))
     assert np.array_equal(after[0], before[0]) and not np.array_equal(after[1], before[1])
-    expected = dataset.preprocess_image(dataset.decode_image(paths[1]), preprocess)
+    expected = image_cache.preprocess_image(image_cache.decode_image(paths[1]), preprocess)
     assert np.array_equal(after[1], expected)

@@ -1,10 +1,8 @@
 import csv
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +13,11 @@ import augmentation
 import config
 import dataset
 import engine
+import image_cache
 import loss as losses
+import mixed_precision
 import model as models
+import run_folder
 import train
 from checked_io import UserError
 
@@ -40,7 +41,7 @@ def summary_rows(run_dir: Path) -> list[dict]:
     ("--optimizer", engine.OPTIMIZERS), ("--scheduler", engine.SCHEDULERS),
     ("--criterion", list(losses.LOSSES)), ("--augmentation", list(augmentation.AUGMENTATIONS)),
     ("--dataset", list(dataset.SPLITS)), ("--category", list(dataset.CATEGORY_CLASSES)),
-    ("--data_balancing", dataset.BALANCING), ("--amp", engine.AMP_MODES), ("--crop", dataset.CROPS),
+    ("--data_balancing", dataset.BALANCING), ("--amp", mixed_precision.AMP_MODES), ("--crop", image_cache.CROPS),
 ])
 def test_every_choice_parses_and_a_typo_lists_the_choices(flag, values, capsys):
     for value in values:
@@ -158,9 +159,9 @@ def test_unreadable_weights_named_before_data_loads(tmp_path):
 
 
 def test_run_folder_numbering_with_dotted_names(tmp_path):
-    names = [train.new_run_dir(tmp_path, "lr1e-3.v2").name for _ in range(3)]
+    names = [run_folder.new_run_dir(tmp_path, "lr1e-3.v2").name for _ in range(3)]
     assert names == ["lr1e-3.v2", "lr1e-3.v22", "lr1e-3.v23"]
-    assert [train.new_run_dir(tmp_path, "exp").name for _ in range(2)] == ["exp", "exp2"]
+    assert [run_folder.new_run_dir(tmp_path, "exp").name for _ in range(2)] == ["exp", "exp2"]
 
 
 # ---------------------------------------------------------------------------- runs
@@ -172,7 +173,7 @@ def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run)
     assert list(run_dir.glob("events.out.tfevents.*"))
     rows = summary_rows(run_dir)
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(train.SUMMARY_FIELDS) <= set(rows[0])
+    assert set(run_folder.SUMMARY_FIELDS) <= set(rows[0])
     best = torch.load(run_dir / "best.pth", weights_only=False)
     assert best["preprocess"]["resize"] == [32, 24]
     rebuilt = models.restore_model(best)
@@ -191,21 +192,14 @@ def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run)
     assert saved["epochs"] == 2 and saved["resize"] == [32, 24]
 
 
-def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path, run_flags):
+def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path, run_flags,
+                                                    run_killed_after_first_epoch):
     common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "3",
                                                       "--early_stopping_patience", "0")]
     subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
-    victim = subprocess.Popen(common + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "runs" / "killed"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once the first epoch is checkpointed
-        if (killed_dir / "summary.csv").is_file():
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    run_killed_after_first_epoch(common + ["--name", "killed"], killed_dir)
     rows = summary_rows(killed_dir)
     assert len(rows) < 3, "the run finished before it could be killed"
     subprocess.run([sys.executable, "train.py", "--resume", str(killed_dir)], cwd=ROOT, check=True,
@@ -341,8 +335,8 @@ def test_timm_model_brings_its_own_preprocessing_unless_overridden(tmp_path):
     assert config.model_normalization("test_vit") == ([0.5] * 3, [0.5] * 3)
 
 
-def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(tiny_train_dir, tmp_path,
-                                                                         run_flags):
+def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(
+        tiny_train_dir, tmp_path, run_flags, run_killed_after_first_epoch):
     extra = ["--epochs", "3", "--early_stopping_patience", "0", "--multi_head", "--model_ema",
              "--model_ema_decay", "0.6", "--grad_accum_steps", "2", "--clip_grad", "1.0",
              "--optimizer", "lamb", "--scheduler", "cosine", "--warmup_epochs", "1",
@@ -350,16 +344,8 @@ def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(tiny_tr
     common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, *extra)]
     subprocess.run(common + ["--name", "whole"], cwd=ROOT, check=True, capture_output=True,
                    timeout=300)
-    victim = subprocess.Popen(common + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "runs" / "killed"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once the first epoch is checkpointed
-        if (killed_dir / "summary.csv").is_file():
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    run_killed_after_first_epoch(common + ["--name", "killed"], killed_dir)
     assert len(summary_rows(killed_dir)) < 3, "the run finished before it could be killed"
     subprocess.run([sys.executable, "train.py", "--resume", str(killed_dir)], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)

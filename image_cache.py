@@ -1,0 +1,294 @@
+"""The decode-once image cache: every photo decoded, cropped (centre, face box or whole photo) and
+resized once per preprocessing configuration into a uint8 file on disk, keyed by the photos'
+content, that every epoch, fold, inference and benchmark then reads (memory-mapped).
+
+Preprocess is the deterministic part of the image pipeline; it travels in checkpoints so that
+inference prepares pixels exactly as training did.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from checked_io import (UserError, atomic_write_text, file_mode, lock_temp, problems_error,
+                        remove_stale_temps)
+
+
+CROPS = ("center", "face", "none")
+# area: OpenCV's area averaging when shrinking (bilinear when enlarging), the toolkit's own;
+# bilinear / bicubic: Pillow's antialiased filters, what timm's transforms use for its models
+INTERPOLATIONS = ("area", "bilinear", "bicubic")
+CACHE_VERSION = 1  # bump when the decoding below changes what lands in a cache
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The deterministic part of the image pipeline; everything a cache (and inference) needs."""
+    resize: tuple[int, int] = (128, 96)  # H, W fed to the model
+    crop: str = "center"                  # center | face | none
+    canny: bool = False                   # add a Canny-edge 4th channel
+    face_margin: float = 0.4              # face box expansion per side, fraction of the box
+    interpolation: str = "area"           # area | bilinear | bicubic (INTERPOLATIONS)
+    # cached beyond the crop on each side, as a fraction of its height/width: room for random
+    # crops in training; evaluation takes the centred --resize box, the crop of margin 0
+    crop_margin: float = 0.0
+
+    @property
+    def channels(self) -> int:
+        return 4 if self.canny else 3
+
+    @property
+    def margin_pixels(self) -> tuple[int, int]:
+        """Rows above (and below) and columns left (and right) of the crop in the cache."""
+        height, width = self.resize
+        return round(self.crop_margin * height), round(self.crop_margin * width)
+
+    @property
+    def cached_size(self) -> tuple[int, int]:
+        """H, W of a cached image: --resize plus the margin on both sides."""
+        (height, width), (pad_h, pad_w) = self.resize, self.margin_pixels
+        return height + 2 * pad_h, width + 2 * pad_w
+
+    def to_dict(self) -> dict:
+        values = {**asdict(self), "resize": list(self.resize)}
+        if self.interpolation == "area":  # the default stays out: old cache names and checkpoints hold
+            del values["interpolation"]
+        if not self.crop_margin:  # the cache names and checkpoints of margin-0 runs stay as they were
+            del values["crop_margin"]
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocess":
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        known["resize"] = tuple(known.get("resize", cls.resize))
+        return cls(**known)
+
+
+
+def center_box(width: int, height: int, aspect_hw: float) -> tuple[int, int, int, int]:
+    """The baseline's centre crop (320 x 256 of a 512 x 384 portrait), made to aspect H/W."""
+    crop_h, crop_w = height * 0.625, width * 2 / 3
+    if crop_h / crop_w > aspect_hw:
+        crop_h = crop_w * aspect_hw
+    else:
+        crop_w = crop_h / aspect_hw
+    x0, y0 = int(round((width - crop_w) / 2)), int(round((height - crop_h) / 2))
+    return x0, y0, x0 + int(round(crop_w)), y0 + int(round(crop_h))
+
+
+MIN_IMAGE_SIDE = 16  # pixels; anything smaller is no photo of a person (and cannot be cropped)
+
+
+def decode_image(path: str) -> np.ndarray:
+    """Decode a photo to RGB uint8 [H, W, 3]; UserError naming the file when it is corrupt."""
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UserError(f"{path}: corrupt or unreadable image")
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels; expected a "
+                        f"photo of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def preprocess_image(image: np.ndarray, preprocess: Preprocess,
+                     box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Crop (box, or the preprocess's centre crop) and resize one RGB image -> uint8 [H, W, C]."""
+    height, width = preprocess.resize
+    if box is None and preprocess.crop == "center":
+        box = center_box(image.shape[1], image.shape[0], height / width)
+    if preprocess.crop_margin:
+        image = _crop_with_margin(image, box, preprocess)
+        height, width = preprocess.cached_size
+    elif box is not None:
+        x0, y0, x1, y1 = (int(v) for v in box)
+        image = image[max(y0, 0):y1, max(x0, 0):x1]
+    if preprocess.interpolation == "area":
+        shrinking = image.shape[0] >= height
+        resized = cv2.resize(image, (width, height),
+                             interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    else:
+        from PIL import Image
+        method = {"bilinear": Image.Resampling.BILINEAR,
+                  "bicubic": Image.Resampling.BICUBIC}[preprocess.interpolation]
+        resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+            (width, height), method))
+    if preprocess.canny:
+        edges = cv2.Canny(cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY), 100, 200)
+        resized = np.dstack([resized, edges])
+    return resized
+
+
+def _crop_with_margin(image: np.ndarray, box, preprocess: Preprocess) -> np.ndarray:
+    """The crop ``box`` (clipped to the photo, as the margin-0 crop is; None: the whole photo)
+    grown by the preprocess's margin on each side, so that its centred --resize box covers the
+    box itself; what lies beyond the photo is mirrored (as the affine warps' borders are)."""
+    photo_h, photo_w = image.shape[:2]
+    x0, y0, x1, y1 = (0, 0, photo_w, photo_h) if box is None else (int(v) for v in box)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, photo_w), min(y1, photo_h)
+    (height, width), (pad_h, pad_w) = preprocess.resize, preprocess.margin_pixels
+    grow_y, grow_x = (y1 - y0) * pad_h / height, (x1 - x0) * pad_w / width
+    top, bottom = round(y0 - grow_y), round(y1 + grow_y)
+    left, right = round(x0 - grow_x), round(x1 + grow_x)
+    border = max(0, -top, -left, bottom - photo_h, right - photo_w)
+    if border:
+        image = cv2.copyMakeBorder(image, border, border, border, border, cv2.BORDER_REFLECT_101)
+    return image[top + border:bottom + border, left + border:right + border]
+
+
+@functools.lru_cache(maxsize=None)
+def _content_digest(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    # keyed by the stat too, so a file rewritten while this process runs is read again
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+
+
+def photo_digests(paths: list[str], threads: int | None = None) -> list[str]:
+    """A digest of every photo's bytes (blake2b; hashlib releases the GIL, so threads read and
+    hash in parallel). What the image cache, the face-box cache and a run's data fingerprint are
+    keyed by: a photo replaced by another of the same size and date is still told apart."""
+    def digest(path: str) -> str:
+        try:
+            stat = os.stat(path)
+            return _content_digest(os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
+                                   stat.st_ctime_ns)
+        except OSError as why:
+            return f"error: {path}: cannot read the photo ({why.strerror})"
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(digest, paths))
+    problems = [d[len("error: "):] for d in digests if d.startswith("error: ")]
+    if problems:
+        raise problems_error(problems, "the images")
+    return digests
+
+
+def cache_key(paths: list[str], preprocess: Preprocess, boxes: np.ndarray | None = None) -> str:
+    """Name of the cache for these files (path and content) under this preprocessing."""
+    signature = list(zip(map(os.path.abspath, paths), photo_digests(paths)))
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, preprocess.to_dict(), signature]).encode())
+    if boxes is not None:
+        digest.update(np.ascontiguousarray(boxes, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_cache(paths: list[str], preprocess: Preprocess, cache_dir: str | Path,
+                boxes: np.ndarray | None = None, progress: bool = True,
+                threads: int | None = None) -> np.ndarray:
+    """Decode, crop and resize every photo once; return a read-only uint8 memmap [N, H, W, C].
+
+    The cache file is named by cache_key, so a later run (epoch, fold, process) with the same files
+    and preprocessing reuses it, and a changed image or setting builds a new one. All corrupt images
+    are reported together and nothing is written then.
+    """
+    return build_caches(paths, [(preprocess, boxes)], cache_dir, progress, threads)[0]
+
+
+def build_caches(paths: list[str], variants: list[tuple[Preprocess, np.ndarray | None]],
+                 cache_dir: str | Path, progress: bool = True,
+                 threads: int | None = None) -> list[np.ndarray]:
+    """build_cache for several (preprocess, boxes) variants at once, decoding each photo once
+    (an ensemble of models at different resolutions or crops). A cache file that is torn (a
+    copy cut short, a disk error) is rebuilt; temp files of killed builds are removed."""
+    cache_dir = Path(cache_dir)
+    remove_stale_temps(cache_dir, ".images-*")  # killed cache builds
+    remove_stale_temps(cache_dir, ".*.tmp")  # killed atomic writes (the face-box cache's)
+    targets = [cache_dir / f"images-{cache_key(paths, pre, boxes)}.npy" for pre, boxes in variants]
+    shapes = [(len(paths), *pre.cached_size, pre.channels) for pre, _ in variants]
+    caches = [_open_cache(target, shape) for target, shape in zip(targets, shapes)]
+    todo = [i for i, cache in enumerate(caches) if cache is None]
+    if todo:
+        _fill_caches(paths, [variants[i] for i in todo], [targets[i] for i in todo], progress,
+                     threads)
+    return [cache if cache is not None else _open_cache(target, shape, rebuilt=True)
+            for cache, target, shape in zip(caches, targets, shapes)]
+
+
+def _open_cache(target: Path, shape: tuple, rebuilt: bool = False) -> np.ndarray | None:
+    """The cache file as a read-only memmap, None when it is missing or torn (then removed, so
+    it is rebuilt: its name says which photos and preprocessing it holds, never its state)."""
+    if not target.exists():
+        return None
+    try:
+        images = np.load(target, mmap_mode="r")
+        if images.shape == shape and images.dtype == np.uint8:
+            return images
+        why = f"holds {images.dtype} {list(images.shape)}, expected uint8 {list(shape)}"
+    except (ValueError, OSError, EOFError) as error:  # truncated, empty, not an .npy
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if rebuilt:
+        raise UserError(f"{target}: the image cache just written is unreadable ({why}); check "
+                        "the disk and delete the file")
+    print(f"warning: {target}: torn image cache ({why}); rebuilding it", flush=True)
+    target.unlink(missing_ok=True)
+    return None
+
+
+def _fill_caches(paths, variants, targets, progress, threads) -> None:
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    temps, outputs, locks = [], [], []
+    problems: list[str] = []
+    try:
+        for (pre, _), target in zip(variants, targets):
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".npy")
+            os.close(fd)
+            temps.append(tmp)
+            locks.append(lock_temp(tmp))
+            height, width = pre.cached_size
+            outputs.append(np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(paths), height, width, pre.channels)))
+            _reserve(tmp, target)
+
+        def work(i: int) -> None:
+            try:
+                image = decode_image(paths[i])
+            except UserError as why:
+                problems.append(str(why))
+                return
+            for out, (pre, boxes) in zip(outputs, variants):
+                out[i] = preprocess_image(image, pre, None if boxes is None else boxes[i])
+
+        # OpenCV releases the GIL while decoding, so threads decode in parallel
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            jobs = pool.map(work, range(len(paths)))
+            if progress:
+                from tqdm import tqdm
+                jobs = tqdm(jobs, total=len(paths), desc="decoding photos into the cache",
+                            leave=False, disable=None)  # None: no bar when not on a terminal
+            for _ in jobs:
+                pass
+        if problems:
+            raise problems_error(sorted(problems), "the images")
+        for out, tmp, target, (pre, _) in zip(outputs, temps, targets, variants):
+            out.flush()
+            os.chmod(tmp, file_mode())  # mkstemp makes 0600; a cache is shared like any file
+            os.replace(tmp, target)
+            atomic_write_text(target.with_suffix(".json"), json.dumps(
+                {"preprocess": pre.to_dict(), "n_images": len(paths), "first": paths[:1]}))
+    finally:
+        del outputs
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+        for lock in locks:
+            lock.close()
+
+
+def _reserve(tmp: str, target: Path) -> None:
+    """Allocate every byte of the (sparse) memmap file now: on a full disk this is one OSError
+    naming the cache, where writing into unallocated pages later would kill the process with a
+    bus error."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as why:
+        raise OSError(why.errno, f"{why.strerror} (writing the image cache)", str(target)) from None
+    finally:
+        os.close(fd)
