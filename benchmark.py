@@ -74,7 +74,6 @@ from make_sample import resolve_train_dir
 DEFAULT_BATCHES = 6
 DEFAULT_REPEATS = 3
 SMOKE_BATCHES, SMOKE_REPEATS = 2, 1
-AMP_NAMES = mixed_precision.AMP_NAMES
 
 
 def get_args_parser() -> argparse.ArgumentParser:

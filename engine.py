@@ -242,8 +242,8 @@ def build_scheduler(settings: Any, optimizer, steps_per_epoch: int):
                       cycle_momentum=False), True
 
 
-def build_network(settings: Any, n_out: int, device: torch.device,
-                  procs: Processes) -> tuple[nn.Module, nn.Module]:
+def build_network(settings: Any, n_out: int, device: torch.device, procs: Processes,
+                  channels_last: bool) -> tuple[nn.Module, nn.Module]:
     """(the plain model, what the loop calls: DDP- and/or torch.compile-wrapped)."""
     net = models.build_model(settings.model, n_out, multi_head=settings.multi_head,
                              canny=settings.canny, cosine_head=settings.criterion == "arcface",
@@ -256,7 +256,7 @@ def build_network(settings: Any, n_out: int, device: torch.device,
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net.model_config = config
     net.to(device)
-    if mixed_precision.precision_of(settings, device).channels_last:
+    if channels_last:
         net.to(memory_format=torch.channels_last)
     runner = net
     if procs.distributed:
@@ -353,14 +353,14 @@ def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_
     """Model, loss, optimizer, schedule, scaler, EMA, augmentation and mixer as ``settings``
     (train.py's flags) say, on ``device``; ``steps_per_epoch`` counts batches, ``margin`` is the
     cache's (rows, columns) beyond the crop on each side (--crop_margin)."""
-    net, runner = build_network(settings, n_out, device, procs)
+    precision = mixed_precision.precision_of(settings, device)
+    net, runner = build_network(settings, n_out, device, procs, precision.channels_last)
     groups = models.parameter_groups(net, settings.lr, settings.weight_decay,
                                      head_lr_mult=settings.head_lr_mult,
                                      layer_decay=settings.layer_decay)
     optimizer = build_optimizer(settings, groups, device)
     updates_per_epoch = math.ceil(steps_per_epoch / settings.grad_accum_steps)
     scheduler, per_batch = build_scheduler(settings, optimizer, updates_per_epoch)
-    precision = mixed_precision.precision_of(settings, device)
     autocast = precision.autocast_dtype
     mixed_classes = dataset.NUM_CLASSES if settings.multi_head else n_out
     ema = None

@@ -151,11 +151,6 @@ def recorded_precision(checkpoint: dict, device: torch.device) -> Precision:
     return choose_precision(amp, bool(config.get("channels_last", False)), device)
 
 
-def amp_dtype(mode: str, device: torch.device, model_name: str | None = None) -> torch.dtype | None:
-    """The autocast dtype for --amp, or None for full precision (choose_precision's)."""
-    return choose_precision(mode, "off", device, model_name).autocast_dtype
-
-
 def precision_of(settings: Any, device: torch.device) -> Precision:
     """The precision of a run's settings (--amp, --channels_last, --model) on ``device``."""
     return choose_precision(settings.amp, settings.channels_last, device, settings.model)

@@ -547,13 +547,13 @@ def run_precision(args: argparse.Namespace, device: torch.device) -> mixed_preci
     if not args.resume:
         return asked
     lasts = [Path(args.resume) / "last.pth", *sorted(Path(args.resume).glob("fold*/last.pth"))]
-    trained = [mixed_precision.recorded_precision(models.load_checkpoint(p, mmap=True), device)
-               for p in lasts if p.is_file()]
-    if not trained:  # killed before its first checkpoint: nothing trained yet
+    first = next((p for p in lasts if p.is_file()), None)  # every fold trained alike
+    if first is None:  # killed before its first checkpoint: nothing trained yet
         return asked
-    kept = trained[0]
+    kept = mixed_precision.recorded_precision(models.load_checkpoint(first, mmap=True), device)
     return mixed_precision.Precision(kept.autocast_dtype, kept.channels_last,
-                            "as the run trained" + (f"; {kept.reason}" if kept.reason else ""))
+                                     "as the run trained" + (f"; {kept.reason}" if kept.reason
+                                                             else ""))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from make_sample import generate_sample
 
@@ -34,7 +35,6 @@ def run_flags():
     return flags
 
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,3 +51,20 @@ def run_killed_after_first_epoch():
         victim.send_signal(signal.SIGKILL)
         victim.wait()
     return run
+
+
+@pytest.fixture(scope="session")
+def cpu_and_gpu_warps():
+    """cpu_and_gpu_warps(augment, height, width): the same random draw (seed 0) of ``augment``'s
+    geometry through its CPU uint8 warp and through its GPU grid_sample path, on 6 smooth
+    gradient images, both as float [6, 3, H', W'] in 0..1; then the batch itself."""
+    def warps(augment, height: int, width: int):
+        yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        smooth = torch.stack([xx * 5, yy * 4, (xx + yy) * 2], -1).clamp(0, 255).to(torch.uint8)
+        batch = smooth.expand(6, -1, -1, -1).contiguous()
+        torch.manual_seed(0)
+        cpu = augment._warp_uint8(batch).permute(0, 3, 1, 2).float() / 255
+        torch.manual_seed(0)
+        reference = augment._geometry(batch.permute(0, 3, 1, 2).float() / 255)
+        return cpu, reference, batch
+    return warps

@@ -75,16 +75,10 @@ def test_colour_matrix_equals_the_step_by_step_jitter():
     assert torch.allclose(fast, x, atol=1e-5)
 
 
-def test_cpu_uint8_warp_matches_the_gpu_grid_sample_warp():
+def test_cpu_uint8_warp_matches_the_gpu_grid_sample_warp(cpu_and_gpu_warps):
     augment = BatchAugmentation(AugmentSpec(flip=True, rotate=15, scale=(0.9, 1.1),
                                                             translate=0.05))
-    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(40), indexing="ij")
-    smooth = torch.stack([xx * 5, yy * 4, (xx + yy) * 2], -1).clamp(0, 255).to(torch.uint8)
-    batch = smooth.expand(6, -1, -1, -1).contiguous()
-    torch.manual_seed(0)
-    cpu = augment._warp_uint8(batch).permute(0, 3, 1, 2).float() / 255
-    torch.manual_seed(0)
-    reference = augment._geometry(batch.permute(0, 3, 1, 2).float() / 255)
+    cpu, reference, batch = cpu_and_gpu_warps(augment, 48, 40)
     inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # borders reflect differently
     assert (cpu[inner] - reference[inner]).abs().max() < 3 / 255
     assert not torch.equal(cpu, batch.permute(0, 3, 1, 2).float() / 255)

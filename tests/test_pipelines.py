@@ -294,16 +294,10 @@ def test_random_crops_stay_inside_the_cached_margin():
     assert torch.equal(resized.eval().centre(cached), cached[:, pad_h:-pad_h, pad_w:-pad_w])
 
 
-def test_cpu_warp_with_a_margin_matches_the_gpu_path():
+def test_cpu_warp_with_a_margin_matches_the_gpu_path(cpu_and_gpu_warps):
     augment = BatchAugmentation(AugmentSpec(flip=True, rotate=10, rrc_scale=(0.5, 1.0)),
                                 margin=(6, 5))
-    yy, xx = torch.meshgrid(torch.arange(52), torch.arange(40), indexing="ij")
-    smooth = torch.stack([xx * 5, yy * 4, (xx + yy) * 2], -1).clamp(0, 255).to(torch.uint8)
-    batch = smooth.expand(6, -1, -1, -1).contiguous()
-    torch.manual_seed(0)
-    cpu = augment._warp_uint8(batch).permute(0, 3, 1, 2).float() / 255
-    torch.manual_seed(0)
-    reference = augment._geometry(batch.permute(0, 3, 1, 2).float() / 255)
+    cpu, reference, _ = cpu_and_gpu_warps(augment, 52, 40)
     assert cpu.shape == reference.shape == (6, 3, 40, 30)
     inner = (slice(None), slice(None), slice(6, -6), slice(6, -6))
     assert (cpu[inner] - reference[inner]).abs().max() < 3 / 255
