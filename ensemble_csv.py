@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, calibrated_predictions,
-                        check_labels, check_output_path, check_probabilities, read_csv_checked,
-                        read_selection_json, run_cli, selection_offsets, write_together)
+from maskface.cli import FlagParser, UserError, run_cli
+from maskface.ensemble import calibrated_predictions, weighted_probabilities
+from maskface.files import check_output_path, read_csv_checked, write_together
+from maskface.labels import NUM_CLASSES, PROB_COLUMNS, check_labels, check_probabilities
+from maskface.selection import read_selection_json, selection_offsets
 
 DEFAULT_DIR = Path("output")
 PROBS_SUFFIX = "_probs.csv"
@@ -63,8 +65,7 @@ def soft_vote(probabilities: list[pd.DataFrame], weights: Sequence[float] | None
               ) -> tuple[pd.Series, pd.DataFrame]:
     """Weighted mean of p0..p17 tables (indexed by ImageID) -> (argmax ans, mean probabilities)."""
     stacked = _aligned_matrix([table[PROB_COLUMNS] for table in probabilities])
-    weight = _weights(weights, len(probabilities))
-    mean = np.tensordot(weight / weight.sum(), stacked.astype(np.float64), axes=1)
+    mean = weighted_probabilities(list(stacked), _weights(weights, len(probabilities)))
     index = probabilities[0].index
     return (pd.Series(mean.argmax(axis=1), index=index, name="ans"),
             pd.DataFrame(mean, index=index, columns=PROB_COLUMNS))

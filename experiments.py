@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import augmentation
-import selection
-from checked_io import (FlagParser, UserError, atomic_write_text, check_output_path,
-                        read_csv_checked, read_json_checked, run_cli)
+from maskface import run_folder, selection
+from maskface.cli import FlagParser, UserError, run_cli
+from maskface.files import atomic_write_text, check_output_path, read_csv_checked, read_json_checked
 
-RUN_FILES = ("config.json", "summary.csv", "best.pth", "folds.csv", "oof.csv")
+RUN_FILES = (run_folder.CONFIG, run_folder.SUMMARY, run_folder.BEST, run_folder.FOLDS, run_folder.OOF)
 # columns every table has; the flags that differ between the runs shown go after "folds"
 FIXED_COLUMNS = ["run", "kind", "model", "category", "size", "crop", "folds"]
 METRIC_COLUMNS = ["epochs", "val_f1", "oof_f1", "f1_mask", "f1_gender", "f1_age",
@@ -117,12 +116,12 @@ def best_of(summary: pd.DataFrame | None) -> dict:
 
 
 def single_run_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
-    summary = read_summary(run_dir / "summary.csv", problems)
-    done = read_small_json(run_dir / "done.json", problems)
+    summary = read_summary(run_dir / run_folder.SUMMARY, problems)
+    done = read_small_json(run_dir / run_folder.DONE, problems)
     row = {"kind": "single", **best_of(summary)}
     done_epochs = 0 if summary is None else len(summary)
     row["epochs"] = f"{done_epochs}/{int_setting(settings, 'epochs') or '?'}"
-    if not (run_dir / "best.pth").is_file():
+    if not (run_dir / run_folder.BEST).is_file():
         problems.append("no best.pth")
     row["wall_s"] = (done or {}).get("wall_s")
     if done is None and not problems:
@@ -133,7 +132,7 @@ def single_run_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
 def kfold_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
     fold_dirs = [d for d in run_dir.glob("fold[0-9]*") if d.name[4:].isdigit()]
     n_folds = int_setting(settings, "kfold") or len(fold_dirs)
-    folds_csv = run_dir / "folds.csv"
+    folds_csv = run_dir / run_folder.FOLDS
     row: dict = {"kind": f"{n_folds}-fold"}
     if folds_csv.is_file():
         try:
@@ -144,14 +143,14 @@ def kfold_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
         problems.append("no folds.csv")
     bests, walls, epochs, finished = [], [], 0, 0
     for fold in range(n_folds):
-        fold_dir = run_dir / f"fold{fold}"
-        summary = read_summary(fold_dir / "summary.csv", problems) if fold_dir.is_dir() else None
+        fold_dir = run_folder.fold_dir(run_dir, fold)
+        summary = read_summary(fold_dir / run_folder.SUMMARY, problems) if fold_dir.is_dir() else None
         epochs += 0 if summary is None else len(summary)
         bests.append(best_of(summary))
-        done = read_small_json(fold_dir / "done.json", problems)
+        done = read_small_json(fold_dir / run_folder.DONE, problems)
         finished += done is not None
         walls.append((done or {}).get("wall_s"))
-        if fold_dir.is_dir() and not (fold_dir / "best.pth").is_file():
+        if fold_dir.is_dir() and not (fold_dir / run_folder.BEST).is_file():
             problems.append(f"no fold{fold}/best.pth")
     row["epochs"] = f"{epochs}/{n_folds * (int_setting(settings, 'epochs') or 0) or '?'}"
     scored = [b for b in bests if b]
@@ -160,10 +159,10 @@ def kfold_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
         row["images_per_s"] = float(np.mean([b["images_per_s"] for b in scored]))
     if walls and all(w is not None for w in walls):
         row["wall_s"] = float(sum(walls))
-    oof = read_small_json(run_dir / "oof_metrics.json", problems)
+    oof = read_small_json(run_dir / run_folder.OOF_METRICS, problems)
     if oof:
         row.update({"oof_f1": oof.get("f1"), **{h: oof.get(h) for h in HEADS if h in oof}})
-    if not (run_dir / "oof.csv").is_file():
+    if not (run_dir / run_folder.OOF).is_file():
         problems.append(f"no oof.csv ({finished}/{n_folds} folds done)")
     return row
 
@@ -171,11 +170,11 @@ def kfold_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
 def run_row(name: str, run_dir: Path) -> tuple[dict, dict]:
     """(table row, the run's settings) of one run folder, however incomplete."""
     problems: list[str] = []
-    settings = read_small_json(run_dir / "config.json", problems)
+    settings = read_small_json(run_dir / run_folder.CONFIG, problems)
     if settings is None and not problems:
         problems.append("no config.json")
     settings = settings or {}
-    kfold = bool(settings.get("kfold") or settings.get("folds") or (run_dir / "folds.csv").exists()
+    kfold = bool(settings.get("kfold") or settings.get("folds") or (run_dir / run_folder.FOLDS).exists()
                  or any(run_dir.glob("fold[0-9]*")))
     row = {"run": name, "model": settings.get("model"), "category": settings.get("category")}
     if not settings and not kfold:
@@ -183,7 +182,8 @@ def run_row(name: str, run_dir: Path) -> tuple[dict, dict]:
     if isinstance(settings.get("resize"), list):
         row["size"] = "x".join(map(str, settings["resize"]))
     name = settings.get("augmentation")
-    spec = augmentation.AUGMENTATIONS.get(name) if isinstance(name, str) else None
+    from maskface.augmentation import AUGMENTATIONS  # torch: not for --help
+    spec = AUGMENTATIONS.get(name) if isinstance(name, str) else None
     row["crop"] = settings.get("crop") or (spec.crop if spec else None)
     row = {**(kfold_row(run_dir, settings, problems) if kfold
               else single_run_row(run_dir, settings, problems)), **row}
@@ -265,7 +265,7 @@ def selection_runs(paths: list[str], pattern: str | None) -> list[tuple[str, Pat
         if len(found) == 1 and Path(path) == found[0][1]:
             runs += found
             continue
-        usable = [(n, d) for n, d in found if (d / "oof.csv").is_file()]
+        usable = [(n, d) for n, d in found if (d / run_folder.OOF).is_file()]
         skipped = [n for n, d in found if (n, d) not in usable]
         if skipped:
             print(f"{path}: skipped {len(skipped)} run(s) without oof.csv (not finished k-fold "

@@ -7,40 +7,20 @@
     python inference.py --ensemble model/selection.json              # experiments.py select's mix
 
 Every model is rebuilt from its checkpoint alone (architecture, preprocessing, normalization,
-category), so no training flag is repeated here.
+category), so no training flag is repeated here; maskface/submission.py does the work.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Callable, Sequence
 
-import numpy as np
-import pandas as pd
-import torch
-from sklearn.metrics import confusion_matrix, f1_score
-from torch import nn
+from maskface.cli import FlagParser, LazyChoices, registry, run_cli
+from maskface.ensemble import VOTING_RULE
+from maskface.run_folder import CALIBRATION
 
-import augmentation
-import dataset
-import engine
-import image_cache
-import mixed_precision
-import model as models
-from checked_io import (NUM_CLASSES, PROB_COLUMNS, FlagParser, UserError, atomic_write_text,
-                        check_labels, check_output_path, read_csv_checked, run_cli,
-                        write_together)
-from ensembling import (CALIBRATION_FILE, VOTING_RULE, calibrated_predictions, check_categories,
-                        combine_categories, ensemble_probabilities, fit_calibration,
-                        read_calibration, read_oof)
-from make_sample import resolve_eval_dir
-from selection import Selection, read_selection, selection_probabilities
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser() -> FlagParser:
     p = FlagParser(description="Write the submission CSV from trained run folders. Every flag is "
                                "also accepted with hyphens (--model-dir).", epilog=VOTING_RULE)
     add = p.add_argument
@@ -56,11 +36,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=256, help="inference batch size")
     add("--resize", type=int, nargs=2, default=None, metavar=("H", "W"),
         help="override every model's training input size (warns when it differs)")
-    add("--augmentation", default=None, choices=list(augmentation.AUGMENTATIONS),
+    add("--augmentation", default=None, choices=registry("augmentation", "AUGMENTATIONS"),
         help="override the augmentation (in eval mode it only normalizes)")
-    add("--crop", default=None, choices=image_cache.CROPS, help="override the training crop")
+    add("--crop", default=None, choices=registry("image_cache", "CROPS"), help="override the training crop")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="checkpoint", choices=("checkpoint", *mixed_precision.AMP_MODES),
+    add("--amp", default="checkpoint",
+        choices=LazyChoices(lambda: ("checkpoint", *registry("mixed_precision", "AMP_MODES")),
+                            "checkpoint or an --amp of train.py"),
         help="precision: checkpoint = what each model trained with (its best.pth records it); "
              "auto, bf16, fp16 or off as in train.py")
     add("--cache_dir", default=".cache", help="where decoded, cropped, resized images are kept")
@@ -68,17 +50,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="use every model given (all folds of a k-fold run); needed for more than one "
              "model. With a selection file of experiments.py select: its runs, weighted as "
              "selected, with its calibration (no --model_dir then)")
-    add("--tta", default="none", choices=engine.TTA_MODES,
+    add("--tta", default="none", choices=registry("predict", "TTA_MODES"),
         help="test-time augmentation: flip averages the original and mirrored view")
     add("--answers", default=None, metavar="FILE",
         help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, "
              "per-class precision/recall/F1/support, confusion")
     add("--calibrate", default=None, metavar="FILE",
         help=f"JSON with 18 per-class log-prob 'offsets' (when not given: the "
-             f"{CALIBRATION_FILE} of a run folder, if there is one)")
-    add("--no_calibrate", action="store_true", help=f"ignore any {CALIBRATION_FILE}")
+             f"{CALIBRATION} of a run folder, if there is one)")
+    add("--no_calibrate", action="store_true", help=f"ignore any {CALIBRATION}")
     add("--fit_calibration", default=None, metavar="RUN_DIR",
-        help=f"only fit offsets on RUN_DIR/oof.csv and write RUN_DIR/{CALIBRATION_FILE}")
+        help=f"only fit offsets on RUN_DIR/oof.csv and write RUN_DIR/{CALIBRATION}")
     return p
 
 
@@ -86,365 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return get_args_parser().parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------
-# Finding and loading models
-# ----------------------------------------------------------------------------------------------
-def find_checkpoints(run_dirs: Sequence[str | Path]) -> list[Path]:
-    """best.pth of each run folder, or every fold*/best.pth of a k-fold run, in fold order."""
-    found: list[Path] = []
-    for run_dir in map(Path, run_dirs):
-        if run_dir.is_file() and run_dir.suffix == ".pth":
-            found.append(run_dir)
-            continue
-        if not run_dir.is_dir():
-            raise UserError(f"--model_dir {run_dir}: no such run folder")
-        folds = sorted((d for d in run_dir.glob("fold*") if d.is_dir() and d.name[4:].isdigit()),
-                       key=lambda d: int(d.name[4:]))
-        if folds:
-            unfinished = [d.name for d in folds if not (d / "best.pth").is_file()]
-            if unfinished:
-                raise UserError(f"--model_dir {run_dir}: {', '.join(unfinished)} has no best.pth "
-                                "(an unfinished k-fold run? finish it with train.py --resume)")
-            found += [d / "best.pth" for d in folds]
-        elif (run_dir / "best.pth").is_file():
-            found.append(run_dir / "best.pth")
-        else:
-            raise UserError(f"--model_dir {run_dir}: no best.pth or fold*/best.pth inside; "
-                            "expected a run folder of train.py")
-    twice = sorted({str(p) for p in found if [q.resolve() for q in found].count(p.resolve()) > 1})
-    if twice:
-        raise UserError(f"--model_dir: {', '.join(twice)} given more than once")
-    return found
-
-
-@dataclass
-class LoadedModel:
-    """A restored network and everything its checkpoint says about feeding it."""
-    path: Path
-    net: nn.Module
-    name: str
-    category: str
-    age_label_num: int
-    preprocess: image_cache.Preprocess
-    augmentation: str
-    normalize: dict
-    face: dict
-    precision: mixed_precision.Precision
-
-    def describe(self) -> str:
-        height, width = self.preprocess.resize
-        bins = " (6 age bins)" if self.age_label_num == 6 else ""
-        return (f"model: {self.path} | {self.name} | {self.category}{bins} | "
-                f"resize {height}x{width} | crop {self.preprocess.crop} | "
-                f"{self.precision.describe()}")
-
-
-def _shown(value) -> str:
-    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def load_models(paths: Sequence[Path], *, resize: Sequence[int] | None = None,
-                crop: str | None = None, augmentation: str | None = None,
-                amp: str = "checkpoint", device: torch.device = torch.device("cpu"),
-                say: Callable[[str], None] = print) -> list[LoadedModel]:
-    """Restore every checkpoint (eval mode, on the CPU); flags given override the training
-    settings, with a warning where they differ. ``amp`` 'checkpoint' runs each model on
-    ``device`` in the precision it trained with; another --amp value is decided as train.py does."""
-    # every file is read and checked before any network is built: a bad last fold of an
-    # ensemble fails before the others are restored
-    checkpoints = [models.read_checkpoint(path) for path in paths]
-    loaded = []
-    for i, path in enumerate(paths):
-        checkpoint, checkpoints[i] = checkpoints[i], None  # freed once its network holds it
-        preprocess = image_cache.Preprocess.from_dict(checkpoint["preprocess"])
-        trained_aug = checkpoint.get("augmentation", "BaseAugmentation")
-        changes = {"resize": tuple(resize) if resize else None, "crop": crop}
-        for field, value in changes.items():
-            if value is not None and value != getattr(preprocess, field):
-                say(f"warning: {path}: --{field} {_shown(value)} but the model was trained with "
-                    f"{field} {_shown(getattr(preprocess, field))}")
-                preprocess = replace(preprocess, **{field: value})
-        if augmentation and augmentation != trained_aug:
-            say(f"warning: {path}: --augmentation {augmentation} but the model was trained with "
-                f"{trained_aug}")
-        try:
-            net = models.restore_model(checkpoint).eval()
-        except (UserError, ValueError, TypeError) as why:  # model_config arguments from the file
-            raise UserError(f"{path}: {why}") from None
-        config = checkpoint.get("config") or {}
-        name = config.get("model") or checkpoint["model_config"].get("name")
-        precision = (mixed_precision.recorded_precision(checkpoint, device)
-                     if amp == "checkpoint" else
-                     mixed_precision.choose_precision(amp, "auto", device, name))
-        loaded.append(LoadedModel(
-            path=Path(path), net=net, name=str(name), category=checkpoint["category"],
-            age_label_num=int(checkpoint.get("age_label_num", 3)), preprocess=preprocess,
-            augmentation=augmentation or trained_aug, normalize=checkpoint["normalize"],
-            face=checkpoint.get("face") or {}, precision=precision))
-        say(loaded[-1].describe())
-    return loaded
-
-
-# ----------------------------------------------------------------------------------------------
-# Images and probabilities
-# ----------------------------------------------------------------------------------------------
-def _variant_key(m: LoadedModel) -> tuple:
-    # face boxes depend on the run's face statistics too; other crops only on the preprocess
-    face = json.dumps(m.face, sort_keys=True) if m.preprocess.crop == "face" else None
-    return m.preprocess, face
-
-
-def build_image_caches(loaded: Sequence[LoadedModel], paths: list[str],
-                       cache_dir: str | Path) -> list[np.ndarray]:
-    """One cache per model (shared by models of equal preprocessing); each photo decoded once."""
-    owners = {}  # variant -> the first model needing it (its face statistics place the boxes)
-    for m in loaded:
-        owners.setdefault(_variant_key(m), m)
-    keys = list(owners)
-    variants = []
-    for key, owner in owners.items():
-        boxes = None
-        if owner.preprocess.crop == "face":
-            import face
-            boxes = face.crop_boxes_for_inference(paths, owner.preprocess, cache_dir, owner.face)
-        variants.append((owner.preprocess, boxes))
-    caches = image_cache.build_caches(paths, variants, cache_dir)
-    return [caches[keys.index(_variant_key(m))] for m in loaded]
-
-
-def predict_model(m: LoadedModel, images: np.ndarray, *, device: torch.device, batch_size: int,
-                  tta: str = "none") -> np.ndarray:
-    """Scored-space probabilities [N, 18|3|2] of one model in its precision, averaged over its
-    TTA views."""
-    net = m.net.to(device)
-    if m.precision.channels_last:
-        net.to(memory_format=torch.channels_last)
-    # eval mode: the centred crop of the cache (the margin, if any, is for training's random
-    # crops) and normalisation; a user pipeline is never applied here
-    augment = augmentation.build_augmentation(m.augmentation, m.normalize["mean"],
-                                              m.normalize["std"], m.preprocess.channels,
-                                              margin=m.preprocess.margin_pixels).to(device)
-    batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=np.int64),
-                                    np.arange(len(images)), batch_size, device)
-    probs = engine.predict_views(net, batches, augment, tta=tta, category=m.category,
-                                 age_label_num=m.age_label_num,
-                                 autocast_dtype=m.precision.autocast_dtype,
-                                 channels_last=m.precision.channels_last)
-    m.net.cpu()  # an ensemble holds one model at a time on the device
-    return probs
-
-
-# ----------------------------------------------------------------------------------------------
-# Calibration: fitting offsets on a k-fold run, finding them for a prediction
-# ----------------------------------------------------------------------------------------------
-def calibrate_run(run_dir: Path, say: Callable[[str], None] = print) -> dict:
-    """--fit_calibration: fit offsets on RUN_DIR/oof.csv, write RUN_DIR/calibration.json."""
-    oof_path = run_dir / "oof.csv"
-    if not oof_path.exists():  # a folder of that name is read_csv_checked's to report
-        raise UserError(f"--fit_calibration {run_dir}: no oof.csv (k-fold runs write one: "
-                        "train with --kfold K)")
-    target = check_output_path(run_dir / CALIBRATION_FILE, "--fit_calibration")
-    probs, labels = read_oof(oof_path)
-    offsets = fit_calibration(probs, labels)
-    before = f1_score(labels, probs.argmax(1), average="macro")
-    after = f1_score(labels, calibrated_predictions(probs, offsets), average="macro")
-    result = {"offsets": offsets.tolist(), "f1_before": before, "f1_after": after}
-    atomic_write_text(target, json.dumps(result, indent=2))
-    say(f"calibration: OOF macro F1 {before:.4f} -> {after:.4f} (optimistic: fitted on the same "
-        f"OOF) -> {target}")
-    return {**result, "path": target}
-
-
-def resolve_calibration(args: argparse.Namespace, run_dirs: Sequence[Path],
-                        say: Callable[[str], None] = print,
-                        chosen: Selection | None = None) -> np.ndarray | None:
-    """--no_calibrate, else --calibrate FILE, else a selection's offsets (its run folders'
-    calibration.json files were fitted on single runs, not on the mix), else a run folder's."""
-    if args.no_calibrate:
-        return None
-    if args.calibrate:
-        return read_calibration(Path(args.calibrate))
-    if chosen is not None:
-        if chosen.offsets is not None:
-            say(f"calibration: the offsets of {chosen.path} (--no_calibrate to turn it off)")
-        return chosen.offsets
-    found = [d / CALIBRATION_FILE for d in run_dirs if (d / CALIBRATION_FILE).is_file()]
-    if len(found) > 1:
-        raise UserError(f"several {CALIBRATION_FILE} ({', '.join(map(str, found))}); choose one "
-                        "with --calibrate FILE or pass --no_calibrate")
-    if found:
-        say(f"calibration: using {found[0]} (--no_calibrate to turn it off)")
-        return read_calibration(found[0])
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Submission checks and scoring
-# ----------------------------------------------------------------------------------------------
-def check_answers(answers: pd.DataFrame, image_ids: Sequence[str], where: str) -> None:
-    """The answers must hold exactly the ImageIDs of info.csv, once each, with labels 0..17."""
-    given, expected = answers["ImageID"], set(image_ids)
-    extra = sorted(set(given) - expected)
-    absent = sorted(expected - set(given))
-    doubled = sorted(set(given[given.duplicated()]))
-    for problem, ids in (("not in info.csv", extra), ("of info.csv missing", absent),
-                         ("listed twice", doubled)):
-        if ids:
-            raise UserError(f"{where}: {len(ids)} ImageID(s) {problem}, e.g. {ids[0]}; "
-                            "the answers must match info.csv's ImageIDs")
-    check_labels(answers["ans"], where)
-
-
-def validate_submission(info: pd.DataFrame, submission: pd.DataFrame) -> None:
-    """One row per info.csv ImageID in info.csv's order, ans an integer 0..17."""
-    if list(submission.columns) != ["ImageID", "ans"]:
-        raise UserError(f"submission columns {list(submission.columns)}; expected ImageID, ans")
-    if len(submission) != len(info) or not (submission["ImageID"].to_numpy()
-                                             == info["ImageID"].to_numpy()).all():
-        raise UserError("submission ImageIDs differ from info.csv's (count or order)")
-    if not pd.api.types.is_integer_dtype(submission["ans"]):
-        raise UserError(f"submission ans has dtype {submission['ans'].dtype}; expected integers")
-    check_labels(submission["ans"], "submission")
-
-
-def score_answers(predictions: pd.DataFrame, answers_df: pd.DataFrame) -> dict:
-    """Macro F1 (sklearn), accuracy, per-head F1 and the 18x18 confusion matrix (rows: truth)."""
-    check_answers(answers_df, predictions["ImageID"].tolist(), "answers")
-    truth = answers_df.set_index("ImageID")["ans"].loc[predictions["ImageID"]].to_numpy(int)
-    predicted = predictions["ans"].to_numpy(int)
-    # one-hot rows are probabilities whose argmax is the prediction: engine.score's metrics apply
-    metrics = engine.score(np.eye(NUM_CLASSES)[predicted], truth, "multi")
-    metrics["confusion"] = confusion_matrix(truth, predicted, labels=list(range(NUM_CLASSES)))
-    return metrics
-
-
-def print_scores(metrics: dict, say: Callable[[str], None] = print) -> None:
-    say(f"answers: macro F1 {metrics['f1']:.4f}, accuracy {metrics['acc']:.4f} | F1 mask "
-        f"{metrics['f1_mask']:.4f}, gender {metrics['f1_gender']:.4f}, age {metrics['f1_age']:.4f}")
-    per_class = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
-    worst = engine.worst_class(metrics["per_class"])
-    say("per class (macro F1 is the mean of the f1 column over the classes present"
-        + (f"; worst: {worst[0]}" if worst else "") + "):\n"
-        + per_class.to_string(float_format=lambda v: f"{v:.4f}"))
-    table = pd.DataFrame(metrics["confusion"], index=[f"t{c}" for c in range(NUM_CLASSES)],
-                         columns=[f"p{c}" for c in range(NUM_CLASSES)])
-    say("confusion matrix (rows: true class, columns: predicted):\n" + table.to_string())
-
-
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-def output_paths(output_dir: str | Path, name_csv: str) -> tuple[Path, Path]:
-    """The submission and probability CSV paths, checked to be writable as files before any
-    model loads: neither written means no half-written output."""
-    if Path(name_csv).name != name_csv or not name_csv.endswith(".csv"):
-        raise UserError(f"--name_csv {name_csv}: expected a file name ending in .csv")
-    output_dir = check_output_path(output_dir, "--output_dir", folder=True)
-    paths = output_dir / name_csv, output_dir / f"{Path(name_csv).stem}_probs.csv"
-    for path in paths:
-        check_output_path(path, "--output_dir/--name_csv")
-    return paths
-
-
-def resolve_runs(args: argparse.Namespace) -> tuple[list[Path], list[Path], list[str],
-                                                   Selection | None]:
-    """(run folders, checkpoints, the run each checkpoint belongs to, the selection if one was
-    given): --ensemble FILE's runs, else --model_dir's."""
-    if isinstance(args.ensemble, str) and Path(args.ensemble).is_dir():
-        raise UserError(f"--ensemble {args.ensemble}: is a folder; --ensemble takes a selection "
-                        "JSON of experiments.py select, or nothing (then the runs of --model_dir)")
-    chosen = read_selection(args.ensemble) if isinstance(args.ensemble, str) else None
-    if chosen is not None and args.model_dir:
-        raise UserError(f"--ensemble {args.ensemble} names its runs; drop --model_dir")
-    if chosen is None:
-        run_dirs = [Path(p) for p in (args.model_dir
-                                      or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
-        checkpoints = find_checkpoints(run_dirs)
-        return run_dirs, checkpoints, [str(p) for p in checkpoints], None
-    per_run = {name: find_checkpoints([run_dir]) for name, run_dir in chosen.run_dirs.items()}
-    checkpoints = find_checkpoints([p for paths in per_run.values() for p in paths])
-    owners = [name for name, paths in per_run.items() for _ in paths]
-    print(f"selection {chosen.path}: " + ", ".join(
-        f"{'+'.join(names)} {weight:.3f}" for names, weight in chosen.members))
-    return list(chosen.run_dirs.values()), checkpoints, owners, chosen
-
-
-def weighted_by_selection(chosen: Selection, loaded: Sequence[LoadedModel], owners: list[str],
-                          model_probs: list[np.ndarray]) -> np.ndarray:
-    """A selection's soft vote: each run's folds averaged, then the members weighted."""
-    probs_by_run: dict[str, list[np.ndarray]] = {}
-    for m, owner, probs in zip(loaded, owners, model_probs):
-        if m.category != chosen.categories[owner]:
-            raise UserError(f"{m.path}: a {m.category} model, but {chosen.path} selected run "
-                            f"{owner} as {chosen.categories[owner]}")
-        probs_by_run.setdefault(owner, []).append(probs)
-    return selection_probabilities(chosen, {run: ensemble_probabilities(p)
-                                            for run, p in probs_by_run.items()})
-
-
 def main(args: argparse.Namespace) -> dict:
-    """Predict as ``args`` says; returns {'predictions', 'probs', 'output_csv', ...}."""
-    if args.fit_calibration:
-        return calibrate_run(Path(args.fit_calibration))
-    # everything the user gave is checked before any model loads or image decodes
-    engine.tune_host_allocator()
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
-    if args.resize and min(args.resize) < 16:
-        raise UserError(f"--resize {args.resize}: expected H W of at least 16 pixels")
-    device = engine.resolve_device(args.device)
-    if args.amp != "checkpoint":  # a GPU without bf16 is named before any work
-        mixed_precision.choose_precision(args.amp, "auto", device)
-    run_dirs, checkpoints, owners, chosen = resolve_runs(args)
-    if len(checkpoints) > 1 and not args.ensemble:
-        raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "
-                        "add --ensemble to average them")
-    output_csv, probs_csv = output_paths(args.output_dir, args.name_csv)
-    check_output_path(args.cache_dir, "--cache_dir", folder=True)
-    # the eval layout (info.csv, every image present and JPEG/PNG) before any checkpoint is read;
-    # a photo that only fails to decode shows up later, when the caches are built: its
-    # preprocessing comes from the checkpoints
-    info = dataset.parse_eval_dir(resolve_eval_dir(args.data_dir))
-    answers = None
-    if args.answers:
-        answers = read_csv_checked(args.answers, ["ImageID", "ans"])
-        check_answers(answers, info["ImageID"].tolist(), args.answers)
-    offsets = resolve_calibration(args, run_dirs, chosen=chosen)
-
-    loaded = load_models(checkpoints, resize=args.resize, crop=args.crop,
-                         augmentation=args.augmentation, amp=args.amp, device=device)
-    check_categories([m.category for m in loaded])
-    caches = build_image_caches(loaded, info["path"].tolist(), args.cache_dir)
-    model_probs = [predict_model(m, images, device=device, batch_size=args.batch_size,
-                                 tta=args.tta)
-                   for m, images in zip(loaded, caches)]
-    if chosen is not None:
-        probs = weighted_by_selection(chosen, loaded, owners, model_probs)
-    else:
-        probs_by_category: dict[str, list[np.ndarray]] = {}
-        for m, probs in zip(loaded, model_probs):
-            probs_by_category.setdefault(m.category, []).append(probs)
-        probs = combine_categories(probs_by_category)
-
-    predictions = pd.DataFrame({"ImageID": info["ImageID"].to_numpy(),
-                                "ans": calibrated_predictions(probs, offsets).astype(np.int64)})
-    validate_submission(info, predictions)
-    probs_table = pd.concat([predictions[["ImageID"]],
-                             pd.DataFrame(probs, columns=PROB_COLUMNS)], axis=1)
-    # both or neither: a submission never sits beside the probabilities of another prediction
-    write_together({output_csv: predictions.to_csv(index=False).encode(),
-                    probs_csv: probs_table.to_csv(index=False, float_format="%.6f").encode()})
-    metrics = None
-    if answers is not None:
-        metrics = score_answers(predictions, answers)
-        print_scores(metrics)
-    print(f"wrote {output_csv} and {probs_csv} ({len(predictions)} images, {len(loaded)} "
-          f"model(s), tta {args.tta}{', calibrated' if offsets is not None else ''})")
-    return {"predictions": predictions, "probs": probs, "output_csv": output_csv,
-            "probs_csv": probs_csv, "metrics": metrics, "offsets": offsets,
-            "models": [{"path": m.path, "name": m.name, "category": m.category,
-                        "preprocess": m.preprocess} for m in loaded],
-            "caches": caches}
+    """Predict as ``args`` say; returns {'predictions', 'probs', 'output_csv', ...}."""
+    from maskface import submission  # torch loads after the flags parse: --help is quick
+    return submission.predict_eval(args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from make_sample import generate_sample
+from maskface.sample import generate_sample
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import augmentation
-from augmentation import AUGMENTATIONS, AugmentSpec, BatchAugmentation
-from checked_io import UserError
+from maskface import augmentation
+from maskface.augmentation import AUGMENTATIONS, AugmentSpec, BatchAugmentation
+from maskface.cli import UserError
 
 
 @pytest.mark.parametrize("name", list(AUGMENTATIONS))

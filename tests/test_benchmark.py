@@ -5,13 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import augmentation
 import benchmark
-import dataset
-import image_cache
-import timing
-import usual_pipeline
-from checked_io import UserError
+from maskface import augmentation, dataset, image_cache
+from maskface.bench import speed, timing, usual_pipeline
+from maskface.cli import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HEADLINE = re.compile(r"^data path ratio: \d+\.\dx; train loop / ceiling: \d+%$")
@@ -57,7 +54,7 @@ def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys
 
 
 def test_headline_format_rounds_as_documented():
-    line = benchmark.headline({"data_path": {"ratio_base": 12.345}, "train": {"percent": 84.6}})
+    line = speed.headline({"data_path": {"ratio_base": 12.345}, "train": {"percent": 84.6}})
     assert line == "data path ratio: 12.3x; train loop / ceiling: 85%"
     assert HEADLINE.match(line)
 
@@ -106,7 +103,7 @@ def test_reference_and_toolkit_shuffle_alike_for_the_same_seed(tiny_train_dir, t
 
 
 def test_side_by_side_failure_is_one_user_error_not_a_hang(tiny_train_dir, tmp_path):
-    settings = benchmark.train_settings(benchmark.parse_args(["--resize", "32", "24"]),
+    settings = speed.train_settings(benchmark.parse_args(["--resize", "32", "24"]),
                                         torch.device("cpu"))
     missing = tmp_path / "no-such-cache.npy"
     with pytest.raises(UserError, match="side-by-side run of 1 process.*no-such-cache.npy"):
@@ -143,7 +140,7 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_work(tiny_train_dir, tmp
     def no_work(*args, **kwargs):
         raise AssertionError("the benchmark started before its output paths were checked")
 
-    monkeypatch.setattr(benchmark, "measure_cache", no_work)
+    monkeypatch.setattr(speed, "measure_cache", no_work)
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("not a folder")
     argv = ["--smoke", "--resize", "32", "24", "--data_dir", str(tiny_train_dir), "--device", "cpu",
@@ -160,7 +157,7 @@ def test_ceilings_and_loops_in_fp32_and_the_chosen_precision_side_by_side(tiny_t
     images = image_cache.build_cache(frame["path"].tolist()[:16], image_cache.Preprocess((32, 24)),
                                      tmp_path, progress=False)
     targets = frame["label"].to_numpy()[:16]
-    settings = benchmark.train_settings(benchmark.parse_args(
+    settings = speed.train_settings(benchmark.parse_args(
         ["--resize", "32", "24", "--batch_size", "8", "--amp", "bf16"]), torch.device("cpu"))
     measured = timing.measure_precisions(settings, images, targets, device=torch.device("cpu"),
                                             batches=1, repeats=1)
@@ -169,13 +166,13 @@ def test_ceilings_and_loops_in_fp32_and_the_chosen_precision_side_by_side(tiny_t
     assert (fp32["precision"].amp, chosen["precision"].amp) == ("off", "bf16")
     first_conv = next(m for m in chosen["model"].modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
-    rows = benchmark.train_rows({"train_fp32": fp32, "train": chosen, "train_compiled": None},
+    rows = speed.train_rows({"train_fp32": fp32, "train": chosen, "train_compiled": None},
                                 "cpu")
     assert len(rows) == 4 and "ceiling, fp32 (" in rows[0] and "1.00x fp32" in rows[0]
     assert "ceiling, chosen = bf16 autocast + channels_last (" in rows[1]
     assert "loop, fp32 (" in rows[2] and "% of its ceiling" in rows[3]
     # where the chosen precision is fp32 itself, it is measured once and named with why
-    auto = benchmark.train_settings(benchmark.parse_args(
+    auto = speed.train_settings(benchmark.parse_args(
         ["--resize", "32", "24", "--batch_size", "8", "--amp", "off", "--channels_last", "off"]),
         torch.device("cpu"))
     once = timing.measure_precisions(auto, images, targets, device=torch.device("cpu"),

@@ -1,6 +1,7 @@
 import pytest
 
-from checked_io import UserError, check_output_path, read_csv_checked, run_cli
+from maskface.cli import UserError, run_cli
+from maskface.files import check_output_path, read_csv_checked
 
 
 def test_output_paths_checked(tmp_path):

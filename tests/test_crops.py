@@ -6,11 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-import dataset
-import face
-import image_cache
 import inference
 import train
+from maskface import config, dataset, face, image_cache
 
 
 def eval_copy_of_train_photos(train_dir, tmp_path, stem="normal"):
@@ -28,7 +26,7 @@ def eval_copy_of_train_photos(train_dir, tmp_path, stem="normal"):
 @pytest.mark.parametrize("crop", ["face", "center", "none"])
 def test_train_and_inference_use_the_same_pixels(tiny_train_dir, tmp_path, crop, run_flags):
     cache_dir = tmp_path / "cache"
-    result = train.main(train.parse_args(run_flags(
+    result = train.main(config.parse_args(run_flags(
         tiny_train_dir, tmp_path, "--cache_dir", str(cache_dir), "--resize", "48", "32",
         "--epochs", "1", "--crop", crop)))
     checkpoint = torch.load(result["run_dir"] / "best.pth", weights_only=False)
@@ -83,7 +81,7 @@ def test_face_cli_and_training_share_one_box_cache(tiny_train_dir, tmp_path, mon
     assert (tmp_path / ".cache" / face.FACE_BOX_CACHE).is_file()
     flags = run_flags(tiny_train_dir, tmp_path, "--epochs", "1", "--crop", "face")
     flags[flags.index("--cache_dir") + 1] = ".cache"
-    train.main(train.parse_args(flags))
+    train.main(config.parse_args(flags))
     n_people = len(list(tiny_train_dir.iterdir()))
     assert f"face boxes: {(n_people - 3) * 7} photos detected now, 21 from the cache" \
         in capsys.readouterr().out

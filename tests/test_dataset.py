@@ -6,53 +6,51 @@ import pandas as pd
 import pytest
 import torch
 
-import dataset
-import image_cache
-from checked_io import UserError
+from maskface import dataset, image_cache, labels
+from maskface.cli import UserError
 
 
-# ---------------------------------------------------------------------------- labels
 def test_label_round_trip_all_18_classes():
     seen = set()
     for mask in range(3):
         for gender in range(2):
             for age in range(3):
-                label = dataset.encode_class(mask, gender, age)
-                assert dataset.decode_class(label) == (mask, gender, age)
+                label = labels.encode_class(mask, gender, age)
+                assert labels.decode_class(label) == (mask, gender, age)
                 seen.add(label)
     assert seen == set(range(18))
-    labels = np.arange(18)
-    assert np.array_equal(dataset.encode_class(*dataset.decode_class(labels)), labels)
-    assert dataset.encode_class(2, 1, 2) == 17 and dataset.encode_class(1, 0, 1) == 7
+    classes = np.arange(18)
+    assert np.array_equal(labels.encode_class(*labels.decode_class(classes)), classes)
+    assert labels.encode_class(2, 1, 2) == 17 and labels.encode_class(1, 0, 1) == 7
 
 
 def test_age_groups_bins_and_boundary():
     ages = np.array([18, 29, 30, 57, 58, 59, 60, 75])
-    assert dataset.age_group(ages).tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
-    assert dataset.age_group(ages, old_age=58).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
-    assert dataset.age_bin6(np.array([5, 19, 20, 35, 45, 59, 60])).tolist() == [0, 0, 1, 2, 3, 4, 5]
+    assert labels.age_group(ages).tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert labels.age_group(ages, old_age=58).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert labels.age_bin6(np.array([5, 19, 20, 35, 45, 59, 60])).tolist() == [0, 0, 1, 2, 3, 4, 5]
     # 6 bins fold back to the same 3 groups as the years themselves
     years = np.arange(0, 90)
-    assert np.array_equal(dataset.age6_to_age3(dataset.age_bin6(years)), dataset.age_group(years))
+    assert np.array_equal(labels.age6_to_age3(labels.age_bin6(years)), labels.age_group(years))
 
 
 def test_heads_product_and_marginals():
     rng = np.random.default_rng(0)
     m, g, a = (rng.dirichlet(np.ones(k), size=4) for k in (3, 2, 3))
-    joint = dataset.heads_to_class_probs(m, g, a)
+    joint = labels.heads_to_class_probs(m, g, a)
     assert joint.shape == (4, 18)
     assert np.allclose(joint.sum(1), 1)
-    assert np.isclose(joint[1, dataset.encode_class(2, 1, 0)], m[1, 2] * g[1, 1] * a[1, 0])
-    for got, want in zip(dataset.class_probs_to_heads(joint), (m, g, a)):
+    assert np.isclose(joint[1, labels.encode_class(2, 1, 0)], m[1, 2] * g[1, 1] * a[1, 0])
+    for got, want in zip(labels.class_probs_to_heads(joint), (m, g, a)):
         assert np.allclose(got, want)
 
 
 def test_fold_age6_sums_probabilities():
     probs = np.random.default_rng(1).dirichlet(np.ones(36), size=5)
-    folded = dataset.fold_age6(probs, "multi")
+    folded = labels.fold_age6(probs, "multi")
     assert folded.shape == (5, 18) and np.allclose(folded.sum(1), 1)
     # class (mask 1, gender 0, age group 1) gathers the 30s, 40s, 50s bins
-    assert np.isclose(folded[0, dataset.encode_class(1, 0, 1)], probs[0, 12 + 2:12 + 5].sum())
+    assert np.isclose(folded[0, labels.encode_class(1, 0, 1)], probs[0, 12 + 2:12 + 5].sum())
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -76,7 +74,7 @@ def _layout(tmp_path: Path, source: Path, folders: dict[str, list[str]]) -> Path
     return root
 
 
-ALL = [f"{stem}.jpg" for stem in dataset.PHOTO_STEMS]
+ALL = [f"{stem}.jpg" for stem in labels.PHOTO_STEMS]
 
 
 @pytest.mark.parametrize("folders, expected", [
@@ -169,7 +167,7 @@ def _people_frame(n_people=50, seed=0):
     rows = []
     for i in range(n_people):
         gender, age = int(rng.integers(2)), int(rng.choice([20, 25, 35, 45, 55, 60]))
-        for stem, mask in dataset.MASK_BY_STEM.items():
+        for stem, mask in labels.MASK_BY_STEM.items():
             rows.append({"path": f"/d/{i:06d}_x_y_{age}/{stem}.jpg", "profile": f"{i:06d}_x_y_{age}",
                          "id": f"{i:06d}", "gender": gender, "race": "y", "age": age,
                          "mask": mask, "stem": stem})
@@ -233,7 +231,7 @@ def test_balancing_repeats_only_train_people(mode):
 
 def test_training_targets_categories_and_old_age():
     frame = _people_frame(20)
-    for category, n in dataset.CATEGORY_CLASSES.items():
+    for category, n in labels.CATEGORY_CLASSES.items():
         targets = dataset.training_targets(frame, category)
         assert targets.min() >= 0 and targets.max() < n
     frame58 = dataset.add_labels(frame, old_age=50)
@@ -250,7 +248,7 @@ def test_relabel_changes_exactly_named_labels(tiny_train_dir, tmp_path):
     first, second = sorted(frame["id"].unique())[:2]
     relabel = tmp_path / "relabel.csv"
     old_gender = frame.loc[frame.id == first, "gender"].iloc[0]
-    relabel.write_text(f"id,gender,age,swap_mask\n{first},{dataset.GENDER_NAMES[1 - old_gender]},,\n"
+    relabel.write_text(f"id,gender,age,swap_mask\n{first},{labels.GENDER_NAMES[1 - old_gender]},,\n"
                        f"{second},,61,true\n")
     said = []
     fixed = dataset.parse_train_dir(tiny_train_dir, relabel=relabel, warn=said.append)
@@ -339,6 +337,7 @@ def test_interpolation_is_preprocessing_and_its_default_keeps_old_cache_names(ti
     import hashlib
     import json
     from dataclasses import replace
+
     from PIL import Image
 
     path = str(sorted(tiny_train_dir.glob("*/normal.*"))[0])

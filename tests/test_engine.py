@@ -7,12 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-import augmentation
-import config
-import engine
-import loss as losses
-import model as models
-from checked_io import UserError
+from maskface import augmentation, config, engine, loss as losses, model as models
+from maskface.cli import UserError
 
 
 def tiny_net() -> nn.Module:

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from checked_io import NUM_CLASSES, PROB_COLUMNS, UserError, run_cli
 from ensemble_csv import hard_vote, main, parse_args, soft_vote
+from maskface.cli import UserError, run_cli
+from maskface.labels import NUM_CLASSES, PROB_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +134,7 @@ def test_missing_ids_in_a_later_file_fail(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("ImageID,label\nx.jpg,1\ny.jpg,2\n", "missing column"),
-    # one message for every bad label, shared with inference.py (checked_io.check_labels)
+    # one message for every bad label, shared with inference.py (files.check_labels)
     ("ImageID,ans\nx.jpg,1\ny.jpg,18\n", r"not an integer 0\.\.17 .*y\.jpg, ans=18\)"),
     ("ImageID,ans\nx.jpg,-1\ny.jpg,2\n", r"not an integer 0\.\.17 .*x\.jpg, ans=-1\)"),
     ("ImageID,ans\nx.jpg,1.5\ny.jpg,2\n", r"not an integer 0\.\.17 .*x\.jpg, ans=1\.5\)"),

@@ -9,16 +9,15 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-import dataset
 import ensemble_csv
 import experiments
 import inference
-import selection
 import train
-from checked_io import PROB_COLUMNS, run_cli
+from maskface import config, labels as classes, selection
+from maskface.cli import run_cli
+from maskface.labels import PROB_COLUMNS
 
 
-# ---------------------------------------------------------------------------- synthetic OOF runs
 def people(n_people: int, n_folds: int = 3, seed: int = 0) -> pd.DataFrame:
     """7 photos per person with the competition's labels; folds by person."""
     rng = np.random.default_rng(seed)
@@ -26,8 +25,8 @@ def people(n_people: int, n_folds: int = 3, seed: int = 0) -> pd.DataFrame:
     for person in range(n_people):
         gender, age = rng.integers(2), rng.integers(3)
         profile = f"{person:06d}_{['male', 'female'][gender]}_Asian_{[20, 40, 60][age]}"
-        for stem in dataset.PHOTO_STEMS:
-            label = dataset.encode_class(dataset.MASK_BY_STEM[stem], gender, age)
+        for stem in classes.PHOTO_STEMS:
+            label = classes.encode_class(classes.MASK_BY_STEM[stem], gender, age)
             rows.append({"path": f"/data/{profile}/{stem}.jpg", "profile": profile,
                          "fold": person % n_folds, "label": int(label)})
     # in the order selection keeps rows in (profile/photo), so arrays here line up with its own
@@ -51,7 +50,7 @@ def write_oof_run(run_dir: Path, photos: pd.DataFrame, probs: np.ndarray,
     if folds is None:
         folds = photos.groupby("profile")["fold"].first()
     folds.rename("fold").to_frame().to_csv(run_dir / "folds.csv")
-    table = photos.assign(label=dataset.category_target(photos["label"].to_numpy(), category))
+    table = photos.assign(label=classes.category_target(photos["label"].to_numpy(), category))
     columns = [f"p{c}" for c in range(probs.shape[1])]
     pd.concat([table, pd.DataFrame(probs, columns=columns)], axis=1).to_csv(
         run_dir / "oof.csv", index=False)
@@ -123,7 +122,7 @@ def test_a_second_run_that_fixes_the_first_ones_blind_spot_is_added(tmp_path, ca
     photos = people(60)
     labels = photos["label"].to_numpy()
     # run a is good on gender 0 only, run b on gender 1 only: the mix beats both
-    gender = dataset.decode_class(labels)[1]
+    gender = classes.decode_class(labels)[1]
     a = np.where((gender == 0)[:, None], noisy_probs(labels, 3, 18, 1), noisy_probs(labels, 0, 18, 2))
     b = np.where((gender == 1)[:, None], noisy_probs(labels, 3, 18, 3), noisy_probs(labels, 0, 18, 4))
     runs = [selection.read_oof_run(write_oof_run(tmp_path / n, photos, p), n)
@@ -150,14 +149,14 @@ def test_a_trio_of_per_category_runs_is_one_candidate(tmp_path):
     labels = photos["label"].to_numpy()
     runs = []
     for category in ("mask", "gender", "age"):
-        target = dataset.category_target(labels, category)
-        probs = noisy_probs(target, 2.0, dataset.CATEGORY_CLASSES[category], len(runs))
+        target = classes.category_target(labels, category)
+        probs = noisy_probs(target, 2.0, classes.CATEGORY_CLASSES[category], len(runs))
         runs.append(write_oof_run(tmp_path / f"cv-{category}", photos, probs, category))
     oof_runs = [selection.read_oof_run(d, d.name) for d in runs]
     candidates = selection.build_candidates(oof_runs)
     assert [c.runs for c in candidates] == [("cv-mask", "cv-gender", "cv-age")]
     np.testing.assert_array_equal(selection.truth_labels(oof_runs), labels)
-    expected = dataset.heads_to_class_probs(*(r.probs for r in oof_runs))
+    expected = classes.heads_to_class_probs(*(r.probs for r in oof_runs))
     np.testing.assert_allclose(candidates[0].probs, expected)
 
 
@@ -200,9 +199,9 @@ def test_bad_selection_input_is_one_line_and_writes_nothing(tmp_path, capsys, ca
         (good / "oof.csv").unlink()
     elif case == "incomplete_trio":
         for category in ("mask", "gender"):
-            target = dataset.category_target(labels, category)
+            target = classes.category_target(labels, category)
             write_oof_run(model / category, photos,
-                          noisy_probs(target, 1, dataset.CATEGORY_CLASSES[category], 3), category)
+                          noisy_probs(target, 1, classes.CATEGORY_CLASSES[category], 3), category)
     elif case == "other_labels":
         write_oof_run(model / "relabelled", photos.assign(label=(labels + 1) % 18),
                       noisy_probs(labels, 1, 18, 4))
@@ -242,7 +241,7 @@ def test_selection_weights_that_do_not_sum_positive_are_refused(tmp_path, capsys
 def model_dir(tiny_sample, tmp_path_factory, run_flags) -> Path:
     """Two tiny k-fold runs on shared folds and one single run, under one model dir."""
     out = tmp_path_factory.mktemp("experiments")
-    flags = lambda *extra: train.parse_args(run_flags(  # noqa: E731
+    flags = lambda *extra: config.parse_args(run_flags(  # noqa: E731
         tiny_sample / "train" / "images", out, "--epochs", "1", "--early_stopping_patience", "0",
         *extra))
     first = train.main(flags("--kfold", "2", "--name", "cv-a"))["run_dir"]

@@ -15,10 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import face
-import face_detector
-import image_cache
-from checked_io import UserError
+from maskface import face, face_detector, image_cache
+from maskface.cli import UserError
 
 IMAGE_W, IMAGE_H = 384, 512
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-import dataset
-import ensembling
 import inference
 import train
-from checked_io import PROB_COLUMNS, UserError, run_cli
+from maskface import config, dataset, ensemble, labels, submission
+from maskface.cli import UserError, run_cli
+from maskface.labels import PROB_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,13 +32,13 @@ def test_soft_vote_averages_probabilities_not_logits():
     confident_wrong = one_hot_ish(0, 0.999, 1, 0.0005)
     mildly_right = one_hot_ish(1, 0.8, 0, 0.15)
     members = [confident_wrong, mildly_right, mildly_right]
-    averaged = ensembling.ensemble_probabilities(members)
+    averaged = ensemble.ensemble_probabilities(members)
     assert averaged.argmax(1).tolist() == [1]
     assert np.allclose(averaged, (confident_wrong + 2 * mildly_right) / 3)
     # averaging logits (log-probabilities) would follow the confident model: the test can tell
     assert np.mean([np.log(p) for p in members], 0).argmax(1).tolist() == [0]
     with pytest.raises(ValueError, match="not logits"):
-        ensembling.ensemble_probabilities([np.log(confident_wrong)])
+        ensemble.ensemble_probabilities([np.log(confident_wrong)])
 
 
 def test_trio_is_heads_product_and_counts_as_one_model():
@@ -49,16 +49,16 @@ def test_trio_is_heads_product_and_counts_as_one_model():
         return x / x.sum(1, keepdims=True)
 
     masks, genders, ages = [softmax(5, 3), softmax(5, 3)], [softmax(5, 2)], [softmax(5, 3)]
-    trio = ensembling.combine_categories({"mask": masks, "gender": genders, "age": ages})
-    expected = dataset.heads_to_class_probs((masks[0] + masks[1]) / 2, genders[0], ages[0])
+    trio = ensemble.combine_categories({"mask": masks, "gender": genders, "age": ages})
+    expected = labels.heads_to_class_probs((masks[0] + masks[1]) / 2, genders[0], ages[0])
     assert np.allclose(trio, expected)
     # the argmax of the product decodes to the argmax of each (averaged) head
-    mask, gender, age = dataset.decode_class(trio.argmax(1))
+    mask, gender, age = labels.decode_class(trio.argmax(1))
     assert np.array_equal(mask, ((masks[0] + masks[1]) / 2).argmax(1))
     assert np.array_equal(gender, genders[0].argmax(1)) and np.array_equal(age, ages[0].argmax(1))
     # two 18-class models and a trio: three equal votes
     multi = [softmax(5, 18), softmax(5, 18)]
-    mixed = ensembling.combine_categories({"multi": multi, "mask": masks, "gender": genders,
+    mixed = ensemble.combine_categories({"multi": multi, "mask": masks, "gender": genders,
                                           "age": ages})
     assert np.allclose(mixed, (multi[0] + multi[1] + expected) / 3)
 
@@ -66,17 +66,17 @@ def test_trio_is_heads_product_and_counts_as_one_model():
 def test_incomplete_trio_without_18_class_model_names_the_missing():
     probs = np.full((2, 3), 1 / 3)
     with pytest.raises(UserError, match="none for gender, age"):
-        ensembling.combine_categories({"mask": [probs]})
+        ensemble.combine_categories({"mask": [probs]})
     multi = np.full((2, 18), 1 / 18)
     said = []
-    out = ensembling.combine_categories({"multi": [multi], "mask": [probs]}, say=said.append)
+    out = ensemble.combine_categories({"multi": [multi], "mask": [probs]}, say=said.append)
     assert np.allclose(out, multi) and "ignored" in said[0]
 
 
 def test_validate_submission_rejects_bad_rows():
     info = pd.DataFrame({"ImageID": ["a.jpg", "b.jpg", "c.jpg"]})
     good = pd.DataFrame({"ImageID": ["a.jpg", "b.jpg", "c.jpg"], "ans": np.array([0, 17, 5])})
-    inference.validate_submission(info, good)
+    submission.validate_submission(info, good)
     for bad, message in [
         (good.assign(ans=[0, 18, 5]), "not an integer 0..17"),
         (good.assign(ans=[0, -1, 5]), "not an integer 0..17"),
@@ -85,7 +85,7 @@ def test_validate_submission_rejects_bad_rows():
         (good.iloc[:2], "count"),
     ]:
         with pytest.raises(UserError, match=message):
-            inference.validate_submission(info, bad)
+            submission.validate_submission(info, bad)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -96,13 +96,13 @@ def test_fit_calibration_never_lowers_f1_on_its_data(seed):
     logits[np.arange(300), labels] += 1.0
     logits[:, 3] += 1.5  # a biased class: offsets can undo it
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    offsets = ensembling.fit_calibration(probs, labels, iterations=2)
+    offsets = ensemble.fit_calibration(probs, labels, iterations=2)
     before = f1_score(labels, probs.argmax(1), average="macro")
-    after = f1_score(labels, ensembling.calibrated_predictions(probs, offsets), average="macro")
+    after = f1_score(labels, ensemble.calibrated_predictions(probs, offsets), average="macro")
     assert after > before  # the bias is worth correcting, so the fit must find something
-    predicted = ensembling.calibrated_predictions(probs, offsets)
-    assert ensembling.macro_f1(labels, predicted) == pytest.approx(after)
-    assert ensembling.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
+    predicted = ensemble.calibrated_predictions(probs, offsets)
+    assert ensemble.macro_f1(labels, predicted) == pytest.approx(after)
+    assert ensemble.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
         f1_score(labels[:5], predicted[:5], average="macro"))  # labels absent on one side
     assert offsets.shape == (18,) and np.abs(offsets).max() <= 2
 
@@ -111,7 +111,7 @@ def test_fit_calibration_never_lowers_f1_on_its_data(seed):
 @pytest.fixture(scope="module")
 def trained_run(tiny_sample, tmp_path_factory, run_flags) -> Path:
     """A BaseModel (with dropout) trained one epoch at 48x32 on the tiny sample."""
-    args = train.parse_args(run_flags(tiny_sample / "train" / "images",
+    args = config.parse_args(run_flags(tiny_sample / "train" / "images",
                                       tmp_path_factory.mktemp("runs"), "--epochs", "1",
                                       "--resize", "48", "32", "--drop_rate", "0.5",
                                       "--val_ratio", "0"))
@@ -154,12 +154,12 @@ def test_resize_override_warns(tiny_sample, trained_run, tmp_path, capsys):
 
 
 def test_eval_mode_gives_identical_outputs(tiny_sample, trained_run, tmp_path):
-    (loaded,) = inference.load_models([trained_run / "best.pth"], say=lambda _: None)
+    (loaded,) = submission.load_models([trained_run / "best.pth"], say=lambda _: None)
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in loaded.net.modules())
     info = dataset.parse_eval_dir(tiny_sample / "eval")
-    (images,) = inference.build_image_caches([loaded], info["path"].tolist(), tmp_path)
+    (images,) = submission.build_image_caches([loaded], info["path"].tolist(), tmp_path)
     loaded.net.train()  # prediction must switch to eval itself
-    runs = [inference.predict_model(loaded, images, device=torch.device("cpu"), batch_size=8,
+    runs = [submission.predict_model(loaded, images, device=torch.device("cpu"), batch_size=8,
                                     tta="flip") for _ in range(2)]
     assert np.array_equal(runs[0], runs[1])
     assert not loaded.net.training
@@ -226,15 +226,15 @@ def test_find_checkpoints_takes_every_fold_in_order(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     (single / "best.pth").touch()
-    found = inference.find_checkpoints([kfold, single])
+    found = submission.find_checkpoints([kfold, single])
     assert [p.parent.name for p in found] == ["fold0", "fold1", "fold2", "fold10", "single"]
     with pytest.raises(UserError, match="more than once"):
-        inference.find_checkpoints([single, single / "best.pth"])
+        submission.find_checkpoints([single, single / "best.pth"])
     (kfold / "fold2" / "best.pth").unlink()
     with pytest.raises(UserError, match="fold2 has no best.pth"):
-        inference.find_checkpoints([kfold])
+        submission.find_checkpoints([kfold])
     with pytest.raises(UserError, match="no best.pth"):
-        inference.find_checkpoints([tmp_path / "single" / ".."])
+        submission.find_checkpoints([tmp_path / "single" / ".."])
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def category_runs(tiny_sample, tmp_path_factory, run_flags) -> dict[str, Path]:
     runs = {}
     for category, size, extra in (("mask", ["48", "32"], []), ("gender", ["64", "48"], []),
                                   ("age", ["48", "32"], ["--age_label_num", "6"])):
-        args = train.parse_args(run_flags(tiny_sample / "train" / "images", tmp, "--epochs", "1",
+        args = config.parse_args(run_flags(tiny_sample / "train" / "images", tmp, "--epochs", "1",
                                           "--resize", *size, "--category", category,
                                           "--name", category, "--batch_size", "64",
                                           "--val_ratio", "0", *extra))
@@ -256,11 +256,11 @@ def test_category_trio_from_real_checkpoints(tiny_sample, category_runs, trained
     trio = [category_runs[c] for c in ("mask", "gender", "age")]
     result = infer(tiny_sample, tmp_path / "trio", trio, "--ensemble")
     assert [m["category"] for m in result["models"]] == ["mask", "gender", "age"]
-    heads = [inference.predict_model(m, images, device=torch.device("cpu"), batch_size=64)
-             for m, images in zip(inference.load_models([r / "best.pth" for r in trio],
+    heads = [submission.predict_model(m, images, device=torch.device("cpu"), batch_size=64)
+             for m, images in zip(submission.load_models([r / "best.pth" for r in trio],
                                                         say=lambda _: None), result["caches"])]
     assert [h.shape[1] for h in heads] == [3, 2, 3]  # the 6 age bins come folded to 3 groups
-    assert np.allclose(result["probs"], dataset.heads_to_class_probs(*heads), atol=1e-6)
+    assert np.allclose(result["probs"], labels.heads_to_class_probs(*heads), atol=1e-6)
     # each eval photo decoded once into two sizes: two distinct caches for three models
     assert len({id(c) for c in result["caches"]}) == 2
     mixed = infer(tiny_sample, tmp_path / "mixed", [trained_run, *trio], "--ensemble")
@@ -447,14 +447,14 @@ def test_answers_print_every_class_with_sklearns_scores(tiny_sample, trained_run
 def test_timm_model_mean_is_recorded_and_applied_by_inference(tiny_sample, tmp_path, run_flags,
                                                                capsys):
     import timm
-    import augmentation
-    import model as models
+
+    from maskface import augmentation, model as models
     # test_resnet's pretrained_cfg has mean = std = 0.5 (not ImageNet's) and bilinear resizing;
     # its "pretrained" weights: a state dict of a freshly built model (no network)
     weights = tmp_path / "test_resnet.pth"
     torch.manual_seed(0)
     torch.save(timm.create_model("test_resnet").state_dict(), weights)
-    args = train.parse_args(run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1",
+    args = config.parse_args(run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1",
                                       "--model", "test_resnet", "--weights", str(weights),
                                       "--val_ratio", "0"))
     run_dir = Path(train.main(args)["run_dir"])

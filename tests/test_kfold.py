@@ -11,13 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-import augmentation
-import dataset
-import engine
-import image_cache
-import model as models
 import train
-from checked_io import UserError
+from maskface import augmentation, config, dataset, image_cache, model as models, predict
+from maskface.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +26,7 @@ def kfold_args(run_flags):
 
 
 def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path, kfold_args):
-    result = train.main(train.parse_args(kfold_args(tiny_train_dir, tmp_path, "--kfold", "3",
+    result = train.main(config.parse_args(kfold_args(tiny_train_dir, tmp_path, "--kfold", "3",
                                                     "--epochs", "1", "--name", "cv")))
     run_dir = result["run_dir"]
     folds = pd.read_csv(run_dir / "folds.csv")
@@ -59,15 +55,15 @@ def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path
                                               checkpoint["normalize"]["std"])
     batches = dataset.CachedBatches(images, np.zeros(len(images), dtype=int),
                                     np.arange(len(images)), 64)
-    expected, _ = engine.predict_probabilities(net, batches, augment, category="multi")
+    expected, _ = predict.predict_probabilities(net, batches, augment, category="multi")
     np.testing.assert_allclose(in_fold[[f"p{c}" for c in range(18)]].to_numpy(), expected,
                                atol=1e-6)
     other = models.restore_model(torch.load(run_dir / "fold0" / "best.pth", weights_only=False))
-    not_fold1, _ = engine.predict_probabilities(other, batches, augment, category="multi")
+    not_fold1, _ = predict.predict_probabilities(other, batches, augment, category="multi")
     assert not np.allclose(not_fold1, expected, atol=1e-6)  # the check can tell models apart
 
     # folds.csv reused by another run gives identical folds (even with another seed)
-    again = train.main(train.parse_args(kfold_args(
+    again = train.main(config.parse_args(kfold_args(
         tiny_train_dir, tmp_path, "--folds", str(run_dir / "folds.csv"), "--epochs", "1",
         "--seed", "7", "--name", "cv-reuse")))
     assert pd.read_csv(again["run_dir"] / "folds.csv").equals(folds)
@@ -77,16 +73,16 @@ def test_folds_file_must_cover_the_data(tiny_train_dir, tmp_path, kfold_args):
     bad = tmp_path / "folds.csv"
     pd.DataFrame({"profile": ["nobody"], "fold": [0]}).to_csv(bad, index=False)
     with pytest.raises(UserError, match="have no fold"):
-        train.main(train.parse_args(kfold_args(tiny_train_dir, tmp_path, "--folds", str(bad))))
+        train.main(config.parse_args(kfold_args(tiny_train_dir, tmp_path, "--folds", str(bad))))
 
 
 def test_single_fold_then_resume_completes_the_run(tiny_train_dir, tmp_path, kfold_args):
     args = kfold_args(tiny_train_dir, tmp_path, "--kfold", "2", "--epochs", "1", "--name", "spread")
-    first = train.main(train.parse_args(args + ["--fold", "1"]))
+    first = train.main(config.parse_args(args + ["--fold", "1"]))
     run_dir = first["run_dir"]
     assert (run_dir / "fold1" / "done.json").is_file() and not (run_dir / "fold0").exists()
     assert not (run_dir / "oof.csv").exists()
-    finished = train.main(train.parse_args(args + ["--fold", "0"]))
+    finished = train.main(config.parse_args(args + ["--fold", "0"]))
     assert finished["run_dir"] == run_dir and (run_dir / "oof.csv").is_file()
 
 

@@ -3,10 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checked_io import NUM_CLASSES
-from dataset import HEAD_SIZES, decode_class
-from loss import LOSSES, MultiHeadLoss, build_loss
-from model import CosineClassifier
+from maskface.labels import HEAD_SIZES, NUM_CLASSES, decode_class
+from maskface.loss import LOSSES, MultiHeadLoss, build_loss
+from maskface.model import CosineClassifier
 
 BATCH = 6
 SCALE = 30.0
@@ -201,7 +200,8 @@ def test_multi_head_checks():
 # ---------------------------------------------------------------------------- class weights
 def test_class_weights_balanced_is_sklearns_and_effective_follows_cui_et_al():
     from sklearn.utils.class_weight import compute_class_weight
-    from loss import class_weights
+
+    from maskface.loss import class_weights
     targets = np.array([0] * 50 + [1] * 5 + [2] * 20)
     balanced = class_weights(targets, 3, "balanced")
     np.testing.assert_allclose(balanced, compute_class_weight("balanced", classes=np.arange(3), y=targets),
@@ -262,7 +262,7 @@ def test_multi_head_loss_weighs_each_head_with_its_own_vector(kind):
     if kind == "hard":
         head_targets = [F.one_hot(t, size).float() for t, size in zip(decode_class(target), HEAD_SIZES)]
     else:
-        from dataset import class_probs_to_heads
+        from maskface.labels import class_probs_to_heads
         head_targets = class_probs_to_heads(target)
     expected = sum(_weighted_soft_cross_entropy(out, t, w) for out, t, w in
                    zip(logits.split(HEAD_SIZES, 1), head_targets, head_weights))

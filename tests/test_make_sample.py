@@ -6,9 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from checked_io import NUM_CLASSES, UserError
-from dataset import GENDER_NAMES, MASK_BY_STEM, MASK_NAMES, PHOTO_STEMS, age_group, decode_class
-from make_sample import MARKER, RACES, ensure_sample, eval_image_id, generate_sample, sample_person
+from maskface.cli import UserError
+from maskface.data_dirs import ensure_sample
+from maskface.labels import (
+    GENDER_NAMES,
+    MASK_BY_STEM,
+    MASK_NAMES,
+    NUM_CLASSES,
+    PHOTO_STEMS,
+    age_group,
+    decode_class,
+)
+from maskface.sample import MARKER, RACES, eval_image_id, generate_sample, sample_person
 
 N_TRAIN, N_EVAL = 6, 2
 

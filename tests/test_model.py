@@ -5,9 +5,8 @@ import pytest
 import torch
 import torchvision
 
-import dataset
-import model as models
-from checked_io import UserError
+from maskface import labels, model as models
+from maskface.cli import UserError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,10 +44,10 @@ def test_multi_head_probabilities_are_product_of_head_softmaxes():
     probs = models.class_probabilities(net.model_config, logits)
     assert probs.shape == (2, 18)
     torch.testing.assert_close(probs.sum(1), torch.ones(2))
-    mask, gender, age = (p.softmax(-1) for p in torch.split(logits, dataset.HEAD_SIZES, dim=1))
+    mask, gender, age = (p.softmax(-1) for p in torch.split(logits, labels.HEAD_SIZES, dim=1))
     for m, g, a in [(0, 0, 0), (1, 1, 2), (2, 0, 1), (2, 1, 2)]:
         expected = mask[:, m] * gender[:, g] * age[:, a]
-        torch.testing.assert_close(probs[:, dataset.encode_class(m, g, a)], expected)
+        torch.testing.assert_close(probs[:, labels.encode_class(m, g, a)], expected)
 
 
 def test_plain_class_probabilities_are_softmax():
@@ -243,16 +242,17 @@ def hub_cache(tmp_path, monkeypatch):
 def test_hub_model_builds_offline_and_is_recorded_as_its_timm_architecture(hub_cache, tmp_path,
                                                                            monkeypatch):
     import huggingface_hub.constants as hf_constants
-    import config
+
+    from maskface import config, settings as run_settings
 
     net = models.build_model(f"hf-hub:{HUB_REPO}", 3, pretrained=True)
     assert net.model_config["name"] == "timm/test_resnet"
     torch.testing.assert_close(net.backbone.state_dict()["conv1.0.weight"],
                                hub_cache.state_dict()["conv1.0.weight"])  # the hub's weights
-    settings = config.parse_args(["--model", f"hf-hub:{HUB_REPO}", "--pretrained"])
-    assert config.model_defaults(settings) == {"resize": [64, 48], "normalize": "model",
-                                               "interpolation": "bicubic"}
-    assert config.model_normalization(settings.model) == ([0.3] * 3, [0.2] * 3)
+    args = config.parse_args(["--model", f"hf-hub:{HUB_REPO}", "--pretrained"])
+    assert run_settings.model_defaults(args) == {"resize": [64, 48], "normalize": "model",
+                                                 "interpolation": "bicubic"}
+    assert run_settings.model_normalization(args.model) == ([0.3] * 3, [0.2] * 3)
     # the checkpoint rebuilds without the hub
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     rebuilt = models.restore_model({"model_config": net.model_config, "model": net.state_dict()})

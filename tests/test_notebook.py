@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import augmentation
-import dataset
+from maskface import augmentation, dataset, labels as classes
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -70,23 +69,23 @@ def synthetic_oof(frame: pd.DataFrame, gender_flips: dict[str, float], mask_swap
     ``gender_flips`` put that probability on the other gender and the people in ``mask_swaps`` on
     the swapped mask state of their incorrect_mask and normal photos."""
     labels = frame["label"].to_numpy()
-    mask, gender, age = dataset.decode_class(labels)
+    mask, gender, age = classes.decode_class(labels)
     predicted, strength = labels.copy(), np.full(len(frame), confidence)
     for profile, probability in gender_flips.items():
         rows = (frame["profile"] == profile).to_numpy()
-        predicted[rows] = dataset.encode_class(mask[rows], 1 - gender[rows], age[rows])
+        predicted[rows] = classes.encode_class(mask[rows], 1 - gender[rows], age[rows])
         strength[rows] = probability
-    incorrect, not_wear = dataset.MASK_NAMES.index("incorrect"), dataset.MASK_NAMES.index("not_wear")
+    incorrect, not_wear = classes.MASK_NAMES.index("incorrect"), classes.MASK_NAMES.index("not_wear")
     for profile, probability in mask_swaps.items():
         rows = ((frame["profile"] == profile) & frame["mask"].isin([incorrect, not_wear])).to_numpy()
         swapped = np.where(mask[rows] == incorrect, not_wear, incorrect)
-        predicted[rows] = dataset.encode_class(swapped, gender[rows], age[rows])
+        predicted[rows] = classes.encode_class(swapped, gender[rows], age[rows])
         strength[rows] = probability
-    probs = np.repeat(((1 - strength) / (dataset.NUM_CLASSES - 1))[:, None], dataset.NUM_CLASSES, axis=1)
+    probs = np.repeat(((1 - strength) / (classes.NUM_CLASSES - 1))[:, None], classes.NUM_CLASSES, axis=1)
     probs[np.arange(len(frame)), predicted] = strength
     table = pd.DataFrame({"path": frame["path"], "profile": frame["profile"],
                           "fold": pd.factorize(frame["profile"])[0] % 3, "label": labels})
-    return pd.concat([table, pd.DataFrame(probs, columns=[f"p{c}" for c in range(dataset.NUM_CLASSES)])], axis=1)
+    return pd.concat([table, pd.DataFrame(probs, columns=[f"p{c}" for c in range(classes.NUM_CLASSES)])], axis=1)
 
 
 def test_committed_notebook_is_clean_and_parameterised():
@@ -139,7 +138,7 @@ def test_notebook_with_oof_lists_the_contradicted_people_first(tiny_sample, tmp_
     person_id = {profile: dataset.parse_profile_name(profile)["id"] for profile in profiles}
     assert template["id"].tolist() == [person_id[p] for p in [*gender_flips, *mask_swaps]]
     people = frame.groupby("profile").first()
-    other_gender = [dataset.GENDER_NAMES[1 - people.loc[p, "gender"]] for p in gender_flips]
+    other_gender = [classes.GENDER_NAMES[1 - people.loc[p, "gender"]] for p in gender_flips]
     assert template["gender"].tolist() == other_gender + [""]
     assert template["age"].tolist() == [""] * 4
     assert template["swap_mask"].tolist() == ["", "", "", "true"]
@@ -152,8 +151,8 @@ def test_notebook_with_oof_lists_the_contradicted_people_first(tiny_sample, tmp_
     assert (relabelled.loc[~changed, "gender"] == frame.loc[~changed, "gender"]).all()
     swapped = relabelled["profile"].isin(mask_swaps)
     stems = relabelled.loc[swapped].set_index("stem")["mask"]
-    assert stems["incorrect_mask"] == dataset.MASK_NAMES.index("not_wear")
-    assert stems["normal"] == dataset.MASK_NAMES.index("incorrect")
+    assert stems["incorrect_mask"] == classes.MASK_NAMES.index("not_wear")
+    assert stems["normal"] == classes.MASK_NAMES.index("incorrect")
     assert (relabelled.loc[~swapped, "mask"] == frame.loc[~swapped, "mask"]).all()
 
 

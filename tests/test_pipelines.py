@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import augmentation
-import dataset
-import image_cache
 import inference
-import pipelines
 import train
-from augmentation import AugmentSpec, BatchAugmentation
-from checked_io import UserError
+from maskface import augmentation, config, dataset, image_cache, pipelines, submission
+from maskface.augmentation import AugmentSpec, BatchAugmentation
+from maskface.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 A = pytest.importorskip("albumentations")
@@ -72,7 +69,7 @@ def v2_module(tmp_path) -> Path:
 
 
 def run_tiny(run_flags, train_dir, tmp_path, *extra):
-    return train.main(train.parse_args(run_flags(train_dir, tmp_path, *extra)))
+    return train.main(config.parse_args(run_flags(train_dir, tmp_path, *extra)))
 
 
 # ---------------------------------------------------------------------------- user pipelines
@@ -131,7 +128,7 @@ def test_resume_with_a_pipeline_continues_exactly(v2_module, tiny_train_dir, tmp
     part = run_tiny(run_flags, tiny_train_dir, tmp_path, *flags, "--epochs", "1", "--name", "part",
                     "--augment_workers", "0")
     # the worker count may change on a resume: the batches do not depend on it
-    train.main(train.parse_args(["--resume", str(part["run_dir"]), "--epochs", "2",
+    train.main(config.parse_args(["--resume", str(part["run_dir"]), "--epochs", "2",
                                  "--augment_workers", "1"]))
     done = torch.load(whole["run_dir"] / "last.pth", weights_only=False)
     resumed = torch.load(part["run_dir"] / "last.pth", weights_only=False)
@@ -149,11 +146,13 @@ def test_validation_and_inference_never_apply_the_pipeline(v2_module, tiny_train
               and getattr(m, "__file__", None) == str(v2_module)][-1]
     frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
     train_rows, val_rows = dataset.SPLITS["MaskSplitByProfileDataset"](frame, 0.25, 42)
-    assert len(val_rows) and len(module.SEEN) == 2 * len(train_rows)  # train images only
+    # train images only, besides the dummy images its check ran on (it is loaded once)
+    seen = 2 * len(train_rows) + pipelines.CHECK_DRAWS
+    assert len(val_rows) and len(module.SEEN) == seen
     inference.main(inference.parse_args([
         "--model_dir", str(result["run_dir"]), "--data_dir", str(tiny_train_dir.parents[1] / "eval"),
         "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]))
-    assert len(module.SEEN) == 2 * len(train_rows)
+    assert len(module.SEEN) == seen
 
 
 # ---------------------------------------------------------------------------- bad pipelines
@@ -194,7 +193,7 @@ def test_a_bad_pipeline_fails_in_one_line_before_any_photo_is_decoded(name, v2_m
         (tmp_path / file_name).write_text(content)
     extra = ["--canny"] if content == "hue" else []  # 4 channels: a colour transform cannot run
     out = tmp_path / "work"
-    args = train.parse_args(["--data_dir", str(tiny_train_dir), "--model_dir", str(out / "runs"),
+    args = config.parse_args(["--data_dir", str(tiny_train_dir), "--model_dir", str(out / "runs"),
                              "--cache_dir", str(out / "cache"), "--resize", "32", "24",
                              "--augmentation", value, *extra])
     with pytest.raises(UserError, match=expected) as caught:
@@ -216,7 +215,7 @@ def test_cli_bad_pipeline_is_one_line_with_exit_code_2(tmp_path):
 
 def test_a_typo_lists_the_presets_and_the_pipeline_forms(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--augmentation", "TrivialAugment"])
+        config.parse_args(["--augmentation", "TrivialAugment"])
     err = capsys.readouterr().err
     assert "invalid choice: 'TrivialAugment'" in err and "TrivialAugmentWide" in err
     assert "module:function" in err and ".json" in err
@@ -231,9 +230,9 @@ def test_a_replay_refuses_a_changed_pipeline_file(saved_pipeline, tiny_train_dir
     for flags in (["--resume", str(run_dir), "--epochs", "2"],
                   ["--config", str(run_dir / "config.json")]):
         with pytest.raises(UserError, match=r"aug.json changed since the run recorded it"):
-            train.main(train.parse_args(flags))
+            train.main(config.parse_args(flags))
     # another pipeline on the command line is a new choice, not a changed file
-    args = train.parse_args(["--config", str(run_dir / "config.json"), "--augmentation",
+    args = config.parse_args(["--config", str(run_dir / "config.json"), "--augmentation",
                              "FlipAugmentation"])
     assert args.augmentation_sha256 is None
 
@@ -316,10 +315,10 @@ def test_train_and_inference_see_the_same_pixels_with_a_margin(tiny_train_dir, t
         str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]))
     assert out["caches"][0].shape[1:3] == (44, 34)
     # inference feeds the model the centred crop: the same probabilities as a margin-0 view of it
-    loaded = inference.load_models([result["run_dir"] / "best.pth"], say=lambda _: None)[0]
+    loaded = submission.load_models([result["run_dir"] / "best.pth"], say=lambda _: None)[0]
     centred = np.ascontiguousarray(out["caches"][0][:, 6:-6, 5:-5])
-    direct = inference.predict_model(
-        inference.LoadedModel(**{**vars(loaded), "preprocess": image_cache.Preprocess((32, 24))}),
+    direct = submission.predict_model(
+        submission.LoadedModel(**{**vars(loaded), "preprocess": image_cache.Preprocess((32, 24))}),
         centred, device=torch.device("cpu"), batch_size=64)
     assert np.allclose(direct, out["probs"], atol=1e-6)
 

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import config
 import inference
-import mixed_precision
-import model as models
 import train
-from checked_io import UserError
+from maskface import config, mixed_precision
+from maskface.checkpoint import save_checkpoint
+from maskface.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -93,7 +92,7 @@ def test_choice_round_trips_through_config_checkpoint_and_inference(
         tiny_sample, tmp_path, run_flags, native_bf16, monkeypatch, capsys):
     monkeypatch.setitem(mixed_precision.CPU_BF16_FAMILIES, "base", "a test's say-so")
     flags = run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1")
-    run_dir = train.main(train.parse_args(flags))["run_dir"]
+    run_dir = train.main(config.parse_args(flags))["run_dir"]
     assert "| bf16 autocast + channels_last (auto: AMX bf16 on this CPU)" in capsys.readouterr().out
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["amp"], saved["channels_last"]) == ("bf16", "on")
@@ -115,7 +114,7 @@ def test_choice_round_trips_through_config_checkpoint_and_inference(
 
 def test_a_run_folder_of_before_the_record_resumes_in_fp32(tiny_train_dir, tmp_path, run_flags,
                                                            native_bf16, monkeypatch):
-    run_dir = train.main(train.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1",
+    run_dir = train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1",
                                                     "--amp", "off", "--channels_last", "off")))[
         "run_dir"]
     # as older versions wrote it: "auto" (fp32 on a CPU then), a boolean, no 'precision' key
@@ -125,9 +124,9 @@ def test_a_run_folder_of_before_the_record_resumes_in_fp32(tiny_train_dir, tmp_p
     last = torch.load(run_dir / "last.pth", weights_only=False)
     del last["precision"]
     last["config"].update(amp="auto", channels_last=False)
-    models.save_checkpoint(last, run_dir / "last.pth")
+    save_checkpoint(last, run_dir / "last.pth")
     monkeypatch.setitem(mixed_precision.CPU_BF16_FAMILIES, "base", "a test's say-so")  # auto would be bf16
-    train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
+    train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
     resumed = torch.load(run_dir / "last.pth", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["precision"] == {"amp": "off", "channels_last": False}
 
@@ -144,7 +143,7 @@ def test_bf16_resume_after_sigkill_matches_uninterrupted_and_keeps_its_precision
     assert len((killed_dir / "summary.csv").read_text().splitlines()) < 3, "finished unkilled"
     config_before = (killed_dir / "config.json").read_text()
     with pytest.raises(UserError, match=re.escape('--amp "off" differs from the run\'s "bf16"')):
-        train.main(train.parse_args(["--resume", str(killed_dir), "--amp", "off"]))
+        train.main(config.parse_args(["--resume", str(killed_dir), "--amp", "off"]))
     assert (killed_dir / "config.json").read_text() == config_before
     subprocess.run([sys.executable, "train.py", "--resume", str(killed_dir)], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)

@@ -1,4 +1,4 @@
-"""The reliability promises (README, "What you can rely on"), each fault reproduced: a resume that
+"""The reliability promises (docs/reliability.md), each fault reproduced: a resume that
 would change the experiment, a checkpoint that would run code, a path that climbs out of its
 folder, a full disk, a kill at a bad moment, hand-edited files, and a photo replaced behind the
 cache's back."""
@@ -18,15 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-import checked_io
-import dataset
-import face
-import image_cache
 import inference
-import make_sample
-import model as models
 import train
-from checked_io import UserError, run_cli
+from maskface import config, dataset, face, files, image_cache, model as models, sample
+from maskface.checkpoint import load_checkpoint
+from maskface.cli import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,31 +51,31 @@ def replace_keeping_size_and_date(path: Path) -> None:
 
 # ---------------------------------------------------------------------------- 1. resume
 def test_a_resume_that_would_change_a_setting_is_refused(tiny_train_dir, tmp_path, run_flags):
-    run_dir = train.main(train.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1")))["run_dir"]
+    run_dir = train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1")))["run_dir"]
     config_before = (run_dir / "config.json").read_text()
     with pytest.raises(UserError, match=r"--resume .*: --lr 0\.1 differs from the run's 0\.001 "
                                         r"\(.*config\.json\); a resumed run keeps its settings except "
                                         r"--epochs"):
-        train.parse_args(["--resume", str(run_dir), "--lr", "0.1", "--epochs", "2"])
+        config.parse_args(["--resume", str(run_dir), "--lr", "0.1", "--epochs", "2"])
     assert (run_dir / "config.json").read_text() == config_before
-    resumed = train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
+    resumed = train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
     assert len(resumed["summary"]) == 2
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2
 
 
 def test_a_resume_on_changed_photos_is_refused_unless_accepted(own_train_dir, tmp_path, run_flags):
-    run_dir = train.main(train.parse_args(run_flags(own_train_dir, tmp_path, "--epochs", "1")))["run_dir"]
+    run_dir = train.main(config.parse_args(run_flags(own_train_dir, tmp_path, "--epochs", "1")))["run_dir"]
     photo = sorted(own_train_dir.glob("*/mask3.jpg"))[2]
     replace_keeping_size_and_date(photo)
     relative = photo.relative_to(own_train_dir)
     with pytest.raises(UserError, match=rf"the training data changed since the run started: 1 "
                                         rf"photo\(s\) changed in content or label \(first: "
                                         rf"{relative}\); add --accept_data_change"):
-        train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
+        train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
     shutil.copytree(own_train_dir / relative.parent, own_train_dir / "999999_male_Asian_33")
     with pytest.raises(UserError, match=r"7 photo\(s\) added \(first: 999999_male_Asian_33/"):
-        train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
-    resumed = train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2",
+        train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2"]))
+    resumed = train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2",
                                            "--accept_data_change"]))
     assert len(resumed["summary"]) == 2
     photos = pd.read_csv(run_dir / "photos.csv")
@@ -90,15 +86,15 @@ def test_a_kfold_resume_keeps_its_own_folds_and_names_new_people(own_train_dir, 
                                                                  run_flags):
     flags = run_flags(own_train_dir, tmp_path, "--kfold", "2", "--epochs", "1", "--name", "cv",
                       "--early_stopping_patience", "0")
-    run_dir = train.main(train.parse_args(flags + ["--fold", "0"]))["run_dir"]
+    run_dir = train.main(config.parse_args(flags + ["--fold", "0"]))["run_dir"]
     folds_before = (run_dir / "folds.csv").read_text()
     newcomer = own_train_dir / "999999_female_Asian_70"
     shutil.copytree(sorted(own_train_dir.iterdir())[0], newcomer)
     # before the fix the resume re-split the people, newcomer included, so fold 1's model could
     # train on people whose oof.csv rows fold 0's model scored (and the other way round)
     with pytest.raises(UserError, match=r"7 photo\(s\) added \(first: 999999_female_Asian_70/"):
-        train.main(train.parse_args(["--resume", str(run_dir)]))
-    result = train.main(train.parse_args(["--resume", str(run_dir), "--accept_data_change"]))
+        train.main(config.parse_args(["--resume", str(run_dir)]))
+    result = train.main(config.parse_args(["--resume", str(run_dir), "--accept_data_change"]))
     assert (run_dir / "folds.csv").read_text() == folds_before
     oof = pd.read_csv(run_dir / "oof.csv")
     assert not oof["profile"].eq(newcomer.name).any()
@@ -109,10 +105,10 @@ def test_a_kfold_resume_keeps_its_own_folds_and_names_new_people(own_train_dir, 
 
 def test_a_resume_of_a_torn_summary_rewrites_it_from_the_checkpoint(tiny_train_dir, tmp_path,
                                                                      run_flags):
-    run_dir = train.main(train.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "2")))["run_dir"]
+    run_dir = train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "2")))["run_dir"]
     lines = (run_dir / "summary.csv").read_text().splitlines()
     (run_dir / "summary.csv").write_text("\n".join(lines[:2]) + "\n")  # killed before epoch 2's row
-    train.main(train.parse_args(["--resume", str(run_dir)]))  # nothing left to train
+    train.main(config.parse_args(["--resume", str(run_dir)]))  # nothing left to train
     assert (run_dir / "summary.csv").read_text().splitlines() == lines
 
 
@@ -163,7 +159,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
     torch.save(evil, run_dir / "best.pth")
     with pytest.raises(UserError, match=r"best\.pth: refused: it holds an object \(.*open.*\) "
                                         r"that loading would have to run code for"):
-        models.load_checkpoint(run_dir / "best.pth")
+        load_checkpoint(run_dir / "best.pth")
     code = run_cli(inference.main, inference.parse_args, ["--model_dir", str(run_dir),
                                                          "--output_dir", str(tmp_path / "out")])
     assert code == 2 and not target.exists() and not (tmp_path / "out").exists()
@@ -171,7 +167,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
 
 
 def test_checkpoints_hold_only_what_weights_only_loading_takes(tiny_train_dir, tmp_path, run_flags):
-    run_dir = train.main(train.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1")))["run_dir"]
+    run_dir = train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1")))["run_dir"]
     for name in ("best.pth", "last.pth"):
         assert torch.serialization.get_unsafe_globals_in_checkpoint(run_dir / name) == []
 
@@ -234,7 +230,7 @@ def test_an_atomic_write_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(OSError) as error:
-        checked_io.atomic_write_text(tmp_path / "summary.csv", "epoch\n1\n")
+        files.atomic_write_text(tmp_path / "summary.csv", "epoch\n1\n")
     assert error.value.filename == str(tmp_path / "summary.csv")
     assert list(tmp_path.iterdir()) == []
 
@@ -261,7 +257,7 @@ def test_temp_files_of_killed_runs_are_removed_but_live_ones_kept(tiny_train_dir
     for temp in (killed, live, orphan):
         temp.write_bytes(b"x" * 100)
         os.utime(temp, (time.time() - 3600, time.time() - 3600))
-    holder = checked_io.lock_temp(live)  # a run still writing it
+    holder = files.lock_temp(live)  # a run still writing it
     try:
         image_cache.build_cache([str(sorted(tiny_train_dir.glob("*/*.jpg"))[0])],
                                 image_cache.Preprocess(resize=(32, 24)), cache, progress=False)
@@ -272,7 +268,7 @@ def test_temp_files_of_killed_runs_are_removed_but_live_ones_kept(tiny_train_dir
     (sample_tmp / "train").mkdir(parents=True)
     (sample_tmp / ".lock").touch()
     os.utime(sample_tmp, (time.time() - 3600, time.time() - 3600))
-    make_sample.generate_sample(tmp_path / "sample", n_train_people=1, n_eval_people=1)
+    sample.generate_sample(tmp_path / "sample", n_train_people=1, n_eval_people=1)
     assert not sample_tmp.exists()
 
 
@@ -289,7 +285,8 @@ def test_cache_files_get_the_umasks_permissions(tiny_train_dir, tmp_path):
 def test_face_detection_keeps_what_it_found_when_killed(tiny_train_dir, tmp_path):
     cache = tmp_path / "boxes.csv"
     script = f"""
-import os, signal, face
+import os, signal
+from maskface import face
 face.SAVE_EVERY_S = 0  # save after every photo, as a long run does every {face.SAVE_EVERY_S:.0f} s
 real, calls = face.detect_face, []
 def detect_then_die(image):
@@ -313,19 +310,19 @@ face.main([{str(tiny_train_dir)!r}, "--limit", "2", "--cache", {str(cache)!r}])
 # ---------------------------------------------------------------------------- 5. written together
 def test_a_submission_and_its_probabilities_change_together(tmp_path, monkeypatch):
     submission, probs = tmp_path / "output.csv", tmp_path / "output_probs.csv"
-    checked_io.write_together({submission: b"old submission", probs: b"old probs"})
-    real_write, real_replace = checked_io._write_temp, os.replace
+    files.write_together({submission: b"old submission", probs: b"old probs"})
+    real_write, real_replace = files._write_temp, os.replace
 
     def full_on_the_second(path, data):
         if path == probs:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(path, data)
-    monkeypatch.setattr(checked_io, "_write_temp", full_on_the_second)
+    monkeypatch.setattr(files, "_write_temp", full_on_the_second)
     with pytest.raises(OSError):
-        checked_io.write_together({submission: b"new submission", probs: b"new probs"})
+        files.write_together({submission: b"new submission", probs: b"new probs"})
     assert (submission.read_bytes(), probs.read_bytes()) == (b"old submission", b"old probs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output.csv", "output_probs.csv"]
-    monkeypatch.setattr(checked_io, "_write_temp", real_write)
+    monkeypatch.setattr(files, "_write_temp", real_write)
 
     renamed = []
 
@@ -337,12 +334,12 @@ def test_a_submission_and_its_probabilities_change_together(tmp_path, monkeypatc
         real_replace(source, target)
     monkeypatch.setattr(os, "replace", killed_after_one_rename)
     with pytest.raises(KeyboardInterrupt):
-        checked_io.write_together({submission: b"new submission", probs: b"new probs"})
+        files.write_together({submission: b"new submission", probs: b"new probs"})
     monkeypatch.setattr(os, "replace", real_replace)
     assert submission.read_bytes() == b"new submission" and probs.read_bytes() == b"old probs"
-    checked_io.write_together({tmp_path / "other.csv": b"x", tmp_path / "other_probs.csv": b"y"})
+    files.write_together({tmp_path / "other.csv": b"x", tmp_path / "other_probs.csv": b"y"})
     assert probs.read_bytes() == b"old probs"  # another pair's write leaves this one's journal
-    checked_io.finish_pending_writes(submission)  # what the next inference run does first
+    files.finish_pending_writes(submission)  # what the next inference run does first
     assert (submission.read_bytes(), probs.read_bytes()) == (b"new submission", b"new probs")
     assert not list(tmp_path.glob(".*"))
 
@@ -356,15 +353,15 @@ def test_a_submission_and_its_probabilities_change_together(tmp_path, monkeypatc
     ({"resize": [100000, 24]}, "--resize 100000 24: expected H W of 16 to 4096 pixels"),
 ])
 def test_hand_edited_config_numbers(tmp_path, setting, expected):
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"data_dir": str(tmp_path / "nowhere"), **setting}))
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"data_dir": str(tmp_path / "nowhere"), **setting}))
     if expected is None:
-        args = train.parse_args(["--config", str(config)])
+        args = config.parse_args(["--config", str(config_file)])
         assert args.epochs == 2 and isinstance(args.epochs, int) and args.resize == [32, 24]
         return
     with pytest.raises(UserError, match=expected.replace("[", r"\[").replace("]", r"\]")
                        .replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        train.main(train.parse_args(["--config", str(config)]))
+        train.main(config.parse_args(["--config", str(config_file)]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
@@ -394,7 +391,7 @@ def test_a_folds_file_with_a_bad_cell_names_the_line(tiny_train_dir, tmp_path, r
     folds.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=rf"folds\.csv:4: fold .* for {profiles[2]}; expected a "
                                         r"fold number"):
-        train.main(train.parse_args(run_flags(tiny_train_dir, tmp_path, "--folds", str(folds))))
+        train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--folds", str(folds))))
     assert not (tmp_path / "runs").exists()
 
 

@@ -4,31 +4,29 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-import dataset
-import engine
-import reporting
+from maskface import labels, predict, reporting
 
 
 def test_class_names_follow_the_class_formula():
-    names = dataset.class_names("multi")
+    names = labels.class_names("multi")
     assert len(names) == 18 and names[9] == "09 incorrect-female-<30"
-    for m, mask in enumerate(dataset.MASK_NAMES):
-        for g, gender in enumerate(dataset.GENDER_NAMES):
-            for a, age in enumerate(dataset.AGE_NAMES):
-                label = dataset.encode_class(m, g, a)
+    for m, mask in enumerate(labels.MASK_NAMES):
+        for g, gender in enumerate(labels.GENDER_NAMES):
+            for a, age in enumerate(labels.AGE_NAMES):
+                label = labels.encode_class(m, g, a)
                 assert names[label] == f"{label:02d} {mask}-{gender}-{age}"
-    assert dataset.class_names("gender") == ["0 male", "1 female"]
-    assert dataset.class_names("age", 6)[-1] == "5 60+"
-    assert len(dataset.class_names("multi", 6)) == 36
+    assert labels.class_names("gender") == ["0 male", "1 female"]
+    assert labels.class_names("age", 6)[-1] == "5 60+"
+    assert len(labels.class_names("multi", 6)) == 36
 
 
 def test_per_class_scores_equal_sklearn_on_a_fixed_prediction():
     truth = np.array([0, 0, 0, 1, 1, 5, 5, 9, 9, 9, 17, 17])
     predicted = np.array([0, 0, 1, 1, 1, 5, 0, 9, 17, 17, 17, 3])
-    per_class = engine.per_class_scores(truth, predicted, "multi")
+    per_class = predict.per_class_scores(truth, predicted, "multi")
     precision, recall, f1, support = precision_recall_fscore_support(
         truth, predicted, labels=np.arange(18), zero_division=0)
-    names = dataset.class_names("multi")
+    names = labels.class_names("multi")
     assert list(per_class) == names  # every class of the category, in class order
     for c, name in enumerate(names):
         row = per_class[name]
@@ -39,15 +37,15 @@ def test_per_class_scores_equal_sklearn_on_a_fixed_prediction():
     assert per_class["03 wear-female-<30"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
                                                "support": 0}
     # the worst class is the lowest F1 among classes with photos (17: F1 0.4; 3 has none)
-    assert engine.worst_class(per_class) == ("17 not_wear-female-60+", pytest.approx(0.4))
-    metrics = engine.score(np.eye(18)[predicted], truth, "multi")
+    assert predict.worst_class(per_class) == ("17 not_wear-female-60+", pytest.approx(0.4))
+    metrics = predict.score(np.eye(18)[predicted], truth, "multi")
     assert metrics["per_class"] == per_class
     assert metrics["f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
 
 
 def test_per_class_scores_of_a_category_run_use_its_classes():
     truth, predicted = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2])
-    per_class = engine.score(np.eye(3)[predicted], dataset.encode_class(truth, 0, 0), "mask")["per_class"]
+    per_class = predict.score(np.eye(3)[predicted], labels.encode_class(truth, 0, 0), "mask")["per_class"]
     assert list(per_class) == ["0 wear", "1 incorrect", "2 not_wear"]
     assert per_class["1 incorrect"]["recall"] == 0 and per_class["2 not_wear"]["recall"] == 1
 
@@ -69,7 +67,7 @@ def test_confusion_figure_names_classes_and_has_the_three_heads(tmp_path):
     predicted = np.where(rng.random(200) < 0.5, truth, rng.integers(0, 18, 200))
     figure = reporting.confusion_figure(truth, predicted, "multi", title="epoch 3, macro F1 0.5000")
     big, *heads = [axes for axes in figure.axes if axes.get_images()]
-    assert [t.get_text() for t in big.get_yticklabels()] == dataset.class_names("multi")
+    assert [t.get_text() for t in big.get_yticklabels()] == labels.class_names("multi")
     assert [axes.get_title() for axes in heads] == ["mask", "gender", "age"]
     # colour is the share of the true class, so every row with photos sums to 1
     recall = big.get_images()[0].get_array()
@@ -77,6 +75,6 @@ def test_confusion_figure_names_classes_and_has_the_three_heads(tmp_path):
     counts = [int(t.get_text()) for t in big.texts]
     assert sum(counts) == 200
     png = tmp_path / "confusion.png"
-    reporting.save_figure(figure, png)
+    reporting.save_png(reporting.render(figure), png)
     assert png.read_bytes().startswith(b"\x89PNG")
     assert list(tmp_path.iterdir()) == [png]  # no temporary file left beside it

@@ -9,17 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-import augmentation
-import config
-import dataset
-import engine
-import image_cache
-import loss as losses
-import mixed_precision
-import model as models
-import run_folder
+import benchmark
 import train
-from checked_io import UserError
+from maskface import (
+    augmentation,
+    config,
+    dataset,
+    engine,
+    image_cache,
+    labels,
+    loss as losses,
+    mixed_precision,
+    model as models,
+    run_folder,
+)
+from maskface.bench import speed
+from maskface.cli import UserError
+from maskface.settings import model_defaults, model_normalization, resolve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def run(run_flags):
     def train_tiny(train_dir, tmp_path, *extra):
-        return train.main(train.parse_args(run_flags(train_dir, tmp_path, *extra)))
+        return train.main(config.parse_args(run_flags(train_dir, tmp_path, *extra)))
     return train_tiny
 
 
@@ -40,24 +46,24 @@ def summary_rows(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("flag, values", [
     ("--optimizer", engine.OPTIMIZERS), ("--scheduler", engine.SCHEDULERS),
     ("--criterion", list(losses.LOSSES)), ("--augmentation", list(augmentation.AUGMENTATIONS)),
-    ("--dataset", list(dataset.SPLITS)), ("--category", list(dataset.CATEGORY_CLASSES)),
+    ("--dataset", list(dataset.SPLITS)), ("--category", list(labels.CATEGORY_CLASSES)),
     ("--data_balancing", dataset.BALANCING), ("--amp", mixed_precision.AMP_MODES), ("--crop", image_cache.CROPS),
 ])
 def test_every_choice_parses_and_a_typo_lists_the_choices(flag, values, capsys):
     for value in values:
-        assert getattr(train.parse_args([flag, value]), flag[2:]) == value
+        assert getattr(config.parse_args([flag, value]), flag[2:]) == value
     with pytest.raises(SystemExit):
-        train.parse_args([flag, str(values[0]) + "x"])
+        config.parse_args([flag, str(values[0]) + "x"])
     err = capsys.readouterr().err
     assert "invalid choice" in err and str(values[-1]) in err
 
 
 def test_old_spellings_and_defaults():
-    args = train.parse_args(["--age_lable_num", "6"])
+    args = config.parse_args(["--age_lable_num", "6"])
     assert args.age_label_num == 6
-    hyphenated = train.parse_args(["--batch-size", "8", "--early-stopping-patience", "0"])
+    hyphenated = config.parse_args(["--batch-size", "8", "--early-stopping-patience", "0"])
     assert hyphenated.batch_size == 8 and hyphenated.early_stopping_patience == 0
-    defaults = train.parse_args([])
+    defaults = config.parse_args([])
     assert (defaults.seed, defaults.epochs, defaults.batch_size, defaults.valid_batch_size,
             defaults.val_ratio, defaults.lr, defaults.early_stopping_patience) == (42, 1, 64, 1000, 0.2, 1e-3, 5)
     assert defaults.dataset == "MaskSplitByProfileDataset" and defaults.model == "BaseModel"
@@ -65,7 +71,7 @@ def test_old_spellings_and_defaults():
 
 
 def test_model_typo_rejected_before_data_loads(tmp_path):
-    args = train.parse_args(["--model", "resnet1888", "--data_dir", str(tmp_path / "nowhere")])
+    args = config.parse_args(["--model", "resnet1888", "--data_dir", str(tmp_path / "nowhere")])
     with pytest.raises(UserError, match="resnet18"):
         train.main(args)
     result = subprocess.run([sys.executable, "train.py", "--model", "efficentnet_b0"], cwd=ROOT,
@@ -94,7 +100,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     ("--layer_decay", "0"), ("--min_lr", "-1"),
 ])
 def test_bad_numbers_rejected_before_any_work(flag, value, tmp_path):
-    args = train.parse_args([flag, value, "--data_dir", str(tmp_path / "nowhere"),
+    args = config.parse_args([flag, value, "--data_dir", str(tmp_path / "nowhere"),
                              "--model_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c")])
     with pytest.raises(UserError, match=f"^{flag} {value}.*expected"):
         train.main(args)
@@ -114,7 +120,7 @@ def test_bad_names_and_paths_rejected_before_any_work(extra, expected, tmp_path)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     extra = [e.replace("{file}", str(a_file)) for e in extra]
-    args = train.parse_args(["--data_dir", str(tmp_path / "nowhere"), "--model_dir",
+    args = config.parse_args(["--data_dir", str(tmp_path / "nowhere"), "--model_dir",
                              str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c"), *extra])
     with pytest.raises(UserError, match=re.escape(expected)):
         train.main(args)
@@ -129,7 +135,7 @@ def test_bad_names_and_paths_rejected_before_any_work(extra, expected, tmp_path)
     (["--kfold", "2", "--drop_ages", "0-200"], "leaves no training photo"),
 ])
 def test_split_problems_found_before_decoding_or_run_folders(tiny_train_dir, tmp_path, extra, expected):
-    args = train.parse_args(["--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"),
+    args = config.parse_args(["--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"),
                              "--cache_dir", str(tmp_path / "cache"), *extra])
     with pytest.raises(UserError, match=re.escape(expected)):
         train.main(args)
@@ -143,16 +149,16 @@ def test_split_problems_found_before_decoding_or_run_folders(tiny_train_dir, tmp
     ({"channels_last": 1}, "setting 'channels_last' is 1; expected true or false"),
 ])
 def test_hand_edited_config_is_checked_like_flags(setting, expected, tmp_path):
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"lr": 0.01, "crop": None, **setting}))
-    with pytest.raises(UserError, match=re.escape(f"{config}: {expected}")):
-        train.parse_args(["--config", str(config)])
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"lr": 0.01, "crop": None, **setting}))
+    with pytest.raises(UserError, match=re.escape(f"{config_file}: {expected}")):
+        config.parse_args(["--config", str(config_file)])
 
 
 def test_unreadable_weights_named_before_data_loads(tmp_path):
     weights = tmp_path / "notes.pth"
     weights.write_text("these are not weights")
-    args = train.parse_args(["--weights", str(weights), "--data_dir", str(tmp_path / "nowhere")])
+    args = config.parse_args(["--weights", str(weights), "--data_dir", str(tmp_path / "nowhere")])
     with pytest.raises(UserError, match=f"weights file {re.escape(str(weights))}: unreadable.*"
                                         "expected a state dict"):
         train.main(args)
@@ -185,7 +191,7 @@ def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run)
     assert {"Loss/train", "Loss/val", "F1/val", "Acc/val", "LR", "F1/mask"} <= set(events.Tags()["scalars"])
     assert events.Tags()["images"]
     # --config replays: same flags, a new run folder, same result
-    replay = train.main(train.parse_args(["--config", str(run_dir / "config.json"), "--name", "again"]))
+    replay = train.main(config.parse_args(["--config", str(run_dir / "config.json"), "--name", "again"]))
     assert replay["run_dir"].name == "again"
     assert replay["best_f1"] == pytest.approx(result["best_f1"])
     saved = json.loads((replay["run_dir"] / "config.json").read_text())
@@ -244,7 +250,7 @@ def test_resume_of_a_torn_checkpoint_leaves_the_run_folder_alone(tiny_train_dir,
     last.write_bytes(last.read_bytes()[:3000])  # a copy cut short
     config_before = (run_dir / "config.json").read_text()
     with pytest.raises(UserError, match=f"{re.escape(str(last))}: not a readable checkpoint"):
-        train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2",
+        train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2",
                                      "--cache_dir", str(tmp_path / "elsewhere")]))
     assert (run_dir / "config.json").read_text() == config_before
 
@@ -279,7 +285,7 @@ def test_any_failure_before_the_first_checkpoint_leaves_no_folder(tiny_train_dir
 
 
 def test_a_model_of_fixed_input_size_names_it_before_data_loads(tmp_path):
-    args = train.parse_args(["--model", "vit_tiny_patch16_224", "--resize", "128", "96",
+    args = config.parse_args(["--model", "vit_tiny_patch16_224", "--resize", "128", "96",
                              "--data_dir", str(tmp_path / "nowhere")])
     with pytest.raises(UserError, match=r"^--resize 128 96: vit_tiny_patch16_224 takes only "
                                         r"224x224 inputs; pass --resize 224 224$"):
@@ -287,15 +293,28 @@ def test_a_model_of_fixed_input_size_names_it_before_data_loads(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_benchmark_and_train_build_the_same_trainer():
-    # benchmark.py builds through engine.build_trainer from train.py's own flags, so a setting
-    # like --multi_head reaches its loss as it reaches train.py's
-    settings = train.parse_args(["--multi_head", "--mixup"])
-    trainer = engine.build_trainer(settings, 18, torch.device("cpu"), steps_per_epoch=2)
-    assert isinstance(trainer.criterion, losses.MultiHeadLoss)
-    assert trainer.net.model_config["multi_head"] and trainer.mixer is not None
-    logits = trainer.net(torch.zeros(2, 3, 32, 24))
-    assert logits.shape == (2, 8)
+def test_benchmark_and_train_build_the_same_trainer(tiny_train_dir):
+    # benchmark.py times the trainer train.py trains: the same flags give the same model (same
+    # weights from the same seed), optimizer, loss, augmentation and precision
+    flags = ["--model", "resnet18", "--resize", "64", "48", "--batch_size", "8",
+             "--optimizer", "sgd", "--amp", "off", "--device", "cpu"]
+    benchmark_settings = speed.train_settings(benchmark.parse_args(
+        [*flags, "--data_dir", str(tiny_train_dir)]), torch.device("cpu"))
+    train_settings = resolve_settings(config.parse_args(flags), say=lambda _: None)
+    trainers = []
+    for settings in (benchmark_settings, train_settings):
+        torch.manual_seed(0)
+        trainers.append(engine.build_trainer(settings, 18, torch.device("cpu"), steps_per_epoch=2))
+    timed, trained = trainers
+    assert timed.net.model_config == trained.net.model_config
+    timed_weights, trained_weights = timed.net.state_dict(), trained.net.state_dict()
+    assert all(torch.equal(timed_weights[k], trained_weights[k]) for k in trained_weights)
+    assert type(timed.optimizer) is type(trained.optimizer) is torch.optim.SGD
+    assert timed.optimizer.defaults == trained.optimizer.defaults
+    assert type(timed.criterion) is type(trained.criterion)
+    assert type(timed.augment) is type(trained.augment)
+    assert (timed.autocast_dtype, timed.channels_last) == (trained.autocast_dtype,
+                                                           trained.channels_last)
 
 
 # ---------------------------------------------------------------------------- issue 15
@@ -307,9 +326,9 @@ def test_class_weights_with_a_class_missing_from_training_say_so_before_decoding
     with pytest.raises(UserError, match=r"^--class_weights balanced: class\(es\) 02 wear-male-60\+, "
                                         r"08 incorrect-male-60\+, 14 not_wear-male-60\+ have no "
                                         r"training photo"):
-        train.main(train.parse_args(flags))
+        train.main(config.parse_args(flags))
     with pytest.raises(UserError, match=r"^fold 0: --class_weights effective: class\(es\) 2 60\+"):
-        train.main(train.parse_args(flags + ["--class_weights", "effective", "--category", "age",
+        train.main(config.parse_args(flags + ["--class_weights", "effective", "--category", "age",
                                              "--kfold", "2", "--old_age", "95"]))
     assert not any(tmp_path.iterdir())  # no cache decoded, no run folder made
 
@@ -318,7 +337,7 @@ def test_timm_model_brings_its_own_preprocessing_unless_overridden(tmp_path):
     weights = str(tmp_path / "w.pth")  # model_defaults only reads the flags
 
     def resolved(*flags):
-        return config.model_defaults(train.parse_args(list(flags)))
+        return model_defaults(config.parse_args(list(flags)))
     toolkit = {"resize": [128, 96], "normalize": "imagenet", "interpolation": "area"}
     assert resolved() == toolkit
     assert resolved("--model", "test_resnet") == toolkit  # no pretrained weights: nothing to match
@@ -332,7 +351,7 @@ def test_timm_model_brings_its_own_preprocessing_unless_overridden(tmp_path):
     assert resolved("--model", "test_vit", "--pretrained", "--resize", "160", "160",
                     "--normalize", "imagenet", "--interpolation", "area") == {
         "resize": [160, 160], "normalize": "imagenet", "interpolation": "area"}
-    assert config.model_normalization("test_vit") == ([0.5] * 3, [0.5] * 3)
+    assert model_normalization("test_vit") == ([0.5] * 3, [0.5] * 3)
 
 
 def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(
@@ -367,7 +386,7 @@ def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(
         source = whole["ema"] if best["weights"] == "ema" else whole["model"]
         assert all(torch.equal(best["model"][k], source[k]) for k in source)
     per_class = list(csv.DictReader(open(whole_dir / "per_class.csv")))
-    assert [r["class"] for r in per_class] == dataset.class_names("multi")
+    assert [r["class"] for r in per_class] == labels.class_names("multi")
     assert float(per_class[0]["f1"]) == pytest.approx(best["metrics"]["per_class"][per_class[0]["class"]]["f1"], abs=1e-4)
     assert (whole_dir / "confusion.png").read_bytes().startswith(b"\x89PNG")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -382,5 +401,5 @@ def test_resume_with_model_ema_of_a_run_without_it_refuses_before_touching_it(ti
     config_before = (run_dir / "config.json").read_text()
     # the resume refuses any setting that changes what the run computes (config.check_resumed_settings)
     with pytest.raises(UserError, match=r"^--resume .*: --model_ema true differs from the run's false"):
-        train.main(train.parse_args(["--resume", str(run_dir), "--epochs", "2", "--model_ema"]))
+        train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2", "--model_ema"]))
     assert (run_dir / "config.json").read_text() == config_before

@@ -6,7 +6,7 @@ with replacement (Caruana et al., 2004, "Ensemble selection from libraries of mo
 by step, the run whose addition gives the best OOF macro F1 of the mean probability; a run picked
 twice weighs twice. A split-half check (select on half the people, score on the other half) shows
 whether the gain over the best single run survives on people the selection never saw. The result
-is a small JSON file (checked_io.read_selection_json) that inference.py --ensemble and
+is a small JSON file (files.read_selection_json) that inference.py --ensemble and
 ensemble_csv.py --soft --weights_file apply.
 """
 from __future__ import annotations
@@ -20,14 +20,26 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
-import dataset
-from checked_io import (SELECTION_FORMAT, UserError, check_probabilities,
-                        read_csv_checked, read_json_checked, read_selection_json,
-                        selection_offsets)
-from ensembling import (HEAD_CATEGORIES, calibrated_predictions, ensemble_probabilities,
-                        fit_calibration, macro_f1, weighted_probabilities)
+from maskface import run_folder
+from maskface.cli import UserError
+from maskface.ensemble import (
+    HEAD_CATEGORIES,
+    calibrated_predictions,
+    fit_calibration,
+    macro_f1,
+    weighted_probabilities,
+)
+from maskface.files import file_sha256, read_csv_checked, read_json_checked
+from maskface.labels import (
+    CATEGORY_CLASSES,
+    NUM_CLASSES,
+    category_target,
+    check_probabilities,
+    decode_class,
+    encode_class,
+    heads_to_class_probs,
+)
 
 STEPS = 20         # greedy steps at most (a run may be added again: with replacement)
 PATIENCE = 5       # stop after this many steps without a better OOF F1
@@ -38,8 +50,6 @@ MAX_TRIOS = 64     # each trio is a candidate [N, 18] in memory: more asks for a
 # ----------------------------------------------------------------------------------------------
 # Reading k-fold runs: out-of-fold predictions aligned photo by photo
 # ----------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def folds_fingerprint(folds_csv: Path) -> str:
@@ -68,8 +78,8 @@ class OofRun:
 
 def read_oof_run(run_dir: Path, name: str) -> OofRun:
     """A k-fold run folder -> its OOF predictions, every file checked (one line on a problem)."""
-    config_path, oof_path, folds_path = (run_dir / "config.json", run_dir / "oof.csv",
-                                         run_dir / "folds.csv")
+    config_path, oof_path, folds_path = (run_dir / run_folder.CONFIG, run_dir / run_folder.OOF,
+                                         run_dir / run_folder.FOLDS)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
     if not oof_path.is_file():
@@ -78,16 +88,16 @@ def read_oof_run(run_dir: Path, name: str) -> OofRun:
     if not folds_path.is_file():
         raise UserError(f"{run_dir}: has oof.csv but no folds.csv; expected a k-fold run folder")
     category = read_json_checked(config_path).get("category", "multi")
-    if category not in dataset.CATEGORY_CLASSES:
+    if category not in CATEGORY_CLASSES:
         raise UserError(f"{config_path}: category {category!r}; expected one of "
-                        f"{', '.join(dataset.CATEGORY_CLASSES)}")
-    n_classes = dataset.CATEGORY_CLASSES[category]
+                        f"{', '.join(CATEGORY_CLASSES)}")
+    n_classes = CATEGORY_CLASSES[category]
     columns = [f"p{c}" for c in range(n_classes)]
     table = read_csv_checked(oof_path, ["path", "profile", "fold", "label", *columns])
     if table.empty:
         raise UserError(f"{oof_path}: no rows; expected one scored photo per row")
-    labels = pd.to_numeric(table["label"], errors="coerce")
-    bad = ~labels.isin(range(n_classes))
+    truth = pd.to_numeric(table["label"], errors="coerce")
+    bad = ~truth.isin(range(n_classes))
     if bad.any():
         raise UserError(f"{oof_path}: {int(bad.sum())} label(s) not an integer 0..{n_classes - 1} "
                         f"of a {category} run (first: line {int(bad.to_numpy().argmax()) + 2})")
@@ -100,7 +110,7 @@ def read_oof_run(run_dir: Path, name: str) -> OofRun:
     return OofRun(run_dir=run_dir, name=name, category=category,
                   folds_sha256=folds_fingerprint(folds_path), oof_sha256=file_sha256(oof_path),
                   keys=keys[order], profiles=table["profile"].astype(str).to_numpy()[order],
-                  folds=table["fold"].to_numpy()[order], labels=labels.to_numpy(int)[order],
+                  folds=table["fold"].to_numpy()[order], labels=truth.to_numpy(int)[order],
                   probs=probs[order])
 
 
@@ -130,11 +140,11 @@ def truth_labels(runs: Sequence[OofRun]) -> np.ndarray:
         truth = multi[0].labels
     else:
         first = {c: next(r for r in runs if r.category == c) for c in HEAD_CATEGORIES}
-        truth = dataset.encode_class(first["mask"].labels, first["gender"].labels,
+        truth = encode_class(first["mask"].labels, first["gender"].labels,
                                      first["age"].labels)
     reference = multi[0].name if multi else "the trio"
     for run in runs:
-        if (dataset.category_target(truth, run.category) != run.labels).any():
+        if (category_target(truth, run.category) != run.labels).any():
             raise UserError(f"{run.name}: oof.csv labels differ from {reference}'s (another "
                             "--relabel file?); their OOF scores are not comparable")
     return truth
@@ -171,7 +181,7 @@ def build_candidates(runs: Sequence[OofRun]) -> list[Candidate]:
                         f"{MAX_TRIOS}: select fewer per-category runs (--filter)")
     if present:
         for trio in itertools.product(*(by_category[c] for c in HEAD_CATEGORIES)):
-            candidates.append(Candidate(tuple(r.name for r in trio), dataset.heads_to_class_probs(
+            candidates.append(Candidate(tuple(r.name for r in trio), heads_to_class_probs(
                 *(r.probs for r in trio))))
     return candidates
 
@@ -238,7 +248,10 @@ def mix_of(probs: Sequence[np.ndarray], weights: np.ndarray, rows=slice(None)) -
 # ----------------------------------------------------------------------------------------------
 def person_halves(labels: np.ndarray, profiles: np.ndarray, seed: int) -> list[np.ndarray]:
     """Two halves of the people (each person's photos together), stratified on gender x age."""
-    _, gender, age = dataset.decode_class(labels)
+    from sklearn.model_selection import (
+        StratifiedGroupKFold,  # slow to import: ensemble_csv.py's start
+    )
+    _, gender, age = decode_class(labels)
     splitter = StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=seed)
     return [rows for _, rows in splitter.split(labels, gender * 3 + age, groups=profiles)]
 
@@ -317,7 +330,7 @@ def select_runs(runs: Sequence[OofRun], *, steps: int = STEPS, patience: int = P
     candidates = build_candidates(runs)
     probs = [c.probs for c in candidates]
     for run in runs:
-        run.oof_f1 = macro_f1(run.labels, run.probs.argmax(1), dataset.CATEGORY_CLASSES[
+        run.oof_f1 = macro_f1(run.labels, run.probs.argmax(1), CATEGORY_CLASSES[
             run.category])
     chosen = greedy_selection(probs, labels, steps, patience)
     single = chosen.history[0]
@@ -401,7 +414,7 @@ def read_selection(path: str | Path) -> Selection:
         if not run_dir.is_dir():
             raise UserError(f"{path}: run {name}: no folder {run_dir} (the paths are relative "
                             "to the selection file; keep it next to the runs)")
-        oof = run_dir / "oof.csv"
+        oof = run_dir / run_folder.OOF
         expected = run.get("oof_sha256")
         if expected and (not oof.is_file() or file_sha256(oof) != expected):
             raise UserError(f"{path}: run {name}: {oof} is not the one selected on (retrained "
@@ -428,10 +441,52 @@ def selection_probabilities(selection: Selection, probs_by_run: dict[str, np.nda
             member_probs.append(probs_by_run[names[0]])
         else:
             heads = {selection.categories[n]: probs_by_run[n] for n in names}
-            member_probs.append(dataset.heads_to_class_probs(*(heads[c] for c in HEAD_CATEGORIES)))
+            member_probs.append(heads_to_class_probs(*(heads[c] for c in HEAD_CATEGORIES)))
     return weighted_probabilities(member_probs, [w for _, w in selection.members])
 
 
-def run_probabilities(fold_probs: Sequence[np.ndarray]) -> np.ndarray:
-    """A k-fold run's probabilities at test time: the mean of its fold models."""
-    return ensemble_probabilities(fold_probs)
+SELECTION_FORMAT = "maskface-selection/1"
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def read_selection_json(path: str | Path) -> dict:
+    """A selection file (experiments.py select), its structure checked: "runs" (name -> its
+    folder), "members" (each a run, or a mask+gender+age trio of runs, with a weight >= 0; the
+    weights sum to more than 0) and optional "calibration" "offsets" (18 finite numbers)."""
+    value = read_json_checked(path)
+    if value.get("format") != SELECTION_FORMAT:
+        raise UserError(f"{path}: not a selection file of experiments.py select (expected "
+                        f"\"format\": \"{SELECTION_FORMAT}\")")
+    runs, members = value.get("runs"), value.get("members")
+    if not isinstance(runs, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("path"), str) for r in runs.values()):
+        raise UserError(f"{path}: expected \"runs\": an object of run name -> {{\"path\": ...}}")
+    if not isinstance(members, list) or not members:
+        raise UserError(f"{path}: expected \"members\": a non-empty list")
+    for number, member in enumerate(members, 1):
+        names = member.get("runs") if isinstance(member, dict) else None
+        if (not isinstance(names, list) or len(names) not in (1, 3)
+                or not all(isinstance(n, str) and n in runs for n in names)):
+            raise UserError(f"{path}: member {number}: expected \"runs\": 1 run (or a trio of "
+                            "3) named in \"runs\"")
+        if not _finite_number(member.get("weight")) or member["weight"] < 0:
+            raise UserError(f"{path}: member {number}: weight {member.get('weight')!r}; "
+                            "expected a number >= 0")
+    total = sum(member["weight"] for member in members)
+    if not total > 0:
+        raise UserError(f"{path}: the members' weights sum to {total:g}; expected a positive sum")
+    offsets = (value.get("calibration") or {}).get("offsets")
+    if offsets is not None and (not isinstance(offsets, list) or len(offsets) != NUM_CLASSES
+                                or not all(map(_finite_number, offsets))):
+        raise UserError(f"{path}: expected \"calibration\": {{\"offsets\": a list of "
+                        f"{NUM_CLASSES} finite numbers}}")
+    return value
+
+
+def selection_offsets(selection: dict) -> np.ndarray | None:
+    """The calibration offsets of a checked selection file, None when it has none."""
+    offsets = (selection.get("calibration") or {}).get("offsets")
+    return None if offsets is None else np.asarray(offsets, dtype=float)

@@ -6,7 +6,7 @@ nose / below it / absent, gender from hair length, face width and brow weight (o
 people), age from grey hair, wrinkles and skin tone that change continuously with age, so the age
 groups blur at the 30 and 60 boundaries as they do in the real data.
 
-    python make_sample.py --out sample_data --n_train_people 180 --n_eval_people 40 --seed 0
+    python -m maskface.sample --out sample_data --n_train_people 180 --n_eval_people 40 --seed 0
 """
 from __future__ import annotations
 
@@ -25,9 +25,16 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from checked_io import FlagParser, UserError, lock_temp, remove_stale_temps, run_cli
-from dataset import (GENDER_NAMES, MASK_BY_STEM, MASK_NAMES, PHOTO_STEMS, age_group, encode_class,
-                     train_images_dir)
+from maskface.cli import FlagParser, UserError, run_cli
+from maskface.files import lock_temp, remove_stale_temps
+from maskface.labels import (
+    GENDER_NAMES,
+    MASK_BY_STEM,
+    MASK_NAMES,
+    PHOTO_STEMS,
+    age_group,
+    encode_class,
+)
 
 WIDTH, HEIGHT = 384, 512
 JPEG_QUALITY = 90
@@ -297,7 +304,7 @@ def _build(root: Path, n_train_people: int, n_eval_people: int, seed: int) -> No
     answers_df.assign(ans=0).to_csv(root / "eval" / "info.csv", index=False)  # the competition ships ans=0
 
 
-def _read_marker(out_dir: Path) -> dict | None:
+def read_marker(out_dir: Path) -> dict | None:
     try:
         return json.loads((out_dir / MARKER).read_text())
     except (OSError, ValueError):
@@ -316,9 +323,9 @@ def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_peopl
         raise UserError(f"n_train_people={n_train_people}, n_eval_people={n_eval_people}, seed={seed}: "
                         "expected 1..999999 train people, at least 1 eval person and a seed >= 0")
     params = {"format": FORMAT_VERSION, "n_train_people": n_train_people, "n_eval_people": n_eval_people, "seed": seed}
-    if _read_marker(out_dir) == params:
+    if read_marker(out_dir) == params:
         return out_dir
-    if out_dir.exists() and (not out_dir.is_dir() or (_read_marker(out_dir) is None and any(out_dir.iterdir()))):
+    if out_dir.exists() and (not out_dir.is_dir() or (read_marker(out_dir) is None and any(out_dir.iterdir()))):
         raise UserError(f"{out_dir} exists and is not a generated sample (no {MARKER}); "
                         "remove it or pick another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +343,7 @@ def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_peopl
         try:
             os.replace(tmp, out_dir)
         except OSError:  # a concurrent run finished first; its result is as good as ours if params match
-            if _read_marker(out_dir) != params:
+            if read_marker(out_dir) != params:
                 raise
     finally:
         lock.close()
@@ -345,40 +352,9 @@ def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_peopl
     return out_dir
 
 
-def ensure_sample(root: str | Path = "sample_data") -> tuple[Path, Path]:
-    """(train images dir, eval dir) of the sample at ``root``, generating the default one if missing."""
-    root = Path(root)
-    marker = _read_marker(root)
-    if marker is None or marker.get("format") != FORMAT_VERSION:
-        generate_sample(root)
-    return root / "train" / "images", root / "eval"
-
-
 # ----------------------------------------------------------------------------------------------
 # Where the data is: a flag, the SageMaker-style variable, else this bundled sample
 # ----------------------------------------------------------------------------------------------
-SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_data"
-
-
-def resolve_data_dir(given: str | None, split: str, say=print) -> Path:
-    """--data_dir, else $SM_CHANNEL_TRAIN / $SM_CHANNEL_EVAL, else the bundled sample's
-    train/images or eval/ (generated on first use); ``split`` is 'train' or 'eval'. A train folder
-    holding ``images/`` (the competition's train/) stands for its images/."""
-    variable = {"train": "SM_CHANNEL_TRAIN", "eval": "SM_CHANNEL_EVAL"}[split]
-    given = given or os.environ.get(variable)
-    if given:
-        return train_images_dir(given) if split == "train" else Path(given)
-    folder = dict(zip(("train", "eval"), ensure_sample(SAMPLE_ROOT)))[split]
-    say(f"data: no --data_dir or {variable} given; using the bundled sample {folder}")
-    return folder
-
-
-def resolve_train_dir(data_dir: str | None, say=print) -> Path:
-    return resolve_data_dir(data_dir, "train", say)
-
-
-def resolve_eval_dir(eval_dir: str | None, say=print) -> Path:
-    return resolve_data_dir(eval_dir, "eval", say)
 
 
 def get_args_parser() -> FlagParser:

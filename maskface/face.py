@@ -7,7 +7,7 @@ Training calls `crop_boxes_for_training` (boxes with the person-level fallback, 
 the run keeps for inference); inference calls `crop_boxes_for_inference` (each photo alone, the
 training median for a face not found). Both go through `detect_boxes` and its cache.
 
-CLI: `python face.py DATA_DIR [--cache FILE] [--limit N] [--grid out.png]` detects on a folder (train
+CLI: `python -m maskface.face DATA_DIR [--cache FILE] [--limit N] [--grid out.png]` detects on a folder (train
 layout <person>/<stem>.jpg, or a flat folder of eval images), prints `detection_report` and can write a
 PNG grid of crops per mask state. It reads and extends the same box cache as training
 (.cache/face_boxes.csv), so boxes found by either are never detected again.
@@ -26,13 +26,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from checked_io import (FlagParser, UserError, atomic_write_bytes, atomic_write_text,
-                        check_output_path, problems_error, run_cli)
-from dataset import IMAGE_EXTENSIONS, MASK_BY_STEM, MASK_NAMES
-from face_detector import Box, clip_box, detect_face, detector_signature
-from image_cache import decode_image, photo_digests
+from maskface.cli import FlagParser, UserError, problems_error, run_cli
+from maskface.dataset import IMAGE_EXTENSIONS
+from maskface.face_detector import Box, clip_box, detect_face, detector_signature
+from maskface.files import atomic_write_bytes, atomic_write_text, check_output_path
+from maskface.image_cache import decode_image, photo_digests
+from maskface.labels import MASK_BY_STEM, MASK_NAMES
 
-# The built-in fallback when no box was ever detected and no median was supplied: a square of side
 # 0.55 x image width centred at (0.5 W, 0.4 H), i.e. x 86..298, y 99..310 on a 384 x 512 portrait.
 DEFAULT_BOX_SIDE_FRACTION = 0.55
 DEFAULT_BOX_CENTER_FRACTION = (0.5, 0.4)

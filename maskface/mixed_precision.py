@@ -10,12 +10,11 @@ with fp32 instructions and runs about 10x slower than fp32, so auto stays fp32 t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-import model as models
-from checked_io import UserError
+from maskface import model as models
+from maskface.cli import UserError
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CHANNELS_LAST_MODES = ("auto", "on", "off")
@@ -29,7 +28,7 @@ AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # was an AVX2-only AMD EPYC, where bf16 is emulated and every model trains ~10x slower in it), so
 # --amp auto leaves them fp32 until `benchmark.py --amp bf16 --channels_last on` shows it pays.
 # Accuracy: bf16-trained BaseModel, resnet18 and mobilenetv3_small_100 scored within the
-# seed-to-seed spread of fp32 on the dev set (paired seeds, emulated bf16; README, Performance).
+# seed-to-seed spread of fp32 on the dev set (paired seeds, emulated bf16; docs/performance.md).
 CPU_BF16_FAMILIES = {"torchvision": "resnet18 1.8x faster (84 -> 149 img/s at 128x96)"}
 # channels_last (oneDNN's NHWC kernels; the batches already arrive NHWC from BatchAugmentation)
 # pays on a CPU in fp32 too: train-step images per CPU-second at 128x96, one thread, windows
@@ -149,8 +148,3 @@ def recorded_precision(checkpoint: dict, device: torch.device) -> Precision:
     if amp == "auto":
         amp = "auto" if device.type == "cuda" else "off"
     return choose_precision(amp, bool(config.get("channels_last", False)), device)
-
-
-def precision_of(settings: Any, device: torch.device) -> Precision:
-    """The precision of a run's settings (--amp, --channels_last, --model) on ``device``."""
-    return choose_precision(settings.amp, settings.channels_last, device, settings.model)

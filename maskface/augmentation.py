@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from checked_io import UserError
+from maskface.cli import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,9 +106,13 @@ def augmentation_spec(value: str) -> AugmentSpec:
         return AUGMENTATIONS[value]
     if is_pipeline_value(value):
         return PIPELINE_SPEC
-    raise UserError(f"unknown augmentation '{value}'; choose one of: {', '.join(AUGMENTATIONS)}; "
-                    f"or a saved albumentations pipeline ({'/'.join(PIPELINE_SUFFIXES)}), or "
-                    "module:function")
+    raise UserError(f"unknown augmentation '{value}'; {choices_text()}")
+
+
+def choices_text() -> str:
+    """What an --augmentation value may be, for the error of a wrong one."""
+    return (f"choose one of: {', '.join(AUGMENTATIONS)}; or a saved albumentations pipeline "
+            f"({'/'.join(PIPELINE_SUFFIXES)}), or module:function")
 
 
 # RandomErasing's rectangle: torchvision's area and aspect ranges

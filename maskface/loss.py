@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checked_io import NUM_CLASSES
-from dataset import HEAD_SIZES, class_probs_to_heads, decode_class
+from maskface.labels import HEAD_SIZES, NUM_CLASSES, class_probs_to_heads, decode_class
 
 ClassWeights = torch.Tensor | Sequence[float] | None
 

@@ -1,5 +1,6 @@
-"""Data layer: labels (the one place the class formula lives), layout parsing, relabeling, splits
-and folds, and the batches that read the decode-once image cache (image_cache.py).
+"""The data: the competition's layout parsed into one record per photo, relabeling, splits and
+folds (grouped by person), and the batches that read the decode-once image cache (image_cache.py).
+Labels come from labels.py, the one place the class formula lives. Add a split rule here (SPLITS).
 
 A dataset is one DataFrame row per photo (RECORD_COLUMNS, then add_labels), made by the parser and
 read by every consumer (splits, cache, training, inference, the notebook), so labels are decided once.
@@ -16,101 +17,19 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from checked_io import NUM_CLASSES, UserError, file_inside, problems_error, read_csv_checked
+from maskface.cli import UserError, problems_error
+from maskface.files import file_inside, read_csv_checked, shown_cell
+from maskface.labels import (
+    GENDER_BY_NAME,
+    MASK_BY_STEM,
+    OLD_AGE,
+    PHOTO_STEMS,
+    age_bin6,
+    age_group,
+    category_target,
+    encode_class,
+)
 
-
-MASK_NAMES = ("wear", "incorrect", "not_wear")
-GENDER_NAMES = ("male", "female")
-AGE_NAMES = ("<30", "30-59", "60+")
-HEAD_SIZES = (3, 2, 3)  # mask, gender, age: the three heads of a multi-head model
-
-# photo stem -> mask state; mask1..mask5 are all "wear"
-MASK_BY_STEM = {
-    "mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0,
-    "incorrect_mask": 1,
-    "normal": 2,
-}
-PHOTO_STEMS = tuple(MASK_BY_STEM)
-GENDER_BY_NAME = {name: i for i, name in enumerate(GENDER_NAMES)}
-
-# number of classes each --category predicts
-CATEGORY_CLASSES = {"multi": NUM_CLASSES, "mask": 3, "gender": 2, "age": 3}
-OLD_AGE = 60  # default first age of the "60+" group
-
-
-def age_group(age, old_age: int = OLD_AGE):
-    """Years -> 0 (<30), 1 (30..old_age-1), 2 (>=old_age); scalars or arrays."""
-    age = np.asarray(age)
-    group = np.where(age < 30, 0, np.where(age < old_age, 1, 2))
-    return int(group) if group.ndim == 0 else group
-
-
-def age_bin6(age, old_age: int = OLD_AGE):
-    """Years -> 0..5 for <20, 20s, 30s, 40s, 50s, 60+ (the --age_label_num 6 bins)."""
-    age = np.asarray(age)
-    bins = np.clip(age // 10 - 1, 0, 4)
-    bins = np.where(age >= old_age, 5, bins)
-    return int(bins) if bins.ndim == 0 else bins
-
-
-def age6_to_age3(bins):
-    """Fold the 6 age bins back to the 3 scored groups (<20,20s -> 0; 30s,40s,50s -> 1; 60+ -> 2)."""
-    lookup = np.array([0, 0, 1, 1, 1, 2])
-    out = lookup[np.asarray(bins)]
-    return int(out) if out.ndim == 0 else out
-
-
-def encode_class(mask, gender, age):
-    """(mask 0..2, gender 0..1, age group 0..2) -> class 0..17; scalars, arrays or tensors."""
-    return mask * 6 + gender * 3 + age
-
-
-def decode_class(label):
-    """class 0..17 -> (mask, gender, age group); scalars, arrays or tensors."""
-    return label // 6, (label // 3) % 2, label % 3
-
-
-def category_target(label, category: str):
-    """The 18-class label seen by a run of ``category`` (multi returns it unchanged)."""
-    if category == "multi":
-        return label
-    mask, gender, age = decode_class(label)
-    return {"mask": mask, "gender": gender, "age": age}[category]
-
-
-AGE6_NAMES = ("<20", "20s", "30s", "40s", "50s", "60+")  # the --age_label_num 6 bins
-
-
-def class_names(category: str = "multi", age_label_num: int = 3) -> list[str]:
-    """Readable names of a run's classes, by index: '09 incorrect-female-<30' for the 18 classes
-    (class = mask*6 + gender*3 + age), '1 female' for --category gender. With age_label_num 6,
-    the training targets' names (36 for multi, whose index is (mask*2 + gender)*6 + age bin)."""
-    ages = AGE6_NAMES if age_label_num == 6 else AGE_NAMES
-    if category == "multi":
-        names = [f"{m}-{g}-{a}" for m in MASK_NAMES for g in GENDER_NAMES for a in ages]
-    else:
-        names = list({"mask": MASK_NAMES, "gender": GENDER_NAMES, "age": ages}[category])
-    width = len(str(len(names) - 1))
-    return [f"{c:0{width}d} {name}" for c, name in enumerate(names)]
-
-
-def heads_to_class_probs(mask_probs, gender_probs, age_probs):
-    """Per-head probabilities [..., 3], [..., 2], [..., 3] -> 18-class probabilities [..., 18].
-
-    The joint is the product of the heads (they are treated as independent), laid out so that
-    index encode_class(m, g, a) holds p(m) * p(g) * p(a). Works on numpy arrays and torch tensors.
-    """
-    joint = (mask_probs[..., :, None, None] * gender_probs[..., None, :, None]
-             * age_probs[..., None, None, :])
-    return joint.reshape(*joint.shape[:-3], NUM_CLASSES)
-
-
-def class_probs_to_heads(probs):
-    """18-class probabilities [..., 18] -> marginals (mask [...,3], gender [...,2], age [...,3])."""
-    joint = probs.reshape(*probs.shape[:-1], 3, 2, 3)
-    return joint.sum(-1).sum(-1), joint.sum(-1).sum(-2), joint.sum(-2).sum(-2)
-
-# ----------------------------------------------------------------------------------------------
 # Layout parsing: folders -> one record (a DataFrame row) per photo
 # ----------------------------------------------------------------------------------------------
 
@@ -151,15 +70,6 @@ def parse_age(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,3}", text) or int(text) > MAX_AGE:
         raise ValueError(f"age '{text}' is not a number of years 0..{MAX_AGE}")
     return int(text)
-
-
-def train_images_dir(data_dir: str | Path) -> Path:
-    """The folder of person folders: ``data_dir`` itself, or its ``images/`` when ``data_dir`` is
-    the competition's train/ (holding images/ and train.csv)."""
-    path = Path(data_dir)
-    if (path / "images").is_dir() and not any(PROFILE_PATTERN.match(p.name) for p in path.iterdir()):
-        return path / "images"
-    return path
 
 
 def parse_train_dir(data_dir: str | Path, relabel: str | Path | None = None,
@@ -423,6 +333,21 @@ def kfold_assignments(frame: pd.DataFrame, n_folds: int, seed: int, category: st
     return pd.Series(fold_of, name="fold").rename_axis("profile").sort_index()
 
 
+def read_folds(path: str | Path) -> pd.Series:
+    """folds.csv (profile, fold) -> fold by profile; every cell checked, the first bad line named."""
+    table = read_csv_checked(path, ["profile", "fold"], dtype=str)
+    for line, (profile, fold) in enumerate(zip(table["profile"], table["fold"]), start=2):
+        if pd.isna(profile) or not str(profile).strip():
+            raise UserError(f"{path}:{line}: empty profile; expected <id>_<gender>_<race>_<age>")
+        if pd.isna(fold) or not str(fold).strip().isdigit() or not str(fold).isascii():
+            raise UserError(f"{path}:{line}: fold {shown_cell(fold)} for {profile}; expected a "
+                            "fold number 0, 1, ...")
+    doubled = table["profile"][table["profile"].duplicated()]
+    if len(doubled):
+        raise UserError(f"{path}: profile {doubled.iloc[0]} is given more than one fold")
+    return table.set_index("profile")["fold"].astype(int)
+
+
 BALANCING = ("imbalance", "10s", "gene")
 
 
@@ -459,23 +384,6 @@ def training_targets(frame: pd.DataFrame, category: str, age_label_num: int = 3,
         return {"multi": (mask * 2 + gender) * 6 + age, "mask": mask, "gender": gender,
                 "age": age}[category]
     return category_target(frame["train_label"].to_numpy(), category)
-
-
-def num_outputs(category: str, age_label_num: int = 3) -> int:
-    """Model output width for a run's category and age bins."""
-    if age_label_num == 6:
-        return {"multi": 36, "mask": 3, "gender": 2, "age": 6}[category]
-    return CATEGORY_CLASSES[category]
-
-
-def fold_age6(probs, category: str):
-    """Probabilities over 6 age bins (age: [...,6]; multi: [...,36]) -> the scored 3 groups."""
-    groups = age6_to_age3(np.arange(6))
-    if category == "age":
-        return np.stack([probs[..., groups == g].sum(-1) for g in range(3)], -1)
-    joint = probs.reshape(*probs.shape[:-1], 3, 2, 6)
-    folded = np.stack([joint[..., groups == g].sum(-1) for g in range(3)], -1)
-    return folded.reshape(*probs.shape[:-1], NUM_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,15 @@
-"""What training, inference and the benchmark share: the device, the torchrun
-process group, the trainer's parts, one epoch of training, predicting, evaluating and scoring.
+"""The trainer: its parts built from a run's settings (torch and timm optimizers and schedules,
+the network, the loss and its class weights, EMA, augmentation, MixUp/CutMix) and one epoch of
+training (gradient accumulation, clipping, mixed precision).
 
 build_trainer is the one place a model, loss, optimizer, schedule, scaler, augmentation and mixer
-are made from a run's settings (train.py's flags; benchmark.py passes the same), so what the
-benchmark times is what train.py trains.
+are made from a run's settings; benchmark.py builds its trainer here too, so what the benchmark
+times is what train.py trains.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,19 +18,15 @@ import numpy as np
 import timm.optim
 import timm.scheduler
 import torch
-from sklearn.metrics import classification_report, f1_score
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
-import augmentation
-import dataset
-import loss as losses
-import mixed_precision
-import model as models
-from checked_io import UserError
+from maskface import augmentation, labels, loss as losses, model as models
+from maskface.cli import UserError
+from maskface.distributed import Processes
+from maskface.settings import Settings
 
-# the toolkit's first names keep their meaning (torch's optimizers; timm's 'sgd' is Nesterov);
 # every other name is timm's create_optimizer_v2, less those that need CUDA-only packages
 # (bitsandbytes bnb*, APEX fused*) or a second-order backward (adahessian)
 TORCH_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad")
@@ -46,138 +41,6 @@ TORCH_SCHEDULERS = ("steplr", "lambdalr", "exponentiallr", "cycliclr", "cosinean
 TIMM_SCHEDULERS = ("cosine", "tanh", "poly", "step", "wsd", "constant")
 SCHEDULERS = TORCH_SCHEDULERS + TIMM_SCHEDULERS
 CLIP_MODES = ("norm", "value", "agc")  # timm's dispatch_clip_grad
-
-
-def tune_host_allocator() -> None:
-    """Let glibc reuse freed memory for big tensors instead of mapping fresh pages every batch.
-
-    Above its mmap threshold (32 MB at most) glibc maps each allocation anew and unmaps it on free,
-    so every 224x224 batch paid ~10k page faults per temporary; measured here, raising the threshold
-    doubled the CPU batch-augmentation throughput. A no-op where glibc's mallopt is missing.
-    """
-    import ctypes
-    import sys
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
-# ----------------------------------------------------------------------------------------------
-# Device
-# ----------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """--device: auto (CUDA when there is one), cpu, cuda or cuda:N; UserError when unusable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device '{name}': expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes: one, or several under torchrun (DistributedDataParallel)
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the torchrun processes (rank 0 of 1 without torchrun)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def broadcast(self, value):
-        """rank 0's value, on every rank."""
-        if not self.distributed:
-            return value
-        holder = [value]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def gather(self, value) -> list:
-        if not self.distributed:
-            return [value]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, value)
-        return out
-
-    def say(self, message: str) -> None:
-        """Print on rank 0 only: one line per event, however many processes run."""
-        if self.main:
-            print(message, flush=True)
-
-
-def start_processes(device_name: str) -> Processes:
-    """Join the torchrun group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Processes(rank, world, local_rank)
-
-
-def process_device(device_name: str, procs: Processes) -> torch.device:
-    """--device for this process: its own GPU (LOCAL_RANK) under torchrun."""
-    device = resolve_device(device_name)
-    if procs.distributed and device.type == "cuda":
-        return torch.device("cuda", procs.local_rank)
-    return device
-
-
-# ----------------------------------------------------------------------------------------------
-# Random state: seeded runs, and exact resumes
-# ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every random generator's state, as tensors and plain values (checkpoints are loaded with
-    weights_only=True, which takes no numpy arrays)."""
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
-                       cached_gaussian],
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]  # an ndarray in checkpoints of earlier versions
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +135,7 @@ def build_criterion(settings: Any, n_out: int, class_weights=None) -> nn.Module:
     """The run's loss: one per head of a multi-head model, over 18-class targets;
     ``class_weights`` from class_weights_of."""
     return losses.build_loss(
-        settings.criterion, dataset.NUM_CLASSES if settings.multi_head else n_out,
+        settings.criterion, labels.NUM_CLASSES if settings.multi_head else n_out,
         multi_head=settings.multi_head, smoothing=settings.smoothing, gamma=settings.focal_gamma,
         scale=settings.arc_scale, margin=settings.arc_margin, weight=class_weights)
 
@@ -285,9 +148,9 @@ def class_weights_of(settings: Any, targets: np.ndarray):
         return None
     if settings.multi_head:
         parts = [(head, t, size) for head, t, size in zip(
-            ("mask", "gender", "age"), dataset.decode_class(np.asarray(targets)), dataset.HEAD_SIZES)]
+            ("mask", "gender", "age"), labels.decode_class(np.asarray(targets)), labels.HEAD_SIZES)]
     else:
-        n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+        n_out = labels.num_outputs(settings.category, settings.age_label_num)
         parts = [(settings.category, np.asarray(targets), n_out)]
     weights = []
     for category, head_targets, size in parts:
@@ -296,7 +159,7 @@ def class_weights_of(settings: Any, targets: np.ndarray):
                                                 settings.class_weights_beta))
         except ValueError:
             counts = np.bincount(head_targets, minlength=size)
-            names = dataset.class_names(category, 3 if settings.multi_head
+            names = labels.class_names(category, 3 if settings.multi_head
                                         else settings.age_label_num)
             absent = [names[c] for c in np.flatnonzero(counts == 0)]
             raise UserError(f"--class_weights {settings.class_weights}: class(es) "
@@ -346,14 +209,14 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
 
 
-def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_epoch: int,
+def build_trainer(settings: Settings, n_out: int, device: torch.device, *, steps_per_epoch: int,
                   mean=augmentation.IMAGENET_MEAN, std=augmentation.IMAGENET_STD,
                   channels: int = 3, procs: Processes = Processes(),
                   class_weights=None, margin: tuple[int, int] = (0, 0)) -> Trainer:
     """Model, loss, optimizer, schedule, scaler, EMA, augmentation and mixer as ``settings``
-    (train.py's flags) say, on ``device``; ``steps_per_epoch`` counts batches, ``margin`` is the
+    (a run's resolved settings) say, on ``device``; ``steps_per_epoch`` counts batches, ``margin`` is the
     cache's (rows, columns) beyond the crop on each side (--crop_margin)."""
-    precision = mixed_precision.precision_of(settings, device)
+    precision = settings.precision  # decided once, when the settings were resolved
     net, runner = build_network(settings, n_out, device, procs, precision.channels_last)
     groups = models.parameter_groups(net, settings.lr, settings.weight_decay,
                                      head_lr_mult=settings.head_lr_mult,
@@ -362,7 +225,7 @@ def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_
     updates_per_epoch = math.ceil(steps_per_epoch / settings.grad_accum_steps)
     scheduler, per_batch = build_scheduler(settings, optimizer, updates_per_epoch)
     autocast = precision.autocast_dtype
-    mixed_classes = dataset.NUM_CLASSES if settings.multi_head else n_out
+    mixed_classes = labels.NUM_CLASSES if settings.multi_head else n_out
     ema = None
     if settings.model_ema:  # after .to(device) and channels_last: the copy matches the model
         ema = ModelEmaV3(net, decay=settings.model_ema_decay, use_warmup=settings.model_ema_warmup)
@@ -384,13 +247,9 @@ def build_trainer(settings: Any, n_out: int, device: torch.device, *, steps_per_
 # ----------------------------------------------------------------------------------------------
 # One epoch of training, one pass of prediction
 # ----------------------------------------------------------------------------------------------
-class NonFiniteLoss(UserError):
-    pass
-
-
 def _check_finite(value: float, where: str, optimizer) -> None:
     if not math.isfinite(value):
-        raise NonFiniteLoss(f"loss is {value} {where} (lr {optimizer.param_groups[0]['lr']:.3g}); "
+        raise UserError(f"loss is {value} {where} (lr {optimizer.param_groups[0]['lr']:.3g}); "
                             "stopped, the checkpoints of earlier epochs (if any) are kept; try a "
                             "lower --lr or --amp off")
 
@@ -484,106 +343,3 @@ def optimizer_update(trainer: Trainer) -> None:
     trainer.updates += 1
     if trainer.ema is not None:
         trainer.ema.update(trainer.net, step=trainer.updates)
-
-
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, batches, augment: nn.Module, *, category: str,
-                          age_label_num: int = 3, autocast_dtype=None, channels_last: bool = False,
-                          criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
-    """Scored-space probabilities for every batch (eval mode, in order) and the mean loss."""
-    model.eval()
-    augment.eval()
-    device = next(model.parameters()).device
-    probs, total_loss, seen = [], 0.0, 0
-    for images, targets, _ in batches:
-        inputs = augment(images)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs).float()
-        if criterion is not None:
-            total_loss += criterion(logits, targets).item() * len(images)
-            seen += len(images)
-        p = models.class_probabilities(model.model_config, logits).cpu().numpy()
-        probs.append(dataset.fold_age6(p, category) if age_label_num == 6 else p)
-    return np.concatenate(probs), total_loss / max(seen, 1)
-
-
-def mirrored(batches):
-    """The same batches flipped left to right, for flip TTA."""
-    for images, targets, rows in batches:  # uint8 [B, H, W, C]: W is dim 2
-        yield images.flip(2), targets, rows
-
-
-TTA_MODES = ("none", "flip")
-
-
-def predict_views(model: nn.Module, batches, augment: nn.Module, *, tta: str = "none",
-                  category: str, age_label_num: int = 3, autocast_dtype=None,
-                  channels_last: bool = False) -> np.ndarray:
-    """Scored-space probabilities averaged over the test-time views (--tta flip: the photo and
-    its mirror image)."""
-    views = [batches, mirrored(batches)] if tta == "flip" else [batches]
-    probs = [predict_probabilities(model, view, augment, category=category,
-                                   age_label_num=age_label_num, autocast_dtype=autocast_dtype,
-                                   channels_last=channels_last)[0] for view in views]
-    return np.stack([p.astype(np.float64) for p in probs]).mean(0)
-
-
-def score(probs: np.ndarray, true_labels: np.ndarray, category: str) -> dict:
-    """Macro F1 (sklearn, the competition's metric), accuracy, for 18 classes per-head F1, and
-    'per_class' (per_class_scores)."""
-    truth = dataset.category_target(true_labels, category)
-    predicted = probs.argmax(1)
-    metrics = {"f1": f1_score(truth, predicted, average="macro"),
-               "acc": float((truth == predicted).mean())}
-    if category == "multi":
-        for head, t, p in zip(("mask", "gender", "age"), dataset.decode_class(truth),
-                              dataset.decode_class(predicted)):
-            metrics[f"f1_{head}"] = f1_score(t, p, average="macro")
-    metrics["per_class"] = per_class_scores(truth, predicted, category)
-    return metrics
-
-
-def per_class_scores(truth: np.ndarray, predicted: np.ndarray, category: str) -> dict:
-    """{class name: {precision, recall, f1, support}} for every class of ``category``, from
-    scikit-learn's classification_report (a class never predicted scores 0, not a warning).
-    Macro F1 is the mean of these F1s over the classes present in truth or predictions."""
-    names = dataset.class_names(category)
-    report = classification_report(truth, predicted, labels=np.arange(len(names)),
-                                   target_names=names, output_dict=True, zero_division=0)
-    return {name: {"precision": float(report[name]["precision"]),
-                   "recall": float(report[name]["recall"]),
-                   "f1": float(report[name]["f1-score"]),
-                   "support": int(report[name]["support"])} for name in names}
-
-
-def worst_class(per_class: dict) -> tuple[str, float] | None:
-    """(name, F1) of the class with the lowest F1 among those with photos; None without any."""
-    present = [(name, row["f1"]) for name, row in per_class.items() if row["support"]]
-    return min(present, key=lambda item: item[1]) if present else None
-
-
-def evaluate(model: nn.Module, batches, augment: nn.Module, true_labels: np.ndarray, *,
-             category: str, age_label_num: int = 3, criterion=None, autocast_dtype=None,
-             channels_last: bool = False, procs: Processes = Processes(),
-             positions: np.ndarray | None = None) -> dict:
-    """Val loss, macro F1, accuracy, per-head F1, plus 'probs', 'predictions' and 'truth'.
-
-    Under torchrun each process predicts its share of the photos (``batches``, at ``positions``
-    of ``true_labels``); the shares are gathered so every process returns the same metrics.
-    """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # eval needs no gradient sync, and ranks see different photos
-    probs, loss = predict_probabilities(
-        model, batches, augment, category=category, age_label_num=age_label_num,
-        autocast_dtype=autocast_dtype, channels_last=channels_last, criterion=criterion)
-    positions = np.arange(len(true_labels)) if positions is None else positions
-    parts = procs.gather((positions, probs, loss * len(positions)))
-    all_probs = np.zeros((len(true_labels), probs.shape[1]))
-    for where, part, _ in parts:
-        all_probs[where] = part
-    val_loss = sum(p[2] for p in parts) / max(len(true_labels), 1)
-    return {"loss": val_loss, **score(all_probs, true_labels, category), "probs": all_probs,
-            "predictions": all_probs.argmax(1),
-            "truth": dataset.category_target(true_labels, category)}

@@ -34,19 +34,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import augmentation
-import dataset
-import image_cache
-from augmentation import (AUGMENTATIONS, PIPELINE_SUFFIXES, POLICIES, augmentation_spec,
-                          is_pipeline_value)
-from checked_io import UserError
+from maskface import augmentation, dataset, image_cache
+from maskface.augmentation import (
+    AUGMENTATIONS,
+    PIPELINE_SUFFIXES,
+    POLICIES,
+    augmentation_spec,
+    is_pipeline_value,
+)
+from maskface.cli import UserError
+from maskface.files import file_sha256
 
 CHECK_DRAWS = 8  # dummy runs before training: a transform that resizes only sometimes shows up
 KINDS = ("albumentations", "torchvision", "policy")
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def default_workers() -> int:

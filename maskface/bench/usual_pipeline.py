@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 
-import augmentation
-import model as models
+from maskface import augmentation, model as models
 
 # the baseline's CustomAugmentation crops 320 x 256 (H x W) out of the 512 x 384 portraits
 BASELINE_CENTER_CROP = (320, 256)

@@ -1,6 +1,10 @@
-"""train.py's settings: every flag with its default (in argument groups), the limits each value
-must meet, and the replay of a saved config.json (--config, --resume), all checked before any
-data loads. benchmark.py reads the same defaults, so it builds its trainer as train.py would.
+"""train.py's flags: each with its default (in argument groups), the limits each value must meet,
+and the replay of a saved config.json (--config, --resume), all checked before any data loads.
+
+Standard library only at import: the registries behind --model, --criterion, --optimizer and the
+other names (modules that import torch) are read only when a value is checked, so
+`python train.py --help` answers at once. settings.py turns the parsed flags into a run's
+resolved settings.
 """
 from __future__ import annotations
 
@@ -10,15 +14,10 @@ import math
 import os
 from pathlib import Path
 
-import augmentation
-import dataset
-import engine
-import image_cache
-import loss as losses
-import mixed_precision
-import model as models
-import pipelines
-from checked_io import FlagParser, UserError, check_output_path, read_json_checked
+from maskface import run_folder
+from maskface.cli import FlagParser, LazyChoices, UserError, registry
+from maskface.files import check_output_path, read_json_checked
+from maskface.labels import CATEGORY_CLASSES
 
 # old spellings of the competition's code, accepted but not listed in --help
 ALIASES = {"--age_lable_num": "--age_label_num"}
@@ -26,25 +25,19 @@ ALIASES = {"--age_lable_num": "--age_label_num"}
 WERE_BOOLEAN = {"channels_last": {True: "on", False: "off"}}
 DEFAULT_RESIZE = (128, 96)  # H, W: the toolkit's own input size (BaseModel on a CPU)
 NORMALIZE_MODES = ("auto", "imagenet", "dataset", "model")
-
-
-AUGMENTATION_HELP = (
-    "a preset, run on whole batches on the training device ("
-    + "; ".join(f"{k}: {v.help}" for k, v in augmentation.AUGMENTATIONS.items())
-    + "), or a user pipeline run per image on the CPU: a file saved by albumentations' A.save "
-    "(.json/.yaml/.yml), or module:function returning an albumentations or torchvision v2 "
-    "pipeline (module: a .py path or an importable module)")
+CLASS_WEIGHTS_BETA = 0.999  # loss.EFFECTIVE_BETA: Cui et al. 2019 try 0.9 .. 0.9999
 
 
 def augmentation_value(text: str) -> str:
     """argparse type of --augmentation: a preset name or the shape of a pipeline reference (the
-    pipeline itself is loaded and checked by check_args)."""
-    if text in augmentation.AUGMENTATIONS or augmentation.is_pipeline_value(text):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"invalid choice: '{text}' (choose one of: {', '.join(augmentation.AUGMENTATIONS)}; or a "
-        f"saved albumentations pipeline {'/'.join(augmentation.PIPELINE_SUFFIXES)}, or "
-        "module:function)")
+    pipeline itself is loaded and checked when the settings are resolved)."""
+    from maskface import augmentation  # imports torch: after --help, when a value is checked
+    try:
+        augmentation.augmentation_spec(text)
+    except UserError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: '{text}' ({augmentation.choices_text()})") from None
+    return text
 
 
 # flags a resumed run may change: they decide how long and where it runs, not what it computes
@@ -76,7 +69,7 @@ def get_args_parser() -> FlagParser:
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", default=None,
                       help="train images folder ($SM_CHANNEL_TRAIN, else the bundled sample)")
-    data.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=list(dataset.SPLITS),
+    data.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=registry("dataset", "SPLITS"),
                       help="MaskSplitByProfileDataset splits people; MaskBaseDataset splits images "
                            "and LEAKS people across train and val")
     data.add_argument("--val_ratio", type=float, default=0.2, help="share of people (or images) in validation")
@@ -86,7 +79,7 @@ def get_args_parser() -> FlagParser:
                            "on the same folds")
     data.add_argument("--fold", type=int, default=None,
                       help="with --kfold: train only this fold (spread folds over GPUs with a shell loop)")
-    data.add_argument("--category", default="multi", choices=list(dataset.CATEGORY_CLASSES),
+    data.add_argument("--category", default="multi", choices=list(CATEGORY_CLASSES),
                       help="predict the 18 classes or one of mask/gender/age")
     data.add_argument("--age_label_num", type=int, default=3, choices=(3, 6),
                       help="age classes trained: 3 groups, or 6 bins folded to 3 for scoring "
@@ -96,7 +89,7 @@ def get_args_parser() -> FlagParser:
     data.add_argument("--drop_ages", default=None, metavar="LO-HI",
                       help="leave people aged LO..HI out of training only, e.g. 57-59")
     data.add_argument("--relabel", default=None, metavar="CSV", help="relabel file: id,gender,age,swap_mask")
-    data.add_argument("--data_balancing", default="imbalance", choices=dataset.BALANCING,
+    data.add_argument("--data_balancing", default="imbalance", choices=registry("dataset", "BALANCING"),
                       help="oversample train people by gender x decade (10s) or gender x age group (gene)")
     data.add_argument("--weightsampler", action="store_true",
                       help="sample train images inversely to class size")
@@ -111,7 +104,13 @@ def get_args_parser() -> FlagParser:
                              "--pretrained or --weights, and the only size a ViT-like model "
                              "takes)" % DEFAULT_RESIZE)
     images.add_argument("--augmentation", default="CustomAugmentation",
-                        type=augmentation_value, help=AUGMENTATION_HELP)
+                        type=augmentation_value,
+                        help="a preset, run on whole batches on the training device (docs/"
+                             "augmentation.md lists them; a wrong name lists them too), or a "
+                             "user pipeline run per image on the CPU: a file saved by "
+                             "albumentations' A.save (.json/.yaml/.yml), or module:function "
+                             "returning an albumentations or torchvision v2 pipeline (module: a "
+                             ".py path or an importable module)")
     images.add_argument("--augmentation_sha256", default=None, metavar="HEX",
                         help="sha256 the --augmentation file (pipeline file or module) must have "
                              "(when not given: not checked); config.json records it, so a replay "
@@ -132,7 +131,7 @@ def get_args_parser() -> FlagParser:
                         metavar=("LO", "HI"),
                         help="aspect range of --rrc_scale crops relative to --resize's (1 = no "
                              "stretch; default: 3/4 4/3, as torchvision's)")
-    images.add_argument("--crop", default=None, choices=image_cache.CROPS,
+    images.add_argument("--crop", default=None, choices=registry("image_cache", "CROPS"),
                         help="crop before resizing (when not given: the augmentation's; face = "
                              "detected face box)")
     images.add_argument("--face_margin", type=float, default=0.4, help="face box expansion per side (--crop face)")
@@ -142,7 +141,7 @@ def get_args_parser() -> FlagParser:
                              "timm model's pretrained_cfg); auto = model for a timm model with "
                              "--pretrained or --weights, else imagenet")
     images.add_argument("--interpolation", default="auto",
-                        choices=("auto", *image_cache.INTERPOLATIONS),
+                        choices=LazyChoices(lambda: ("auto", *registry("image_cache", "INTERPOLATIONS")), "interpolations"),
                         help="resizing into the cache: area (OpenCV area averaging); bilinear or "
                              "bicubic (Pillow, as timm's transforms); auto = a timm model's own "
                              "with --pretrained or --weights, else area")
@@ -152,7 +151,11 @@ def get_args_parser() -> FlagParser:
     images.add_argument("--cutmix_alpha", type=float, default=1.0, help="CutMix Beta(alpha, alpha)")
 
     net = p.add_argument_group("model")
-    net.add_argument("--model", default="BaseModel", help=models.MODEL_HELP)
+    net.add_argument("--model", default="BaseModel",
+                     help="BaseModel; resnet18, mobilenet_v2, efficientnet_b0 and the other bare "
+                          "torchvision names (tv_<name> for any torchvision classifier); any timm "
+                          "name (timm/<name> where torchvision has it too); hf-hub:<org>/<repo>. "
+                          "A wrong name lists the choices (docs/training.md)")
     net.add_argument("--multi_head", action="store_true",
                      help="one backbone, three heads (mask, gender, age); 18-class p = product of heads")
     net.add_argument("--pretrained", action="store_true",
@@ -163,25 +166,26 @@ def get_args_parser() -> FlagParser:
     net.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier")
 
     crit = p.add_argument_group("loss")
-    crit.add_argument("--criterion", default="cross_entropy", choices=list(losses.LOSSES), help="loss")
+    crit.add_argument("--criterion", default="cross_entropy", choices=registry("loss", "LOSSES"),
+                      help="loss (maskface/loss.py; a wrong name lists them)")
     crit.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength")
     crit.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
     crit.add_argument("--arc_scale", type=float, default=30.0, help="arcface logit scale")
     crit.add_argument("--arc_margin", type=float, default=0.5, help="arcface angular margin (radians)")
-    crit.add_argument("--class_weights", default="none", choices=losses.CLASS_WEIGHTS,
+    crit.add_argument("--class_weights", default="none", choices=registry("loss", "CLASS_WEIGHTS"),
                       help="weigh every loss by class, from the training photos: balanced = "
                            "inverse frequency; effective = inverse effective number of samples "
                            "(Cui et al. 2019); per head for --multi_head")
-    crit.add_argument("--class_weights_beta", type=float, default=losses.EFFECTIVE_BETA,
+    crit.add_argument("--class_weights_beta", type=float, default=CLASS_WEIGHTS_BETA,
                       help="effective: beta of (1 - beta^n) / (1 - beta); 0 weighs classes "
                            "alike, nearer 1 nearer balanced")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch_size", type=int, default=64, help="training batch size")
     opt.add_argument("--valid_batch_size", type=int, default=1000, help="validation batch size")
-    opt.add_argument("--optimizer", default="adam", choices=engine.OPTIMIZERS, metavar="NAME",
-                     help="torch's " + ", ".join(engine.TORCH_OPTIMIZERS) + "; or timm's "
-                          + ", ".join(engine.TIMM_OPTIMIZERS))
+    opt.add_argument("--optimizer", default="adam", choices=registry("engine", "OPTIMIZERS"),
+                     help="torch's sgd, momentum, adam, adamw, adagrad; or any of timm's "
+                          "(create_optimizer_v2; a wrong name lists them)")
     opt.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     opt.add_argument("--head_lr_mult", type=float, default=1.0,
                      help="the heads (new layers) learn at lr x this; e.g. 10 for a pretrained "
@@ -191,10 +195,11 @@ def get_args_parser() -> FlagParser:
                           "the top), e.g. 0.75")
     opt.add_argument("--momentum", type=float, default=0.9, help="momentum (optimizer momentum)")
     opt.add_argument("--weight_decay", type=float, default=0.0, help="weight decay")
-    opt.add_argument("--scheduler", default="steplr", choices=engine.SCHEDULERS,
-                     help="learning-rate schedule: torch's " + ", ".join(engine.TORCH_SCHEDULERS)
-                          + "; timm's " + ", ".join(engine.TIMM_SCHEDULERS) + " (per update, "
-                          "their own warm-up from --warmup_lr, floor --min_lr)")
+    opt.add_argument("--scheduler", default="steplr", choices=registry("engine", "SCHEDULERS"),
+                     help="learning-rate schedule: torch's steplr, lambdalr, exponentiallr, "
+                          "cycliclr, cosineannealinglr, reducelronplateau; timm's cosine, tanh, "
+                          "poly, step, wsd, constant (per update, their own warm-up from "
+                          "--warmup_lr, floor --min_lr)")
     opt.add_argument("--lr_decay_step", type=int, default=20, help="steplr: epochs between decays")
     opt.add_argument("--gamma", type=float, default=0.5, help="steplr/exponentiallr/lambdalr decay factor")
     opt.add_argument("--tmax", type=int, default=None,
@@ -217,7 +222,7 @@ def get_args_parser() -> FlagParser:
                           "batch of N x --batch_size)")
     opt.add_argument("--clip_grad", type=float, default=None,
                      help="clip gradients to this norm (or value, --clip_mode) before each update")
-    opt.add_argument("--clip_mode", default="norm", choices=engine.CLIP_MODES,
+    opt.add_argument("--clip_mode", default="norm", choices=registry("engine", "CLIP_MODES"),
                      help="norm, value or agc (adaptive), as timm's dispatch_clip_grad")
     opt.add_argument("--model_ema", action="store_true",
                      help="keep an exponential moving average of the weights (timm's ModelEmaV3), "
@@ -230,12 +235,12 @@ def get_args_parser() -> FlagParser:
 
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    speed.add_argument("--amp", default="auto", choices=mixed_precision.AMP_MODES,
+    speed.add_argument("--amp", default="auto", choices=registry("mixed_precision", "AMP_MODES"),
                        help="mixed precision. auto: bf16 on CUDA, and on a CPU with native bf16 "
                             "(AMX / AVX-512 BF16) for models measured to gain from it; else fp32. "
                             "off: fp32. The choice is printed and recorded in config.json")
     speed.add_argument("--channels_last", nargs="?", const="on", default="auto",
-                       choices=mixed_precision.CHANNELS_LAST_MODES,
+                       choices=registry("mixed_precision", "CHANNELS_LAST_MODES"),
                        help="channels_last memory format (auto: on on a CPU and where --amp "
                             "runs autocast; the bare flag means on)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -251,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; --config/--resume replay a saved config.json under the flags actually given."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    replay = args.config or (args.resume and str(Path(args.resume) / "config.json"))
+    replay = args.config or (args.resume and str(Path(args.resume) / run_folder.CONFIG))
     if not replay:
         return args
     saved = read_json_checked(replay)
@@ -270,8 +275,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             saved[dest] = values[saved[dest]]
     parser.set_defaults(**saved)
     replayed = parser.parse_args(argv)
+    from maskface.pipelines import resolved_value  # imports torch: only when a run is replayed
     if args.augmentation_sha256 is None and \
-            pipelines.resolved_value(replayed.augmentation) != saved.get("augmentation"):
+            resolved_value(replayed.augmentation) != saved.get("augmentation"):
         replayed.augmentation_sha256 = None  # the recorded hash is of the replayed pipeline
     if replayed.resume:
         check_resumed_settings(replayed, saved, replay)
@@ -376,8 +382,9 @@ LIMITS = {
 }
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Reject every bad name, number or combination before data loads."""
+def check_flags(args: argparse.Namespace) -> None:
+    """Reject every bad number, name shape, path or combination of flags: what needs no registry
+    and no file's content (settings.resolve_settings checks those next), before data loads."""
     for flag, (fine, expected) in LIMITS.items():
         value = getattr(args, flag)
         if isinstance(value, float) and not math.isfinite(value) or not fine(value):
@@ -387,20 +394,6 @@ def check_args(args: argparse.Namespace) -> None:
                         "use --model_dir for where run folders go")
     check_output_path(args.model_dir, "--model_dir", folder=True)
     check_output_path(args.cache_dir, "--cache_dir", folder=True)
-    try:
-        models.validate_model_name(args.model)
-    except ValueError as why:
-        raise UserError(f"--model: {why}") from None
-    fixed = models.fixed_input_size(args.model)
-    if fixed is not None and args.resize is not None and tuple(args.resize) != fixed:
-        raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: {args.model} takes only "
-                        f"{fixed[0]}x{fixed[1]} inputs; pass --resize {fixed[0]} {fixed[1]}")
-    if args.normalize == "model" and not models.timm_pretrained_cfg(args.model):
-        raise UserError(f"--normalize model: {args.model} has no timm pretrained_cfg with a "
-                        "mean/std; use --normalize imagenet or dataset")
-    if args.layer_decay is not None and not models.is_timm(args.model):
-        raise UserError(f"--layer_decay {args.layer_decay}: needs a timm model (it uses the "
-                        f"model's block structure); {args.model} is not one, use --head_lr_mult")
     if args.multi_head and (args.category != "multi" or args.age_label_num != 3):
         raise UserError("--multi_head needs --category multi and --age_label_num 3")
     if args.criterion == "arcface" and args.multi_head:
@@ -409,9 +402,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--val_ratio {args.val_ratio}: expected 0 <= ratio < 1")
     if args.fold is not None and not (args.kfold or args.folds):
         raise UserError(f"--fold {args.fold} needs --kfold K or --folds FILE")
-    resize = model_defaults(args)["resize"]
-    if min(resize) < 16 or max(resize) > 4096:
-        raise UserError(f"--resize {resize[0]} {resize[1]}: expected H W of 16 to 4096 pixels")
     drop_range(args.drop_ages)
     if args.rrc_scale is not None and not 0 < args.rrc_scale[0] <= args.rrc_scale[1] <= 1:
         raise UserError(f"--rrc_scale {args.rrc_scale[0]} {args.rrc_scale[1]}: expected "
@@ -423,21 +413,8 @@ def check_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             raise UserError(f"--{flag} {path}: file not found")
-    if args.resume and not (Path(args.resume) / "config.json").is_file():
+    if args.resume and not (Path(args.resume) / run_folder.CONFIG).is_file():
         raise UserError(f"--resume {args.resume}: not a run folder (no config.json there)")
-    if args.resume:  # before its config.json is rewritten with this call's flags
-        for last in [Path(args.resume) / "last.pth", *Path(args.resume).glob("fold*/last.pth")]:
-            if last.is_file():
-                saved = models.load_checkpoint(last, mmap=True)
-                if args.model_ema and saved.get("ema") is None:
-                    raise UserError(f"--model_ema: {last} was trained without it and holds no "
-                                    "EMA weights to resume; resume without --model_ema")
-    if args.weights:
-        models.read_state_dict(args.weights)
-    engine.resolve_device(args.device)
-    # loaded, hashed and run on dummy images of the cached size: a pipeline that does not load
-    # or changes the size fails here, before any photo is decoded
-    pipelines.checked_pipeline(args.augmentation, preprocess_of(args), args.augmentation_sha256)
 
 
 def drop_range(text: str | None) -> tuple[int, int] | None:
@@ -451,42 +428,3 @@ def drop_range(text: str | None) -> tuple[int, int] | None:
     if low > high:
         raise UserError(f"--drop_ages '{text}': expected LO <= HI, e.g. 57-59")
     return low, high
-
-
-def model_defaults(args: argparse.Namespace) -> dict:
-    """What a run's --resize (when not given), --normalize auto and --interpolation auto mean:
-    a timm model with --pretrained or --weights brings its pretrained_cfg's input size, mean/std
-    ('model') and interpolation, since its weights learned on them; a model that takes one input
-    size only gets that size; anything else gets the toolkit's own (128x96, ImageNet, area).
-    Values the user gave are kept; train.py records the result in config.json."""
-    cfg = models.timm_pretrained_cfg(args.model) if models.is_timm(args.model) else None
-    own = cfg if cfg and (args.pretrained or args.weights) else None
-    fixed = models.fixed_input_size(args.model)
-    resize = args.resize or (fixed or (own and own["input_size"][1:]) or DEFAULT_RESIZE)
-    normalize = args.normalize
-    if normalize == "auto":
-        normalize = "model" if own and own.get("mean") else "imagenet"
-    interpolation = args.interpolation
-    if interpolation == "auto":
-        wanted = own and own.get("interpolation")
-        interpolation = "area" if not own else (
-            wanted if wanted in image_cache.INTERPOLATIONS else "bilinear")
-    return {"resize": [int(v) for v in resize], "normalize": normalize,
-            "interpolation": interpolation}
-
-
-def model_normalization(model_name: str) -> tuple[list, list]:
-    """(mean, std) of a timm model's pretrained_cfg: --normalize model."""
-    cfg = models.timm_pretrained_cfg(model_name)
-    return [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
-
-
-def preprocess_of(settings: argparse.Namespace) -> image_cache.Preprocess:
-    """The deterministic image pipeline (crop, size, edges, interpolation) of a run's settings:
-    what its cache holds and what its checkpoints tell inference."""
-    crop = settings.crop or augmentation.augmentation_spec(settings.augmentation).crop
-    resolved = model_defaults(settings)
-    return image_cache.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
-                                  face_margin=settings.face_margin,
-                                  interpolation=resolved["interpolation"],
-                                  crop_margin=settings.crop_margin)

@@ -17,14 +17,12 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import f1_score
 
-import augmentation
-import config
-import dataset
-import usual_pipeline
-from checked_io import UserError
-from make_sample import resolve_eval_dir, resolve_train_dir
+from maskface import augmentation, config, dataset
+from maskface.bench import usual_pipeline
+from maskface.cli import UserError
+from maskface.data_dirs import resolve_eval_dir, resolve_train_dir
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the project, where the scripts are
 
 
 def time_usual_job(job: dict) -> dict:

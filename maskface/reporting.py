@@ -13,13 +13,13 @@ import matplotlib
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-import dataset
-from checked_io import atomic_write_bytes, read_csv_checked
+from maskface import labels, run_folder
+from maskface.files import atomic_write_bytes, read_csv_checked
 
 matplotlib.use("Agg")  # files and TensorBoard only: no window, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-HEAD_NAMES = {"mask": dataset.MASK_NAMES, "gender": dataset.GENDER_NAMES, "age": dataset.AGE_NAMES}
+HEAD_NAMES = {"mask": labels.MASK_NAMES, "gender": labels.GENDER_NAMES, "age": labels.AGE_NAMES}
 
 
 def _draw_matrix(axes, truth: np.ndarray, predicted: np.ndarray, names, title: str,
@@ -47,7 +47,7 @@ def confusion_figure(truth: np.ndarray, predicted: np.ndarray, category: str, *,
     """The confusion matrix of a run's classes with their names, normalised by true class; for
     18 classes the mask, gender and age matrices beside it. Fixed margins (no tight bounding
     box): it is drawn once per epoch, and a second layout pass would double the cost."""
-    names = dataset.class_names(category)
+    names = labels.class_names(category)
     if category != "multi":
         figure = plt.figure(figsize=(5.5, 4.5))
         figure.subplots_adjust(left=0.2, right=0.95, bottom=0.22, top=0.9)
@@ -59,8 +59,8 @@ def confusion_figure(truth: np.ndarray, predicted: np.ndarray, category: str, *,
                                left=0.14, right=0.9, bottom=0.17, top=0.9)
     image = _draw_matrix(figure.add_subplot(grid[:, 0]), truth, predicted, names,
                          "18 classes (counts in cells)", fontsize=8)
-    for row, (head, t, p) in enumerate(zip(HEAD_NAMES, dataset.decode_class(truth),
-                                           dataset.decode_class(predicted))):
+    for row, (head, t, p) in enumerate(zip(HEAD_NAMES, labels.decode_class(truth),
+                                           labels.decode_class(predicted))):
         _draw_matrix(figure.add_subplot(grid[row, 1]), t, p, HEAD_NAMES[head], head, fontsize=8)
     figure.colorbar(image, ax=figure.axes, shrink=0.6, label="share of the true class (recall)")
     if title:
@@ -81,10 +81,6 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
     atomic_write_bytes(path, encoded.tobytes())
-
-
-def save_figure(figure, path: str | Path) -> None:
-    save_png(render(figure), path)
 
 
 def confident_mistakes(truth: np.ndarray, predicted: np.ndarray, probs: np.ndarray,
@@ -164,7 +160,7 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
         photos = photos[:, pad_h:photos.shape[1] - pad_h, pad_w:photos.shape[2] - pad_w]
         figure = prediction_grid_figure(photos, truth[shown], predicted[shown],
                                         val["probs"][shown, predicted[shown]],
-                                        dataset.class_names(category))
+                                        labels.class_names(category))
         writer.add_image("Predictions/val", render(figure), step, dataformats="HWC")
     plt.close("all")
 
@@ -226,11 +222,11 @@ def log_kfold_hparams(run_dir: Path, flags: dict, n_folds: int, oof_metrics: dic
     folds = []
     for k in range(n_folds):
         try:
-            folds.append(json.loads((run_dir / f"fold{k}" / "done.json").read_text()))
+            folds.append(json.loads((run_folder.fold_dir(run_dir, k) / run_folder.DONE).read_text()))
         except (OSError, ValueError):  # a hand-edited one costs the HParams row its sums only
             folds.append({})
     speeds = [speed for k in range(n_folds) for speed in read_csv_checked(
-        run_dir / f"fold{k}" / "summary.csv", ["images_per_s"])["images_per_s"]]
+        run_folder.fold_dir(run_dir, k) / run_folder.SUMMARY, ["images_per_s"])["images_per_s"]]
     metrics = {f"oof_{k}": v for k, v in oof_metrics.items()}
     metrics.update({"best_val_f1": float(np.mean([f.get("best_f1", np.nan) for f in folds])),
                     "epochs_done": sum(f.get("epochs_done", 0) for f in folds),

@@ -8,12 +8,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import dataset
-from checked_io import (NUM_CLASSES, PROB_COLUMNS, UserError, calibrated_predictions,  # noqa: F401
-                        check_labels, check_probabilities, read_csv_checked, read_json_checked)
+from maskface import labels
+from maskface.cli import UserError
+from maskface.files import read_csv_checked, read_json_checked
+from maskface.labels import NUM_CLASSES, PROB_COLUMNS, check_labels, check_probabilities
 
 HEAD_CATEGORIES = ("mask", "gender", "age")
-CALIBRATION_FILE = "calibration.json"
 CALIBRATION_GRID = np.linspace(-2.0, 2.0, 17)  # coarse on purpose: a fine grid overfits the OOF
 
 VOTING_RULE = """\
@@ -75,7 +75,7 @@ def combine_categories(probs_by_category: dict[str, list[np.ndarray]],
         say(f"warning: no {', '.join(missing)} model; the per-category models are ignored")
     elif any(c in present for c in HEAD_CATEGORIES):
         heads = [ensemble_probabilities(probs_by_category[c]) for c in HEAD_CATEGORIES]
-        estimates.append(dataset.heads_to_class_probs(*heads))
+        estimates.append(labels.heads_to_class_probs(*heads))
     return ensemble_probabilities(estimates)
 
 
@@ -134,3 +134,10 @@ def read_calibration(path: Path) -> np.ndarray:
             or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in offsets)):
         raise UserError(f"{path}: expected \"offsets\": a list of {NUM_CLASSES} finite numbers")
     return np.asarray(offsets, dtype=float)
+
+
+def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """argmax of the probabilities, or of log p + per-class offsets when calibrated."""
+    if offsets is None:
+        return probs.argmax(1)
+    return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)

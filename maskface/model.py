@@ -1,5 +1,6 @@
-"""Model registry (a small CPU-friendly CNN, torchvision classifiers, any timm model) and the
-checkpoint contract (what a checkpoint holds, how it is written, read and turned back into a model).
+"""Model registry (a small CPU-friendly CNN, torchvision classifiers, any timm model), local
+weights, per-part learning rates, and a trained model rebuilt from its checkpoint (checkpoint.py
+reads and writes the files). Add a model here: build_model is the one place models are made.
 
 Every model that build_model returns has the same shape: ``edge_mix`` (Canny runs only) ->
 ``backbone`` (pooled features) -> ``dropout`` -> ``heads`` (one linear or cosine head, or three
@@ -10,26 +11,21 @@ from __future__ import annotations
 
 import difflib
 import functools
-import io
-import pickle
-import re
 import socket
 import urllib.parse
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import dataset
-from checked_io import NUM_CLASSES, UserError, atomic_write_bytes
-from dataset import HEAD_SIZES
+from maskface import labels
+from maskface.cli import UserError
+from maskface.labels import HEAD_SIZES, NUM_CLASSES
 
-# Bare names that mean the torchvision model (the ones a local ImageNet state dict usually fits).
 # They win over timm models of the same name; "timm/<name>" reaches timm's, "tv_<name>" any other
 # torchvision classifier.
 TORCHVISION_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -362,7 +358,7 @@ def parameter_groups(net: nn.Module, lr: float, weight_decay: float, *, head_lr_
 def multi_head_class_probs(logits: torch.Tensor) -> torch.Tensor:
     """Multi-head logits [..., 8] -> 18-class probabilities: the product of the head softmaxes."""
     mask, gender, age = torch.split(logits, HEAD_SIZES, dim=-1)
-    return dataset.heads_to_class_probs(mask.softmax(-1), gender.softmax(-1), age.softmax(-1))
+    return labels.heads_to_class_probs(mask.softmax(-1), gender.softmax(-1), age.softmax(-1))
 
 
 def class_probabilities(model_config: dict, logits: torch.Tensor) -> torch.Tensor:
@@ -449,60 +445,3 @@ def restore_model(checkpoint: dict) -> nn.Module:
         raise UserError(f"checkpoint weights do not fit its model_config "
                         f"{checkpoint['model_config']}: {str(error).splitlines()[0]}") from error
     return net.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: what train.py writes and inference.py, k-fold and --resume read
-# ----------------------------------------------------------------------------------------------
-# every checkpoint holds these; last.pth adds optimizer, scheduler, scaler, train_state and rng
-CHECKPOINT_KEYS = ("model_config", "model", "preprocess", "normalize", "category")
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """torch.save to a temp file then os.replace: a kill mid-save leaves the old file intact."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-# Checkpoints are read with weights_only=True: tensors and plain Python values only, so a file
-# that would run code when unpickled (a crafted "checkpoint") is refused, never executed. Checkpoints
-# written before that switch also hold numpy arrays (the RNG state of last.pth): numpy's array
-# reconstruction, which runs no user code, is the one addition allowed.
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType,
-                        np.dtypes.Int64DType, np._core.multiarray._reconstruct,
-                        np._core.multiarray.scalar]
-
-
-def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """A train.py checkpoint, loaded without running any code it might carry; ``mmap`` only maps
-    it (a cheap check that it is whole). UserError naming the file otherwise."""
-    try:
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as why:
-        found = re.search(r"GLOBAL (\S+)", str(why))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(f"{path}: refused: it holds an object{what} that loading would have to "
-                        "run code for, which no checkpoint of this toolkit does") from None
-    except Exception as why:  # a torn or foreign file: name it instead of a traceback
-        raise UserError(f"{path}: not a readable checkpoint ({type(why).__name__}); expected a "
-                        "whole file written by train.py") from None
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A train.py checkpoint whose keys and architecture name are checked, without building the
-    network; UserError naming ``path`` otherwise."""
-    checkpoint = load_checkpoint(path)
-    missing = [k for k in CHECKPOINT_KEYS
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing:
-        raise UserError(f"{path}: not a train.py checkpoint (missing {', '.join(missing)})")
-    config = checkpoint["model_config"]
-    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
-        raise UserError(f"{path}: model_config {config!r}; expected a dict with a model 'name'")
-    try:
-        validate_model_name(config["name"])
-    except ValueError as why:  # the name comes from the file, so the file is what to name
-        raise UserError(f"{path}: model_config: {why}") from None
-    return checkpoint

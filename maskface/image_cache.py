@@ -19,9 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from checked_io import (UserError, atomic_write_text, file_mode, lock_temp, problems_error,
-                        remove_stale_temps)
-
+from maskface.cli import UserError, problems_error
+from maskface.files import atomic_write_text, file_mode, lock_temp, remove_stale_temps
 
 CROPS = ("center", "face", "none")
 # area: OpenCV's area averaging when shrinking (bilinear when enlarging), the toolkit's own;
@@ -71,7 +70,6 @@ class Preprocess:
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         known["resize"] = tuple(known.get("resize", cls.resize))
         return cls(**known)
-
 
 
 def center_box(width: int, height: int, aspect_hw: float) -> tuple[int, int, int, int]:
@@ -274,7 +272,7 @@ def _fill_caches(paths, variants, targets, progress, threads) -> None:
             atomic_write_text(target.with_suffix(".json"), json.dumps(
                 {"preprocess": pre.to_dict(), "n_images": len(paths), "first": paths[:1]}))
     finally:
-        del outputs
+        outputs.clear()  # the memmaps closed before their files are removed
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)
         for lock in locks:

@@ -1,8 +1,8 @@
-"""A run's folder: its name ({name}, then {name}2, {name}3, ...), config.json and photos.csv
-written together, summary.csv and per_class.csv, the folder of a run that failed before its first
-checkpoint removed, and the record of the photos a run trains on (path, content digest, label,
-role), which a --resume compares with today's data so that it continues the same experiment or
-refuses.
+"""A run's folder and every file in it, named here and nowhere else: its name ({name}, then
+{name}2, {name}3, ...), config.json and photos.csv written together, summary.csv, per_class.csv,
+the k-fold files, the folder of a run that failed before its first checkpoint removed, and the
+record of the photos a run trains on (path, content digest, label, role), which a --resume
+compares with today's data so that it continues the same experiment or refuses.
 """
 from __future__ import annotations
 
@@ -17,15 +17,44 @@ from pathlib import Path
 
 import pandas as pd
 
-import config
-import image_cache
-from checked_io import (UserError, atomic_write_text, check_labels, read_csv_checked,
-                        remove_stale_temps, write_together)
+from maskface.cli import UserError
+from maskface.files import atomic_write_text, read_csv_checked, remove_stale_temps, write_together
+from maskface.labels import check_labels
+
+# the files of a run folder (a k-fold run: the run's own, and a fold{k}/ folder per fold)
+CONFIG = "config.json"            # every resolved flag (a replay's defaults)
+PHOTOS = "photos.csv"             # every photo trained on: path, profile, label, digest, role
+BEST = "best.pth"                 # the best epoch's weights, with all inference needs
+LAST = "last.pth"                 # the last epoch, with all --resume needs
+SUMMARY = "summary.csv"           # one row per epoch
+PER_CLASS = "per_class.csv"       # the best epoch's (k-fold: the out-of-fold) per-class scores
+CONFUSION = "confusion.png"       # the best epoch's confusion matrices
+DONE = "done.json"                # written once the run (or fold) has finished
+FOLDS = "folds.csv"               # k-fold: profile -> fold
+OOF = "oof.csv"                   # k-fold: every photo scored by the fold model that never saw it
+OOF_METRICS = "oof_metrics.json"  # k-fold: the out-of-fold scores
+CALIBRATION = "calibration.json"  # inference.py --fit_calibration: per-class offsets
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_mask", "f1_gender",
                   "f1_age", "lr", "seconds", "images_per_s", "val_f1_ema"]
 PER_CLASS_FIELDS = ["class", "precision", "recall", "f1", "support"]
-PHOTOS_FILE = "photos.csv"
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    """The folder of fold ``fold`` of a k-fold run."""
+    return Path(run_dir) / f"fold{fold}"
+
+
+def fold_dirs(run_dir: Path) -> list[Path]:
+    """The fold folders a k-fold run has on disk, in fold order."""
+    found = [d for d in Path(run_dir).glob("fold*") if d.is_dir() and d.name[4:].isdigit()]
+    return sorted(found, key=lambda d: int(d.name[4:]))
+
+
+def last_checkpoints(run_dir: Path) -> list[Path]:
+    """Every last.pth of a run (its own, then its folds'), in that order."""
+    lasts = [Path(run_dir) / LAST, *(d / LAST for d in fold_dirs(run_dir))]
+    return [p for p in lasts if p.is_file()]
 
 
 def new_run_dir(model_dir: str | Path, name: str) -> Path:
@@ -43,7 +72,7 @@ def new_run_dir(model_dir: str | Path, name: str) -> Path:
             number += 1
 
 
-def prepare_run_dir(settings: argparse.Namespace, photos: pd.DataFrame) -> Path:
+def prepare_run_dir(settings, photos: pd.DataFrame) -> Path:
     """The run folder, with config.json and photos.csv written together: --resume's, {name} itself
     when one fold of a shared k-fold run is trained (--fold), else a new {name}, {name}2, ..."""
     if settings.resume:
@@ -54,9 +83,8 @@ def prepare_run_dir(settings: argparse.Namespace, photos: pd.DataFrame) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = new_run_dir(settings.model_dir, settings.name)
-    saved = {k: v for k, v in vars(settings).items() if k not in config.NOT_SAVED}
-    write_together({run_dir / "config.json": json.dumps(saved, indent=2).encode(),
-                    run_dir / PHOTOS_FILE: photos.to_csv(index=False).encode()})
+    write_together({run_dir / CONFIG: json.dumps(settings.record(), indent=2).encode(),
+                    run_dir / PHOTOS: photos.to_csv(index=False).encode()})
     return run_dir
 
 
@@ -68,7 +96,7 @@ def remove_if_no_checkpoint(run_dir: Path) -> None:
 
 
 def write_per_class(path: Path, per_class: dict) -> None:
-    """per_class.csv: precision, recall, F1 and support of every class (engine.per_class_scores)."""
+    """per_class.csv: precision, recall, F1 and support of every class (predict.per_class_scores)."""
     table = pd.DataFrame([{"class": name, **scores} for name, scores in per_class.items()],
                          columns=PER_CLASS_FIELDS)
     atomic_write_text(path, table.to_csv(index=False, float_format="%.4f"))
@@ -85,9 +113,10 @@ def write_summary(path: Path, rows: list[dict]) -> None:
 def photo_record(frame: pd.DataFrame, data_dir: Path, roles) -> pd.DataFrame:
     """One row per photo of the run: path (inside the data folder), profile, label, its content
     digest (what the image cache is keyed by) and its role: train or val, or its fold."""
+    from maskface.image_cache import photo_digests  # OpenCV: not for ensemble_csv.py's start
     return pd.DataFrame({"path": [os.path.relpath(p, data_dir) for p in frame["path"]],
                          "profile": frame["profile"].to_numpy(), "label": frame["label"].to_numpy(),
-                         "digest": image_cache.photo_digests(frame["path"].tolist()),
+                         "digest": photo_digests(frame["path"].tolist()),
                          "role": roles})
 
 
@@ -105,9 +134,9 @@ def continued_photos(args: argparse.Namespace, frame: pd.DataFrame, data_dir: Pa
     out). Returns (the frame to continue on, the recorded photos) — (frame, None) for a run of an
     earlier version without photos.csv, whose k-fold folds.csv still decides who validates where."""
     run_dir = Path(args.resume)
-    recorded_file = run_dir / PHOTOS_FILE
+    recorded_file = run_dir / PHOTOS
     if not recorded_file.is_file():
-        say(f"warning: {run_dir} has no {PHOTOS_FILE} (a run of an earlier version): today's data "
+        say(f"warning: {run_dir} has no {PHOTOS} (a run of an earlier version): today's data "
             "cannot be checked against what it trained on")
         return frame, None
     # every cell as text: a hex digest such as '12e4...' must not turn into a number

@@ -5,7 +5,6 @@ by side on one device. benchmark.py reports what these measure.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import statistics
@@ -16,10 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import dataset
-import engine
-import mixed_precision
-from checked_io import UserError
+from maskface import dataset, distributed, engine, labels
+from maskface.cli import UserError
+from maskface.settings import Settings
 
 SIDE_BY_SIDE_TIMEOUT_S = 600  # a side-by-side process that has not reported by then is stuck
 
@@ -52,9 +50,9 @@ def toolkit_batches(images: np.ndarray, targets: np.ndarray, n_images: int, batc
                                  shuffle=shuffle)
 
 
-def build_trainer(settings: argparse.Namespace, device: torch.device) -> engine.Trainer:
+def build_trainer(settings: Settings, device: torch.device) -> engine.Trainer:
     """Model, loss, optimizer, scaler and augmentation as train.py builds them for ``settings``."""
-    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+    n_out = labels.num_outputs(settings.category, settings.age_label_num)
     return engine.build_trainer(settings, n_out, device, steps_per_epoch=1)
 
 
@@ -69,7 +67,7 @@ def warmup_batches(device: torch.device) -> int:
     return 3 if device.type == "cuda" else 1
 
 
-def measure_training(settings: argparse.Namespace | list[argparse.Namespace], images: np.ndarray,
+def measure_training(settings: Settings | list[Settings], images: np.ndarray,
                      targets: np.ndarray, *, device: torch.device, batches: int,
                      repeats: int) -> dict | list[dict]:
     """Train-step images/s: synthetic batches already on the device (the ceiling) against the real
@@ -92,11 +90,11 @@ def measure_training(settings: argparse.Namespace | list[argparse.Namespace], im
                          for key in ("ceiling", "loop"))
         results.append({"ceiling": ceiling, "loop": loop,
                         "percent": 100 * loop["images_per_s"] / ceiling["images_per_s"],
-                        "model": trainer.net, "precision": mixed_precision.precision_of(s, device)})
+                        "model": trainer.net, "precision": s.precision})
     return results if many else results[0]
 
 
-def _prepare_training(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
+def _prepare_training(settings: Settings, images: np.ndarray, targets: np.ndarray, *,
                       device: torch.device, batches: int) -> tuple:
     """(trainer, ready synthetic batches, real cached batches), warmed up."""
     torch.manual_seed(settings.seed)
@@ -105,7 +103,7 @@ def _prepare_training(settings: argparse.Namespace, images: np.ndarray, targets:
     synthetic = torch.randn(batch_size, 3, height, width, device=device)
     if trainer.channels_last:
         synthetic = synthetic.contiguous(memory_format=torch.channels_last)
-    n_out = dataset.num_outputs(settings.category, settings.age_label_num)
+    n_out = labels.num_outputs(settings.category, settings.age_label_num)
     synthetic_targets = torch.randint(0, n_out, (batch_size,), device=device)
     # an identity "augmentation" over ready batches: the very same step code, minus the data
     ready = [(synthetic, synthetic_targets, None)] * batches
@@ -116,20 +114,19 @@ def _prepare_training(settings: argparse.Namespace, images: np.ndarray, targets:
     return trainer, ready, real
 
 
-def measure_precisions(settings: argparse.Namespace, images: np.ndarray, targets: np.ndarray, *,
+def measure_precisions(settings: Settings, images: np.ndarray, targets: np.ndarray, *,
                        device: torch.device, batches: int, repeats: int,
                        compile_too: bool = False) -> dict:
     """measure_training in fp32 and in ``settings``' precision (one measurement when they are the
     same), and torch.compile'd in that precision with ``compile_too``, windows alternating.
     Returns {'fp32', 'chosen', 'compiled' (or None)}; 'chosen' keeps its model for inference."""
-    fp32 = argparse.Namespace(**{**vars(settings), "amp": "off", "channels_last": "off",
-                                 "compile": False})
-    chosen = argparse.Namespace(**{**vars(settings), "compile": False})
+    fp32 = settings.replace(amp="off", channels_last="off", compile=False)
+    chosen = settings.replace(compile=False)
     runs = {"chosen": chosen}
-    if mixed_precision.precision_of(chosen, device) != mixed_precision.precision_of(fp32, device):
+    if chosen.precision != fp32.precision:
         runs["fp32"] = fp32
     if compile_too:
-        runs["compiled"] = argparse.Namespace(**{**vars(chosen), "compile": True})
+        runs["compiled"] = chosen.replace(compile=True)
     measured = dict(zip(runs, measure_training(list(runs.values()), images, targets,
                                                device=device, batches=batches, repeats=repeats)))
     for name in set(measured) - {"chosen"}:
@@ -141,14 +138,14 @@ def measure_precisions(settings: argparse.Namespace, images: np.ndarray, targets
 # ----------------------------------------------------------------------------------------------
 # Several training processes side by side on one device (folds of a k-fold run, `--fold i &`)
 # ----------------------------------------------------------------------------------------------
-def side_by_side_worker(settings: argparse.Namespace, cache_path: str, targets: np.ndarray,
+def side_by_side_worker(settings: Settings, cache_path: str, targets: np.ndarray,
                         batches: int, threads: int, seed: int, barrier, reports) -> None:
     """One of N processes training at once on one device, as `train.py --fold i` would: its own
     model and optimizer over the shared cache file. Warms up, waits for the others, trains
     ``batches`` batches, and reports when it started and ended (or what went wrong)."""
     try:
         torch.set_num_threads(threads)
-        engine.tune_host_allocator()
+        distributed.tune_host_allocator()
         device = torch.device(settings.device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -168,7 +165,7 @@ def side_by_side_worker(settings: argparse.Namespace, cache_path: str, targets: 
         reports.put({"error": f"{type(why).__name__}: {why}"})
 
 
-def measure_side_by_side(settings: argparse.Namespace, cache_path: str | Path,
+def measure_side_by_side(settings: Settings, cache_path: str | Path,
                          targets: np.ndarray, *, counts: list[int], batches: int) -> list[dict]:
     """Train-loop images/s of N processes training at once on ``settings.device``, for 1 and each
     N in ``counts``: all images trained over the time from the common start to the last finish.
