@@ -4,71 +4,19 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from maskface.cli import FlagParser, UserError, run_cli
-from maskface.ensemble import calibrated_predictions, weighted_probabilities
+from maskface.ensemble import aligned_matrix, calibrated_predictions, hard_vote, soft_vote
 from maskface.files import check_output_path, read_csv_checked, write_together
-from maskface.labels import NUM_CLASSES, PROB_COLUMNS, check_labels, check_probabilities
+from maskface.labels import PROB_COLUMNS, check_labels, check_probabilities
 from maskface.selection import read_selection_json, selection_offsets
 
 DEFAULT_DIR = Path("output")
 PROBS_SUFFIX = "_probs.csv"
-TIE_TOLERANCE = 1e-9  # float weights (0.1 + 0.2 vs 0.3) must still count as ties
-
-
-def _aligned_matrix(columns: list[pd.Series] | list[pd.DataFrame]) -> np.ndarray:
-    """Stack the tables on the first one's ImageID order -> [files, rows(, classes)]."""
-    index = columns[0].index
-    stacked = [table.reindex(index).to_numpy() for table in columns]
-    if any(len(table) != len(index) or pd.isna(values).any()
-           for table, values in zip(columns, stacked)):
-        raise ValueError("the tables do not hold the same ImageIDs")
-    return np.stack(stacked)
-
-
-def _weights(weights: Sequence[float] | None, n_files: int) -> np.ndarray:
-    if weights is None:
-        return np.ones(n_files)
-    if len(weights) != n_files:
-        raise ValueError(f"{len(weights)} weight(s) for {n_files} files")
-    return np.asarray(weights, dtype=np.float64)
-
-
-def hard_vote(predictions: list[pd.Series], weights: Sequence[float] | None = None
-              ) -> tuple[pd.Series, int]:
-    """Weighted majority of class predictions (Series indexed by ImageID) -> (ans, ties broken).
-
-    Among the classes tied for the most votes, the winner is the class of the earliest file that
-    predicted one of them. The result is in the first Series' order.
-    """
-    votes = _aligned_matrix(predictions).astype(np.int64)  # [files, rows]
-    weight = _weights(weights, len(predictions))
-    rows = np.arange(votes.shape[1])
-    scores = np.zeros((votes.shape[1], NUM_CLASSES))
-    for file_votes, file_weight in zip(votes, weight):  # loop over files, vectorised over rows
-        scores[rows, file_votes] += file_weight
-    best = scores.max(axis=1, keepdims=True)
-    tied = scores >= best - TIE_TOLERANCE * max(1.0, weight.sum())
-    voted_for_tied = tied[rows[None, :], votes]  # [files, rows]
-    first_file = voted_for_tied.argmax(axis=0)  # earliest file whose class is among the best
-    answer = votes[first_file, rows]
-    n_ties = int((tied.sum(axis=1) > 1).sum())
-    return pd.Series(answer, index=predictions[0].index, name="ans"), n_ties
-
-
-def soft_vote(probabilities: list[pd.DataFrame], weights: Sequence[float] | None = None
-              ) -> tuple[pd.Series, pd.DataFrame]:
-    """Weighted mean of p0..p17 tables (indexed by ImageID) -> (argmax ans, mean probabilities)."""
-    stacked = _aligned_matrix([table[PROB_COLUMNS] for table in probabilities])
-    mean = weighted_probabilities(list(stacked), _weights(weights, len(probabilities)))
-    index = probabilities[0].index
-    return (pd.Series(mean.argmax(axis=1), index=index, name="ans"),
-            pd.DataFrame(mean, index=index, columns=PROB_COLUMNS))
 
 
 def _read_table(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -192,10 +140,10 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         if offsets is not None:  # the selection's per-class offsets, as inference applies them
             answer = pd.Series(calibrated_predictions(mean_probs.to_numpy(), offsets),
                                index=answer.index, name="ans")
-        file_answers = _aligned_matrix([table[PROB_COLUMNS] for table in tables]).argmax(axis=2)
+        file_answers = aligned_matrix([table[PROB_COLUMNS] for table in tables]).argmax(axis=2)
     else:
         answer, n_ties = hard_vote(tables, weights)
-        file_answers = _aligned_matrix(tables)
+        file_answers = aligned_matrix(tables)
     result = answer.rename_axis("ImageID").reset_index()
     outputs = {output: result.to_csv(index=False).encode()}
     if probs_output:

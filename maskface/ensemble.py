@@ -1,12 +1,14 @@
-"""Combining models: soft voting of probabilities (never logits), a mask + gender + age trio of
-per-category models into 18 classes, and per-class calibration offsets that tune macro F1 on
-out-of-fold predictions. inference.py applies them to the eval photos."""
+"""Combining models: soft voting of probabilities (never logits), hard and soft votes of
+submission CSVs joined by ImageID (ensemble_csv.py), a mask + gender + age trio of per-category
+models into 18 classes, and per-class calibration offsets that tune macro F1 on out-of-fold
+predictions. numpy and pandas only: ensemble_csv.py starts without torch."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from maskface import labels
 from maskface.cli import UserError
@@ -141,3 +143,56 @@ def calibrated_predictions(probs: np.ndarray, offsets: np.ndarray | None) -> np.
     if offsets is None:
         return probs.argmax(1)
     return (np.log(np.clip(probs, 1e-12, None)) + offsets).argmax(1)
+
+
+TIE_TOLERANCE = 1e-9  # float weights (0.1 + 0.2 vs 0.3) must still count as ties
+
+
+def aligned_matrix(columns: list[pd.Series] | list[pd.DataFrame]) -> np.ndarray:
+    """Stack the tables on the first one's ImageID order -> [files, rows(, classes)]."""
+    index = columns[0].index
+    stacked = [table.reindex(index).to_numpy() for table in columns]
+    if any(len(table) != len(index) or pd.isna(values).any()
+           for table, values in zip(columns, stacked)):
+        raise ValueError("the tables do not hold the same ImageIDs")
+    return np.stack(stacked)
+
+
+def vote_weights(weights: Sequence[float] | None, n_files: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n_files)
+    if len(weights) != n_files:
+        raise ValueError(f"{len(weights)} weight(s) for {n_files} files")
+    return np.asarray(weights, dtype=np.float64)
+
+
+def hard_vote(predictions: list[pd.Series], weights: Sequence[float] | None = None
+              ) -> tuple[pd.Series, int]:
+    """Weighted majority of class predictions (Series indexed by ImageID) -> (ans, ties broken).
+
+    Among the classes tied for the most votes, the winner is the class of the earliest file that
+    predicted one of them. The result is in the first Series' order.
+    """
+    votes = aligned_matrix(predictions).astype(np.int64)  # [files, rows]
+    weight = vote_weights(weights, len(predictions))
+    rows = np.arange(votes.shape[1])
+    scores = np.zeros((votes.shape[1], NUM_CLASSES))
+    for file_votes, file_weight in zip(votes, weight):  # loop over files, vectorised over rows
+        scores[rows, file_votes] += file_weight
+    best = scores.max(axis=1, keepdims=True)
+    tied = scores >= best - TIE_TOLERANCE * max(1.0, weight.sum())
+    voted_for_tied = tied[rows[None, :], votes]  # [files, rows]
+    first_file = voted_for_tied.argmax(axis=0)  # earliest file whose class is among the best
+    answer = votes[first_file, rows]
+    n_ties = int((tied.sum(axis=1) > 1).sum())
+    return pd.Series(answer, index=predictions[0].index, name="ans"), n_ties
+
+
+def soft_vote(probabilities: list[pd.DataFrame], weights: Sequence[float] | None = None
+              ) -> tuple[pd.Series, pd.DataFrame]:
+    """Weighted mean of p0..p17 tables (indexed by ImageID) -> (argmax ans, mean probabilities)."""
+    stacked = aligned_matrix([table[PROB_COLUMNS] for table in probabilities])
+    mean = weighted_probabilities(list(stacked), vote_weights(weights, len(probabilities)))
+    index = probabilities[0].index
+    return (pd.Series(mean.argmax(axis=1), index=index, name="ans"),
+            pd.DataFrame(mean, index=index, columns=PROB_COLUMNS))

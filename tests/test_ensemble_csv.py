@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble_csv import hard_vote, main, parse_args, soft_vote
+from ensemble_csv import main, parse_args
 from maskface.cli import UserError, run_cli
+from maskface.ensemble import hard_vote, soft_vote
 from maskface.labels import NUM_CLASSES, PROB_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
