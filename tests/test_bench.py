@@ -71,6 +71,7 @@ def test_reference_loader_draws_more_than_one_epoch(tiny_train_dir):
     assert [len(images) for images, _ in loader] == [8, 8, 8]
 
 
+@pytest.mark.slow
 def test_ceilings_and_loops_in_fp32_and_the_chosen_precision_side_by_side(tiny_train_dir,
                                                                           tmp_path):
     frame = dataset.add_labels(dataset.parse_train_dir(tiny_train_dir))
@@ -100,6 +101,7 @@ def test_ceilings_and_loops_in_fp32_and_the_chosen_precision_side_by_side(tiny_t
     assert once["fp32"] is once["chosen"]
 
 
+@pytest.mark.slow
 def test_end_to_end_times_both_whole_jobs(tiny_sample, tmp_path, capsys):
     results = benchmark.main(benchmark.parse_args([
         "--end_to_end", "--data_dir", str(tiny_sample / "train" / "images"),

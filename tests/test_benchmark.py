@@ -14,6 +14,7 @@ from maskface.cli import UserError
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys):
     table = tmp_path / "out" / "table.md"
     cache_root = tmp_path / "cache"
@@ -53,6 +54,7 @@ def test_smoke_run_reports_the_headline_figures(tiny_train_dir, tmp_path, capsys
     assert not any(cache_root.iterdir())  # the cold cache is removed afterwards
 
 
+@pytest.mark.slow
 def test_side_by_side_failure_is_one_user_error_not_a_hang(tiny_train_dir, tmp_path):
     settings = speed.train_settings(benchmark.parse_args(["--resize", "32", "24"]),
                                         torch.device("cpu"))

@@ -263,6 +263,7 @@ def test_bad_relabel_files_are_one_line(tiny_train_dir, tmp_path, content, expec
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["", "one", "1.5", "-1"])
 def test_a_folds_file_with_a_bad_cell_names_the_line(tiny_train_dir, tmp_path, run_flags, cell):
     profiles = sorted(p.name for p in tiny_train_dir.iterdir())

@@ -150,6 +150,7 @@ def model_dir(tiny_sample, tmp_path_factory, run_flags) -> Path:
     return out / "runs"
 
 
+@pytest.mark.slow
 def test_inference_with_the_selection_file_applies_the_selected_weights(
         model_dir, tiny_sample, tmp_path, capsys):
     runs = tmp_path / "model"
@@ -201,6 +202,7 @@ def test_inference_with_the_selection_file_applies_the_selected_weights(
     assert code == 2 and "is not the one selected on" in err and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_table_lists_every_run_folder_and_survives_half_written_ones(model_dir, tmp_path, capsys):
     runs = tmp_path / "model"
     shutil.copytree(model_dir, runs)
@@ -251,6 +253,7 @@ def test_table_lists_every_run_folder_and_survives_half_written_ones(model_dir, 
     assert sorted(only["run"]) == ["cv-a", "cv-b", "cv-mask"]
 
 
+@pytest.mark.slow
 def test_runs_log_tensorboard_hparams(model_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     for run, metric, expected in (

@@ -39,6 +39,7 @@ def infer(tiny_sample, out: Path, model_dirs, *flags: str) -> dict:
     return inference.main(inference.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_submission_order_resize_and_scores(tiny_sample, trained_run, tmp_path, capsys):
     answers_path = tiny_sample / "eval" / "answers.csv"
     result = infer(tiny_sample, tmp_path, [trained_run], "--answers", str(answers_path))
@@ -62,12 +63,14 @@ def test_submission_order_resize_and_scores(tiny_sample, trained_run, tmp_path, 
     assert "macro F1" in printed and str(tmp_path / "output.csv") in printed.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_resize_override_warns(tiny_sample, trained_run, tmp_path, capsys):
     result = infer(tiny_sample, tmp_path, [trained_run], "--resize", "64", "48")
     assert result["caches"][0].shape[1:3] == (64, 48)
     assert "trained with resize 48x32" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_mode_gives_identical_outputs(tiny_sample, trained_run, tmp_path):
     (loaded,) = submission.load_models([trained_run / "best.pth"], say=lambda _: None)
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in loaded.net.modules())
@@ -80,6 +83,7 @@ def test_eval_mode_gives_identical_outputs(tiny_sample, trained_run, tmp_path):
     assert not loaded.net.training
 
 
+@pytest.mark.slow
 def test_mismatched_answers_fail_before_work(tiny_sample, trained_run, tmp_path):
     answers = pd.read_csv(tiny_sample / "eval" / "answers.csv", dtype={"ImageID": str})
     answers.loc[0, "ImageID"] = "not-an-eval-image.jpg"
@@ -90,6 +94,7 @@ def test_mismatched_answers_fail_before_work(tiny_sample, trained_run, tmp_path)
     assert not (tmp_path / "out").exists()  # nothing decoded, nothing written
 
 
+@pytest.mark.slow
 def test_several_models_need_ensemble_and_calibration_is_found(tiny_sample, trained_run,
                                                                tmp_path, capsys):
     twin = tmp_path / "twin"
@@ -123,6 +128,7 @@ def test_fit_calibration_cli_writes_json(tmp_path, capsys):
     assert "OOF macro F1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_missing_run_folder_is_one_line_exit_2(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir",
                            str(tmp_path / "nowhere"), "--data_dir", str(tmp_path)],
@@ -148,6 +154,7 @@ def category_runs(tiny_sample, tmp_path_factory, run_flags) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow
 def test_category_trio_from_real_checkpoints(tiny_sample, category_runs, trained_run, tmp_path):
     trio = [category_runs[c] for c in ("mask", "gender", "age")]
     result = infer(tiny_sample, tmp_path / "trio", trio, "--ensemble")
@@ -230,6 +237,7 @@ def test_bad_eval_layout_is_reported_before_any_checkpoint_is_read(tiny_sample, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_unknown_architecture_names_the_checkpoint_before_any_model_is_built(
         tiny_sample, trained_run, tmp_path, capsys):
     checkpoint = torch.load(trained_run / "best.pth", map_location="cpu", weights_only=False)
@@ -322,6 +330,7 @@ def test_fit_calibration_paths_of_the_wrong_kind(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- issue 15
+@pytest.mark.slow
 def test_answers_print_every_class_with_sklearns_scores(tiny_sample, trained_run, tmp_path, capsys):
     from sklearn.metrics import precision_recall_fscore_support
     answers_path = tiny_sample / "eval" / "answers.csv"
@@ -340,6 +349,7 @@ def test_answers_print_every_class_with_sklearns_scores(tiny_sample, trained_run
         assert line.split()[-1] == str(row["support"]) and f"{row['f1']:.4f}" in line
 
 
+@pytest.mark.slow
 def test_timm_model_mean_is_recorded_and_applied_by_inference(tiny_sample, tmp_path, run_flags,
                                                                capsys):
     import timm

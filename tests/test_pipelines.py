@@ -72,6 +72,7 @@ def run_tiny(run_flags, train_dir, tmp_path, *extra):
 
 
 # ---------------------------------------------------------------------------- user pipelines
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["albumentations_json", "v2_module"])
 def test_a_user_pipeline_trains_and_is_recorded(kind, saved_pipeline, v2_module, tiny_train_dir,
                                                 tmp_path, run_flags):
@@ -94,6 +95,7 @@ def test_a_user_pipeline_trains_and_is_recorded(kind, saved_pipeline, v2_module,
     assert 0 <= result["best_f1"] <= 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_with_any_worker_count(saved_pipeline, tiny_train_dir, tmp_path):
     frame = dataset.parse_train_dir(tiny_train_dir)
     images = image_cache.build_cache(frame["path"].tolist()[:40], image_cache.Preprocess((32, 24)),
@@ -119,6 +121,7 @@ def test_same_seed_same_batches_with_any_worker_count(saved_pipeline, tiny_train
     assert any(changed) and not all(changed)
 
 
+@pytest.mark.slow
 def test_resume_with_a_pipeline_continues_exactly(v2_module, tiny_train_dir, tmp_path, run_flags):
     flags = ["--augmentation", f"{v2_module}:build", "--early_stopping_patience", "0",
              "--crop_margin", "0.1", "--rrc_scale", "0.6", "1"]
@@ -136,6 +139,7 @@ def test_resume_with_a_pipeline_continues_exactly(v2_module, tiny_train_dir, tmp
         assert torch.equal(tensor, resumed["model"][key]), key
 
 
+@pytest.mark.slow
 def test_validation_and_inference_never_apply_the_pipeline(v2_module, tiny_train_dir, tmp_path,
                                                            run_flags):
     result = run_tiny(run_flags, tiny_train_dir, tmp_path, "--epochs", "2", "--augmentation",
@@ -201,6 +205,7 @@ def test_a_bad_pipeline_fails_in_one_line_before_any_photo_is_decoded(name, v2_m
     assert not out.exists()  # no cache decoded, no run folder made
 
 
+@pytest.mark.slow
 def test_cli_bad_pipeline_is_one_line_with_exit_code_2(tmp_path):
     bad = tmp_path / "aug.json"
     bad.write_text("{}")
@@ -220,6 +225,7 @@ def test_a_typo_lists_the_presets_and_the_pipeline_forms(capsys):
     assert "module:function" in err and ".json" in err
 
 
+@pytest.mark.slow
 def test_a_replay_refuses_a_changed_pipeline_file(saved_pipeline, tiny_train_dir, tmp_path,
                                                   run_flags):
     result = run_tiny(run_flags, tiny_train_dir, tmp_path, "--epochs", "1", "--augmentation",
@@ -301,6 +307,7 @@ def test_cpu_warp_with_a_margin_matches_the_gpu_path(cpu_and_gpu_warps):
     assert (cpu[inner] - reference[inner]).abs().max() < 3 / 255
 
 
+@pytest.mark.slow
 def test_train_and_inference_see_the_same_pixels_with_a_margin(tiny_train_dir, tmp_path,
                                                                 run_flags):
     result = run_tiny(run_flags, tiny_train_dir, tmp_path, "--epochs", "1", "--crop_margin", "0.2",

@@ -14,6 +14,7 @@ from maskface import (
 from maskface.cli import UserError
 
 
+@pytest.mark.slow
 def test_a_resume_on_changed_photos_is_refused_unless_accepted(own_train_dir, tmp_path, run_flags,
         replace_keeping_size_and_date):
     run_dir = train.main(config.parse_args(run_flags(own_train_dir, tmp_path, "--epochs", "1")))["run_dir"]

@@ -16,6 +16,7 @@ from maskface.cli import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_model_typo_rejected_before_data_loads(tmp_path):
     args = config.parse_args(["--model", "resnet1888", "--data_dir", str(tmp_path / "nowhere")])
     with pytest.raises(UserError, match="resnet18"):
@@ -26,6 +27,7 @@ def test_model_typo_rejected_before_data_loads(tmp_path):
     assert "efficientnet_b0" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data_dir", str(tmp_path / "none")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

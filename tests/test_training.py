@@ -41,6 +41,7 @@ def kfold_args(run_flags):
     return flags
 
 
+@pytest.mark.slow
 def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path, kfold_args):
     result = train.main(config.parse_args(kfold_args(tiny_train_dir, tmp_path, "--kfold", "3",
                                                     "--epochs", "1", "--name", "cv")))
@@ -92,6 +93,7 @@ def test_folds_file_must_cover_the_data(tiny_train_dir, tmp_path, kfold_args):
         train.main(config.parse_args(kfold_args(tiny_train_dir, tmp_path, "--folds", str(bad))))
 
 
+@pytest.mark.slow
 def test_single_fold_then_resume_completes_the_run(tiny_train_dir, tmp_path, kfold_args):
     args = kfold_args(tiny_train_dir, tmp_path, "--kfold", "2", "--epochs", "1", "--name", "spread")
     first = train.main(config.parse_args(args + ["--fold", "1"]))
@@ -102,6 +104,7 @@ def test_single_fold_then_resume_completes_the_run(tiny_train_dir, tmp_path, kfo
     assert finished["run_dir"] == run_dir and (run_dir / "oof.csv").is_file()
 
 
+@pytest.mark.slow
 def test_killed_kfold_resumes_without_retraining_finished_folds(tiny_train_dir, tmp_path, kfold_args):
     command = [sys.executable, "train.py", *kfold_args(tiny_train_dir, tmp_path, "--kfold", "3",
                                                         "--epochs", "3", "--name", "killed")]
@@ -124,6 +127,7 @@ def test_killed_kfold_resumes_without_retraining_finished_folds(tiny_train_dir, 
     assert "out-of-fold: macro F1" in resumed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_torchrun_two_processes_gloo(tiny_train_dir, tmp_path, kfold_args):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -148,6 +152,7 @@ def test_torchrun_two_processes_gloo(tiny_train_dir, tmp_path, kfold_args):
 
 
 # ---------------------------------------------------------------------------- 1. resume
+@pytest.mark.slow
 def test_a_resume_that_would_change_a_setting_is_refused(tiny_train_dir, tmp_path, run_flags):
     run_dir = train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1")))["run_dir"]
     config_before = (run_dir / "config.json").read_text()
@@ -161,6 +166,7 @@ def test_a_resume_that_would_change_a_setting_is_refused(tiny_train_dir, tmp_pat
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_a_kfold_resume_keeps_its_own_folds_and_names_new_people(own_train_dir, tmp_path,
                                                                  run_flags):
     flags = run_flags(own_train_dir, tmp_path, "--kfold", "2", "--epochs", "1", "--name", "cv",
@@ -182,6 +188,7 @@ def test_a_kfold_resume_keeps_its_own_folds_and_names_new_people(own_train_dir, 
     assert np.isfinite(result["best_f1"])
 
 
+@pytest.mark.slow
 def test_a_resume_of_a_torn_summary_rewrites_it_from_the_checkpoint(tiny_train_dir, tmp_path,
                                                                      run_flags):
     run_dir = train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "2")))["run_dir"]
@@ -191,6 +198,7 @@ def test_a_resume_of_a_torn_summary_rewrites_it_from_the_checkpoint(tiny_train_d
     assert (run_dir / "summary.csv").read_text().splitlines() == lines
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_a_torchrun_resume_is_exact_on_every_process(tiny_train_dir, tmp_path, run_flags):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -223,6 +231,7 @@ def summary_rows(run_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- runs
+@pytest.mark.slow
 def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run):
     result = run(tiny_train_dir, tmp_path, "--epochs", "2", "--name", "first")
     run_dir = result["run_dir"]
@@ -250,6 +259,7 @@ def test_run_writes_every_file_and_config_replays(tiny_train_dir, tmp_path, run)
     assert saved["epochs"] == 2 and saved["resize"] == [32, 24]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path, run_flags,
                                                     run_killed_after_first_epoch):
     common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "3",
@@ -270,6 +280,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_train_dir, tmp_path, ru
     assert len(summary_rows(killed_dir)) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     ["--multi_head", "--criterion", "focal"],
     ["--canny", "--mixup", "--cutmix", "--criterion", "label_smoothing"],
@@ -286,6 +297,7 @@ def test_model_and_loss_variants_train(tiny_train_dir, tmp_path, extra, run):
     assert 0 <= result["best_f1"] <= 1
 
 
+@pytest.mark.slow
 def test_weights_file_loads_into_another_head_size(tiny_train_dir, tmp_path, capsys, run):
     donor = models.build_model("BaseModel", 3)
     weights = tmp_path / "donor.pth"
@@ -296,6 +308,7 @@ def test_weights_file_loads_into_another_head_size(tiny_train_dir, tmp_path, cap
     assert (result["run_dir"] / "best.pth").is_file()
 
 
+@pytest.mark.slow
 def test_resume_of_a_torn_checkpoint_leaves_the_run_folder_alone(tiny_train_dir, tmp_path, run):
     run_dir = run(tiny_train_dir, tmp_path, "--epochs", "1")["run_dir"]
     last = run_dir / "last.pth"
@@ -307,6 +320,7 @@ def test_resume_of_a_torn_checkpoint_leaves_the_run_folder_alone(tiny_train_dir,
     assert (run_dir / "config.json").read_text() == config_before
 
 
+@pytest.mark.slow
 def test_early_stopping_stops(tiny_train_dir, tmp_path, capsys, run):
     # lr 0: nothing improves after the first epoch, so patience 2 stops at epoch 3
     result = run(tiny_train_dir, tmp_path, "--epochs", "6", "--lr", "0", "--early_stopping_patience", "2")
@@ -314,6 +328,7 @@ def test_early_stopping_stops(tiny_train_dir, tmp_path, capsys, run):
     assert "--early_stopping_patience 0" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_message(tiny_train_dir, tmp_path, run):
     with pytest.raises(UserError, match=r"loss is (nan|inf).*batch \d+ \(lr"):
         run(tiny_train_dir, tmp_path, "--epochs", "2", "--lr", "1e30", "--optimizer", "sgd")
@@ -326,6 +341,7 @@ def test_pretrained_offline_names_weights_flag(tiny_train_dir, tmp_path, run):
     assert not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(
         tiny_train_dir, tmp_path, run_flags, run_killed_after_first_epoch):
     extra = ["--epochs", "3", "--early_stopping_patience", "0", "--multi_head", "--model_ema",
@@ -367,6 +383,7 @@ def test_ema_accumulation_and_timm_schedule_resume_exactly_after_sigkill(
     assert json.loads((whole_dir / "config.json").read_text())["class_weights"] == "effective"
 
 
+@pytest.mark.slow
 def test_resume_with_model_ema_of_a_run_without_it_refuses_before_touching_it(tiny_train_dir,
                                                                               tmp_path, run):
     run_dir = run(tiny_train_dir, tmp_path, "--epochs", "1")["run_dir"]
