@@ -187,7 +187,7 @@ class BatchAugmentation(nn.Module):
             return images.mul_(1 / (255 * std)).sub_(mean / std)  # one pass: uint8 -> normalized
         images.div_(255)
         if training and not warped:
-            images = self._geometry(images)
+            images = self.geometry(images)
         if jitter:
             images = self._colour(images)
         if erase:
@@ -272,7 +272,10 @@ class BatchAugmentation(nn.Module):
         cols = x0 + torch.arange(width - 2 * pad_w, device=device).view(1, 1, -1)
         return batch[torch.arange(n, device=device).view(-1, 1, 1), rows, cols]
 
-    def _geometry(self, images: torch.Tensor) -> torch.Tensor:
+    def geometry(self, images: torch.Tensor) -> torch.Tensor:
+        """The random flip, crop and affine warp of float [B, C, H', W'] images as one
+        grid_sample: the path a batch on the GPU takes in train mode (forward on the CPU warps the
+        uint8 images instead, with the same random draws). Returns [B, C, H, W]."""
         n, device = images.shape[0], images.device
         if not self.warps:
             flip = self._flips(n, device)
@@ -290,7 +293,7 @@ class BatchAugmentation(nn.Module):
                              align_corners=False)
 
     def _warp_uint8(self, batch: torch.Tensor) -> torch.Tensor:
-        """The same random affine maps as _geometry, applied by cv2.warpAffine to uint8 images."""
+        """The same random affine maps as geometry, applied by cv2.warpAffine to uint8 images."""
         n, height, width = batch.shape[:3]
         pad_h, pad_w = self.margin
         out_h, out_w = height - 2 * pad_h, width - 2 * pad_w

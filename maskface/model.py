@@ -161,7 +161,7 @@ def validate_model_name(name: str) -> None:
     name's config is read: from the local cache, or downloaded)."""
     family, inner_name = _resolve(name)
     if family == "hub":
-        _hub_config(inner_name)
+        hub_config(inner_name)
 
 
 def is_timm(name: str) -> bool:
@@ -175,7 +175,7 @@ def timm_pretrained_cfg(name: str) -> dict | None:
     other models and timm names without one. Known without building the model."""
     family, inner_name = _resolve(name)
     if family == "hub":
-        return dict(_hub_config(inner_name)[0])
+        return dict(hub_config(inner_name)[0])
     if family != "timm":
         return None
     cfg = timm.models.get_pretrained_cfg(inner_name)
@@ -198,9 +198,11 @@ def fixed_input_size(name: str) -> tuple[int, int] | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _hub_config(hub_id: str) -> tuple[dict, str, dict]:
+def hub_config(hub_id: str) -> tuple[dict, str, dict]:
     """(pretrained_cfg, timm architecture, model arguments) of a timm model on the Hugging Face
-    hub, read once per process; UserError when neither the hub nor the local cache has it."""
+    hub, read once per process (``hub_config.cache_clear()`` forgets what was read, as after a
+    change of the hub cache or of HF_HUB_OFFLINE); UserError when neither the hub nor the local
+    cache has it."""
     import huggingface_hub.constants as hf_constants
     from timm.models import load_model_config_from_hf
 
@@ -310,7 +312,7 @@ def build_model(name: str, num_classes: int, *, multi_head: bool = False, canny:
     if multi_head and num_classes != NUM_CLASSES:
         raise ValueError(f"multi_head predicts all {NUM_CLASSES} classes; got num_classes={num_classes}")
     if family == "hub":  # recorded (and rebuilt) as timm/<architecture> with the repo's arguments
-        _, architecture, hub_args = _hub_config(inner_name)
+        _, architecture, hub_args = hub_config(inner_name)
         timm_kwargs = {k: v for k, v in (hub_args or {}).items() if k != "num_classes"}
         family, inner_name = "timm", name if pretrained else architecture  # weights: the hub's
         name = TIMM_PREFIX + architecture

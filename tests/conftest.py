@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny generated dataset in the competition layout (made once per session),
 the train.py flags of a tiny, fast run on it, and a run killed once it has a checkpoint."""
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -56,15 +58,56 @@ def run_killed_after_first_epoch():
 @pytest.fixture(scope="session")
 def cpu_and_gpu_warps():
     """cpu_and_gpu_warps(augment, height, width): the same random draw (seed 0) of ``augment``'s
-    geometry through its CPU uint8 warp and through its GPU grid_sample path, on 6 smooth
-    gradient images, both as float [6, 3, H', W'] in 0..1; then the batch itself."""
+    geometry through its CPU uint8 warp (its forward in train mode on a CPU batch, normalization
+    undone) and through its GPU grid_sample path (``augment.geometry``), on 6 smooth gradient
+    images, both as float [6, 3, H', W'] in 0..1; then the batch itself."""
     def warps(augment, height: int, width: int):
         yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
         smooth = torch.stack([xx * 5, yy * 4, (xx + yy) * 2], -1).clamp(0, 255).to(torch.uint8)
         batch = smooth.expand(6, -1, -1, -1).contiguous()
         torch.manual_seed(0)
-        cpu = augment._warp_uint8(batch).permute(0, 3, 1, 2).float() / 255
+        cpu = augment.train()(batch) * augment.std + augment.mean
         torch.manual_seed(0)
-        reference = augment._geometry(batch.permute(0, 3, 1, 2).float() / 255)
+        reference = augment.geometry(batch.permute(0, 3, 1, 2).float() / 255)
         return cpu, reference, batch
     return warps
+
+
+@pytest.fixture()
+def own_train_dir(tiny_train_dir, tmp_path) -> Path:
+    """A copy of the tiny sample's photos that a test may change."""
+    return Path(shutil.copytree(tiny_train_dir, tmp_path / "data" / "images"))
+
+
+@pytest.fixture(scope="session")
+def replace_keeping_size_and_date():
+    """replace_keeping_size_and_date(path): swap the photo at ``path`` for another one."""
+    def replace_keeping_size_and_date(path: Path) -> None:
+        """Another photo of exactly the same byte size, its mtime set back: what `cp -p` or an unzip
+        of an edited archive leave."""
+        import cv2
+
+        from maskface import image_cache
+        before = path.stat()
+        image = image_cache.decode_image(str(path))
+        for quality in range(95, 5, -1):  # a re-encoding that can be padded to the old size
+            ok, data = cv2.imencode(".jpg", cv2.cvtColor(255 - image, cv2.COLOR_RGB2BGR),
+                                    [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if ok and data.size <= before.st_size:
+                break
+        payload = data.tobytes()
+        path.write_bytes(payload + b"\0" * (before.st_size - len(payload)))  # JPEG ignores the tail
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert path.stat().st_size == before.st_size
+    return replace_keeping_size_and_date
+
+
+@pytest.fixture()
+def run(run_flags):
+    """run(train_dir, tmp_path, *extra): train.main on the tiny run's flags; its result."""
+    import train
+    from maskface import config
+
+    def train_tiny(train_dir, tmp_path, *extra):
+        return train.main(config.parse_args(run_flags(train_dir, tmp_path, *extra)))
+    return train_tiny

@@ -23,6 +23,7 @@ def eval_copy_of_train_photos(train_dir, tmp_path, stem="normal"):
     return eval_dir, sources
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crop", ["face", "center", "none"])
 def test_train_and_inference_use_the_same_pixels(tiny_train_dir, tmp_path, crop, run_flags):
     cache_dir = tmp_path / "cache"
@@ -73,6 +74,7 @@ def test_face_boxes_are_detected_once_and_shared(tiny_train_dir, tmp_path):
     assert sum(info["fallbacks"].values()) == 21
 
 
+@pytest.mark.slow
 def test_face_cli_and_training_share_one_box_cache(tiny_train_dir, tmp_path, monkeypatch, capsys,
                                                    run_flags):
     monkeypatch.chdir(tmp_path)  # both defaults: face.py --cache and train.py --cache_dir

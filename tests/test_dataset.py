@@ -1,3 +1,5 @@
+"""maskface.dataset: the train and eval layouts parsed and checked, splits and folds grouped by
+person, balancing, relabeling and folds files checked cell by cell, cached batches."""
 import shutil
 from pathlib import Path
 
@@ -6,51 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from maskface import dataset, image_cache, labels
+import train
+from maskface import config, dataset, labels
 from maskface.cli import UserError
-
-
-def test_label_round_trip_all_18_classes():
-    seen = set()
-    for mask in range(3):
-        for gender in range(2):
-            for age in range(3):
-                label = labels.encode_class(mask, gender, age)
-                assert labels.decode_class(label) == (mask, gender, age)
-                seen.add(label)
-    assert seen == set(range(18))
-    classes = np.arange(18)
-    assert np.array_equal(labels.encode_class(*labels.decode_class(classes)), classes)
-    assert labels.encode_class(2, 1, 2) == 17 and labels.encode_class(1, 0, 1) == 7
-
-
-def test_age_groups_bins_and_boundary():
-    ages = np.array([18, 29, 30, 57, 58, 59, 60, 75])
-    assert labels.age_group(ages).tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
-    assert labels.age_group(ages, old_age=58).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
-    assert labels.age_bin6(np.array([5, 19, 20, 35, 45, 59, 60])).tolist() == [0, 0, 1, 2, 3, 4, 5]
-    # 6 bins fold back to the same 3 groups as the years themselves
-    years = np.arange(0, 90)
-    assert np.array_equal(labels.age6_to_age3(labels.age_bin6(years)), labels.age_group(years))
-
-
-def test_heads_product_and_marginals():
-    rng = np.random.default_rng(0)
-    m, g, a = (rng.dirichlet(np.ones(k), size=4) for k in (3, 2, 3))
-    joint = labels.heads_to_class_probs(m, g, a)
-    assert joint.shape == (4, 18)
-    assert np.allclose(joint.sum(1), 1)
-    assert np.isclose(joint[1, labels.encode_class(2, 1, 0)], m[1, 2] * g[1, 1] * a[1, 0])
-    for got, want in zip(labels.class_probs_to_heads(joint), (m, g, a)):
-        assert np.allclose(got, want)
-
-
-def test_fold_age6_sums_probabilities():
-    probs = np.random.default_rng(1).dirichlet(np.ones(36), size=5)
-    folded = labels.fold_age6(probs, "multi")
-    assert folded.shape == (5, 18) and np.allclose(folded.sum(1), 1)
-    # class (mask 1, gender 0, age group 1) gathers the 30s, 40s, 50s bins
-    assert np.isclose(folded[0, labels.encode_class(1, 0, 1)], probs[0, 12 + 2:12 + 5].sum())
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -112,28 +72,6 @@ def test_missing_photos_warn_hidden_files_ignored(tmp_path, tiny_train_dir):
     frame = dataset.parse_train_dir(root, warn=said.append)
     assert len(frame) == 5
     assert len(said) == 1 and "missing photo(s) incorrect_mask, normal" in said[0]
-
-
-def test_corrupt_image_reported_by_cache_and_nothing_written(tmp_path, tiny_train_dir):
-    source = next(tiny_train_dir.glob("*/normal.jpg"))
-    root = _layout(tmp_path, source, {"000001_female_Asian_45": ALL})
-    broken = root / "000001_female_Asian_45" / "mask3.jpg"
-    broken.write_bytes(source.read_bytes()[:200])  # a JPEG header, then nothing
-    frame = dataset.parse_train_dir(root)
-    cache_dir = tmp_path / "cache"
-    with pytest.raises(UserError, match="mask3.jpg: corrupt or unreadable image"):
-        image_cache.build_cache(frame["path"].tolist(), image_cache.Preprocess(resize=(32, 24)), cache_dir,
-                                progress=False)
-    assert not list(cache_dir.glob("*.npy"))
-
-
-def test_tiny_image_is_named_not_a_crash(tmp_path):
-    import cv2
-    tiny = tmp_path / "mask1.jpg"
-    cv2.imwrite(str(tiny), np.zeros((1, 1, 3), np.uint8))
-    with pytest.raises(UserError, match=r"mask1.jpg: image is 1x1 pixels; expected a photo of at least 16x16"):
-        image_cache.build_cache([str(tiny)], image_cache.Preprocess(resize=(32, 24)), tmp_path / "cache",
-                                progress=False)
 
 
 def test_eval_parsing(tiny_sample, tmp_path):
@@ -278,33 +216,6 @@ def test_relabel_bad_rows_fail_clearly(tiny_train_dir, tmp_path, content, expect
         dataset.parse_train_dir(tiny_train_dir, relabel=relabel)
 
 
-# ---------------------------------------------------------------------------- cache
-def test_cache_reused_then_rebuilt_after_image_change(tiny_train_dir, tmp_path):
-    frame = dataset.parse_train_dir(tiny_train_dir)
-    photos = tmp_path / "photos"
-    shutil.copytree(tiny_train_dir, photos)
-    paths = [str(photos / Path(p).parent.name / Path(p).name) for p in frame["path"][:14]]
-    pre = image_cache.Preprocess(resize=(40, 30))
-    cache_dir = tmp_path / "cache"
-    first = image_cache.build_cache(paths, pre, cache_dir, progress=False)
-    assert first.dtype == np.uint8 and first.shape == (14, 40, 30, 3)
-    stamp = {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")}
-    again = image_cache.build_cache(paths, pre, cache_dir, progress=False)
-    assert {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")} == stamp  # nothing rebuilt
-    assert np.array_equal(first, again)
-    # the same pixels as decoding the photo directly
-    direct = image_cache.preprocess_image(image_cache.decode_image(paths[3]), pre)
-    assert np.array_equal(first[3], direct)
-    shutil.copy(paths[0], paths[3])  # change one image
-    changed = image_cache.build_cache(paths, pre, cache_dir, progress=False)
-    assert len(list(cache_dir.glob("*.npy"))) == 2
-    assert np.array_equal(changed[3], first[0]) and not np.array_equal(changed[3], first[3])
-    # another preprocessing is another cache
-    image_cache.build_cache(paths, image_cache.Preprocess(resize=(40, 30), canny=True), cache_dir,
-                            progress=False)
-    assert len(list(cache_dir.glob("*.npy"))) == 3
-
-
 def test_cached_batches_cover_rows_in_order_and_shuffled():
     images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
     rows = np.array([7, 3, 3, 9, 0])
@@ -323,37 +234,44 @@ def test_cached_batches_cover_rows_in_order_and_shuffled():
     assert sorted(np.concatenate([b[2] for b in resident]).tolist()) == sorted(rows.tolist())
 
 
-def test_center_box_inside_image_with_aspect():
-    assert image_cache.center_box(384, 512, 320 / 256) == (64, 96, 320, 416)  # the baseline's crop
-    for width, height, aspect in [(384, 512, 128 / 96), (384, 512, 1.0), (1000, 500, 2.0)]:
-        x0, y0, x1, y1 = image_cache.center_box(width, height, aspect)
-        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
-        assert abs((y1 - y0) / (x1 - x0) - aspect) < 0.05
+# ---------------------------------------------------------------------------- 3. paths stay inside
+@pytest.mark.parametrize("image_id", ["../../secret.jpg", "/etc/passwd", "sub/../../x.jpg"])
+def test_an_image_id_outside_the_images_folder_is_refused_before_any_work(tiny_sample, tmp_path,
+                                                                           image_id):
+    eval_dir = Path(shutil.copytree(tiny_sample / "eval", tmp_path / "eval"))
+    info = pd.read_csv(eval_dir / "info.csv", dtype=str)
+    info.loc[2, "ImageID"] = image_id
+    info.to_csv(eval_dir / "info.csv", index=False)
+    with pytest.raises(UserError, match=rf"info\.csv:4: ImageID: '{image_id}' is not a file inside "):
+        dataset.parse_eval_dir(eval_dir)
 
 
+@pytest.mark.parametrize("content, expected", [
+    ("", "empty; expected a header line id,gender,age,swap_mask"),
+    ("id,age\n000001,²\n", r":2: age '²' is not a number of years 0\.\.150"),
+    ("id,age\n000001,٤٥\n", r":2: age '٤٥' is not a number of years"),
+    ("id,age\n000001,99999999999999999999999\n", ":2: age '99999999999999999999999' is not"),
+    ("id,gender\n000001,male\n000002,female\n000001,female\n",
+     r":4: id '000001' is relabelled differently on line 2"),
+])
+def test_bad_relabel_files_are_one_line(tiny_train_dir, tmp_path, content, expected):
+    relabel = tmp_path / "relabel.csv"
+    relabel.write_text(content, encoding="utf-8")
+    frame = dataset.parse_train_dir(tiny_train_dir, warn=lambda _: None)
+    with pytest.raises(UserError, match=expected) as error:
+        dataset.apply_relabel(frame, relabel, warn=lambda _: None)
+    assert "\n" not in str(error.value)
 
 
-def test_interpolation_is_preprocessing_and_its_default_keeps_old_cache_names(tiny_train_dir):
-    import hashlib
-    import json
-    from dataclasses import replace
-
-    from PIL import Image
-
-    path = str(sorted(tiny_train_dir.glob("*/normal.*"))[0])
-    default = image_cache.Preprocess(resize=(32, 24))
-    # caches and checkpoints written before the field existed keep their names and meaning
-    old = {"resize": [32, 24], "crop": "center", "canny": False, "face_margin": 0.4}
-    assert default.to_dict() == old and image_cache.Preprocess.from_dict(old) == default
-    files = [[str(Path(path).resolve()), image_cache.photo_digests([path])[0]]]  # path and content
-    signature = json.dumps([image_cache.CACHE_VERSION, old, files])
-    assert image_cache.cache_key([path], default) == hashlib.sha1(signature.encode()).hexdigest()[:16]
-    bicubic = replace(default, interpolation="bicubic")
-    assert image_cache.Preprocess.from_dict(bicubic.to_dict()) == bicubic
-    assert image_cache.cache_key([path], bicubic) != image_cache.cache_key([path], default)
-    # bicubic is Pillow's (antialiased, as timm's transforms) on the same crop
-    image = image_cache.decode_image(path)
-    x0, y0, x1, y1 = image_cache.center_box(image.shape[1], image.shape[0], 32 / 24)
-    expected = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize((24, 32), Image.BICUBIC))
-    np.testing.assert_array_equal(image_cache.preprocess_image(image, bicubic), expected)
-    assert not np.array_equal(image_cache.preprocess_image(image, default), expected)
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["", "one", "1.5", "-1"])
+def test_a_folds_file_with_a_bad_cell_names_the_line(tiny_train_dir, tmp_path, run_flags, cell):
+    profiles = sorted(p.name for p in tiny_train_dir.iterdir())
+    lines = ["profile,fold"] + [f"{p},{k % 2}" for k, p in enumerate(profiles)]
+    lines[3] = f"{profiles[2]},{cell}"
+    folds = tmp_path / "folds.csv"
+    folds.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"folds\.csv:4: fold .* for {profiles[2]}; expected a "
+                                        r"fold number"):
+        train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--folds", str(folds))))
+    assert not (tmp_path / "runs").exists()

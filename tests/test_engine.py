@@ -7,8 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from maskface import augmentation, config, engine, loss as losses, model as models
+import benchmark
+from maskface import (
+    augmentation,
+    config,
+    engine,
+    loss as losses,
+    model as models,
+)
+from maskface.bench import speed
 from maskface.cli import UserError
+from maskface.settings import resolve_settings
 
 
 def tiny_net() -> nn.Module:
@@ -178,3 +187,27 @@ def test_heads_learn_at_their_multiple_and_layer_decay_is_timms():
     assert "lr_scale" not in decayed[0] and decayed[-1]["lr"] == pytest.approx(1e-3)
     with pytest.raises(UserError, match="--layer_decay needs a timm model"):
         models.parameter_groups(net, 1e-3, 0.0, layer_decay=0.5)
+
+
+def test_benchmark_and_train_build_the_same_trainer(tiny_train_dir):
+    # benchmark.py times the trainer train.py trains: the same flags give the same model (same
+    # weights from the same seed), optimizer, loss, augmentation and precision
+    flags = ["--model", "resnet18", "--resize", "64", "48", "--batch_size", "8",
+             "--optimizer", "sgd", "--amp", "off", "--device", "cpu"]
+    benchmark_settings = speed.train_settings(benchmark.parse_args(
+        [*flags, "--data_dir", str(tiny_train_dir)]), torch.device("cpu"))
+    train_settings = resolve_settings(config.parse_args(flags), say=lambda _: None)
+    trainers = []
+    for settings in (benchmark_settings, train_settings):
+        torch.manual_seed(0)
+        trainers.append(engine.build_trainer(settings, 18, torch.device("cpu"), steps_per_epoch=2))
+    timed, trained = trainers
+    assert timed.net.model_config == trained.net.model_config
+    timed_weights, trained_weights = timed.net.state_dict(), trained.net.state_dict()
+    assert all(torch.equal(timed_weights[k], trained_weights[k]) for k in trained_weights)
+    assert type(timed.optimizer) is type(trained.optimizer) is torch.optim.SGD
+    assert timed.optimizer.defaults == trained.optimizer.defaults
+    assert type(timed.criterion) is type(trained.criterion)
+    assert type(timed.augment) is type(trained.augment)
+    assert (timed.autocast_dtype, timed.channels_last) == (trained.autocast_dtype,
+                                                           trained.channels_last)

@@ -1,3 +1,5 @@
+"""ensemble_csv.py, the script: hard and soft votes of submission files, weights and ties, bad
+inputs failing in one line before anything is written."""
 import re
 import subprocess
 import sys

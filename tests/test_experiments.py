@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import f1_score
+from test_selection import noisy_probs, people, write_oof_run  # synthetic OOF runs
 
 import ensemble_csv
 import experiments
@@ -18,52 +18,9 @@ from maskface.cli import run_cli
 from maskface.labels import PROB_COLUMNS
 
 
-def people(n_people: int, n_folds: int = 3, seed: int = 0) -> pd.DataFrame:
-    """7 photos per person with the competition's labels; folds by person."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for person in range(n_people):
-        gender, age = rng.integers(2), rng.integers(3)
-        profile = f"{person:06d}_{['male', 'female'][gender]}_Asian_{[20, 40, 60][age]}"
-        for stem in classes.PHOTO_STEMS:
-            label = classes.encode_class(classes.MASK_BY_STEM[stem], gender, age)
-            rows.append({"path": f"/data/{profile}/{stem}.jpg", "profile": profile,
-                         "fold": person % n_folds, "label": int(label)})
-    # in the order selection keeps rows in (profile/photo), so arrays here line up with its own
-    return pd.DataFrame(rows).sort_values("path", ignore_index=True)
-
-
-def noisy_probs(labels: np.ndarray, skill: float, n_classes: int, seed: int) -> np.ndarray:
-    """Probabilities that favour the true class by ``skill`` (0 = noise)."""
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(size=(len(labels), n_classes))
-    logits[np.arange(len(labels)), labels] += skill
-    probs = np.exp(logits)
-    return probs / probs.sum(1, keepdims=True)
-
-
-def write_oof_run(run_dir: Path, photos: pd.DataFrame, probs: np.ndarray,
-                  category: str = "multi", folds: pd.Series | None = None) -> Path:
-    """The files train.py --kfold writes that selection reads: config.json, folds.csv, oof.csv."""
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({"category": category, "kfold": 3}))
-    if folds is None:
-        folds = photos.groupby("profile")["fold"].first()
-    folds.rename("fold").to_frame().to_csv(run_dir / "folds.csv")
-    table = photos.assign(label=classes.category_target(photos["label"].to_numpy(), category))
-    columns = [f"p{c}" for c in range(probs.shape[1])]
-    pd.concat([table, pd.DataFrame(probs, columns=columns)], axis=1).to_csv(
-        run_dir / "oof.csv", index=False)
-    return run_dir
-
-
 def select_cli(capsys, *argv) -> tuple[int, str]:
     code = run_cli(experiments.main, experiments.parse_args, ["select", *map(str, argv)])
     return code, capsys.readouterr().err
-
-
-def macro(labels, probs) -> float:
-    return f1_score(labels, probs.argmax(1), average="macro")
 
 
 def test_selection_picks_the_obviously_better_run_of_a_pair(tmp_path, capsys):
@@ -84,40 +41,6 @@ def test_selection_picks_the_obviously_better_run_of_a_pair(tmp_path, capsys):
     assert "step  1: + good" in out and "split-half check" in out
 
 
-def test_split_half_check_exposes_a_gain_fitted_to_noise(tmp_path, capsys):
-    photos = people(60)
-    labels = photos["label"].to_numpy()
-    runs = [selection.read_oof_run(write_oof_run(tmp_path / n, photos, p), n) for n, p in (
-        ("noise", noisy_probs(labels, 0.0, 18, 1)), ("good", noisy_probs(labels, 2.5, 18, 2)))]
-    result = selection.select_runs(runs, repeats=5)
-    # the pure-noise run raises the OOF F1 a little by chance ...
-    assert "noise" in [m["runs"][0] for m in result["members"]]
-    assert result["oof_f1"] > result["best_single"]["oof_f1"]
-    # ... which the held-out halves do not confirm, and the verdict says so
-    check = result["split_half"]
-    assert check["mix"]["mean"] < 0.01 and check["mix"]["positive"] < 0.8 * check["halves"]
-    out = capsys.readouterr().out
-    assert "verdict: " in out and "gain over the best single run holds" not in out
-    assert "safer: --steps 1 (the best single run good alone)" in out
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_selection_never_lowers_oof_f1_below_the_best_single_run(seed):
-    rng = np.random.default_rng(seed)
-    photos = people(int(rng.integers(8, 40)), seed=seed)
-    labels = photos["label"].to_numpy()
-    probs = [noisy_probs(labels, float(rng.uniform(0, 3)), 18, seed * 10 + i)
-             for i in range(int(rng.integers(2, 6)))]
-    chosen = selection.greedy_selection(probs, labels, steps=int(rng.integers(1, 12)),
-                                        patience=int(rng.integers(1, 4)))
-    best_single = max(macro(labels, p) for p in probs)
-    mix = selection.mix_of(probs, chosen.weights)
-    assert macro(labels, mix) >= best_single - 1e-12
-    assert macro(labels, mix) == pytest.approx(chosen.history[chosen.best_step - 1]["f1"])
-    assert chosen.history[0]["f1"] == pytest.approx(best_single)  # step 1: the best single
-    assert chosen.counts.sum() == chosen.best_step
-
-
 def test_a_second_run_that_fixes_the_first_ones_blind_spot_is_added(tmp_path, capsys):
     photos = people(60)
     labels = photos["label"].to_numpy()
@@ -134,30 +57,6 @@ def test_a_second_run_that_fixes_the_first_ones_blind_spot_is_added(tmp_path, ca
     assert check["mix"]["mean"] > 0.05  # real: it holds on unseen people
     assert check["mix"]["positive"] == check["halves"] == 4
     assert "verdict: the mix's gain over the best single run holds" in capsys.readouterr().out
-
-
-def test_person_halves_never_split_a_person():
-    photos = people(40)
-    halves = selection.person_halves(photos["label"].to_numpy(), photos["profile"].to_numpy(), 3)
-    assert sorted(np.concatenate(halves).tolist()) == list(range(len(photos)))
-    first, second = (set(photos["profile"].to_numpy()[h]) for h in halves)
-    assert not first & second and abs(len(first) - len(second)) <= 4
-
-
-def test_a_trio_of_per_category_runs_is_one_candidate(tmp_path):
-    photos = people(30)
-    labels = photos["label"].to_numpy()
-    runs = []
-    for category in ("mask", "gender", "age"):
-        target = classes.category_target(labels, category)
-        probs = noisy_probs(target, 2.0, classes.CATEGORY_CLASSES[category], len(runs))
-        runs.append(write_oof_run(tmp_path / f"cv-{category}", photos, probs, category))
-    oof_runs = [selection.read_oof_run(d, d.name) for d in runs]
-    candidates = selection.build_candidates(oof_runs)
-    assert [c.runs for c in candidates] == [("cv-mask", "cv-gender", "cv-age")]
-    np.testing.assert_array_equal(selection.truth_labels(oof_runs), labels)
-    expected = classes.heads_to_class_probs(*(r.probs for r in oof_runs))
-    np.testing.assert_allclose(candidates[0].probs, expected)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -251,6 +150,7 @@ def model_dir(tiny_sample, tmp_path_factory, run_flags) -> Path:
     return out / "runs"
 
 
+@pytest.mark.slow
 def test_inference_with_the_selection_file_applies_the_selected_weights(
         model_dir, tiny_sample, tmp_path, capsys):
     runs = tmp_path / "model"
@@ -302,6 +202,7 @@ def test_inference_with_the_selection_file_applies_the_selected_weights(
     assert code == 2 and "is not the one selected on" in err and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_table_lists_every_run_folder_and_survives_half_written_ones(model_dir, tmp_path, capsys):
     runs = tmp_path / "model"
     shutil.copytree(model_dir, runs)
@@ -352,6 +253,7 @@ def test_table_lists_every_run_folder_and_survives_half_written_ones(model_dir, 
     assert sorted(only["run"]) == ["cv-a", "cv-b", "cv-mask"]
 
 
+@pytest.mark.slow
 def test_runs_log_tensorboard_hparams(model_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     for run, metric, expected in (

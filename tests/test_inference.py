@@ -1,3 +1,5 @@
+"""inference.py, the script: submissions from trained run folders, resize and views, several
+models and calibration, one-line failures before any work."""
 import json
 import re
 import shutil
@@ -13,98 +15,11 @@ from sklearn.metrics import f1_score
 
 import inference
 import train
-from maskface import config, dataset, ensemble, labels, submission
+from maskface import config, dataset, labels, submission
 from maskface.cli import UserError, run_cli
 from maskface.labels import PROB_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_hot_ish(winner: int, p_winner: float, runner_up: int, p_runner_up: float) -> np.ndarray:
-    """18-class probabilities: two named classes, the rest spread evenly."""
-    probs = np.full(18, (1 - p_winner - p_runner_up) / 16)
-    probs[winner], probs[runner_up] = p_winner, p_runner_up
-    return probs[None, :]
-
-
-# ---------------------------------------------------------------------------- pure functions
-def test_soft_vote_averages_probabilities_not_logits():
-    confident_wrong = one_hot_ish(0, 0.999, 1, 0.0005)
-    mildly_right = one_hot_ish(1, 0.8, 0, 0.15)
-    members = [confident_wrong, mildly_right, mildly_right]
-    averaged = ensemble.ensemble_probabilities(members)
-    assert averaged.argmax(1).tolist() == [1]
-    assert np.allclose(averaged, (confident_wrong + 2 * mildly_right) / 3)
-    # averaging logits (log-probabilities) would follow the confident model: the test can tell
-    assert np.mean([np.log(p) for p in members], 0).argmax(1).tolist() == [0]
-    with pytest.raises(ValueError, match="not logits"):
-        ensemble.ensemble_probabilities([np.log(confident_wrong)])
-
-
-def test_trio_is_heads_product_and_counts_as_one_model():
-    rng = np.random.default_rng(0)
-
-    def softmax(n: int, size: int) -> np.ndarray:
-        x = np.exp(rng.normal(size=(n, size)) * 3)
-        return x / x.sum(1, keepdims=True)
-
-    masks, genders, ages = [softmax(5, 3), softmax(5, 3)], [softmax(5, 2)], [softmax(5, 3)]
-    trio = ensemble.combine_categories({"mask": masks, "gender": genders, "age": ages})
-    expected = labels.heads_to_class_probs((masks[0] + masks[1]) / 2, genders[0], ages[0])
-    assert np.allclose(trio, expected)
-    # the argmax of the product decodes to the argmax of each (averaged) head
-    mask, gender, age = labels.decode_class(trio.argmax(1))
-    assert np.array_equal(mask, ((masks[0] + masks[1]) / 2).argmax(1))
-    assert np.array_equal(gender, genders[0].argmax(1)) and np.array_equal(age, ages[0].argmax(1))
-    # two 18-class models and a trio: three equal votes
-    multi = [softmax(5, 18), softmax(5, 18)]
-    mixed = ensemble.combine_categories({"multi": multi, "mask": masks, "gender": genders,
-                                          "age": ages})
-    assert np.allclose(mixed, (multi[0] + multi[1] + expected) / 3)
-
-
-def test_incomplete_trio_without_18_class_model_names_the_missing():
-    probs = np.full((2, 3), 1 / 3)
-    with pytest.raises(UserError, match="none for gender, age"):
-        ensemble.combine_categories({"mask": [probs]})
-    multi = np.full((2, 18), 1 / 18)
-    said = []
-    out = ensemble.combine_categories({"multi": [multi], "mask": [probs]}, say=said.append)
-    assert np.allclose(out, multi) and "ignored" in said[0]
-
-
-def test_validate_submission_rejects_bad_rows():
-    info = pd.DataFrame({"ImageID": ["a.jpg", "b.jpg", "c.jpg"]})
-    good = pd.DataFrame({"ImageID": ["a.jpg", "b.jpg", "c.jpg"], "ans": np.array([0, 17, 5])})
-    submission.validate_submission(info, good)
-    for bad, message in [
-        (good.assign(ans=[0, 18, 5]), "not an integer 0..17"),
-        (good.assign(ans=[0, -1, 5]), "not an integer 0..17"),
-        (good.assign(ans=[0.0, 1.5, 5.0]), "expected integers"),
-        (good.iloc[[1, 0, 2]].reset_index(drop=True), "order"),
-        (good.iloc[:2], "count"),
-    ]:
-        with pytest.raises(UserError, match=message):
-            submission.validate_submission(info, bad)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fit_calibration_never_lowers_f1_on_its_data(seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 18, 300)
-    logits = rng.normal(size=(300, 18))
-    logits[np.arange(300), labels] += 1.0
-    logits[:, 3] += 1.5  # a biased class: offsets can undo it
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    offsets = ensemble.fit_calibration(probs, labels, iterations=2)
-    before = f1_score(labels, probs.argmax(1), average="macro")
-    after = f1_score(labels, ensemble.calibrated_predictions(probs, offsets), average="macro")
-    assert after > before  # the bias is worth correcting, so the fit must find something
-    predicted = ensemble.calibrated_predictions(probs, offsets)
-    assert ensemble.macro_f1(labels, predicted) == pytest.approx(after)
-    assert ensemble.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
-        f1_score(labels[:5], predicted[:5], average="macro"))  # labels absent on one side
-    assert offsets.shape == (18,) and np.abs(offsets).max() <= 2
 
 
 # ---------------------------------------------------------------------------- with trained runs
@@ -124,6 +39,7 @@ def infer(tiny_sample, out: Path, model_dirs, *flags: str) -> dict:
     return inference.main(inference.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_submission_order_resize_and_scores(tiny_sample, trained_run, tmp_path, capsys):
     answers_path = tiny_sample / "eval" / "answers.csv"
     result = infer(tiny_sample, tmp_path, [trained_run], "--answers", str(answers_path))
@@ -147,12 +63,14 @@ def test_submission_order_resize_and_scores(tiny_sample, trained_run, tmp_path, 
     assert "macro F1" in printed and str(tmp_path / "output.csv") in printed.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_resize_override_warns(tiny_sample, trained_run, tmp_path, capsys):
     result = infer(tiny_sample, tmp_path, [trained_run], "--resize", "64", "48")
     assert result["caches"][0].shape[1:3] == (64, 48)
     assert "trained with resize 48x32" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_mode_gives_identical_outputs(tiny_sample, trained_run, tmp_path):
     (loaded,) = submission.load_models([trained_run / "best.pth"], say=lambda _: None)
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in loaded.net.modules())
@@ -165,6 +83,7 @@ def test_eval_mode_gives_identical_outputs(tiny_sample, trained_run, tmp_path):
     assert not loaded.net.training
 
 
+@pytest.mark.slow
 def test_mismatched_answers_fail_before_work(tiny_sample, trained_run, tmp_path):
     answers = pd.read_csv(tiny_sample / "eval" / "answers.csv", dtype={"ImageID": str})
     answers.loc[0, "ImageID"] = "not-an-eval-image.jpg"
@@ -175,6 +94,7 @@ def test_mismatched_answers_fail_before_work(tiny_sample, trained_run, tmp_path)
     assert not (tmp_path / "out").exists()  # nothing decoded, nothing written
 
 
+@pytest.mark.slow
 def test_several_models_need_ensemble_and_calibration_is_found(tiny_sample, trained_run,
                                                                tmp_path, capsys):
     twin = tmp_path / "twin"
@@ -208,6 +128,7 @@ def test_fit_calibration_cli_writes_json(tmp_path, capsys):
     assert "OOF macro F1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_missing_run_folder_is_one_line_exit_2(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_dir",
                            str(tmp_path / "nowhere"), "--data_dir", str(tmp_path)],
@@ -216,25 +137,6 @@ def test_cli_missing_run_folder_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
-
-
-def test_find_checkpoints_takes_every_fold_in_order(tmp_path):
-    kfold = tmp_path / "kfold"
-    for fold in (0, 1, 2, 10):
-        (kfold / f"fold{fold}").mkdir(parents=True)
-        (kfold / f"fold{fold}" / "best.pth").touch()
-    single = tmp_path / "single"
-    single.mkdir()
-    (single / "best.pth").touch()
-    found = submission.find_checkpoints([kfold, single])
-    assert [p.parent.name for p in found] == ["fold0", "fold1", "fold2", "fold10", "single"]
-    with pytest.raises(UserError, match="more than once"):
-        submission.find_checkpoints([single, single / "best.pth"])
-    (kfold / "fold2" / "best.pth").unlink()
-    with pytest.raises(UserError, match="fold2 has no best.pth"):
-        submission.find_checkpoints([kfold])
-    with pytest.raises(UserError, match="no best.pth"):
-        submission.find_checkpoints([tmp_path / "single" / ".."])
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +154,7 @@ def category_runs(tiny_sample, tmp_path_factory, run_flags) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow
 def test_category_trio_from_real_checkpoints(tiny_sample, category_runs, trained_run, tmp_path):
     trio = [category_runs[c] for c in ("mask", "gender", "age")]
     result = infer(tiny_sample, tmp_path / "trio", trio, "--ensemble")
@@ -334,6 +237,7 @@ def test_bad_eval_layout_is_reported_before_any_checkpoint_is_read(tiny_sample, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_unknown_architecture_names_the_checkpoint_before_any_model_is_built(
         tiny_sample, trained_run, tmp_path, capsys):
     checkpoint = torch.load(trained_run / "best.pth", map_location="cpu", weights_only=False)
@@ -426,6 +330,7 @@ def test_fit_calibration_paths_of_the_wrong_kind(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- issue 15
+@pytest.mark.slow
 def test_answers_print_every_class_with_sklearns_scores(tiny_sample, trained_run, tmp_path, capsys):
     from sklearn.metrics import precision_recall_fscore_support
     answers_path = tiny_sample / "eval" / "answers.csv"
@@ -444,6 +349,7 @@ def test_answers_print_every_class_with_sklearns_scores(tiny_sample, trained_run
         assert line.split()[-1] == str(row["support"]) and f"{row['f1']:.4f}" in line
 
 
+@pytest.mark.slow
 def test_timm_model_mean_is_recorded_and_applied_by_inference(tiny_sample, tmp_path, run_flags,
                                                                capsys):
     import timm

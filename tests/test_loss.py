@@ -1,3 +1,5 @@
+"""maskface.loss: every loss in LOSSES against torch and its definition, hard and soft targets,
+multi-head sums, class weights."""
 import numpy as np
 import pytest
 import torch

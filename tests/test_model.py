@@ -1,4 +1,7 @@
 """model.py: shapes, heads, Canny input, weight loading, name validation and offline errors."""
+import errno
+import os
+import socket
 from unittest import mock
 
 import pytest
@@ -90,7 +93,8 @@ def test_timm_model_builds_with_num_classes():
 
 
 def test_unknown_name_lists_close_matches_without_building():
-    with mock.patch.object(models, "_build_backbone", side_effect=AssertionError("built")):
+    # building any network (BaseModel, torchvision, timm) runs nn.Module.__init__: none may
+    with mock.patch.object(torch.nn.Module, "__init__", side_effect=AssertionError("built")):
         with pytest.raises(ValueError, match="unknown model 'resnet19'.*close matches:.*resnet18"):
             models.validate_model_name("resnet19")
         with pytest.raises(ValueError, match="mobilenet_v2"):
@@ -174,8 +178,17 @@ def test_bad_weights_files_raise_user_error_naming_file(tmp_path):
         models.load_weights(net, foreign)
 
 
+def hub_reachable(timeout_s: float) -> bool:
+    """Whether this machine reaches the Hugging Face hub (a TCP connection to port 443)."""
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def test_pretrained_offline_fails_fast_with_hint():
-    if models._reachable("huggingface.co", timeout_s=2.0):
+    if hub_reachable(timeout_s=2.0):
         pytest.skip("the hub is reachable; this test checks the offline error")
     with pytest.raises(UserError, match="cannot download pretrained weights.*--weights"):
         models.build_model("mobilenetv3_small_050", 3, pretrained=True)
@@ -234,9 +247,9 @@ def hub_cache(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(revision)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    models._hub_config.cache_clear()
+    models.hub_config.cache_clear()
     yield source
-    models._hub_config.cache_clear()
+    models.hub_config.cache_clear()
 
 
 def test_hub_model_builds_offline_and_is_recorded_as_its_timm_architecture(hub_cache, tmp_path,
@@ -267,8 +280,10 @@ def test_hub_names_fail_in_one_line(hub_cache, monkeypatch):
                                         r"or in the local cache \("):
         models.validate_model_name("hf-hub:local/elsewhere")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_reachable", lambda host, timeout_s=3.0: False)
-    models._hub_config.cache_clear()
+    def unreachable(address, timeout=None, *args, **kwargs):
+        raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+    monkeypatch.setattr(socket, "create_connection", unreachable)  # no network: the hub's probe fails
+    models.hub_config.cache_clear()
     with pytest.raises(UserError, match="unreachable; for a model in the local hub cache set "
                                         "HF_HUB_OFFLINE=1"):
         models.validate_model_name(f"hf-hub:{HUB_REPO}")

@@ -104,6 +104,7 @@ def test_committed_notebook_is_clean_and_parameterised():
     assert not Path(defaults["RELABEL_OUT"]).is_absolute()
 
 
+@pytest.mark.slow
 def test_notebook_without_oof_writes_an_empty_valid_template(tiny_sample, tmp_path):
     relabel_out = tmp_path / "relabel.csv"
     notebook = run_notebook(sample_parameters(tiny_sample, relabel_out, None))
@@ -118,6 +119,7 @@ def test_notebook_without_oof_writes_an_empty_valid_template(tiny_sample, tmp_pa
     pd.testing.assert_frame_equal(relabelled, frame)
 
 
+@pytest.mark.slow
 def test_notebook_with_oof_lists_the_contradicted_people_first(tiny_sample, tmp_path):
     frame = dataset.add_labels(dataset.parse_train_dir(tiny_sample / "train" / "images", warn=lambda _: None))
     profiles = sorted(frame["profile"].unique())
@@ -156,6 +158,7 @@ def test_notebook_with_oof_lists_the_contradicted_people_first(tiny_sample, tmp_
     assert (relabelled.loc[~swapped, "mask"] == frame.loc[~swapped, "mask"]).all()
 
 
+@pytest.mark.slow
 def test_a_higher_confidence_threshold_lists_fewer_people(tiny_sample, tmp_path):
     frame = dataset.add_labels(dataset.parse_train_dir(tiny_sample / "train" / "images", warn=lambda _: None))
     profiles = sorted(frame["profile"].unique())

@@ -1,7 +1,6 @@
 """User pipelines (albumentations files, module:function), per-image policies, random crops from
 a cached margin, hue and random erasing: they train, replay exactly, never reach validation or
 inference, and every bad pipeline fails in one line before any photo is decoded."""
-import colorsys
 import json
 import subprocess
 import sys
@@ -73,6 +72,7 @@ def run_tiny(run_flags, train_dir, tmp_path, *extra):
 
 
 # ---------------------------------------------------------------------------- user pipelines
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["albumentations_json", "v2_module"])
 def test_a_user_pipeline_trains_and_is_recorded(kind, saved_pipeline, v2_module, tiny_train_dir,
                                                 tmp_path, run_flags):
@@ -95,6 +95,7 @@ def test_a_user_pipeline_trains_and_is_recorded(kind, saved_pipeline, v2_module,
     assert 0 <= result["best_f1"] <= 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_with_any_worker_count(saved_pipeline, tiny_train_dir, tmp_path):
     frame = dataset.parse_train_dir(tiny_train_dir)
     images = image_cache.build_cache(frame["path"].tolist()[:40], image_cache.Preprocess((32, 24)),
@@ -120,6 +121,7 @@ def test_same_seed_same_batches_with_any_worker_count(saved_pipeline, tiny_train
     assert any(changed) and not all(changed)
 
 
+@pytest.mark.slow
 def test_resume_with_a_pipeline_continues_exactly(v2_module, tiny_train_dir, tmp_path, run_flags):
     flags = ["--augmentation", f"{v2_module}:build", "--early_stopping_patience", "0",
              "--crop_margin", "0.1", "--rrc_scale", "0.6", "1"]
@@ -137,6 +139,7 @@ def test_resume_with_a_pipeline_continues_exactly(v2_module, tiny_train_dir, tmp
         assert torch.equal(tensor, resumed["model"][key]), key
 
 
+@pytest.mark.slow
 def test_validation_and_inference_never_apply_the_pipeline(v2_module, tiny_train_dir, tmp_path,
                                                            run_flags):
     result = run_tiny(run_flags, tiny_train_dir, tmp_path, "--epochs", "2", "--augmentation",
@@ -202,6 +205,7 @@ def test_a_bad_pipeline_fails_in_one_line_before_any_photo_is_decoded(name, v2_m
     assert not out.exists()  # no cache decoded, no run folder made
 
 
+@pytest.mark.slow
 def test_cli_bad_pipeline_is_one_line_with_exit_code_2(tmp_path):
     bad = tmp_path / "aug.json"
     bad.write_text("{}")
@@ -221,6 +225,7 @@ def test_a_typo_lists_the_presets_and_the_pipeline_forms(capsys):
     assert "module:function" in err and ".json" in err
 
 
+@pytest.mark.slow
 def test_a_replay_refuses_a_changed_pipeline_file(saved_pipeline, tiny_train_dir, tmp_path,
                                                   run_flags):
     result = run_tiny(run_flags, tiny_train_dir, tmp_path, "--epochs", "1", "--augmentation",
@@ -302,6 +307,7 @@ def test_cpu_warp_with_a_margin_matches_the_gpu_path(cpu_and_gpu_warps):
     assert (cpu[inner] - reference[inner]).abs().max() < 3 / 255
 
 
+@pytest.mark.slow
 def test_train_and_inference_see_the_same_pixels_with_a_margin(tiny_train_dir, tmp_path,
                                                                 run_flags):
     result = run_tiny(run_flags, tiny_train_dir, tmp_path, "--epochs", "1", "--crop_margin", "0.2",
@@ -321,43 +327,6 @@ def test_train_and_inference_see_the_same_pixels_with_a_margin(tiny_train_dir, t
         submission.LoadedModel(**{**vars(loaded), "preprocess": image_cache.Preprocess((32, 24))}),
         centred, device=torch.device("cpu"), batch_size=64)
     assert np.allclose(direct, out["probs"], atol=1e-6)
-
-
-# ---------------------------------------------------------------------------- batched policies
-def test_hue_rotation_keeps_grey_and_turns_the_hsv_hue_by_the_factor():
-    torch.manual_seed(0)
-    matrices = BatchAugmentation(AugmentSpec(hue=0.05))._hue_matrices(200, "cpu")
-    assert torch.allclose(matrices @ torch.ones(3), torch.ones(200, 3), atol=1e-5)  # grey stays
-    circle = [colorsys.hsv_to_rgb(h, 0.6, 0.7) for h in np.linspace(0, 1, 24, endpoint=False)]
-    colours = torch.tensor(circle, dtype=torch.float32)
-    for fraction in (0.05, -0.02):  # torchvision's hue factor: a fraction of the circle
-        turned = (colours @ augmentation.hue_rotation(torch.tensor([fraction]))[0].T).clamp(0, 1)
-        shifts = [(colorsys.rgb_to_hsv(*b)[0] - colorsys.rgb_to_hsv(*a)[0] + 0.5) % 1 - 0.5
-                  for a, b in zip(colours.tolist(), turned.tolist())]
-        assert np.sign(shifts).tolist() == [np.sign(fraction)] * 24
-        assert abs(np.mean(shifts) - fraction) < 0.15 * abs(fraction)
-
-
-def test_random_erasing_erases_about_p_of_the_images_with_noise():
-    augment = BatchAugmentation(AugmentSpec(erasing=0.5))
-    images = torch.full((400, 3, 32, 24), 0.5)
-    torch.manual_seed(0)
-    out = augment._erase(images.clone())
-    erased = (out != 0.5).flatten(1).any(1)
-    assert 0.4 < erased.float().mean() < 0.6
-    fraction = (out != 0.5).flatten(1).float().mean(1)[erased]
-    assert fraction.min() > 0.005 and fraction.max() < 0.4
-    assert out.min() >= 0 and out.max() <= 1
-
-
-def test_the_gpu_and_cpu_erasing_fill_the_same_boxes():
-    chosen = torch.tensor([True, False, True, True])
-    top, left = torch.tensor([0, 3, 5, 10]), torch.tensor([2, 0, 7, 0])
-    h, w = torch.tensor([4, 5, 10, 6]), torch.tensor([3, 5, 1, 8])
-    changed = [(augmentation.fill_boxes(torch.full((4, 3, 16, 12), 2.0), chosen, top, left, h, w,
-                                        masked) != 2.0) for masked in (True, False)]
-    assert torch.equal(changed[0], changed[1])
-    assert changed[0].sum() == 3 * (4 * 3 + 10 * 1 + 6 * 8)  # channels x the chosen boxes
 
 
 @pytest.mark.parametrize("name", ["TrivialAugmentWide", "RandAugment"])

@@ -88,6 +88,7 @@ def test_channels_last_flag_spellings_and_old_config_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the record
+@pytest.mark.slow
 def test_choice_round_trips_through_config_checkpoint_and_inference(
         tiny_sample, tmp_path, run_flags, native_bf16, monkeypatch, capsys):
     monkeypatch.setitem(mixed_precision.CPU_BF16_FAMILIES, "base", "a test's say-so")
@@ -112,6 +113,7 @@ def test_choice_round_trips_through_config_checkpoint_and_inference(
     assert np.allclose(followed["probs"], fp32["probs"], atol=0.05)
 
 
+@pytest.mark.slow
 def test_a_run_folder_of_before_the_record_resumes_in_fp32(tiny_train_dir, tmp_path, run_flags,
                                                            native_bf16, monkeypatch):
     run_dir = train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--epochs", "1",
@@ -131,6 +133,7 @@ def test_a_run_folder_of_before_the_record_resumes_in_fp32(tiny_train_dir, tmp_p
     assert resumed["epoch"] == 2 and resumed["precision"] == {"amp": "off", "channels_last": False}
 
 
+@pytest.mark.slow
 def test_bf16_resume_after_sigkill_matches_uninterrupted_and_keeps_its_precision(
         tiny_train_dir, tmp_path, run_flags, run_killed_after_first_epoch):
     common = [sys.executable, "train.py", *run_flags(tiny_train_dir, tmp_path, "--epochs", "2",

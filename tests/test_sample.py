@@ -1,4 +1,5 @@
-"""make_sample: exact competition layout, determinism, and labels that match the drawn people."""
+"""maskface.sample: exact competition layout, determinism, and labels that match the drawn
+people."""
 from pathlib import Path
 
 import cv2
@@ -7,7 +8,6 @@ import pandas as pd
 import pytest
 
 from maskface.cli import UserError
-from maskface.data_dirs import ensure_sample
 from maskface.labels import (
     GENDER_NAMES,
     MASK_BY_STEM,
@@ -17,7 +17,7 @@ from maskface.labels import (
     age_group,
     decode_class,
 )
-from maskface.sample import MARKER, RACES, eval_image_id, generate_sample, sample_person
+from maskface.sample import RACES, eval_image_id, generate_sample, sample_person
 
 N_TRAIN, N_EVAL = 6, 2
 
@@ -107,14 +107,6 @@ def test_reuse_regenerate_and_refuse(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(UserError, match="n_train_people=0"):
         generate_sample(tmp_path / "bad", 0, 1)
-
-
-def test_ensure_sample_reuses_existing(tmp_path):
-    root = generate_sample(tmp_path / "root", 2, 1, seed=0)
-    marker = (root / MARKER).read_text()
-    train_dir, eval_dir = ensure_sample(root)  # must not regenerate the 220-person default
-    assert (train_dir, eval_dir) == (root / "train" / "images", root / "eval")
-    assert len(list(train_dir.iterdir())) == 2 and (root / MARKER).read_text() == marker
 
 
 def test_people_follow_competition_imbalances():

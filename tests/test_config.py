@@ -1,0 +1,99 @@
+"""maskface.config: train.py's flags (every choice, old spellings, number limits) and
+config.json replay, hand-edited values checked like flags."""
+import json
+import re
+
+import pytest
+
+import train
+from maskface import (
+    augmentation,
+    config,
+    dataset,
+    engine,
+    image_cache,
+    labels,
+    loss as losses,
+    mixed_precision,
+)
+from maskface.cli import UserError
+
+
+# ---------------------------------------------------------------------------- 6. hand-edited files
+@pytest.mark.parametrize("setting, expected", [
+    ({"epochs": 2.0, "resize": [32.0, 24.0]}, None),  # whole numbers written as floats: fine
+    ({"epochs": 2.5}, "setting 'epochs' is 2.5; expected an integer"),
+    ({"batch_size": 1e12}, "--batch_size 1000000000000: expected 1 to 65,536"),
+    ({"lr": float("nan")}, "--lr nan: expected a learning rate of 0 or more"),
+    ({"resize": [100000, 24]}, "--resize 100000 24: expected H W of 16 to 4096 pixels"),
+])
+def test_hand_edited_config_numbers(tmp_path, setting, expected):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"data_dir": str(tmp_path / "nowhere"), **setting}))
+    if expected is None:
+        args = config.parse_args(["--config", str(config_file)])
+        assert args.epochs == 2 and isinstance(args.epochs, int) and args.resize == [32, 24]
+        return
+    with pytest.raises(UserError, match=expected.replace("[", r"\[").replace("]", r"\]")
+                       .replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        train.main(config.parse_args(["--config", str(config_file)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+# ---------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("flag, values", [
+    ("--optimizer", engine.OPTIMIZERS), ("--scheduler", engine.SCHEDULERS),
+    ("--criterion", list(losses.LOSSES)), ("--augmentation", list(augmentation.AUGMENTATIONS)),
+    ("--dataset", list(dataset.SPLITS)), ("--category", list(labels.CATEGORY_CLASSES)),
+    ("--data_balancing", dataset.BALANCING), ("--amp", mixed_precision.AMP_MODES), ("--crop", image_cache.CROPS),
+])
+def test_every_choice_parses_and_a_typo_lists_the_choices(flag, values, capsys):
+    for value in values:
+        assert getattr(config.parse_args([flag, value]), flag[2:]) == value
+    with pytest.raises(SystemExit):
+        config.parse_args([flag, str(values[0]) + "x"])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and str(values[-1]) in err
+
+
+def test_old_spellings_and_defaults():
+    args = config.parse_args(["--age_lable_num", "6"])
+    assert args.age_label_num == 6
+    hyphenated = config.parse_args(["--batch-size", "8", "--early-stopping-patience", "0"])
+    assert hyphenated.batch_size == 8 and hyphenated.early_stopping_patience == 0
+    defaults = config.parse_args([])
+    assert (defaults.seed, defaults.epochs, defaults.batch_size, defaults.valid_batch_size,
+            defaults.val_ratio, defaults.lr, defaults.early_stopping_patience) == (42, 1, 64, 1000, 0.2, 1e-3, 5)
+    assert defaults.dataset == "MaskSplitByProfileDataset" and defaults.model == "BaseModel"
+    assert defaults.augmentation == "CustomAugmentation" and defaults.name == "exp"
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--epochs", "0"), ("--batch_size", "0"), ("--valid_batch_size", "-5"), ("--lr", "-1"),
+    ("--weight_decay", "-1"), ("--momentum", "-1"), ("--num_workers", "-1"), ("--seed", "-1"),
+    ("--lr_decay_step", "0"), ("--mixup_alpha", "-1"), ("--cutmix_alpha", "0"),
+    ("--log_interval", "0"), ("--gamma", "-1"), ("--old_age", "20"), ("--warmup_epochs", "-1"),
+    ("--patience", "-1"), ("--face_margin", "-1"), ("--smoothing", "1.5"),
+    ("--model_ema_decay", "1"), ("--model_ema_decay", "0"), ("--grad_accum_steps", "0"),
+    ("--clip_grad", "0"), ("--class_weights_beta", "1"), ("--head_lr_mult", "-1"),
+    ("--layer_decay", "0"), ("--min_lr", "-1"),
+])
+def test_bad_numbers_rejected_before_any_work(flag, value, tmp_path):
+    args = config.parse_args([flag, value, "--data_dir", str(tmp_path / "nowhere"),
+                             "--model_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c")])
+    with pytest.raises(UserError, match=f"^{flag} {value}.*expected"):
+        train.main(args)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ({"resize": 32}, "setting 'resize' is 32; expected a list of 2 values"),
+    ({"epochs": "3"}, "setting 'epochs' is \"3\"; expected an integer"),
+    ({"amp": "bogus"}, "setting 'amp' is \"bogus\"; expected one of auto, bf16, fp16, off"),
+    ({"channels_last": 1}, "setting 'channels_last' is 1; expected true or false"),
+])
+def test_hand_edited_config_is_checked_like_flags(setting, expected, tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"lr": 0.01, "crop": None, **setting}))
+    with pytest.raises(UserError, match=re.escape(f"{config_file}: {expected}")):
+        config.parse_args(["--config", str(config_file)])

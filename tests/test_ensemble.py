@@ -1,0 +1,80 @@
+"""maskface.ensemble: soft voting averages probabilities (never logits), a mask + gender + age
+trio counts as one model, calibration never lowers F1 on its data."""
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from maskface import ensemble, labels
+from maskface.cli import UserError
+
+
+def one_hot_ish(winner: int, p_winner: float, runner_up: int, p_runner_up: float) -> np.ndarray:
+    """18-class probabilities: two named classes, the rest spread evenly."""
+    probs = np.full(18, (1 - p_winner - p_runner_up) / 16)
+    probs[winner], probs[runner_up] = p_winner, p_runner_up
+    return probs[None, :]
+
+
+# ---------------------------------------------------------------------------- pure functions
+def test_soft_vote_averages_probabilities_not_logits():
+    confident_wrong = one_hot_ish(0, 0.999, 1, 0.0005)
+    mildly_right = one_hot_ish(1, 0.8, 0, 0.15)
+    members = [confident_wrong, mildly_right, mildly_right]
+    averaged = ensemble.ensemble_probabilities(members)
+    assert averaged.argmax(1).tolist() == [1]
+    assert np.allclose(averaged, (confident_wrong + 2 * mildly_right) / 3)
+    # averaging logits (log-probabilities) would follow the confident model: the test can tell
+    assert np.mean([np.log(p) for p in members], 0).argmax(1).tolist() == [0]
+    with pytest.raises(ValueError, match="not logits"):
+        ensemble.ensemble_probabilities([np.log(confident_wrong)])
+
+
+def test_trio_is_heads_product_and_counts_as_one_model():
+    rng = np.random.default_rng(0)
+
+    def softmax(n: int, size: int) -> np.ndarray:
+        x = np.exp(rng.normal(size=(n, size)) * 3)
+        return x / x.sum(1, keepdims=True)
+
+    masks, genders, ages = [softmax(5, 3), softmax(5, 3)], [softmax(5, 2)], [softmax(5, 3)]
+    trio = ensemble.combine_categories({"mask": masks, "gender": genders, "age": ages})
+    expected = labels.heads_to_class_probs((masks[0] + masks[1]) / 2, genders[0], ages[0])
+    assert np.allclose(trio, expected)
+    # the argmax of the product decodes to the argmax of each (averaged) head
+    mask, gender, age = labels.decode_class(trio.argmax(1))
+    assert np.array_equal(mask, ((masks[0] + masks[1]) / 2).argmax(1))
+    assert np.array_equal(gender, genders[0].argmax(1)) and np.array_equal(age, ages[0].argmax(1))
+    # two 18-class models and a trio: three equal votes
+    multi = [softmax(5, 18), softmax(5, 18)]
+    mixed = ensemble.combine_categories({"multi": multi, "mask": masks, "gender": genders,
+                                          "age": ages})
+    assert np.allclose(mixed, (multi[0] + multi[1] + expected) / 3)
+
+
+def test_incomplete_trio_without_18_class_model_names_the_missing():
+    probs = np.full((2, 3), 1 / 3)
+    with pytest.raises(UserError, match="none for gender, age"):
+        ensemble.combine_categories({"mask": [probs]})
+    multi = np.full((2, 18), 1 / 18)
+    said = []
+    out = ensemble.combine_categories({"multi": [multi], "mask": [probs]}, say=said.append)
+    assert np.allclose(out, multi) and "ignored" in said[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_calibration_never_lowers_f1_on_its_data(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 18, 300)
+    logits = rng.normal(size=(300, 18))
+    logits[np.arange(300), labels] += 1.0
+    logits[:, 3] += 1.5  # a biased class: offsets can undo it
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    offsets = ensemble.fit_calibration(probs, labels, iterations=2)
+    before = f1_score(labels, probs.argmax(1), average="macro")
+    after = f1_score(labels, ensemble.calibrated_predictions(probs, offsets), average="macro")
+    assert after > before  # the bias is worth correcting, so the fit must find something
+    predicted = ensemble.calibrated_predictions(probs, offsets)
+    assert ensemble.macro_f1(labels, predicted) == pytest.approx(after)
+    assert ensemble.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
+        f1_score(labels[:5], predicted[:5], average="macro"))  # labels absent on one side
+    assert offsets.shape == (18,) and np.abs(offsets).max() <= 2

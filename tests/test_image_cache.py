@@ -1,0 +1,175 @@
+"""maskface.image_cache: decode-once cache files, their reuse and rebuild, corrupt, tiny, torn
+and replaced photos, full disks, permissions, centre boxes and interpolation in the key."""
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_dataset import ALL, _layout  # a train folder of chosen people and photos
+
+from maskface import dataset, image_cache
+from maskface.cli import UserError, run_cli
+
+
+# ---------------------------------------------------------------------------- 4. full disks, kills
+def mount_small_tmpfs(folder: Path, size: str = "1m") -> bool:
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_full_disk_under_the_image_cache_is_one_line_and_leaves_nothing(tiny_train_dir, tmp_path,
+                                                                          capsys):
+    full = tmp_path / "small"
+    if not mount_small_tmpfs(full):
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount namespace)")
+    try:
+        paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))]
+
+        def build(_):
+            image_cache.build_cache(paths, image_cache.Preprocess(resize=(128, 96)), full / "cache",
+                                    progress=False)
+        assert run_cli(build, lambda argv: None, []) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "No space left on device (writing the image cache)" in err
+        assert err.startswith(f"error: {full / 'cache'}/images-")
+        assert list((full / "cache").iterdir()) == []  # the temp file went with the error
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+
+
+def test_a_full_disk_is_the_same_line_where_mounts_are_not_allowed(tiny_train_dir, tmp_path,
+                                                                    monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:5]]
+    with pytest.raises(OSError, match="No space left on device") as error:
+        image_cache.build_cache(paths, image_cache.Preprocess(resize=(32, 24)), tmp_path / "c",
+                                progress=False)
+    assert error.value.filename.startswith(str(tmp_path / "c" / "images-"))
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_a_torn_cache_file_is_rebuilt(tiny_train_dir, tmp_path, damage, capsys):
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:6]]
+    preprocess = image_cache.Preprocess(resize=(32, 24))
+    first = np.array(image_cache.build_cache(paths, preprocess, tmp_path, progress=False))
+    cache_file = next(tmp_path.glob("images-*.npy"))
+    data = cache_file.read_bytes()
+    cache_file.write_bytes({"truncate": data[: len(data) // 2], "empty": b"",
+                            "garbage": b"not an array" * 10}[damage])
+    again = image_cache.build_cache(paths, preprocess, tmp_path, progress=False)
+    assert np.array_equal(again, first)
+    assert "torn image cache" in capsys.readouterr().out
+
+
+def test_cache_files_get_the_umasks_permissions(tiny_train_dir, tmp_path):
+    old = os.umask(0o027)
+    try:
+        image_cache.build_cache([str(sorted(tiny_train_dir.glob("*/*.jpg"))[0])],
+                                image_cache.Preprocess(resize=(32, 24)), tmp_path, progress=False)
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {oct(0o640)}
+
+
+# ---------------------------------------------------------------------------- 7. stale pixels
+def test_the_cache_never_serves_a_replaced_photo(own_train_dir, tmp_path,
+        replace_keeping_size_and_date):
+    paths = [str(p) for p in sorted(own_train_dir.glob("*/*.jpg"))[:4]]
+    preprocess = image_cache.Preprocess(resize=(32, 24))
+    before = np.array(image_cache.build_cache(paths, preprocess, tmp_path / "cache", progress=False))
+    replace_keeping_size_and_date(Path(paths[1]))  # same path, size and mtime: a stat key is fooled
+    after = np.array(image_cache.build_cache(paths, preprocess, tmp_path / "cache", progress=False))
+    assert np.array_equal(after[0], before[0]) and not np.array_equal(after[1], before[1])
+    expected = image_cache.preprocess_image(image_cache.decode_image(paths[1]), preprocess)
+    assert np.array_equal(after[1], expected)
+
+
+def test_corrupt_image_reported_by_cache_and_nothing_written(tmp_path, tiny_train_dir):
+    source = next(tiny_train_dir.glob("*/normal.jpg"))
+    root = _layout(tmp_path, source, {"000001_female_Asian_45": ALL})
+    broken = root / "000001_female_Asian_45" / "mask3.jpg"
+    broken.write_bytes(source.read_bytes()[:200])  # a JPEG header, then nothing
+    frame = dataset.parse_train_dir(root)
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(UserError, match="mask3.jpg: corrupt or unreadable image"):
+        image_cache.build_cache(frame["path"].tolist(), image_cache.Preprocess(resize=(32, 24)), cache_dir,
+                                progress=False)
+    assert not list(cache_dir.glob("*.npy"))
+
+
+def test_tiny_image_is_named_not_a_crash(tmp_path):
+    import cv2
+    tiny = tmp_path / "mask1.jpg"
+    cv2.imwrite(str(tiny), np.zeros((1, 1, 3), np.uint8))
+    with pytest.raises(UserError, match=r"mask1.jpg: image is 1x1 pixels; expected a photo of at least 16x16"):
+        image_cache.build_cache([str(tiny)], image_cache.Preprocess(resize=(32, 24)), tmp_path / "cache",
+                                progress=False)
+
+
+# ---------------------------------------------------------------------------- cache
+def test_cache_reused_then_rebuilt_after_image_change(tiny_train_dir, tmp_path):
+    frame = dataset.parse_train_dir(tiny_train_dir)
+    photos = tmp_path / "photos"
+    shutil.copytree(tiny_train_dir, photos)
+    paths = [str(photos / Path(p).parent.name / Path(p).name) for p in frame["path"][:14]]
+    pre = image_cache.Preprocess(resize=(40, 30))
+    cache_dir = tmp_path / "cache"
+    first = image_cache.build_cache(paths, pre, cache_dir, progress=False)
+    assert first.dtype == np.uint8 and first.shape == (14, 40, 30, 3)
+    stamp = {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")}
+    again = image_cache.build_cache(paths, pre, cache_dir, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.glob("*.npy")} == stamp  # nothing rebuilt
+    assert np.array_equal(first, again)
+    # the same pixels as decoding the photo directly
+    direct = image_cache.preprocess_image(image_cache.decode_image(paths[3]), pre)
+    assert np.array_equal(first[3], direct)
+    shutil.copy(paths[0], paths[3])  # change one image
+    changed = image_cache.build_cache(paths, pre, cache_dir, progress=False)
+    assert len(list(cache_dir.glob("*.npy"))) == 2
+    assert np.array_equal(changed[3], first[0]) and not np.array_equal(changed[3], first[3])
+    # another preprocessing is another cache
+    image_cache.build_cache(paths, image_cache.Preprocess(resize=(40, 30), canny=True), cache_dir,
+                            progress=False)
+    assert len(list(cache_dir.glob("*.npy"))) == 3
+
+
+def test_center_box_inside_image_with_aspect():
+    assert image_cache.center_box(384, 512, 320 / 256) == (64, 96, 320, 416)  # the baseline's crop
+    for width, height, aspect in [(384, 512, 128 / 96), (384, 512, 1.0), (1000, 500, 2.0)]:
+        x0, y0, x1, y1 = image_cache.center_box(width, height, aspect)
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert abs((y1 - y0) / (x1 - x0) - aspect) < 0.05
+
+
+def test_interpolation_is_preprocessing_and_its_default_keeps_old_cache_names(tiny_train_dir):
+    import hashlib
+    import json
+    from dataclasses import replace
+
+    from PIL import Image
+
+    path = str(sorted(tiny_train_dir.glob("*/normal.*"))[0])
+    default = image_cache.Preprocess(resize=(32, 24))
+    # caches and checkpoints written before the field existed keep their names and meaning
+    old = {"resize": [32, 24], "crop": "center", "canny": False, "face_margin": 0.4}
+    assert default.to_dict() == old and image_cache.Preprocess.from_dict(old) == default
+    files = [[str(Path(path).resolve()), image_cache.photo_digests([path])[0]]]  # path and content
+    signature = json.dumps([image_cache.CACHE_VERSION, old, files])
+    assert image_cache.cache_key([path], default) == hashlib.sha1(signature.encode()).hexdigest()[:16]
+    bicubic = replace(default, interpolation="bicubic")
+    assert image_cache.Preprocess.from_dict(bicubic.to_dict()) == bicubic
+    assert image_cache.cache_key([path], bicubic) != image_cache.cache_key([path], default)
+    # bicubic is Pillow's (antialiased, as timm's transforms) on the same crop
+    image = image_cache.decode_image(path)
+    x0, y0, x1, y1 = image_cache.center_box(image.shape[1], image.shape[0], 32 / 24)
+    expected = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize((24, 32), Image.BICUBIC))
+    np.testing.assert_array_equal(image_cache.preprocess_image(image, bicubic), expected)
+    assert not np.array_equal(image_cache.preprocess_image(image, default), expected)

@@ -1,0 +1,78 @@
+"""maskface.settings: model defaults and timm preprocessing, fixed input sizes, class weights
+and names checked before any data is decoded."""
+import re
+
+import pytest
+
+import train
+from maskface import (
+    config,
+)
+from maskface.cli import UserError
+from maskface.settings import model_defaults, model_normalization
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--name", "a/b"], "--name 'a/b': expected a plain folder name"),
+    (["--name", ".."], "--name '..'"),
+    (["--drop_ages", "59-57"], "expected LO <= HI"),
+    (["--model_dir", "{file}"], "is a file; expected a folder"),
+    (["--cache_dir", "{file}/cache"], "is a file, not a folder"),
+    (["--layer_decay", "0.7"], "--layer_decay 0.7: needs a timm model"),
+    (["--normalize", "model"], "--normalize model: BaseModel has no timm pretrained_cfg"),
+])
+def test_bad_names_and_paths_rejected_before_any_work(extra, expected, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    extra = [e.replace("{file}", str(a_file)) for e in extra]
+    args = config.parse_args(["--data_dir", str(tmp_path / "nowhere"), "--model_dir",
+                             str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "c"), *extra])
+    with pytest.raises(UserError, match=re.escape(expected)):
+        train.main(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_model_of_fixed_input_size_names_it_before_data_loads(tmp_path):
+    args = config.parse_args(["--model", "vit_tiny_patch16_224", "--resize", "128", "96",
+                             "--data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match=r"^--resize 128 96: vit_tiny_patch16_224 takes only "
+                                        r"224x224 inputs; pass --resize 224 224$"):
+        train.main(args)
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- issue 15
+def test_class_weights_with_a_class_missing_from_training_say_so_before_decoding(tiny_train_dir,
+                                                                                 tmp_path):
+    # the tiny sample has no man of 60 or more
+    flags = ["--data_dir", str(tiny_train_dir), "--model_dir", str(tmp_path / "runs"),
+             "--cache_dir", str(tmp_path / "cache"), "--class_weights", "balanced"]
+    with pytest.raises(UserError, match=r"^--class_weights balanced: class\(es\) 02 wear-male-60\+, "
+                                        r"08 incorrect-male-60\+, 14 not_wear-male-60\+ have no "
+                                        r"training photo"):
+        train.main(config.parse_args(flags))
+    with pytest.raises(UserError, match=r"^fold 0: --class_weights effective: class\(es\) 2 60\+"):
+        train.main(config.parse_args(flags + ["--class_weights", "effective", "--category", "age",
+                                             "--kfold", "2", "--old_age", "95"]))
+    assert not any(tmp_path.iterdir())  # no cache decoded, no run folder made
+
+
+def test_timm_model_brings_its_own_preprocessing_unless_overridden(tmp_path):
+    weights = str(tmp_path / "w.pth")  # model_defaults only reads the flags
+
+    def resolved(*flags):
+        return model_defaults(config.parse_args(list(flags)))
+    toolkit = {"resize": [128, 96], "normalize": "imagenet", "interpolation": "area"}
+    assert resolved() == toolkit
+    assert resolved("--model", "test_resnet") == toolkit  # no pretrained weights: nothing to match
+    assert resolved("--model", "resnet18", "--weights", weights) == toolkit  # torchvision's
+    # test_resnet's pretrained_cfg: 160x160, mean = std = 0.5, bilinear
+    assert resolved("--model", "test_resnet", "--weights", weights) == {
+        "resize": [160, 160], "normalize": "model", "interpolation": "bilinear"}
+    assert resolved("--model", "timm/resnet18", "--pretrained")["interpolation"] == "bicubic"
+    # a ViT takes one size: it gets it even without weights
+    assert resolved("--model", "test_vit")["resize"] == [160, 160]
+    assert resolved("--model", "test_vit", "--pretrained", "--resize", "160", "160",
+                    "--normalize", "imagenet", "--interpolation", "area") == {
+        "resize": [160, 160], "normalize": "imagenet", "interpolation": "area"}
+    assert model_normalization("test_vit") == ([0.5] * 3, [0.5] * 3)
