@@ -1,11 +1,14 @@
-"""maskface.ensemble: soft voting averages probabilities (never logits), a mask + gender + age
-trio counts as one model, calibration never lowers F1 on its data."""
+"""maskface.ensemble: soft voting averages probabilities (never logits), hard votes follow the tie
+rule, a mask + gender + age trio counts as one model, calibration never lowers F1 on its data."""
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
 from maskface import ensemble, labels
 from maskface.cli import UserError
+from maskface.ensemble import hard_vote, soft_vote
+from maskface.labels import PROB_COLUMNS
 
 
 def one_hot_ish(winner: int, p_winner: float, runner_up: int, p_runner_up: float) -> np.ndarray:
@@ -78,3 +81,61 @@ def test_fit_calibration_never_lowers_f1_on_its_data(seed):
     assert ensemble.macro_f1(labels[:5], predicted[:5]) == pytest.approx(
         f1_score(labels[:5], predicted[:5], average="macro"))  # labels absent on one side
     assert offsets.shape == (18,) and np.abs(offsets).max() <= 2
+
+
+# ---------------------------------------------------------------------------- votes of CSV files
+def series(answers, ids=None) -> pd.Series:
+    ids = ids if ids is not None else [f"{i}.jpg" for i in range(len(answers))]
+    return pd.Series(answers, index=pd.Index(ids, name="ImageID"))
+
+
+def reference_vote(votes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The tie rule written out one row at a time, to check the vectorised one against."""
+    answers = []
+    for row in votes.T:
+        scores: dict[int, float] = {}
+        for label, weight in zip(row, weights):
+            scores[label] = scores.get(label, 0) + weight
+        best = max(scores.values())
+        tied = {label for label, score in scores.items() if np.isclose(score, best)}
+        answers.append(next(label for label in row if label in tied))
+    return np.array(answers)
+
+
+def test_majority_vote():
+    answer, n_ties = hard_vote([series([1, 2, 3, 4]), series([1, 5, 3, 7]), series([0, 5, 3, 7])],
+                               None)
+    assert answer.tolist() == [1, 5, 3, 7]
+    assert n_ties == 0
+
+
+def test_vectorised_vote_matches_the_rule_row_by_row():
+    rng = np.random.default_rng(0)
+    votes = rng.integers(0, 4, size=(7, 2000))  # few classes: many ties
+    for weights in (np.ones(7), rng.integers(1, 4, size=7).astype(float)):
+        answer, n_ties = hard_vote([series(v) for v in votes], weights)
+        np.testing.assert_array_equal(answer.to_numpy(), reference_vote(votes, weights))
+        assert n_ties > 0
+
+
+@pytest.mark.parametrize("votes, weights, expected", [
+    ([[7], [3], [5]], None, 7),             # 1-1-1: the first file's class
+    ([[3], [7], [5]], None, 3),
+    ([[7], [3]], [1, 1], 7),                # two files disagreeing: the first file's
+    ([[0], [1], [2], [1], [2]], None, 1),   # tie 1 vs 2, file 1 has neither: the second file's
+    ([[0], [2], [1], [1], [2]], None, 2),
+    ([[4], [6], [6]], [2, 1, 1], 4),        # weighted tie
+    ([[4], [6], [6]], [0.3, 0.1, 0.2], 4),  # 0.1 + 0.2 > 0.3 in floats: still a tie
+])
+def test_tie_rule(votes, weights, expected):
+    answer, n_ties = hard_vote([series(v) for v in votes], weights)
+    assert answer.tolist() == [expected]
+    assert n_ties == 1
+
+
+def test_soft_vote_function_weights():
+    table = lambda rows: pd.DataFrame(rows, columns=PROB_COLUMNS, index=["x.jpg"])  # noqa: E731
+    answer, mean = soft_vote([table(one_hot_ish(1, 0.90, 2, 0.05)),
+                              table(one_hot_ish(2, 0.90, 1, 0.05))], [1, 3])
+    assert answer.tolist() == [2]
+    np.testing.assert_allclose(mean.to_numpy().sum(axis=1), 1)

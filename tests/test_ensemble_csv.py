@@ -11,7 +11,7 @@ import pytest
 
 from ensemble_csv import main, parse_args
 from maskface.cli import UserError, run_cli
-from maskface.ensemble import hard_vote, soft_vote
+from maskface.ensemble import hard_vote
 from maskface.labels import NUM_CLASSES, PROB_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,35 +36,6 @@ def series(answers, ids=None) -> pd.Series:
 
 def run(files, *flags) -> pd.DataFrame:
     return main(parse_args([str(f) for f in files] + [str(f) for f in flags]))
-
-
-def reference_vote(votes: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The tie rule written out one row at a time, to check the vectorised one against."""
-    answers = []
-    for row in votes.T:
-        scores: dict[int, float] = {}
-        for label, weight in zip(row, weights):
-            scores[label] = scores.get(label, 0) + weight
-        best = max(scores.values())
-        tied = {label for label, score in scores.items() if np.isclose(score, best)}
-        answers.append(next(label for label in row if label in tied))
-    return np.array(answers)
-
-
-def test_majority_vote():
-    answer, n_ties = hard_vote([series([1, 2, 3, 4]), series([1, 5, 3, 7]), series([0, 5, 3, 7])],
-                               None)
-    assert answer.tolist() == [1, 5, 3, 7]
-    assert n_ties == 0
-
-
-def test_vectorised_vote_matches_the_rule_row_by_row():
-    rng = np.random.default_rng(0)
-    votes = rng.integers(0, 4, size=(7, 2000))  # few classes: many ties
-    for weights in (np.ones(7), rng.integers(1, 4, size=7).astype(float)):
-        answer, n_ties = hard_vote([series(v) for v in votes], weights)
-        np.testing.assert_array_equal(answer.to_numpy(), reference_vote(votes, weights))
-        assert n_ties > 0
 
 
 def test_hard_vote_joins_on_image_id(tmp_path):
@@ -95,21 +66,6 @@ def test_weights_change_the_result(tmp_path):
     assert run(paths, "-o", tmp_path / "o.csv", "--weights", 1.4, 1, 0.5)["ans"].tolist() == [2, 4]
     # 1.5 against 1 + 0.5: a tie, which goes to the first file
     assert run(paths, "-o", tmp_path / "o.csv", "--weights", 1.5, 1, 0.5)["ans"].tolist() == [1, 4]
-
-
-@pytest.mark.parametrize("votes, weights, expected", [
-    ([[7], [3], [5]], None, 7),             # 1-1-1: the first file's class
-    ([[3], [7], [5]], None, 3),
-    ([[7], [3]], [1, 1], 7),                # two files disagreeing: the first file's
-    ([[0], [1], [2], [1], [2]], None, 1),   # tie 1 vs 2, file 1 has neither: the second file's
-    ([[0], [2], [1], [1], [2]], None, 2),
-    ([[4], [6], [6]], [2, 1, 1], 4),        # weighted tie
-    ([[4], [6], [6]], [0.3, 0.1, 0.2], 4),  # 0.1 + 0.2 > 0.3 in floats: still a tie
-])
-def test_tie_rule(votes, weights, expected):
-    answer, n_ties = hard_vote([series(v) for v in votes], weights)
-    assert answer.tolist() == [expected]
-    assert n_ties == 1
 
 
 def test_mismatched_ids_fail_and_write_nothing(tmp_path):
@@ -210,13 +166,6 @@ def test_soft_vote_averages_probabilities(tmp_path):
     # enough weight on the confident file turns x its way
     weighted = run([first, second, third], "--soft", "-o", tmp_path / "o.csv", "--weights", 4, 1, 1)
     assert weighted["ans"].tolist() == [5, 8]
-
-
-def test_soft_vote_function_weights():
-    table = lambda rows: pd.DataFrame(rows, columns=PROB_COLUMNS, index=["x.jpg"])  # noqa: E731
-    answer, mean = soft_vote([table([confident(1, 2)]), table([confident(2, 1)])], [1, 3])
-    assert answer.tolist() == [2]
-    np.testing.assert_allclose(mean.to_numpy().sum(axis=1), 1)
 
 
 @pytest.mark.parametrize("change, message", [
