@@ -392,8 +392,7 @@ def crop_boxes_for_training(frame: pd.DataFrame, preprocess, cache_dir: str | Pa
     table, n_detected = detect_boxes(frame["path"].tolist(), frame["profile"].tolist(),
                                      Path(cache_dir) / FACE_BOX_CACHE, warn=say)
     say(f"face boxes: {n_detected} photos detected now, {len(table) - n_detected} from the cache")
-    say(detection_report(table))
-    say(detector_report(table))
+    say(detection_report(table) + "\n" + detector_report(table))  # one message: callers count them
     stats = median_box_stats(table)
     info = {key: list(value) if value is not None else None for key, value in stats.items()}
     info["fallbacks"] = table["fallback"].value_counts().to_dict()
