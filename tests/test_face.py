@@ -588,3 +588,12 @@ def test_cli_grid_shows_the_misses_first(tmp_path, capsys, monkeypatch):
     assert picture.shape[0] == 2 * 18 + (2 + 1) * tile_h
     first_tile = picture[18:18 + tile_h, :tile_w]
     assert (first_tile[tile_h // 2, :3] == (0, 140, 255)).all(axis=1).any()  # orange: person's box
+
+
+def test_train_and_the_face_cli_default_to_the_measured_margin():
+    import config
+    defaults = config.get_args_parser().parse_args([])
+    assert defaults.face_margin == face.DEFAULT_MARGIN == face.get_args_parser().parse_args(
+        ["some_dir"]).margin == 0.1  # docs/face_crops.md: 0.1 measured best on the dev set
+    assert "docs/face_crops.md" in config.get_args_parser().format_help().replace("\n", " ").replace(
+        "  ", "")
