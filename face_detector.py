@@ -88,16 +88,16 @@ class MtcnnStep:
 
 
 # Tried in order; the first step with a plausible box wins (its largest box). Measured on the dev
-# set's 2,100 training photos (docs/face_crops.md): a box is right when its IoU with the box the
-# same chain gives the person's unmasked photo is >= 0.5 (a person's photos share one framing).
-# - MTCNN alone, masks worn: 93% right (thresholds 0.6/0.7/0.7, the package's: 81%; 0.4/0.5/0.5:
-#   88%; 0.3/0.4/0.4: 91%; lower thresholds kept the wrong boxes at 9-11 of 1,500, all too small);
-#   the Haar chain alone: 79%. MTCNN then the Haar chain: 95.4% right, 1.5% of masked photos
-#   without any box; the Haar chain then MTCNN: 95.1% right with more wrong boxes (22 vs 14 of
-#   1,500) and ~2x the time (MTCNN ~15 ms a photo here, the Haar chain 26 ms on average).
-# - Haar chain, cumulative right boxes on masked photos after each of its steps: default 49%, alt2
-#   58%, alt 59%, eye pairs at 256 px 74%, at 512 px 81%.
-# At 256 rows MTCNN found as many faces as at 384 (faces here are >= 20% of the image height).
+# set's 2,100 training photos (docs/face_crops.md), masks worn:
+# - MTCNN alone: a right box (IoU >= 0.5 with the Haar box of the person's unmasked photo; a person's
+#   photos share one framing) on 81% with the package's thresholds 0.6/0.7/0.7, 88% with 0.4/0.5/0.5,
+#   91% with 0.3/0.4/0.4, 94% with 0.2/0.3/0.3; the wrong boxes (IoU < 0.3) stayed at 6-11 of 1,500,
+#   all small, which face.py's size rule drops. At 256 rows it found as many as at 384.
+# - Against each chain's own box on the unmasked photo: the Haar chain alone 79% right; MTCNN, then
+#   the Haar chain 95.4% right, 14 wrong; the Haar chain, then MTCNN 95.1% right, 22 wrong and
+#   slower (every photo pays the cascades; MTCNN costs ~15 ms a photo, the Haar chain 26 on average).
+# - Haar chain, cumulative right boxes after each of its steps: default 49%, alt2 58%, alt 59%, eye
+#   pairs at 256 px 74%, at 512 px 81%.
 DETECTION_STEPS: tuple[MtcnnStep | CascadeStep | EyePairStep, ...] = (
     MtcnnStep("mtcnn", detect_height=256, min_face_fraction=0.15, thresholds=(0.2, 0.3, 0.3)),
     CascadeStep("frontal_default", "haarcascade_frontalface_default.xml"),
