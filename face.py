@@ -43,8 +43,8 @@ DEFAULT_BOX_CENTER_FRACTION = (0.5, 0.4)
 # chin; at 0.1 and 4:3 the crop reaches 0.3 box heights below the chin, where a mask pulled under the
 # chin ends. On the dev set (docs/face_crops.md) 0.4 made 95% of crops the whole photo, leaving the
 # face 66 px of a 96 px wide input (a centre crop: 106 px), and a linear probe on frozen ImageNet
-# mobilenet_v2 features scored macro F1 0.290 (margin 0), 0.317 (0.1), 0.30 (0.2), 0.29 (0.4) and
-# 0.290 with the centre crop.
+# mobilenet_v2 features scored eval macro F1 0.290 (margin 0), 0.317 (0.1), 0.279 (0.2), 0.281
+# (0.4) and 0.290 with the centre crop.
 DEFAULT_MARGIN = 0.1
 
 # An own box whose side is under this fraction of the median box side is discarded: the photos of a
