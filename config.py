@@ -490,7 +490,10 @@ def preprocess_of(settings: argparse.Namespace) -> image_cache.Preprocess:
     what its cache holds and what its checkpoints tell inference."""
     crop = settings.crop or augmentation.augmentation_spec(settings.augmentation).crop
     resolved = model_defaults(settings)
+    # the margin only shapes face crops: other crops keep the stored default, so their cache names
+    # and checkpoints stay as they were when --face_margin's default changed (0.4 -> 0.1)
+    face_margin = settings.face_margin if crop == "face" else image_cache.Preprocess.face_margin
     return image_cache.Preprocess(resize=tuple(resolved["resize"]), crop=crop, canny=settings.canny,
-                                  face_margin=settings.face_margin,
+                                  face_margin=face_margin,
                                   interpolation=resolved["interpolation"],
                                   crop_margin=settings.crop_margin)

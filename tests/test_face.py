@@ -597,3 +597,15 @@ def test_train_and_the_face_cli_default_to_the_measured_margin():
         ["some_dir"]).margin == 0.1  # docs/face_crops.md: 0.1 measured best on the dev set
     assert "docs/face_crops.md" in config.get_args_parser().format_help().replace("\n", " ").replace(
         "  ", "")
+
+
+def test_the_margin_keys_only_face_crop_caches():
+    import config
+    for crop in ("center", "none"):  # their cache names and checkpoints predate the 0.1 default
+        preprocess = config.preprocess_of(config.get_args_parser().parse_args(["--crop", crop]))
+        assert preprocess.face_margin == image_cache.Preprocess().face_margin == 0.4
+    face_run = config.preprocess_of(config.get_args_parser().parse_args(["--crop", "face"]))
+    assert face_run.face_margin == 0.1
+    wider = config.preprocess_of(config.get_args_parser().parse_args(
+        ["--crop", "face", "--face_margin", "0.3"]))
+    assert wider.face_margin == 0.3 and wider.to_dict() != face_run.to_dict()
