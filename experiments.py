@@ -187,7 +187,11 @@ def run_row(name: str, run_dir: Path) -> tuple[dict, dict]:
     row["crop"] = settings.get("crop") or (spec.crop if spec else None)
     row = {**(kfold_row(run_dir, settings, problems) if kfold
               else single_run_row(run_dir, settings, problems)), **row}
-    row["status"] = "; ".join(problems) if problems else "done"
+    # tune.py's marks: a trial its pruner stopped, or whose worker died (then not a result)
+    marks = [mark for file, mark in (("pruned.json", "pruned by tune.py"),
+                                     ("failed.json", "failed: its tune.py worker stopped"))
+             if (run_dir / file).is_file()]
+    row["status"] = "; ".join(marks + problems) if marks or problems else "done"
     return row, settings
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -166,6 +167,12 @@ def training_batches(settings: argparse.Namespace, frame: pd.DataFrame, images: 
 # ----------------------------------------------------------------------------------------------
 # One model: train on train_rows, select on val_rows, write the run folder
 # ----------------------------------------------------------------------------------------------
+# main's optional observer (tune.py's pruner): called with {"event": "epoch", ...} after each
+# epoch's checkpoint and {"event": "fold", ...} after each finished fold, on every process; what
+# it raises (a pruned trial) stops the run there, its checkpoints kept
+Progress = Callable[[dict], None] | None
+
+
 @dataclass
 class FitData:
     """What one model trains and validates on: the photos, their cache and the two row sets."""
@@ -180,17 +187,16 @@ class FitData:
 
 
 def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: dict | None = None,
-        procs: Processes = Processes(), hparams: bool = True) -> dict:
+        procs: Processes = Processes(), hparams: bool = True, progress: Progress = None) -> dict:
     """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events
     (with the run's HParams session at the end unless ``hparams`` is off: a k-fold run logs one
     for the whole run instead)."""
     device = engine.process_device(settings.device, procs)
     engine.seed_everything(settings.seed)
     n_out = dataset.num_outputs(settings.category, settings.age_label_num)
-    pipeline = data.pipeline
     train_batches, val_batches, mine = training_batches(
         settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs,
-        pipeline)
+        data.pipeline)
     class_weights = engine.class_weights_of(settings, train_batches.targets.cpu().numpy())
     trainer = engine.build_trainer(settings, n_out, device, steps_per_epoch=len(train_batches),
                                    mean=data.mean, std=data.std,
@@ -210,7 +216,7 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
               "precision": precision.record(),
               "category": settings.category, "age_label_num": settings.age_label_num,
               "augmentation": settings.augmentation, "config": vars(settings),
-              "augmentation_pipeline": pipeline.record() if pipeline is not None else None,
+              "augmentation_pipeline": data.pipeline and data.pipeline.record(),
               **(extra or {})}
     true_val = data.frame["label"].to_numpy()[data.val_rows]
     writer = None
@@ -244,6 +250,9 @@ def fit(settings: argparse.Namespace, data: FitData, run_dir: Path, *, extra: di
                            weights_of)
                 print(epoch_line(settings, row, improved, kept), flush=True)
             procs.barrier()
+            if progress is not None:  # after the checkpoint: a run stopped here can be resumed
+                progress({"event": "epoch", "run_dir": run_dir, "fold": (extra or {}).get("fold"),
+                          "epoch": epoch + 1, "val_f1": kept["f1"], "best_f1": stopper.best_f1})
             if stopper.should_stop:
                 procs.say(stopper.message(epoch + 1))
                 break
@@ -450,7 +459,8 @@ def checked_folds(args: argparse.Namespace, frame: pd.DataFrame, warn=print) -> 
 
 def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
               images: np.ndarray, run_dir: Path, preprocess: image_cache.Preprocess, extra: dict,
-              procs: Processes, pipeline: pipelines.Pipeline | None = None) -> dict:
+              procs: Processes, pipeline: pipelines.Pipeline | None = None,
+              progress: Progress = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
     every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
@@ -469,12 +479,14 @@ def run_kfold(settings: argparse.Namespace, frame: pd.DataFrame, plan: FoldPlan,
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
         result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs,
-                     hparams=False)
+                     hparams=False, progress=progress)
         results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
                          "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}
         if procs.main:
             atomic_write_text(done, json.dumps(results[fold]))
         procs.barrier()
+        if progress is not None:
+            progress({"event": "fold", "run_dir": run_dir, "fold": fold, **results[fold]})
     pending = [k for k in range(plan.n_folds)
                if not (run_dir / f"fold{k}" / "done.json").is_file()]
     if pending:
@@ -574,10 +586,10 @@ def say_model_defaults(args: argparse.Namespace, resolved: dict, say=print) -> N
             "(--resize, --normalize, --interpolation override it)")
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace, progress: Progress = None) -> dict:
     """Train as ``args`` says; returns {'run_dir', 'best_f1', ...}. Knows nothing of argparse
     and leaves ``args`` as given: what was resolved (the data folder, the number of folds of a
-    --folds file) goes into the settings that config.json records."""
+    --folds file) goes into the settings that config.json records. ``progress``: see Progress."""
     config.check_args(args)
     engine.tune_host_allocator()
     procs = engine.start_processes(args.device)
@@ -628,12 +640,12 @@ def main(args: argparse.Namespace) -> dict:
     try:
         if plan is not None:
             return run_kfold(settings, frame, plan, images, run_dir, preprocess, extra, procs,
-                             pipeline)
+                             pipeline, progress)
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                   f"repeats), {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, preprocess, mean, std, pipeline)
-        result = fit(settings, data, run_dir, extra=extra, procs=procs)
+        result = fit(settings, data, run_dir, extra=extra, procs=procs, progress=progress)
         if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
             atomic_write_text(run_dir / "done.json", json.dumps(
                 {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
