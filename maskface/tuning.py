@@ -291,7 +291,8 @@ def trial_args(base: argparse.Namespace, values: dict[str, Any]) -> argparse.Nam
 def base_args(train_argv: list[str]) -> argparse.Namespace:
     """train.py's flags after '--' as train.py parses them (--config replayed); argparse's
     complaint becomes one line."""
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in train_argv if a.startswith("--")}
+    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in train_argv
+             if a.startswith("--")}
     refused = sorted(given & set(NOT_TUNED) - {"config", "device"})
     if refused:
         raise UserError(f"--{refused[0]} after '--': tune.py names and places each trial's run "
@@ -324,6 +325,24 @@ def shown_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001  (not a URL at all: say it as given, it holds no password)
         return url
+
+
+def with_driver(url: str) -> str:
+    """postgresql://... as postgresql+psycopg2://...: SQLAlchemy 2.1 reads a bare postgresql://
+    as psycopg 3, and requirements.txt installs psycopg2 (the URL is also what the dashboard
+    command prints, so it works as printed)."""
+    try:
+        from sqlalchemy.engine import make_url
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001  (open_storage says what is wrong with it)
+        return url
+    if parsed.drivername != "postgresql":
+        return url
+    try:
+        import psycopg  # noqa: F401
+        return url
+    except ImportError:
+        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
 @contextlib.contextmanager
@@ -577,9 +596,10 @@ def write_reports(study: optuna.Study, plan: Plan, folder: Path, url: str) -> di
         atomic_write_text(folder / "best_config.json",
                           json.dumps(best_config(plan, best.params, folder), indent=2))
     made = write_plots(study, folder) if finished else []
+    written = ([f"{folder}/trials.csv"] if trials else []) + made
     print(f"study {study.study_name}: {counts['complete']} finished, {counts['pruned']} pruned, "
-          f"{counts['fail']} failed, {counts['running']} running ({len(trials)} trials) -> "
-          f"{folder}/trials.csv" + (f", {', '.join(made)}" if made else ""))
+          f"{counts['fail']} failed, {counts['running']} running ({len(trials)} trials)"
+          + (f" -> {', '.join(written)}" if written else ""))
     if best is not None:
         print(f"best: trial {best.number}, val F1 {best.value:.4f} "
               f"({', '.join(f'{k} {v}' for k, v in best.params.items())}) -> "
@@ -632,11 +652,14 @@ def run_study(args: argparse.Namespace, train_argv: list[str]) -> dict:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     folder = check_worker_flags(args)
     asked = asked_plan(args, train_argv)
-    url = args.storage or embedded_url(folder)
+    url = with_driver(args.storage) if args.storage else embedded_url(folder)
     shown = shown_url(url)
     if not args.storage and not (folder / STORAGE_FILE).is_file() and "space" not in asked:
         raise UserError(f"no study {args.name} in {folder} (no {STORAGE_FILE}); start one with "
                         "--space FILE")
+    if "space" in asked:  # checked in full before the storage (or a folder) is touched
+        check_space_values(space_from_record(asked["space"]),
+                           base_args(asked.get("train_argv", [])), asked["space_file"])
     lock = folder / ".tune.lock"
     with locked(lock):  # workers starting together: one creates the study, the others load it
         storage = open_storage(url, args.heartbeat, folder)
