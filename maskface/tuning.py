@@ -459,7 +459,10 @@ class Reporter:
 
     def __call__(self, event: dict) -> None:
         if self.run_dir is None:
-            self.run_dir = Path(event["run_dir"])
+            # a k-fold run's epochs are written in its fold{k} folders; the trial is the run
+            folder = Path(event["run_dir"])
+            inside_fold = event["event"] == "epoch" and event.get("fold") is not None
+            self.run_dir = folder.parent if inside_fold else folder
             self.trial.set_user_attr("run_dir", str(self.run_dir))
         if self.kfold and event["event"] == "fold":
             self.fold_bests.append(event["best_f1"])
@@ -686,6 +689,7 @@ def run_study(args: argparse.Namespace, train_argv: list[str]) -> dict:
         n_startup_trials=args.random_trials, constant_liar=True)
     study = optuna.load_study(study_name=args.name, storage=storage, sampler=sampler,
                               pruner=make_pruner(plan, base.kfold, base.folds, base.epochs))
+    optuna.storages.fail_stale_trials(study)  # also with --trials 0: a dead worker's trial
     print(f"study {args.name}: {done_before} trials so far in {shown}; running {args.trials} "
           f"more here (pruner {plan.pruner})", flush=True)
     try:

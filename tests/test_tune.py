@@ -144,11 +144,13 @@ def test_a_k_fold_trial_is_judged_after_each_fold(tmp_path):
     study.tell(leader, 0.8)
     trial = study.ask()
     reporter = tuning.Reporter(trial, kfold=True)
-    event = {"run_dir": tmp_path, "fold": 0}
-    reporter({**event, "event": "epoch", "epoch": 1, "val_f1": 0.1, "best_f1": 0.1})
-    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {}  # epochs: no
+    reporter({"event": "epoch", "run_dir": tmp_path / "fold0", "fold": 0, "epoch": 1,
+              "val_f1": 0.1, "best_f1": 0.1})
+    assert study.trials[1].intermediate_values == {}  # a fold's epochs are not judged
     with pytest.raises(optuna.TrialPruned, match="fold 1"):
-        reporter({**event, "event": "fold", "best_f1": 0.3})
+        reporter({"event": "fold", "run_dir": tmp_path, "fold": 0, "best_f1": 0.3})
+    assert study.trials[1].intermediate_values == {1: 0.3}
+    assert study.trials[1].user_attrs["run_dir"] == str(tmp_path)  # the run, not its fold0
     pruned = json.loads((tmp_path / "pruned.json").read_text())
     assert pruned["pruned_after"] == "fold 1" and pruned["value"] == 0.3
 
