@@ -18,6 +18,7 @@ import copy
 import difflib
 import fcntl
 import gc
+import importlib.util
 import io
 import json
 import math
@@ -336,13 +337,9 @@ def with_driver(url: str) -> str:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001  (open_storage says what is wrong with it)
         return url
-    if parsed.drivername != "postgresql":
+    if parsed.drivername != "postgresql" or importlib.util.find_spec("psycopg") is not None:
         return url
-    try:
-        import psycopg  # noqa: F401
-        return url
-    except ImportError:
-        return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
 
 
 @contextlib.contextmanager
