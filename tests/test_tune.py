@@ -232,19 +232,19 @@ def test_a_killed_worker_leaves_its_trial_failed_and_uncounted(study_flags, tmp_
 
 @pytest.mark.slow
 def test_two_worker_processes_share_one_embedded_study(study_flags, tmp_path):
-    argv = study_flags("pair", "--space", str(study_flags.space), "--trials", "2",
+    argv = study_flags("pair", "--space", str(study_flags.space), "--trials", "1",
                        "--pruner", "hyperband")
     workers = [start_tune(argv, tmp_path / f"worker{i}.log") for i in range(2)]
     codes = [w.wait(timeout=300) for w in workers]
     logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], logs
     study = load(tmp_path, "pair")
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert sorted(t.number for t in study.trials) == [0, 1]  # one each, numbered by the study
     assert set(states(study)) <= {"COMPLETE", "PRUNED"}
-    # each wrote the study's reports from all four trials when it finished
-    assert sum("(4 trials)" in log for log in logs) >= 1
+    # the one that finished last wrote the study's reports from both workers' trials
+    assert sum("(2 trials)" in log for log in logs) >= 1
     assert sorted(p.name for p in (tmp_path / "model" / "pair").glob("pair-t*")) == \
-        [f"pair-t{n:03d}" for n in range(4)]
+        ["pair-t000", "pair-t001"]
 
 
 # ---------------------------------------------------------------------------- PostgreSQL
