@@ -112,6 +112,7 @@ def test_bad_flags_on_the_command_line_are_one_line_without_traceback(study_flag
          "--storage nosuchdb://x: cannot open it"),
         (study_flags("s", "--trials", "1"), "no study s in"),
         (study_flags("s", "--space", str(json_space), "--trials", "-1"), "--trials -1: expected 0"),
+        (study_flags("s", "--space", str(json_space), "--device", "cuda:99"), "--device cuda:99"),
     ]:
         with pytest.raises(tuning.UserError, match=re.escape(says)):
             tune.main(tune.parse_args(argv))
@@ -303,6 +304,11 @@ def test_two_workers_share_a_study_on_a_real_postgresql_server(study_flags, tmp_
             assert trial.value == pytest.approx(oof["f1"])
     assert "optuna-dashboard postgresql+psycopg2://tuner@127.0.0.1" in \
         (tmp_path / "pg0.log").read_text()
+    # k-fold trials are runs like any: experiments.py selects their out-of-fold ensemble
+    chosen = experiments.select_main(experiments.parse_args(
+        ["select", str(tmp_path / "model" / "pg"), "--split_repeats", "0"]))
+    assert json.loads(chosen["output"].read_text())
+    assert chosen["output"] == tmp_path / "model" / "pg" / "selection.json"
 
 
 # ---------------------------------------------------------------------------- the dashboard
