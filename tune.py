@@ -17,7 +17,7 @@ import sys
 
 from checked_io import FlagParser, run_cli
 
-PRUNERS = ("median", "hyperband", "none")  # maskface.tuning.PRUNERS, without importing optuna
+PRUNERS = ("median", "hyperband", "none")  # maskface.tuning.make_pruner's
 
 
 def get_args_parser() -> FlagParser:

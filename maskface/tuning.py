@@ -40,7 +40,6 @@ SPEC_KEYS = {"float": {"type", "low", "high", "log", "step", "when"},
              "categorical": {"type", "choices", "when"}}
 # tune.py names, places and runs each trial itself: these flags are its, not the space's
 NOT_TUNED = ("name", "model_dir", "resume", "config", "fold", "accept_data_change", "device")
-PRUNERS = ("median", "hyperband", "none")
 ATTR = "maskface"  # the study's user attribute holding what it searches
 
 
@@ -352,7 +351,7 @@ def locked(path: Path) -> Iterator[None]:
         yield
 
 
-def open_storage(url: str, heartbeat_s: int, folder: Path) -> optuna.storages.RDBStorage:
+def open_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage with the heartbeat: a trial whose worker stops beating for twice
     ``heartbeat_s`` is failed (and retried once) by the next worker that asks for a trial."""
     sqlite = url.startswith("sqlite")
@@ -360,7 +359,7 @@ def open_storage(url: str, heartbeat_s: int, folder: Path) -> optuna.storages.RD
         return optuna.storages.RDBStorage(
             url, engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
             heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-            heartbeat_stale_trial_callback=StaleTrial(folder))
+            heartbeat_stale_trial_callback=StaleTrial())
     except Exception as why:  # noqa: BLE001  (sqlalchemy's and the drivers' many kinds)
         first = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
         raise UserError(f"--storage {shown_url(url)}: cannot open it ({first})") from None
@@ -370,8 +369,7 @@ class StaleTrial:
     """A trial whose worker died (no heartbeat): its folder says so, and it is queued once more
     with the same values; the failed one is never a result."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self) -> None:
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -662,7 +660,7 @@ def run_study(args: argparse.Namespace, train_argv: list[str]) -> dict:
                            base_args(asked.get("train_argv", [])), asked["space_file"])
     lock = folder / ".tune.lock"
     with locked(lock):  # workers starting together: one creates the study, the others load it
-        storage = open_storage(url, args.heartbeat, folder)
+        storage = open_storage(url, args.heartbeat)
         plan = stored_plan(args.name, storage)
         if plan is not None:
             check_same_plan(plan, asked, args.name, shown)
