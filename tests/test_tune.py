@@ -170,6 +170,10 @@ def test_a_study_prunes_reports_and_continues_later(study_flags, tmp_path, capsy
         assert mark["trial"] == trial.number and mark["pruned_after"].startswith("epoch ")
     table = experiments.table_main(experiments.parse_args(["table", str(folder)]))
     assert sorted(table["run"]) == [f"lr-t{n:03d}" for n in range(4)]
+    # from the model dir, as any runs: the study's folder stands for its trials
+    listed = experiments.table_main(experiments.parse_args(
+        ["table", str(tmp_path / "model"), "--filter", "lr*"]))
+    assert sorted(listed["run"]) == sorted(table["run"])
     assert (table["status"].str.startswith("pruned by tune.py")).sum() == len(pruned)
     # the best trial's flags replay as a config.json
     best = study.best_trial
