@@ -123,6 +123,7 @@ def encoded(action: argparse.Action, value: Any, where: str) -> Any:
             pass  # check_replayed names what was expected
     if action.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    value = config.whole_numbers(action, value)  # 64.0 -> 64 for an int flag, as a replay does
     config.check_replayed(action, value, where)
     if action.type not in (int, float, None) and isinstance(value, str):
         try:
@@ -174,8 +175,10 @@ def parse_param(dest: str, spec: object, where: str, actions: dict,
         shown = "an on/off switch" if action.nargs == 0 else \
             f"{action.nargs} values" if isinstance(action.nargs, int) else \
             {int: "an integer", float: "a number"}.get(action.type, "a string")
-        raise UserError(f"{where}: --{dest} takes {shown}, not a {kind} range"
-                        + ("; use type: categorical" if action.type is not wanted else ""))
+        fitting = {int: "int", float: "float"}.get(action.type, "categorical") \
+            if not isinstance(action.nargs, int) else "categorical"
+        raise UserError(f"{where}: --{dest} takes {shown}, not a {kind} range; use type: "
+                        f"{fitting}")
     low, high = (number(spec, k, where, kind == "int") for k in ("low", "high"))
     step = number(spec, "step", where, kind == "int")
     log = spec.get("log", False)

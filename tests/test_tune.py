@@ -67,7 +67,10 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- the space file
 BAD_SPACES = [
     ("lrr: {type: float, low: 0.001, high: 0.1}\n", "'lrr' is not a flag of train.py (did you mean lr?)"),
-    ("model: {type: float, low: 1, high: 2}\n", "--model takes a string, not a float range"),
+    ("model: {type: float, low: 1, high: 2}\n", "--model takes a string, not a float range; use "
+     "type: categorical"),
+    ("tmax: {type: float, low: 1, high: 9}\n", "--tmax takes an integer, not a float range; use "
+     "type: int"),
     ("momentum: {type: float, low: 0.5, high: 1.5}\n", "1.5 is outside what --momentum takes"),
     ("lr: {type: float, low: 0, high: 0.1, log: true}\n", "a log range needs low > 0"),
     ("lr: {type: float, low: 0.1, high: 0.01}\n", "expected low < high"),
@@ -134,6 +137,8 @@ def test_conditions_and_list_values_reach_the_trial_as_train_py_flags(study_flag
         {"lr": 0.01, "scheduler": "cycliclr", "maxlr": 0.05, "multi_head": False,
          "resize": "32 24"}), space)
     assert tuning.trial_args(base, cyclic).maxlr == 0.05
+    sizes = tuning.parse_space({"batch_size": {"type": "categorical", "choices": [32.0, 64]}}, "x")
+    assert sizes[0].choices == (32, 64)  # an int flag gets ints, as a config.json replay does
 
 
 def test_a_k_fold_trial_is_judged_after_each_fold(tmp_path):
