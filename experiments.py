@@ -45,10 +45,15 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).exists() for name in RUN_FILES) or any(path.glob("fold[0-9]*"))
 
 
+def is_study_dir(path: Path) -> bool:
+    return not is_run_dir(path) and any((path / name).is_file()
+                                        for name in ("study.db", "trials.csv"))
+
+
 def find_runs(paths: list[str], pattern: str | None = None) -> list[tuple[str, Path]]:
     """(name, folder) of every run: a path that is a run folder, or each folder inside a model
-    dir (an empty or half-written one too: the table says what it lacks). Hidden folders are
-    skipped; ``pattern`` (a glob) filters on the name."""
+    dir (an empty or half-written one too: the table says what it lacks; a tune.py study's
+    folder: its trials). Hidden folders are skipped; ``pattern`` (a glob) filters on the name."""
     found: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
@@ -57,6 +62,10 @@ def find_runs(paths: list[str], pattern: str | None = None) -> list[tuple[str, P
             found.append(path)
         else:
             found += sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+            # a tune.py study's folder in a model dir stands for its trials, which are runs
+            studies = [d for d in found if is_study_dir(d)]
+            found = [d for d in found if d not in studies] + [
+                t for d in studies for t in sorted(d.iterdir()) if t.is_dir() and is_run_dir(t)]
     names = [d.name for d in found]
     runs = [(name if names.count(name) == 1 else str(d), d) for name, d in zip(names, found)]
     if pattern:
@@ -187,7 +196,11 @@ def run_row(name: str, run_dir: Path) -> tuple[dict, dict]:
     row["crop"] = settings.get("crop") or (spec.crop if spec else None)
     row = {**(kfold_row(run_dir, settings, problems) if kfold
               else single_run_row(run_dir, settings, problems)), **row}
-    row["status"] = "; ".join(problems) if problems else "done"
+    # tune.py's marks: a trial its pruner stopped, or whose worker died (then not a result)
+    marks = [mark for file, mark in (("pruned.json", "pruned by tune.py"),
+                                     ("failed.json", "failed: its tune.py worker stopped"))
+             if (run_dir / file).is_file()]
+    row["status"] = "; ".join(marks + problems) if marks or problems else "done"
     return row, settings
 
 

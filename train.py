@@ -23,10 +23,11 @@ def get_args_parser() -> FlagParser:
     return config.get_args_parser()
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train as ``args`` (parsed flags) say; returns {'run_dir', 'best_f1', ...}."""
+def main(args: argparse.Namespace, progress=None) -> dict:
+    """Train as ``args`` (parsed flags) say; returns {'run_dir', 'best_f1', ...}. ``progress``
+    (tune.py's pruner) hears of every epoch and fold: maskface/training.py's Progress."""
     from maskface import training  # torch and timm load after the flags parse: --help is quick
-    return training.train(args)
+    return training.train(args, progress)
 
 
 if __name__ == "__main__":

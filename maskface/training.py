@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -167,6 +168,12 @@ def training_batches(settings: Settings, frame: pd.DataFrame, images: np.ndarray
 # ----------------------------------------------------------------------------------------------
 # One model: train on train_rows, select on val_rows, write the run folder
 # ----------------------------------------------------------------------------------------------
+# train's optional observer (tune.py's pruner): called with {"event": "epoch", ...} after each
+# epoch's checkpoint and {"event": "fold", ...} after each finished fold, on every process; what
+# it raises (a pruned trial) stops the run there, its checkpoints kept
+Progress = Callable[[dict], None] | None
+
+
 @dataclass
 class FitData:
     """What one model trains and validates on: the photos, their cache and the two row sets."""
@@ -179,7 +186,7 @@ class FitData:
 
 
 def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None = None,
-        procs: Processes = Processes(), hparams: bool = True) -> dict:
+        procs: Processes = Processes(), hparams: bool = True, progress: Progress = None) -> dict:
     """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events
     (with the run's HParams session at the end unless ``hparams`` is off: a k-fold run logs one
     for the whole run instead)."""
@@ -242,6 +249,9 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
                            weights_of)
                 print(epoch_line(settings, row, improved, kept), flush=True)
             procs.barrier()
+            if progress is not None:  # after the checkpoint: a run stopped here can be resumed
+                progress({"event": "epoch", "run_dir": run_dir, "fold": (extra or {}).get("fold"),
+                          "epoch": epoch + 1, "val_f1": kept["f1"], "best_f1": stopper.best_f1})
             if stopper.should_stop:
                 procs.say(stopper.message(epoch + 1))
                 break
@@ -432,7 +442,8 @@ def checked_folds(args, frame: pd.DataFrame, warn=print) -> FoldPlan:
 
 
 def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
-              images: np.ndarray, run_dir: Path, extra: dict, procs: Processes) -> dict:
+              images: np.ndarray, run_dir: Path, extra: dict, procs: Processes,
+              progress: Progress = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
     every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
@@ -451,12 +462,14 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, mean, std)
         result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs,
-                     hparams=False)
+                     hparams=False, progress=progress)
         results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
                          "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}
         if procs.main:
             atomic_write_text(done, json.dumps(results[fold]))
         procs.barrier()
+        if progress is not None:
+            progress({"event": "fold", "run_dir": run_dir, "fold": fold, **results[fold]})
     pending = [k for k in range(plan.n_folds)
                if not (run_folder.fold_dir(run_dir, k) / run_folder.DONE).is_file()]
     if pending:
@@ -509,7 +522,7 @@ def fold_probabilities(settings: Settings, checkpoint_path: Path, images: np.nda
 # ----------------------------------------------------------------------------------------------
 # train: one split, or k folds with out-of-fold predictions
 # ----------------------------------------------------------------------------------------------
-def train(args) -> dict:
+def train(args, progress: Progress = None) -> dict:
     """Train as ``args`` (config.parse_args) says; returns {'run_dir', 'best_f1', ...}. The
     settings are resolved once, before any photo is decoded; what the data decides (its folder,
     the number of folds of a --folds file) is recorded in them before config.json is written."""
@@ -552,12 +565,12 @@ def train(args) -> dict:
     extra = {"face": face_info, "data_fingerprint": run_folder.data_fingerprint(photos)}
     try:
         if plan is not None:
-            return run_kfold(settings, frame, plan, images, run_dir, extra, procs)
+            return run_kfold(settings, frame, plan, images, run_dir, extra, procs, progress)
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                   f"repeats), {len(val_rows)} val photos")
         result = fit(settings, FitData(frame, images, train_rows, val_rows, mean, std), run_dir,
-                     extra=extra, procs=procs)
+                     extra=extra, procs=procs, progress=progress)
         if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
             atomic_write_text(run_dir / run_folder.DONE, json.dumps(
                 {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],

@@ -17,7 +17,7 @@ import inference
 from maskface import config, face, sample
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"train", "inference", "benchmark", "ensemble_csv", "experiments"}
+SCRIPTS = {"train", "inference", "benchmark", "ensemble_csv", "experiments", "tune"}
 # the package's modules, lowest first: a module imports only from layers below its own
 LAYERS = [
     {"cli"},                                                      # errors, flags
@@ -30,7 +30,7 @@ LAYERS = [
     {"settings", "submission", "bench.end_to_end"},
     {"engine"},
     {"training", "bench.timing"},
-    {"bench.speed"},
+    {"bench.speed", "tuning"},
 ]
 
 
@@ -84,7 +84,7 @@ def test_the_csv_voter_starts_without_torch_opencv_or_sklearn():
 
 
 @pytest.mark.parametrize("command", [["train.py"], ["inference.py"], ["benchmark.py"],
-                                     ["ensemble_csv.py"], ["experiments.py"],
+                                     ["ensemble_csv.py"], ["experiments.py"], ["tune.py"],
                                      ["-m", "maskface.sample"]])
 def test_every_script_answers_help_without_loading_torch(command):
     # torch (and timm) take seconds to import: --help must not wait for them
