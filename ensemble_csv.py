@@ -36,7 +36,10 @@ def _weights(weights: Sequence[float] | None, n_files: int) -> np.ndarray:
         return np.ones(n_files)
     if len(weights) != n_files:
         raise ValueError(f"{len(weights)} weight(s) for {n_files} files")
-    return np.asarray(weights, dtype=np.float64)
+    weight = np.asarray(weights, dtype=np.float64)
+    # scaled by the largest: votes of 1e308 each would add up to inf (every class tied)
+    largest = weight.max(initial=0.0)
+    return weight / largest if np.isfinite(largest) and largest > 0 else weight
 
 
 def hard_vote(predictions: list[pd.Series], weights: Sequence[float] | None = None
