@@ -78,7 +78,9 @@ def get_args_parser() -> FlagParser:
                       help="reuse a folds.csv (profile,fold) of an earlier run, to compare models "
                            "on the same folds")
     data.add_argument("--fold", type=int, default=None,
-                      help="with --kfold: train only this fold (spread folds over GPUs with a shell loop)")
+                      help="with --kfold: train only this fold (spread folds over GPUs with a shell "
+                           "loop); a later fold into the existing run folder --name is that run: "
+                           "its settings and folds, other flags refused as for --resume")
     data.add_argument("--category", default="multi", choices=list(CATEGORY_CLASSES),
                       help="predict the 18 classes or one of mask/gender/age")
     data.add_argument("--age_label_num", type=int, default=3, choices=(3, 6),

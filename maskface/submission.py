@@ -266,9 +266,9 @@ def resolve_runs(args: argparse.Namespace) -> tuple[list[Path], list[Path], list
     if isinstance(args.ensemble, str) and Path(args.ensemble).is_dir():
         raise UserError(f"--ensemble {args.ensemble}: is a folder; --ensemble takes a selection "
                         "JSON of experiments.py select, or nothing (then the runs of --model_dir)")
-    chosen = read_selection(args.ensemble) if isinstance(args.ensemble, str) else None
-    if chosen is not None and args.model_dir:
+    if isinstance(args.ensemble, str) and args.model_dir:  # the flags first, then the file
         raise UserError(f"--ensemble {args.ensemble} names its runs; drop --model_dir")
+    chosen = read_selection(args.ensemble) if isinstance(args.ensemble, str) else None
     if chosen is None:
         run_dirs = [Path(p) for p in (args.model_dir
                                       or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]

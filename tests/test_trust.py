@@ -107,6 +107,7 @@ def test_a_record_that_disagrees_with_its_checkpoints_is_refused(run_copy):
 
 
 # ---------------------------------------------------------------- 4. a checkpoint of another run
+@pytest.mark.slow
 def test_a_last_pth_of_another_run_is_refused(run_copy, trained_run, tiny_train_dir, tmp_path,
                                               run_flags):
     # the same flags: only the run's identity tells the checkpoints apart
@@ -118,6 +119,7 @@ def test_a_last_pth_of_another_run_is_refused(run_copy, trained_run, tiny_train_
         config.parse_args(["--resume", str(run_copy), "--epochs", "3"])
 
 
+@pytest.mark.slow
 def test_best_pth_of_another_run_is_refused_by_resume_and_inference(run_copy, tiny_train_dir,
                                                                     own_eval_dir, tmp_path,
                                                                     run_flags):
