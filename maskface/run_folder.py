@@ -83,9 +83,9 @@ def check_run_record(run_dir: Path, recorded: dict, checkpoints: dict[Path, dict
                      may_differ: tuple[str, ...]) -> dict:
     """What a run is: its config.json (``recorded``) checked against ``checkpoints`` (path ->
     loaded checkpoint, run_checkpoints'), the one place every door into a run (--resume, another
-    --fold, inference) asks. Every checkpoint must carry the run's id and the settings the record
-    holds (but ``may_differ``: flags that only say how long or where it runs); a key missing from
-    config.json is taken from the checkpoints (they trained with it). In each folder best.pth's
+    --fold, inference) asks. Every checkpoint must carry the run's id, and every last.pth the
+    settings the record holds (but ``may_differ``: flags that only say how long or where it
+    runs); a key missing from config.json is taken from them (they trained with it). In each folder best.pth's
     epoch must be the best epoch its last.pth and done.json name. Returns the record completed;
     UserError naming the file otherwise."""
     record = dict(recorded)
@@ -102,8 +102,10 @@ def check_run_record(run_dir: Path, recorded: dict, checkpoints: dict[Path, dict
                             f"records {run_id}); put back the run's own checkpoint or start a "
                             "new run")
         trained = ck.get("config")
-        if not isinstance(trained, dict):
-            continue  # a checkpoint of an earlier version records no settings
+        if path.name != LAST or not isinstance(trained, dict):
+            # the settings are last.pth's, which the run continues from (best.pth: its identity
+            # and epoch); a checkpoint of an earlier version records none
+            continue
         for key, value in trained.items():
             if key in may_differ or key == RUN_ID:
                 continue
