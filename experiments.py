@@ -34,7 +34,8 @@ METRIC_COLUMNS = ["epochs", "val_f1", "oof_f1", "f1_mask", "f1_gender", "f1_age"
                   "images_per_s", "wall_s", "status"]
 # settings that are columns of their own, bookkeeping, or differ by construction (--folds)
 NOT_COMPARED = {"name", "model_dir", "cache_dir", "config", "resume", "fold", "log_interval",
-                "num_workers", "model", "category", "resize", "crop", "epochs", "kfold", "folds"}
+                "num_workers", "model", "category", "resize", "crop", "epochs", "kfold", "folds",
+                run_folder.RUN_ID}
 HEADS = ("f1_mask", "f1_gender", "f1_age")
 
 
@@ -53,7 +54,8 @@ def is_study_dir(path: Path) -> bool:
 def find_runs(paths: list[str], pattern: str | None = None) -> list[tuple[str, Path]]:
     """(name, folder) of every run: a path that is a run folder, or each folder inside a model
     dir (an empty or half-written one too: the table says what it lacks; a tune.py study's
-    folder: its trials). Hidden folders are skipped; ``pattern`` (a glob) filters on the name."""
+    folder: its trials). Hidden folders are skipped unless they are run folders; ``pattern`` (a
+    glob) filters on the name."""
     found: list[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
@@ -61,7 +63,10 @@ def find_runs(paths: list[str], pattern: str | None = None) -> list[tuple[str, P
         if is_run_dir(path):
             found.append(path)
         else:
-            found += sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+            # hidden folders only when they are run folders (--name .baseline): the temp folders
+            # of killed runs and caches (.cache, .exp.tmp-*) are not runs
+            found += sorted(d for d in path.iterdir() if d.is_dir() and (
+                not d.name.startswith(".") or is_run_dir(d)))
             # a tune.py study's folder in a model dir stands for its trials, which are runs
             studies = [d for d in found if is_study_dir(d)]
             found = [d for d in found if d not in studies] + [

@@ -78,7 +78,9 @@ def get_args_parser() -> FlagParser:
                       help="reuse a folds.csv (profile,fold) of an earlier run, to compare models "
                            "on the same folds")
     data.add_argument("--fold", type=int, default=None,
-                      help="with --kfold: train only this fold (spread folds over GPUs with a shell loop)")
+                      help="with --kfold: train only this fold (spread folds over GPUs with a shell "
+                           "loop); a later fold into the existing run folder --name is that run: "
+                           "its settings and folds, other flags refused as for --resume")
     data.add_argument("--category", default="multi", choices=list(CATEGORY_CLASSES),
                       help="predict the 18 classes or one of mask/gender/age")
     data.add_argument("--age_label_num", type=int, default=3, choices=(3, 6),
@@ -257,17 +259,41 @@ def get_args_parser() -> FlagParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; --config/--resume replay a saved config.json under the flags actually given."""
+    """Parse flags; --config replays a saved config.json under the flags actually given; --resume
+    (and --fold into a k-fold run folder that exists) continues that run: its recorded settings,
+    as run_folder.run_record decides them from config.json and its checkpoints, with only the
+    RESUME_SAFE flags changed."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    replay = args.config or (args.resume and str(Path(args.resume) / run_folder.CONFIG))
-    if not replay:
+    if args.resume and args.config:
+        # a resume continues its own run; replaying another file over it would train a different
+        # experiment under the run's name (and rewrite its config.json)
+        raise UserError(f"--resume {args.resume} and --config {args.config}: give one; a resumed "
+                        "run replays its own config.json")
+    if not args.resume and args.fold is not None and not args.config:
+        joined = Path(args.model_dir) / args.name
+        if (joined / run_folder.CONFIG).is_file():
+            # another fold of a run that exists: the same run, so its settings and folds hold
+            args.resume = str(joined)
+            if argv is None:
+                import sys
+                argv = sys.argv[1:]
+            argv = [*argv, "--resume", str(joined)]
+    if args.config:
+        replay, saved = args.config, read_json_checked(args.config)
+        saved.pop(run_folder.RUN_ID, None)  # a replay is a new run, with an identity of its own
+    elif args.resume:
+        if not (Path(args.resume) / run_folder.CONFIG).is_file():
+            raise UserError(f"--resume {args.resume}: not a run folder (no config.json there)")
+        replay = str(Path(args.resume) / run_folder.CONFIG)
+        saved = run_record(Path(args.resume))
+    else:
         return args
-    saved = read_json_checked(replay)
     known = {a.dest for a in parser._actions}
-    unknown = sorted(set(saved) - known)
+    unknown = sorted(set(saved) - known - {run_folder.RUN_ID})
     if unknown:
         raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
+    run_id = saved.pop(run_folder.RUN_ID, None)
     saved = {k: v for k, v in saved.items() if k not in NOT_SAVED}
     saved.setdefault("interpolation", "area")  # what a run saved before the flag existed used
     for action in parser._actions:
@@ -285,7 +311,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         replayed.augmentation_sha256 = None  # the recorded hash is of the replayed pipeline
     if replayed.resume:
         check_resumed_settings(replayed, saved, replay)
+        replayed.run_id = run_id
     return replayed
+
+
+def run_record(run_dir: Path) -> dict:
+    """The settings a run trained with: its config.json, checked against the "config" every
+    checkpoint of the run records (run_folder.check_run_record), keys missing from config.json
+    taken from them. A checkpoint of another run, or a record that disagrees with its
+    checkpoints, is refused."""
+    from maskface.checkpoint import load_checkpoint  # imports torch: only when a run is resumed
+    recorded = read_json_checked(run_dir / run_folder.CONFIG)
+    checkpoints = {path: load_checkpoint(path, mmap=True)
+                   for path in run_folder.run_checkpoints(run_dir)}
+    return run_folder.check_run_record(run_dir, recorded, checkpoints, RESUME_SAFE + NOT_SAVED)
 
 
 def whole_numbers(action: argparse.Action, value):
@@ -323,8 +362,9 @@ def check_replayed(action: argparse.Action, value, source: str) -> None:
         return
     elif action.nargs == 0:  # store_true / store_false
         expected, fits = "true or false", isinstance(value, bool)
-    elif value is None:  # a flag whose default is None (--rrc_scale, --tmax) may stay unset
-        fits = action.default is None or action.type is None
+    elif value is None:  # only a flag whose default is None (--rrc_scale, --tmax) may stay unset:
+        # null elsewhere ("scheduler": null) would fall through to some other behaviour silently
+        fits = action.default is None
         if isinstance(action.nargs, int):
             expected = f"a list of {action.nargs} values"
     elif isinstance(action.nargs, int):
@@ -393,7 +433,8 @@ def check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if isinstance(value, float) and not math.isfinite(value) or not fine(value):
             raise UserError(f"--{flag} {value}: expected {expected}")
-    if args.name in ("", ".", "..") or Path(args.name).name != args.name or "\\" in args.name:
+    if (args.name.strip() in ("", ".", "..") or args.name.strip() != args.name
+            or Path(args.name).name != args.name or "\\" in args.name):
         raise UserError(f"--name '{args.name}': expected a plain folder name (no '/'); "
                         "use --model_dir for where run folders go")
     check_output_path(args.model_dir, "--model_dir", folder=True)

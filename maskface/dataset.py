@@ -426,8 +426,22 @@ class CachedBatches:
         self.targets = self.targets.to(self.device)
 
     def __len__(self) -> int:
+        return len(self._bounds())
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) of each batch. A training pass's (shuffled, sampled or weighted) last
+        batch of one image is merged into the one before: BatchNorm cannot train on a single
+        image ("Expected more than 1 value per channel"), and merging leaves every other batch
+        size (and so every run without such a tail) as is. Evaluation batches, in order, keep
+        their tail: a model in eval mode scores one image fine."""
         n = len(self.sampler) if self.sampler is not None else len(self.rows)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        count = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        bounds = [(start, min(start + self.batch_size, n))
+                  for start in range(0, count * self.batch_size, self.batch_size)]
+        training = self.shuffle or self.weights is not None or self.sampler is not None
+        if training and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            bounds[-2:] = [(bounds[-2][0], bounds[-1][1])]
+        return bounds
 
     def _order(self) -> torch.Tensor:
         n = len(self.rows)
@@ -440,8 +454,7 @@ class CachedBatches:
     def batch_picks(self) -> list[torch.Tensor]:
         """This pass's batches as positions in ``rows`` (draws the order: shuffling moves the RNG)."""
         order = self._order()
-        return [order[start:start + self.batch_size]
-                for start in range(0, len(self) * self.batch_size, self.batch_size)]
+        return [order[start:stop] for start, stop in self._bounds()]
 
     def __iter__(self):
         for picks in self.batch_picks():

@@ -44,15 +44,21 @@ def ensemble_probabilities(probabilities: Sequence[np.ndarray]) -> np.ndarray:
 
 def weighted_probabilities(probabilities: Sequence[np.ndarray],
                            weights: Sequence[float]) -> np.ndarray:
-    """Weighted soft vote: sum_i w_i p_i / sum_i w_i of probability arrays of one shape."""
+    """Weighted soft vote: sum_i w_i p_i / sum_i w_i of probability arrays of one shape. The
+    weights are scaled by their largest first, so huge ones (1e308 each) cannot overflow their sum
+    into inf and every vote into 0; a sum that is still not finite is refused."""
     weights = np.asarray(weights, dtype=np.float64)
     if (weights.shape != (len(probabilities),) or not np.isfinite(weights).all()
-            or (weights < 0).any() or not weights.sum() > 0):
-        raise ValueError(f"weights {weights.tolist()}: expected one number >= 0 per array, "
-                         "summing to more than 0")
+            or (weights < 0).any() or not weights.max(initial=0.0) > 0):
+        raise ValueError(f"weights {weights.tolist()}: expected one finite number >= 0 per "
+                         "array, summing to more than 0")
+    scaled = weights / weights.max()  # each in 0..1: their sum is at most the number of arrays
+    total = scaled.sum()
+    if not (np.isfinite(total) and total > 0):
+        raise ValueError(f"weights {weights.tolist()}: their sum is not a finite positive number")
     ensemble_probabilities(probabilities)  # the same checks: probabilities, never logits
     stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])
-    return np.tensordot(weights / weights.sum(), stacked, axes=1)
+    return np.tensordot(scaled / total, stacked, axes=1)
 
 
 def check_categories(categories: Sequence[str]) -> list[str]:
@@ -163,7 +169,10 @@ def vote_weights(weights: Sequence[float] | None, n_files: int) -> np.ndarray:
         return np.ones(n_files)
     if len(weights) != n_files:
         raise ValueError(f"{len(weights)} weight(s) for {n_files} files")
-    return np.asarray(weights, dtype=np.float64)
+    weight = np.asarray(weights, dtype=np.float64)
+    # scaled by the largest: votes of 1e308 each would add up to inf (every class tied)
+    largest = weight.max(initial=0.0)
+    return weight / largest if np.isfinite(largest) and largest > 0 else weight
 
 
 def hard_vote(predictions: list[pd.Series], weights: Sequence[float] | None = None

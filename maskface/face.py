@@ -167,6 +167,17 @@ def _read_cache(cache_file: Path | None, warn: Callable[[str], None]) -> tuple[d
     of a real one (hand edits, a disk error) are dropped with a warning and detected again."""
     if cache_file is None or not Path(cache_file).exists():
         return {}, 0
+    # a write cut short inside the header (only a prefix of ours) is a torn cache, not a user's
+    # file: rebuilt, as the image cache rebuilds its torn files (nothing after the header is lost)
+    header = ",".join(CACHE_COLUMNS)
+    try:
+        head = Path(cache_file).read_bytes()[:len(header) + 2].decode()
+    except (OSError, UnicodeDecodeError):
+        head = None
+    if head is not None and head.strip() and len(head.rstrip("\r\n")) < len(header) \
+            and header.startswith(head.rstrip("\r\n")):
+        warn(f"warning: {cache_file}: face-box cache torn inside its header; it is rebuilt")
+        return {}, 1
     try:
         # every field as text: numbers are checked row by row below, and mtime_ns (~1.8e18) must
         # not pass through float64, which cannot hold it exactly

@@ -163,12 +163,45 @@ def check_output_path(path: str | Path, flag: str, folder: bool = False) -> Path
         raise UserError(f"{flag} {path}: is a file; expected a folder")
     if not folder and path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; expected a file name")
+    existing = path if folder and path.is_dir() else None
     for parent in path.parents:
+        if existing is not None:
+            break
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
-            break
+            existing = parent
+    if existing is not None:
+        # tried, not asked (os.access): read-only mounts and root's exceptions show only so; found
+        # now, before the work whose output could not be written
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as why:
+            raise UserError(f"{flag} {path}: {existing} is not writable "
+                            f"({why.strerror or why}); expected a folder this user can write") \
+                from None
     return path
+
+
+def check_outputs_apart(outputs: list[Path], inputs: list[Path], folders: list[Path],
+                        what: str = "an output") -> None:
+    """Outputs never replace an input of the same command, nor land in a folder whose files are
+    inputs or records (a run folder, the eval folder): `--name_csv answers.csv` into the eval
+    folder would overwrite the truth it is scored against. UserError naming both otherwise."""
+    def real(p: Path) -> Path:
+        return Path(os.path.realpath(p))
+    for output in outputs:
+        out = real(output)
+        for source in inputs:
+            if out == real(source):
+                raise UserError(f"{output}: {what} would overwrite the input {source}; "
+                                "write it elsewhere (--output_dir, --name_csv)")
+        for folder in folders:
+            if real(folder) in out.parents:
+                raise UserError(f"{output}: {what} inside {folder}, a folder this command reads "
+                                "(a run folder or the eval data); write it elsewhere "
+                                "(--output_dir)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -416,7 +416,17 @@ class PipelineBatches:
                 batches = iter(self._loader)
         else:
             batches = iter(self._loader)
-        yield from batches
+        try:
+            yield from batches
+        except RuntimeError as why:
+            if "DataLoader worker" not in str(why):
+                raise
+            self._loader = None  # its workers are gone; a later pass starts new ones
+            # killed by the OOM killer or an os._exit in the pipeline: one line, not torch's trace
+            raise UserError(f"--augmentation {self.pipeline.value}: an augmentation worker "
+                            f"process died ({str(why).splitlines()[0].strip()}); out of memory? "
+                            "try fewer --augment_workers, or 0 to run the pipeline in the "
+                            "training process") from None
 
     def __iter__(self):
         picks = self.batches.batch_picks()

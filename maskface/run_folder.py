@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +35,7 @@ FOLDS = "folds.csv"               # k-fold: profile -> fold
 OOF = "oof.csv"                   # k-fold: every photo scored by the fold model that never saw it
 OOF_METRICS = "oof_metrics.json"  # k-fold: the out-of-fold scores
 CALIBRATION = "calibration.json"  # inference.py --fit_calibration: per-class offsets
+RUN_ID = "run_id"                 # config.json's and every checkpoint's: which run they belong to
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_mask", "f1_gender",
                   "f1_age", "lr", "seconds", "images_per_s", "val_f1_ema"]
@@ -57,6 +59,114 @@ def last_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in lasts if p.is_file()]
 
 
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """Every checkpoint of a run: last.pth then best.pth, its own, then each fold's."""
+    folders = [Path(run_dir), *fold_dirs(run_dir)]
+    return [p for d in folders for p in (d / LAST, d / BEST) if p.is_file()]
+
+
+def new_run_id(record: dict | None = None) -> str:
+    """A new run's identity, written into config.json and every checkpoint. Folds trained apart
+    (--fold, possibly side by side from a shell loop) may each start the shared folder, so theirs
+    is derived from what defines the experiment (``record``): the same flags, the same id."""
+    if record is None:
+        return uuid.uuid4().hex
+    return "folds-" + hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _plain(value: object) -> object:
+    """A setting as config.json holds it (tuples as lists), for comparison."""
+    return json.loads(json.dumps(value))
+
+
+def check_run_record(run_dir: Path, recorded: dict, checkpoints: dict[Path, dict],
+                     may_differ: tuple[str, ...]) -> dict:
+    """What a run is: its config.json (``recorded``) checked against ``checkpoints`` (path ->
+    loaded checkpoint, run_checkpoints'), the one place every door into a run (--resume, another
+    --fold, inference) asks. Every checkpoint must carry the run's id, and every last.pth the
+    settings the record holds (but ``may_differ``: flags that only say how long or where it
+    runs); a key missing from config.json is taken from them (they trained with it). In each folder best.pth's
+    epoch must be the best epoch its last.pth and done.json name. Returns the record completed;
+    UserError naming the file otherwise."""
+    record = dict(recorded)
+    ids = {path: ck.get(RUN_ID) for path, ck in checkpoints.items() if isinstance(ck, dict)}
+    run_id = record.get(RUN_ID)
+    for path, ck in checkpoints.items():
+        if not isinstance(ck, dict):
+            continue
+        theirs = ids[path]
+        if run_id is None and theirs is not None:
+            run_id = record[RUN_ID] = theirs  # config.json lost its id: the checkpoints keep it
+        if theirs is not None and theirs != run_id:
+            raise UserError(f"{path}: belongs to another run (run id {theirs}; {run_dir / CONFIG} "
+                            f"records {run_id}); put back the run's own checkpoint or start a "
+                            "new run")
+        trained = ck.get("config")
+        if path.name != LAST or not isinstance(trained, dict):
+            # the settings are last.pth's, which the run continues from (best.pth: its identity
+            # and epoch); a checkpoint of an earlier version records none
+            continue
+        for key, value in trained.items():
+            if key in may_differ or key == RUN_ID:
+                continue
+            if key not in record:
+                record[key] = value  # deleted from config.json: what the run trained with
+            elif _plain(record[key]) != _plain(value):
+                raise UserError(f"{run_dir / CONFIG}: '{key}' is {json.dumps(_plain(record[key]))} "
+                                f"but {path} trained with {json.dumps(_plain(value))}; the record "
+                                "and the checkpoint disagree (edited, or a checkpoint of another "
+                                "run?); restore one of them or start a new run")
+    for folder in {p.parent for p in checkpoints}:
+        check_best_epoch(folder, checkpoints.get(folder / LAST), checkpoints.get(folder / BEST))
+    return record
+
+
+def check_best_epoch(folder: Path, last: dict | None, best: dict | None) -> None:
+    """best.pth holds the epoch that last.pth (and done.json) name as the best: a best.pth of
+    another epoch would make the summary claim weights the file does not hold."""
+    if not isinstance(best, dict) or not isinstance(best.get("epoch"), int):
+        return
+    claims = []
+    if isinstance(last, dict) and isinstance(last.get("train_state"), dict):
+        claims.append((folder / LAST, last["train_state"].get("best_epoch")))
+    done = folder / DONE
+    if done.is_file():
+        try:
+            claims.append((done, json.loads(done.read_text()).get("best_epoch")))
+        except (ValueError, AttributeError):
+            raise UserError(f"{done}: not a readable done.json") from None
+    for where, epoch in claims:
+        if isinstance(epoch, int) and epoch != best["epoch"]:
+            raise UserError(f"{folder / BEST}: holds epoch {best['epoch']}, but {where} names "
+                            f"epoch {epoch} as the best; the run's files disagree (a copied "
+                            "checkpoint?)")
+
+
+def check_folds(run_dir: Path, folds: pd.Series, written: pd.Series | None,
+                recorded: pd.DataFrame | None) -> None:
+    """A k-fold run's folds are decided once: ``folds`` (profile -> fold, what this call trains
+    and scores with) must be the run's folds.csv (``written``, read by dataset.read_folds) when it
+    has one, and the roles its photos.csv
+    recorded (``recorded``: path-indexed, with profile and role). Otherwise a fold model could
+    score, out of fold, people it trained on."""
+    folds_file = Path(run_dir) / FOLDS
+    if written is not None:
+        common = folds.index.intersection(written.index)
+        moved = common[written.loc[common].to_numpy() != folds.loc[common].to_numpy()]
+        if len(moved) or len(common) < len(folds):
+            first = moved[0] if len(moved) else folds.index.difference(written.index)[0]
+            raise UserError(f"{folds_file}: differs from this run's folds (first: {first}); a "
+                            "k-fold run keeps the folds it started with (--fold into an existing "
+                            "run uses them; --folds FILE makes a new run on them)")
+    if recorded is not None and len(recorded):
+        expected = recorded["profile"].map(folds).astype("Int64").astype(str)
+        wrong = recorded.index[expected.to_numpy() != recorded["role"].astype(str).to_numpy()]
+        if len(wrong):
+            raise UserError(f"{folds_file}: photo {wrong[0]} is in fold {expected.loc[wrong[0]]} "
+                            f"but {Path(run_dir) / PHOTOS} recorded {recorded.loc[wrong[0], 'role']} "
+                            "when the run started; folds.csv was changed, put back the run's own")
+
+
 def new_run_dir(model_dir: str | Path, name: str) -> Path:
     """{model_dir}/{name}, else {name}2, {name}3, ... (created, so parallel runs never share one).
     The number is appended to the whole name, so dotted names like 'lr1e-3.v2' number right."""
@@ -72,9 +182,10 @@ def new_run_dir(model_dir: str | Path, name: str) -> Path:
             number += 1
 
 
-def prepare_run_dir(settings, photos: pd.DataFrame) -> Path:
-    """The run folder, with config.json and photos.csv written together: --resume's, {name} itself
-    when one fold of a shared k-fold run is trained (--fold), else a new {name}, {name}2, ..."""
+def prepare_run_dir(settings, photos: pd.DataFrame, record: dict | None = None) -> Path:
+    """The run folder, with config.json (``record``, else the settings') and photos.csv written
+    together: --resume's, {name} itself when one fold of a shared k-fold run is trained (--fold),
+    else a new {name}, {name}2, ..."""
     if settings.resume:
         run_dir = Path(settings.resume)
         remove_stale_temps(run_dir, ".*.tmp")  # a checkpoint save cut short by a kill
@@ -83,9 +194,19 @@ def prepare_run_dir(settings, photos: pd.DataFrame) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = new_run_dir(settings.model_dir, settings.name)
-    write_together({run_dir / CONFIG: json.dumps(settings.record(), indent=2).encode(),
+    record = settings.record() if record is None else record
+    write_together({run_dir / CONFIG: json.dumps(record, indent=2).encode(),
                     run_dir / PHOTOS: photos.to_csv(index=False).encode()})
     return run_dir
+
+
+def read_recorded_epochs(run_dir: Path) -> int | None:
+    """The "epochs" a run's config.json records, None when it records none readable."""
+    try:
+        epochs = json.loads((Path(run_dir) / CONFIG).read_text()).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epochs if isinstance(epochs, int) else None
 
 
 def remove_if_no_checkpoint(run_dir: Path) -> None:

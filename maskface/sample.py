@@ -306,9 +306,28 @@ def _build(root: Path, n_train_people: int, n_eval_people: int, seed: int) -> No
 
 def read_marker(out_dir: Path) -> dict | None:
     try:
-        return json.loads((out_dir / MARKER).read_text())
+        marker = json.loads((out_dir / MARKER).read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
+
+
+def files_of(folder: Path) -> list[str]:
+    """Every file under ``folder`` (relative, sorted), its marker and lock left out."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")
+                  if p.is_file() and p.name not in (MARKER, ".lock"))
+
+
+def generated_here(relative: str, marker: dict) -> bool:
+    """Whether the sample of ``marker`` wrote ``relative``: the list it records, or (a marker of an
+    earlier version, without one) the names the generator writes."""
+    listed = marker.get("files")
+    if isinstance(listed, list):
+        return relative in listed
+    parts = Path(relative).parts
+    return (parts in (("eval", "info.csv"), ("eval", "answers.csv"))
+            or (parts[:2] in (("train", "images"), ("eval", "images"))
+                and Path(relative).suffix in (".jpg", ".jpeg", ".png")))
 
 
 def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_people: int = 40, seed: int = 0) -> Path:
@@ -323,11 +342,18 @@ def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_peopl
         raise UserError(f"n_train_people={n_train_people}, n_eval_people={n_eval_people}, seed={seed}: "
                         "expected 1..999999 train people, at least 1 eval person and a seed >= 0")
     params = {"format": FORMAT_VERSION, "n_train_people": n_train_people, "n_eval_people": n_eval_people, "seed": seed}
-    if read_marker(out_dir) == params:
+    marker = read_marker(out_dir)
+    if marker is not None and {k: v for k, v in marker.items() if k != "files"} == params:
         return out_dir
-    if out_dir.exists() and (not out_dir.is_dir() or (read_marker(out_dir) is None and any(out_dir.iterdir()))):
+    if out_dir.exists() and (not out_dir.is_dir() or (marker is None and any(out_dir.iterdir()))):
         raise UserError(f"{out_dir} exists and is not a generated sample (no {MARKER}); "
                         "remove it or pick another --out")
+    if marker is not None:  # an older sample is replaced whole: only when it holds nothing else
+        foreign = [p for p in files_of(out_dir) if not generated_here(p, marker)]
+        if foreign:
+            raise UserError(f"{out_dir}: holds {len(foreign)} file(s) the sample generator did "
+                            f"not write (first: {foreign[0]}); a new sample would replace the "
+                            "folder: move them out, or pick another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir.parent, f".{out_dir.name}.tmp-*")  # a killed generation's
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -336,14 +362,15 @@ def generate_sample(out_dir: str | Path, n_train_people: int = 180, n_eval_peopl
     lock = lock_temp(tmp / ".lock")  # held while building: the folder is not a stale one
     try:
         _build(tmp, n_train_people, n_eval_people, seed)
-        (tmp / MARKER).write_text(json.dumps(params))
+        # the files written, so that a later sample replaces only these (never a user's file)
+        (tmp / MARKER).write_text(json.dumps({**params, "files": files_of(tmp)}))
         (tmp / ".lock").unlink()  # not part of the sample; the open handle keeps the lock
         if out_dir.exists():  # an older sample (other parameters) or an empty dir: move it aside first
             os.replace(out_dir, tmp.with_name(tmp.name + "-old"))
         try:
             os.replace(tmp, out_dir)
         except OSError:  # a concurrent run finished first; its result is as good as ours if params match
-            if read_marker(out_dir) != params:
+            if {k: v for k, v in (read_marker(out_dir) or {}).items() if k != "files"} != params:
                 raise
     finally:
         lock.close()

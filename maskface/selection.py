@@ -416,7 +416,11 @@ def read_selection(path: str | Path) -> Selection:
                             "to the selection file; keep it next to the runs)")
         oof = run_dir / run_folder.OOF
         expected = run.get("oof_sha256")
-        if expected and (not oof.is_file() or file_sha256(oof) != expected):
+        if not isinstance(expected, str) or not expected:
+            # without it a retrained run would get weights chosen for another model, unnoticed
+            raise UserError(f"{path}: run {name}: no \"oof_sha256\" (the oof.csv it was "
+                            "selected on); run experiments.py select again")
+        if not oof.is_file() or file_sha256(oof) != expected:
             raise UserError(f"{path}: run {name}: {oof} is not the one selected on (retrained "
                             "since?); run experiments.py select again")
         run_dirs[name], categories[name] = run_dir, run.get("category", "multi")
@@ -475,9 +479,10 @@ def read_selection_json(path: str | Path) -> dict:
         if not _finite_number(member.get("weight")) or member["weight"] < 0:
             raise UserError(f"{path}: member {number}: weight {member.get('weight')!r}; "
                             "expected a number >= 0")
-    total = sum(member["weight"] for member in members)
-    if not total > 0:
-        raise UserError(f"{path}: the members' weights sum to {total:g}; expected a positive sum")
+    # the largest weight, not the sum: 1e308 + 1e308 overflows (weighted_probabilities scales)
+    largest = max(member["weight"] for member in members)
+    if not largest > 0:
+        raise UserError(f"{path}: the members' weights are all 0; expected a positive sum")
     offsets = (value.get("calibration") or {}).get("offsets")
     if offsets is not None and (not isinstance(offsets, list) or len(offsets) != NUM_CLASSES
                                 or not all(map(_finite_number, offsets))):

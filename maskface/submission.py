@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, f1_score
 
-from maskface import dataset, distributed, image_cache, mixed_precision, predict, run_folder
+from maskface import config, dataset, distributed, image_cache, mixed_precision, predict, run_folder
 from maskface.checkpoint import read_checkpoint
 from maskface.cli import UserError
 from maskface.data_dirs import resolve_eval_dir
@@ -31,7 +31,13 @@ from maskface.ensemble import (
     read_calibration,
     read_oof,
 )
-from maskface.files import atomic_write_text, check_output_path, read_csv_checked, write_together
+from maskface.files import (
+    atomic_write_text,
+    check_output_path,
+    check_outputs_apart,
+    read_csv_checked,
+    write_together,
+)
 from maskface.labels import NUM_CLASSES, PROB_COLUMNS, check_labels
 from maskface.predict import LoadedModel
 from maskface.selection import Selection, read_selection, selection_probabilities
@@ -260,9 +266,9 @@ def resolve_runs(args: argparse.Namespace) -> tuple[list[Path], list[Path], list
     if isinstance(args.ensemble, str) and Path(args.ensemble).is_dir():
         raise UserError(f"--ensemble {args.ensemble}: is a folder; --ensemble takes a selection "
                         "JSON of experiments.py select, or nothing (then the runs of --model_dir)")
-    chosen = read_selection(args.ensemble) if isinstance(args.ensemble, str) else None
-    if chosen is not None and args.model_dir:
+    if isinstance(args.ensemble, str) and args.model_dir:  # the flags first, then the file
         raise UserError(f"--ensemble {args.ensemble} names its runs; drop --model_dir")
+    chosen = read_selection(args.ensemble) if isinstance(args.ensemble, str) else None
     if chosen is None:
         run_dirs = [Path(p) for p in (args.model_dir
                                       or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
@@ -311,7 +317,20 @@ def predict_eval(args: argparse.Namespace) -> dict:
     # the eval layout (info.csv, every image present and JPEG/PNG) before any checkpoint is read;
     # a photo that only fails to decode shows up later, when the caches are built: its
     # preprocessing comes from the checkpoints
-    info = dataset.parse_eval_dir(resolve_eval_dir(args.data_dir))
+    eval_dir = resolve_eval_dir(args.data_dir)
+    info = dataset.parse_eval_dir(eval_dir)
+    # what this command reads is never what it writes: the truth, the calibration, the selection
+    # file, the checkpoints, any file of a run folder or of the eval folder
+    inputs = [Path(p) for p in (args.answers, args.calibrate,
+                                args.ensemble if isinstance(args.ensemble, str) else None) if p]
+    readers = [*run_dirs, *{Path(c).parent for c in checkpoints}, Path(eval_dir)]
+    if (Path(args.output_dir) / run_folder.CONFIG).is_file():
+        readers.append(Path(args.output_dir))  # a run folder not among this call's inputs
+    check_outputs_apart([output_csv, probs_csv], inputs + list(map(Path, checkpoints)), readers,
+                        "the submission")
+    for run_dir in run_dirs:  # each run's checkpoints are its own (run_folder.check_run_record)
+        if (Path(run_dir) / run_folder.CONFIG).is_file():
+            config.run_record(Path(run_dir))
     answers = None
     if args.answers:
         answers = read_csv_checked(args.answers, ["ImageID", "ans"])

@@ -193,7 +193,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
     device = distributed.process_device(settings.device, procs)
     distributed.seed_everything(settings.seed)
     n_out = labels.num_outputs(settings.category, settings.age_label_num)
-    preprocess, pipeline = settings.preprocess, settings.pipeline
+    preprocess = settings.preprocess
     train_batches, val_batches, mine = training_batches(
         settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs)
     class_weights = engine.class_weights_of(settings, train_batches.targets.cpu().numpy())
@@ -209,14 +209,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
     if (run_dir / run_folder.LAST).is_file():
         state = restore_progress(settings, trainer, stopper, run_dir, extra or {}, procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
-    precision = mixed_precision.Precision(trainer.autocast_dtype, trainer.channels_last)
-    record = {"model_config": trainer.net.model_config, "preprocess": preprocess.to_dict(),
-              "normalize": {"mean": list(data.mean), "std": list(data.std)},
-              "precision": precision.record(),
-              "category": settings.category, "age_label_num": settings.age_label_num,
-              "augmentation": settings.augmentation, "config": settings.flags,
-              "augmentation_pipeline": pipeline.record() if pipeline is not None else None,
-              **(extra or {})}
+    record = checkpoint_record(settings, trainer, data, extra or {})
     true_val = data.frame["label"].to_numpy()[data.val_rows]
     writer = None
     if procs.main:
@@ -262,9 +255,26 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
         if writer is not None:
             writer.close()
     procs.say(f"best: epoch {stopper.best_epoch}, val F1 {stopper.best_f1:.4f} -> "
-              f"{run_dir / 'best.pth'}")
+              f"{run_dir / run_folder.BEST}")
     return {"best_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
             "summary": state["summary"], "wall_s": state["wall_s"]}
+
+
+def checkpoint_record(settings: Settings, trainer: engine.Trainer, data: FitData,
+                      extra: dict) -> dict:
+    """What every checkpoint of the model holds besides its weights: all inference needs to
+    rebuild and feed it, the run's settings and which run it belongs to."""
+    precision = mixed_precision.Precision(trainer.autocast_dtype, trainer.channels_last)
+    pipeline = settings.pipeline
+    return {"model_config": trainer.net.model_config, "preprocess": settings.preprocess.to_dict(),
+            "normalize": {"mean": list(data.mean), "std": list(data.std)},
+            "precision": precision.record(),
+            "category": settings.category, "age_label_num": settings.age_label_num,
+            "augmentation": settings.augmentation, "config": settings.flags,
+            # which run this checkpoint belongs to: a last.pth copied from another is refused
+            run_folder.RUN_ID: getattr(settings, run_folder.RUN_ID, None),
+            "augmentation_pipeline": pipeline.record() if pipeline is not None else None,
+            **extra}
 
 
 def restore_progress(settings: Settings, trainer: engine.Trainer,
@@ -421,6 +431,8 @@ def fold_assignments(args, frame: pd.DataFrame, warn=print) -> pd.Series:
         raise UserError(f"{folds_file}: {len(missing)} profile(s) of the data have no fold "
                         f"(first: {missing[0]}){hint}")
     n_folds = folds.nunique()
+    if n_folds < 2:  # as --kfold 1: nothing would train (no photo outside the one fold)
+        raise UserError(f"{folds_file}: {n_folds} fold(s); expected 2 or more, as --kfold")
     if args.kfold and args.kfold != n_folds:
         raise UserError(f"{folds_file} has {n_folds} folds but --kfold is {args.kfold}")
     if sorted(folds.unique()) != list(range(n_folds)):
@@ -428,10 +440,14 @@ def fold_assignments(args, frame: pd.DataFrame, warn=print) -> pd.Series:
     return folds.loc[sorted(set(frame["profile"]))]
 
 
-def checked_folds(args, frame: pd.DataFrame, warn=print) -> FoldPlan:
+def checked_folds(args, frame: pd.DataFrame, warn=print,
+                  recorded: pd.DataFrame | None = None) -> FoldPlan:
     """fold_assignments and every fold's rows, with --fold and each fold's training photos
-    checked."""
+    checked; a resumed run's folds checked against its folds.csv and the roles its photos.csv
+    recorded (``recorded``)."""
     folds = fold_assignments(args, frame, warn)
+    if args.resume:
+        check_run_folds(Path(args.resume), folds, recorded)
     n_folds = int(folds.max()) + 1
     if args.fold is not None and not 0 <= args.fold < n_folds:
         raise UserError(f"--fold {args.fold}: expected 0..{n_folds - 1}")
@@ -441,13 +457,21 @@ def checked_folds(args, frame: pd.DataFrame, warn=print) -> FoldPlan:
     return FoldPlan(folds, fold_of_row, rows)
 
 
+def check_run_folds(run_dir: Path, folds: pd.Series, recorded: pd.DataFrame | None) -> None:
+    """run_folder.check_folds with the run's folds.csv read (when it has one)."""
+    folds_file = run_dir / run_folder.FOLDS
+    written = dataset.read_folds(folds_file) if folds_file.is_file() else None
+    run_folder.check_folds(run_dir, folds, written, recorded)
+
+
 def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
               images: np.ndarray, run_dir: Path, extra: dict, procs: Processes,
               progress: Progress = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
     every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
-    if procs.main:
+    check_run_folds(run_dir, plan.folds, None)  # a fold started beside this one wrote others?
+    if procs.main and not (run_dir / run_folder.FOLDS).is_file():  # written once per run
         atomic_write_text(run_dir / run_folder.FOLDS, plan.folds.to_frame("fold").to_csv())
     results = {}
     for fold in range(plan.n_folds) if settings.fold is None else [settings.fold]:
@@ -477,6 +501,7 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
                   f"(train them with --fold, then run once more with --resume {run_dir})")
         return {"run_dir": run_dir, "best_f1": float("nan"), "folds": results}
     metrics = {}
+    check_run_folds(run_dir, plan.folds, None)  # edited while the folds trained?
     if procs.main:
         metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs)
         reporting.log_kfold_hparams(run_dir, settings.flags, plan.n_folds, metrics)
@@ -540,7 +565,7 @@ def train(args, progress: Progress = None) -> dict:
     frame, recorded = (run_folder.continued_photos(settings, frame, data_dir, procs.say)
                        if settings.resume else (frame, None))
     # split or folds decided (and checked) before any photo is decoded or folder written
-    plan = checked_folds(settings, frame, warn=procs.say) \
+    plan = checked_folds(settings, frame, warn=procs.say, recorded=recorded) \
         if settings.kfold or settings.folds else None
     if plan is None:
         train_rows, val_rows = split_rows(settings, frame, recorded)
@@ -550,12 +575,16 @@ def train(args, progress: Progress = None) -> dict:
     photos = run_folder.photo_record(frame, data_dir, plan.fold_of_row if plan else roles)
     settings = settings.replace(data_dir=str(data_dir),
                                 kfold=plan.n_folds if plan else settings.kfold)
+    settings = with_run_id(settings)
+    record = None
+    if settings.resume:  # refused here, before config.json or photos.csv is rewritten
+        record = check_resumable(settings, photos, procs)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
         procs.barrier()
     images, face_info = build_image_cache(settings, frame, say=procs.say)
     if procs.main:
         procs.barrier()
-        run_dir = run_folder.prepare_run_dir(settings, photos)
+        run_dir = run_folder.prepare_run_dir(settings, photos, record)
     run_dir = Path(procs.broadcast(str(run_dir) if procs.main else None))
     preprocess = settings.preprocess
     procs.say(f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
@@ -580,6 +609,44 @@ def train(args, progress: Progress = None) -> dict:
             run_folder.remove_if_no_checkpoint(run_dir)
         raise
     return {"run_dir": run_dir, **result}
+
+
+def with_run_id(settings: Settings) -> Settings:
+    """The run's identity: a resumed run's own (run_folder.check_run_record found it), else a new
+    one (folds trained apart share one derived from their flags: run_folder.new_run_id)."""
+    if getattr(settings, run_folder.RUN_ID, None):
+        return settings
+    shared = settings.fold is not None and not settings.resume
+    record = {k: v for k, v in settings.record().items() if k not in config.RESUME_SAFE}
+    return settings.replace(**{run_folder.RUN_ID: run_folder.new_run_id(record if shared else None)})
+
+
+def check_resumable(settings: Settings, photos: pd.DataFrame, procs: Processes) -> dict:
+    """--resume: what every last.pth needs of this call, checked before the run folder is
+    touched (the data's fingerprint, the number of processes); returns what config.json is to
+    record: the settings, except "epochs" when this call asks for fewer than were trained (the
+    run stays the length it was trained to)."""
+    run_dir = Path(settings.resume)
+    today = run_folder.data_fingerprint(photos)
+    trained_epochs = 0
+    for path in run_folder.last_checkpoints(run_dir):
+        saved = load_checkpoint(path, mmap=True)
+        trained = saved.get("data_fingerprint")
+        if trained and trained != today and not settings.accept_data_change:
+            raise UserError(f"--resume {run_dir}: the training data's fingerprint {today} differs "
+                            f"from the run's {trained} ({path}); add --accept_data_change to go "
+                            "on anyway, or start a new run")
+        states = saved["rng"] if isinstance(saved.get("rng"), list) else [saved.get("rng")]
+        if len(states) != procs.world:
+            raise UserError(f"--resume {run_dir}: the run trained on {len(states)} process(es), "
+                            f"this is {procs.world}; resume it with torchrun --nproc_per_node "
+                            f"{len(states)} (or without torchrun for 1) to continue it exactly")
+        trained_epochs = max(trained_epochs, int(saved.get("train_state", {}).get("epoch", 0)))
+    record = settings.record()
+    if settings.epochs < trained_epochs:
+        recorded = run_folder.read_recorded_epochs(run_dir)
+        record["epochs"] = recorded if recorded is not None else trained_epochs
+    return record
 
 
 def split_rows(args, frame: pd.DataFrame,
