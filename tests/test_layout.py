@@ -26,7 +26,7 @@ LAYERS = [
     {"dataset", "ensemble", "loss", "model", "run_folder", "sample"},
     {"checkpoint", "data_dirs", "face", "mixed_precision", "pipelines", "reporting", "selection",
      "bench.usual_pipeline"},
-    {"config", "predict"},
+    {"config", "predict", "run_table"},
     {"settings", "submission", "bench.end_to_end"},
     {"engine"},
     {"training", "bench.timing"},
