@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny generated dataset in the competition layout (made once per session),
-the train.py flags of a tiny, fast run on it, and a run killed once it has a checkpoint."""
+the train.py flags of a tiny, fast run on it, a finished run (and a copy a test may change), and a
+run killed once it has a checkpoint."""
 import os
 import shutil
 import signal
@@ -111,3 +112,27 @@ def run(run_flags):
     def train_tiny(train_dir, tmp_path, *extra):
         return train.main(config.parse_args(run_flags(train_dir, tmp_path, *extra)))
     return train_tiny
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_sample, tmp_path_factory, run_flags) -> Path:
+    """A finished 2-epoch run on the tiny sample (each test copies it before changing it)."""
+    import train
+    from maskface import config
+
+    out = tmp_path_factory.mktemp("trust")
+    flags = run_flags(tiny_sample / "train" / "images", out, "--epochs", "2", "--name", "base",
+                      "--early_stopping_patience", "0")
+    return train.main(config.parse_args(flags))["run_dir"]
+
+
+@pytest.fixture()
+def run_copy(finished_run, tmp_path) -> Path:
+    """A copy of finished_run that a test may change."""
+    return Path(shutil.copytree(finished_run, tmp_path / "runs" / "copy"))
+
+
+@pytest.fixture()
+def own_eval_dir(tiny_sample, tmp_path) -> Path:
+    """A copy of the tiny sample's eval folder that a test may change."""
+    return Path(shutil.copytree(tiny_sample / "eval", tmp_path / "eval"))

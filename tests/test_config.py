@@ -1,5 +1,6 @@
 """maskface.config: train.py's flags (every choice, old spellings, number limits) and
-config.json replay, hand-edited values checked like flags."""
+config.json replay, hand-edited values checked like flags (null where the flag has a default),
+--resume with --config refused, a blank --name refused."""
 import json
 import re
 
@@ -97,3 +98,36 @@ def test_hand_edited_config_is_checked_like_flags(setting, expected, tmp_path):
     config_file.write_text(json.dumps({"lr": 0.01, "crop": None, **setting}))
     with pytest.raises(UserError, match=re.escape(f"{config_file}: {expected}")):
         config.parse_args(["--config", str(config_file)])
+
+
+def test_resume_with_config_is_refused_and_the_run_untouched(run_copy, tmp_path):
+    other = tmp_path / "other.json"
+    record = json.loads((run_copy / "config.json").read_text())
+    other.write_text(json.dumps({**record, "lr": 0.5, "seed": 7, "optimizer": "sgd"}))
+    before = (run_copy / "config.json").read_text()
+    # before: the other file was replayed over the run (folds of one run at different lr/seed)
+    with pytest.raises(UserError, match=r"--resume .* and --config .*other\.json: give one"):
+        config.parse_args(["--resume", str(run_copy), "--config", str(other)])
+    assert (run_copy / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("key", ["scheduler", "amp", "normalize", "model", "criterion",
+                                 "cache_dir", "device"])
+def test_null_in_config_json_is_refused_where_the_flag_has_a_default(tmp_path, key):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({key: None}))
+    with pytest.raises(UserError, match=rf"config\.json: setting '{key}' is null; expected"):
+        config.parse_args(["--config", str(path)])
+
+
+def test_null_stays_allowed_where_the_default_is_none(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"crop": None, "tmax": None, "rrc_scale": None}))
+    args = config.parse_args(["--config", str(path)])
+    assert args.crop is None and args.tmax is None and args.rrc_scale is None
+
+
+def test_a_blank_run_name_is_refused():
+    for name in (" ", "  exp", "exp "):
+        with pytest.raises(UserError, match=r"--name '.*': expected a plain folder name"):
+            config.check_flags(config.parse_args(["--name", name]))

@@ -1,5 +1,6 @@
 """maskface.dataset: the train and eval layouts parsed and checked, splits and folds grouped by
-person, balancing, relabeling and folds files checked cell by cell, cached batches."""
+person, balancing, relabeling and folds files checked cell by cell, cached batches (a one-image
+last batch merged)."""
 import shutil
 from pathlib import Path
 
@@ -275,3 +276,25 @@ def test_a_folds_file_with_a_bad_cell_names_the_line(tiny_train_dir, tmp_path, r
                                         r"fold number"):
         train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--folds", str(folds))))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_one_image_last_batch_is_merged_and_other_tails_unchanged():
+    def sizes(n: int, batch: int) -> list[int]:
+        images = np.zeros((n, 4, 4, 3), dtype=np.uint8)
+        batches = dataset.CachedBatches(images, np.zeros(n, dtype=int), np.arange(n), batch,
+                                        shuffle=True)
+        picks = batches.batch_picks()
+        assert len(picks) == len(batches)
+        return [len(p) for p in picks]
+    assert sizes(33, 32) == [33]
+    assert sizes(49, 16) == [16, 16, 17]
+    assert sizes(34, 32) == [32, 2] and sizes(64, 32) == [32, 32] and sizes(1, 32) == [1]
+    # batch sizes without a one-image tail draw exactly the batches they always drew
+    images = np.zeros((50, 4, 4, 3), dtype=np.uint8)
+    batches = dataset.CachedBatches(images, np.zeros(50, dtype=int), np.arange(50), 16,
+                                    shuffle=True)
+    torch.manual_seed(3)
+    drawn = batches.batch_picks()
+    torch.manual_seed(3)
+    order = torch.randperm(50)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, order.split(16)))

@@ -1,13 +1,17 @@
 """maskface.ensemble: soft voting averages probabilities (never logits), hard votes follow the tie
-rule, a mask + gender + age trio counts as one model, calibration never lowers F1 on its data."""
+rule, a mask + gender + age trio counts as one model, calibration never lowers F1 on its data,
+huge vote weights normalised without overflow."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
+import ensemble_csv
 from maskface import ensemble, labels
 from maskface.cli import UserError
-from maskface.ensemble import hard_vote, soft_vote
+from maskface.ensemble import hard_vote, soft_vote, weighted_probabilities
 from maskface.labels import PROB_COLUMNS
 
 
@@ -139,3 +143,41 @@ def test_soft_vote_function_weights():
                               table(one_hot_ish(2, 0.90, 1, 0.05))], [1, 3])
     assert answer.tolist() == [2]
     np.testing.assert_allclose(mean.to_numpy().sum(axis=1), 1)
+
+
+def test_huge_weights_are_normalised_without_overflow(tmp_path):
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(18), size=5) for _ in range(3)]
+    voted = weighted_probabilities(probs, [1e308, 1e308, 1e308])
+    np.testing.assert_allclose(voted, np.mean(probs, axis=0))
+    for bad in ([np.inf, 1, 1], [np.nan, 1, 1], [0, 0, 0]):
+        with pytest.raises(ValueError, match="weights"):
+            weighted_probabilities(probs, bad)
+    paths = []
+    for k, p in enumerate(probs):
+        table = pd.DataFrame(p, columns=[f"p{c}" for c in range(18)])
+        table.insert(0, "ImageID", [f"{i}.jpg" for i in range(5)])
+        paths.append(tmp_path / f"m{k}_probs.csv")
+        table.to_csv(paths[-1], index=False)
+    for vote in (["--soft"], []):
+        if not vote:  # hard vote: the submissions of the same models
+            paths = [_as_submission(p) for p in paths]
+        out = tmp_path / f"vote{len(vote)}.csv"
+        voted_table = ensemble_csv.main(ensemble_csv.parse_args(
+            [*map(str, paths), *vote, "--weights", "1e308", "1e308", "1e308", "-o", str(out)]))
+        expected = np.mean(probs, axis=0).argmax(1) if vote else \
+            pd.read_csv(paths[0])["ans"].to_numpy()
+        if vote:
+            assert (voted_table["ans"].to_numpy() == expected).all()
+        else:  # equal weights: the same answers as an unweighted vote
+            plain = ensemble_csv.main(ensemble_csv.parse_args(
+                [*map(str, paths), "-o", str(tmp_path / "plain.csv")]))
+            assert (voted_table["ans"].to_numpy() == plain["ans"].to_numpy()).all()
+
+
+def _as_submission(probs_csv: Path) -> Path:
+    table = pd.read_csv(probs_csv)
+    out = probs_csv.with_name(probs_csv.name.replace("_probs", ""))
+    pd.DataFrame({"ImageID": table["ImageID"],
+                  "ans": table.filter(like="p").to_numpy().argmax(1)}).to_csv(out, index=False)
+    return out

@@ -1,5 +1,6 @@
-"""experiments.py: the run table and the out-of-fold ensemble selection, its file, and what
-inference.py --ensemble FILE and ensemble_csv.py --soft --weights_file make of it."""
+"""experiments.py: the run table (hidden run folders listed) and the out-of-fold ensemble
+selection, its file, and what inference.py --ensemble FILE and ensemble_csv.py --soft
+--weights_file make of it."""
 import json
 import shutil
 from pathlib import Path
@@ -314,3 +315,12 @@ def test_inference_refuses_a_bad_selection_file_in_one_line(tmp_path, capsys, ca
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hidden_run_folder_is_listed_by_the_table(finished_run, tmp_path):
+    models = tmp_path / "model"
+    shutil.copytree(finished_run, models / ".baseline")
+    shutil.copytree(finished_run, models / "visible")
+    (models / ".cache").mkdir()  # not a run
+    table = experiments.main(experiments.parse_args(["table", str(models)]))
+    assert sorted(table["run"]) == [".baseline", "visible"]

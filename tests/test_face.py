@@ -1,5 +1,6 @@
 """face.py: crops stay inside the image with the requested aspect, the box cache is reused and
-invalidated, fallbacks (profile / median / default) behave as documented, the report adds up.
+invalidated (and rebuilt when torn in its header), fallbacks (profile / median / default) behave
+as documented, the report adds up.
 
 Images are generated here; the fallback tests replace `face.detect_face` by a table lookup on each
 image's (unique) grey level so that they test the bookkeeping, not the Haar cascades.
@@ -626,3 +627,14 @@ def test_an_mtcnn_wheel_that_cannot_load_is_one_error_naming_it(monkeypatch):
             face.detect_face(draw_cartoon_face())
     finally:
         face_detector._mtcnn.cache_clear()
+
+
+def test_a_face_box_cache_torn_in_its_header_is_rebuilt(tiny_train_dir, tmp_path):
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/mask1.jpg"))[:2]]
+    cache_file = tmp_path / "face_boxes.csv"
+    cache_file.write_text("path,size,mtime")  # a write cut short inside the header
+    warnings: list[str] = []
+    table, detected = face.detect_boxes(paths, None, cache_file, warn=warnings.append)
+    assert len(table) == 2 and detected == 2
+    assert any("torn inside its header; it is rebuilt" in w for w in warnings)
+    assert pd.read_csv(cache_file)["path"].tolist() == [os.path.abspath(p) for p in paths]

@@ -1,15 +1,24 @@
 """maskface.files: output paths checked, atomic writes on a full disk, outputs written together
-(a submission and its probabilities), temp files of killed runs cleaned up."""
+(a submission and its probabilities), temp files of killed runs cleaned up, a read-only output
+folder found before the work (inference.py, experiments.py select)."""
 import errno
+import json
 import os
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+import experiments
+import inference
 from maskface import files, image_cache, sample
-from maskface.cli import UserError
+from maskface.cli import UserError, run_cli
 from maskface.files import check_output_path, read_csv_checked
+
+# a folder no user can write, root included (sysfs refuses new files): a read-only output
+UNWRITABLE = Path("/sys") if os.geteuid() == 0 else None
 
 
 def test_output_paths_checked(tmp_path):
@@ -97,3 +106,38 @@ def test_a_submission_and_its_probabilities_change_together(tmp_path, monkeypatc
     files.finish_pending_writes(submission)  # what the next inference run does first
     assert (submission.read_bytes(), probs.read_bytes()) == (b"new submission", b"new probs")
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.skipif(UNWRITABLE is None, reason="needs root for an unwritable folder")
+def test_a_read_only_output_folder_is_found_before_the_work(run_copy, own_eval_dir, tmp_path):
+    # before: the models loaded, the images decoded and predicted, then the write failed
+    with pytest.raises(UserError, match=r"--output_dir /sys: /sys is not writable"):
+        inference.main(inference.parse_args([
+            "--model_dir", str(run_copy), "--data_dir", str(own_eval_dir), "--output_dir",
+            str(UNWRITABLE), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]))
+    assert not (tmp_path / "cache").exists()
+
+
+def oof_run(run_dir: Path, seed: int) -> Path:
+    """The files of a finished k-fold run that selection reads (config.json, folds.csv, oof.csv),
+    for 12 people in 3 folds with random probabilities."""
+    rng = np.random.default_rng(seed)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"category": "multi", "kfold": 3}))
+    profiles = [f"{k:06d}_male_Asian_20" for k in range(12)]
+    pd.DataFrame({"profile": profiles, "fold": [k % 3 for k in range(12)]}).to_csv(
+        run_dir / "folds.csv", index=False)
+    table = pd.DataFrame({"path": [f"/d/{p}/mask1.jpg" for p in profiles], "profile": profiles,
+                          "fold": [k % 3 for k in range(12)], "label": [k % 18 for k in range(12)]})
+    probs = pd.DataFrame(rng.dirichlet(np.ones(18), 12), columns=[f"p{c}" for c in range(18)])
+    pd.concat([table, probs], axis=1).to_csv(run_dir / "oof.csv", index=False)
+    return run_dir
+
+
+@pytest.mark.skipif(UNWRITABLE is None, reason="needs root for an unwritable folder")
+def test_experiments_select_finds_a_read_only_output_before_the_work(tmp_path, capsys):
+    runs = [str(oof_run(tmp_path / name, seed)) for seed, name in enumerate(("a", "b"))]
+    code = run_cli(experiments.main, experiments.parse_args,
+                   ["select", *runs, "-o", str(UNWRITABLE / "sel.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "/sys is not writable" in err, err

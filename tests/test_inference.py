@@ -1,5 +1,5 @@
 """inference.py, the script: submissions from trained run folders, resize and views, several
-models and calibration, one-line failures before any work."""
+models and calibration, one-line failures before any work (outputs never written over inputs)."""
 import json
 import re
 import shutil
@@ -384,3 +384,21 @@ def test_timm_model_mean_is_recorded_and_applied_by_inference(tiny_sample, tmp_p
         other = net(imagenet).softmax(1).numpy()
     np.testing.assert_allclose(result["probs"], expected, atol=1e-5)
     assert not np.allclose(result["probs"], other, atol=1e-3)  # the mean made a difference
+
+
+@pytest.mark.parametrize("where, name", [("eval", "answers.csv"), ("eval", "info.csv"),
+                                         ("run", "oof.csv"), ("run", "config.json.csv")])
+def test_inference_never_writes_over_its_inputs(run_copy, own_eval_dir, tmp_path, where, name):
+    folder = own_eval_dir if where == "eval" else run_copy
+    before = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    if where == "run":  # the file the issue names: a k-fold run's predictions
+        (run_copy / "oof.csv").write_text("path,profile,fold,label\n")
+        before[run_copy / "oof.csv"] = (run_copy / "oof.csv").read_bytes()
+    answers = ["--answers", str(own_eval_dir / "answers.csv")] if name == "answers.csv" else []
+    with pytest.raises(UserError, match=r"the submission (would overwrite the input|inside)"):
+        inference.main(inference.parse_args([
+            "--model_dir", str(run_copy), "--data_dir", str(own_eval_dir), "--output_dir",
+            str(folder), "--name_csv", name, "--cache_dir", str(tmp_path / "cache"),
+            "--device", "cpu", *answers]))
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "cache").exists()  # refused before any work

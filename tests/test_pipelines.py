@@ -1,6 +1,7 @@
 """User pipelines (albumentations files, module:function), per-image policies, random crops from
 a cached margin, hue and random erasing: they train, replay exactly, never reach validation or
-inference, and every bad pipeline fails in one line before any photo is decoded."""
+inference, and every bad pipeline fails in one line before any photo is decoded (a dead
+augmentation worker too)."""
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import inference
 import train
 from maskface import augmentation, config, dataset, image_cache, pipelines, submission
 from maskface.augmentation import AugmentSpec, BatchAugmentation
-from maskface.cli import UserError
+from maskface.cli import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 A = pytest.importorskip("albumentations")
@@ -340,3 +341,33 @@ def test_policy_presets_run_per_image(name):
         again = pipelines.augment_rows(pipeline, images, range(16), seed=3)
     assert np.array_equal(out, again) and not np.array_equal(out, images)
     assert pipelines.load_pipeline("CustomAugmentation") is None
+
+
+KILLER = '''
+import multiprocessing
+import os
+
+from torchvision.transforms import v2
+
+
+def _die_in_a_worker(image):
+    if multiprocessing.parent_process() is not None:  # a worker: as the OOM killer would
+        os._exit(1)
+    return image
+
+
+def build():
+    return v2.Compose([v2.Lambda(_die_in_a_worker)])
+'''
+
+
+@pytest.mark.slow
+def test_a_dead_augmentation_worker_is_one_line(tiny_train_dir, tmp_path, run_flags, capsys):
+    module = tmp_path / "killer.py"
+    module.write_text(KILLER)
+    code = run_cli(train.main, config.parse_args, run_flags(
+        tiny_train_dir, tmp_path, "--augmentation", f"{module}:build", "--augment_workers", "1",
+        "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "an augmentation worker process died" in err and "Traceback" not in err

@@ -1,5 +1,5 @@
-"""maskface.sample: exact competition layout, determinism, and labels that match the drawn
-people."""
+"""maskface.sample: exact competition layout, determinism, labels that match the drawn
+people, and a user's file in the folder never deleted."""
 from pathlib import Path
 
 import cv2
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maskface.cli import UserError
+from maskface.cli import UserError, run_cli
 from maskface.labels import (
     GENDER_NAMES,
     MASK_BY_STEM,
@@ -17,7 +17,14 @@ from maskface.labels import (
     age_group,
     decode_class,
 )
-from maskface.sample import RACES, eval_image_id, generate_sample, sample_person
+from maskface.sample import (
+    RACES,
+    eval_image_id,
+    generate_sample,
+    get_args_parser,
+    main as sample_main,
+    sample_person,
+)
 
 N_TRAIN, N_EVAL = 6, 2
 
@@ -119,3 +126,26 @@ def test_people_follow_competition_imbalances():
     assert abs(female - 0.6) < 0.03
     for p in people[:50]:  # face height 30-55% of the photo, centred in the upper-middle
         assert 0.30 * 512 <= 2 * p.scale <= 0.55 * 512 and 0.3 * 512 < p.centre[1] < 0.5 * 512
+
+
+def test_the_sample_generator_never_deletes_a_users_file(tmp_path):
+    out = generate_sample(tmp_path / "s", n_train_people=2, n_eval_people=1, seed=0)
+    notes = out / "train" / "notes.txt"
+    notes.write_text("mine")
+    # before: the whole folder was replaced, notes.txt with it
+    with pytest.raises(UserError, match=r"holds 1 file\(s\) the sample generator did not write "
+                                        r"\(first: train/notes\.txt\)"):
+        generate_sample(out, n_train_people=3, n_eval_people=1, seed=0)
+    assert notes.read_text() == "mine"
+    notes.unlink()
+    generate_sample(out, n_train_people=3, n_eval_people=1, seed=0)  # only its own files
+    assert len([p for p in (out / "train" / "images").iterdir()]) == 3
+
+
+def test_the_sample_command_refuses_in_one_line(tmp_path, capsys):
+    out = generate_sample(tmp_path / "s", n_train_people=2, n_eval_people=1, seed=0)
+    (out / "mine.csv").write_text("a,b\n")
+    code = run_cli(sample_main, get_args_parser().parse_args,
+                   ["--out", str(out), "--n_train_people", "3", "--n_eval_people", "1"])
+    assert code == 2 and "mine.csv" in capsys.readouterr().err
+    assert (out / "mine.csv").is_file()

@@ -1,5 +1,6 @@
 """maskface.selection: out-of-fold ensemble selection never below the best single run, the
-split-half check, person halves, per-category trios as one candidate."""
+split-half check, person halves, per-category trios as one candidate; the selection file read
+(oof_sha256 required, huge weights)."""
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from maskface import labels as classes, selection
+from maskface.cli import UserError
 
 
 def people(n_people: int, n_folds: int = 3, seed: int = 0) -> pd.DataFrame:
@@ -110,3 +112,25 @@ def test_a_trio_of_per_category_runs_is_one_candidate(tmp_path):
     np.testing.assert_array_equal(selection.truth_labels(oof_runs), labels)
     expected = classes.heads_to_class_probs(*(r.probs for r in oof_runs))
     np.testing.assert_allclose(candidates[0].probs, expected)
+
+
+def test_a_selection_file_without_oof_sha256_is_refused(tmp_path):
+    run_dir = tmp_path / "cv"
+    run_dir.mkdir()
+    (run_dir / "oof.csv").write_text("path,profile,fold,label\n")
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"format": selection.SELECTION_FORMAT,
+                                "runs": {"cv": {"path": "cv", "category": "multi"}},
+                                "members": [{"runs": ["cv"], "weight": 1.0}]}))
+    # before: without the key the retrained-run check was silently skipped
+    with pytest.raises(UserError, match=r"run cv: no \"oof_sha256\""):
+        selection.read_selection(path)
+
+
+def test_huge_selection_weights_are_read(tmp_path):
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"format": selection.SELECTION_FORMAT,
+                                "runs": {"a": {"path": "a"}, "b": {"path": "b"}},
+                                "members": [{"runs": ["a"], "weight": 1e308},
+                                            {"runs": ["b"], "weight": 1e308}]}))
+    assert len(selection.read_selection_json(path)["members"]) == 2

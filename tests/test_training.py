@@ -1,6 +1,7 @@
 """maskface.training: whole runs and their files, k-fold with out-of-fold predictions, model and
 loss variants, early stopping, exact resume after SIGKILL (also EMA, timm schedules, k-fold,
-torchrun), refused resumes."""
+torchrun), refused resumes (another fold's seed, folds.csv edited, a one-fold folds file;
+config.json left as it was, its "epochs" kept by a shortened resume), a one-image last batch."""
 import csv
 import json
 import os
@@ -392,3 +393,62 @@ def test_resume_with_model_ema_of_a_run_without_it_refuses_before_touching_it(ti
     with pytest.raises(UserError, match=r"^--resume .*: --model_ema true differs from the run's false"):
         train.main(config.parse_args(["--resume", str(run_dir), "--epochs", "2", "--model_ema"]))
     assert (run_dir / "config.json").read_text() == config_before
+
+
+@pytest.mark.slow
+def test_another_fold_with_another_seed_is_refused_and_folds_kept(tiny_train_dir, tmp_path,
+                                                                   run_flags):
+    flags = run_flags(tiny_train_dir, tmp_path, "--kfold", "2", "--epochs", "1", "--name", "cv",
+                      "--early_stopping_patience", "0")
+    run_dir = train.main(config.parse_args(flags + ["--fold", "0", "--seed", "1"]))["run_dir"]
+    folds = (run_dir / "folds.csv").read_text()
+    # before: fold 1 re-split with seed 2 and overwrote folds.csv, so fold 0's model scored in
+    # oof.csv people it had trained on
+    with pytest.raises(UserError, match=r"--seed 2 differs from the run's 1"):
+        train.main(config.parse_args(flags + ["--fold", "1", "--seed", "2"]))
+    assert (run_dir / "folds.csv").read_text() == folds
+    # folds.csv rotated by hand after fold 0 finished: photos.csv still holds the roles
+    table = pd.read_csv(run_dir / "folds.csv")
+    table["fold"] = 1 - table["fold"]
+    table.to_csv(run_dir / "folds.csv", index=False)
+    with pytest.raises(UserError, match=r"folds\.csv: photo .* is in fold \d but .*photos\.csv "
+                                        r"recorded \d"):
+        train.main(config.parse_args(["--resume", str(run_dir)]))
+    assert not (run_dir / "oof.csv").exists() and not (run_dir / "fold1").exists()
+
+
+def test_a_folds_file_with_a_single_fold_is_refused(tiny_train_dir, tmp_path, run_flags):
+    profiles = sorted(p.name for p in tiny_train_dir.iterdir() if p.is_dir())
+    folds = tmp_path / "folds.csv"
+    pd.DataFrame({"profile": profiles, "fold": 0}).to_csv(folds, index=False)
+    with pytest.raises(UserError, match=r"folds\.csv: 1 fold\(s\); expected 2 or more"):
+        train.main(config.parse_args(run_flags(tiny_train_dir, tmp_path, "--folds", str(folds))))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_training_with_a_one_image_last_batch_finishes(tiny_train_dir, tmp_path, run_flags):
+    n_photos = sum(1 for _ in tiny_train_dir.glob("*/*.jpg"))
+    # before: "Expected more than 1 value per channel when training" after the epoch's work
+    result = train.main(config.parse_args(run_flags(
+        tiny_train_dir, tmp_path, "--val_ratio", "0", "--batch_size", str(n_photos - 1),
+        "--epochs", "1")))
+    assert (result["run_dir"] / "done.json").is_file()
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(run_copy, tiny_train_dir, tmp_path):
+    data = Path(shutil.copytree(tiny_train_dir, tmp_path / "data" / "images"))
+    photo = sorted(data.glob("*/mask2.jpg"))[0]
+    photo.write_bytes(sorted(data.glob("*/mask3.jpg"))[5].read_bytes())
+    (run_copy / "photos.csv").unlink()  # a run without its photo record: last.pth still knows
+    before = (run_copy / "config.json").read_text()
+    with pytest.raises(UserError, match=r"the training data's fingerprint .* differs"):
+        train.main(config.parse_args(["--resume", str(run_copy), "--epochs", "3",
+                                      "--data_dir", str(data)]))
+    assert (run_copy / "config.json").read_text() == before
+    assert not (run_copy / "photos.csv").exists()
+
+
+def test_a_shortened_resume_keeps_the_recorded_epochs(run_copy):
+    train.main(config.parse_args(["--resume", str(run_copy), "--epochs", "1"]))
+    assert json.loads((run_copy / "config.json").read_text())["epochs"] == 2  # trained 2 of 2
