@@ -139,7 +139,7 @@ def get_args_parser() -> FlagParser:
                         help="--crop face: the face box (hairline to chin) grown by this fraction "
                              "per side, then made to --resize's aspect, so the resize does not "
                              "distort it; 0.1 measured best on the dev set (docs/face_crops.md: "
-                             "0.4 left the face ~40% smaller than a centre crop does)")
+                             "0.4 left the face ~40%% smaller than a centre crop does)")
     images.add_argument("--canny", action="store_true", help="add a Canny-edge channel through a learned 1x1 conv")
     images.add_argument("--normalize", default="auto", choices=NORMALIZE_MODES,
                         help="mean/std: imagenet; dataset (the training images' own); model (a "
