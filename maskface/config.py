@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from maskface import run_folder
@@ -276,7 +277,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             # another fold of a run that exists: the same run, so its settings and folds hold
             args.resume = str(joined)
             if argv is None:
-                import sys
                 argv = sys.argv[1:]
             argv = [*argv, "--resume", str(joined)]
     if args.config:
