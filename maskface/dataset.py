@@ -19,6 +19,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from maskface.cli import UserError, problems_error
 from maskface.files import file_inside, read_csv_checked, shown_cell
+from maskface.image_cache import IMAGE_EXTENSIONS
 from maskface.labels import (
     GENDER_BY_NAME,
     MASK_BY_STEM,
@@ -34,7 +35,6 @@ from maskface.labels import (
 # ----------------------------------------------------------------------------------------------
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PROFILE_PATTERN = re.compile(r"^(?P<id>[^_]+)_(?P<gender>[^_]+)_(?P<race>.+)_(?P<age>[^_]+)$")
 RECORD_COLUMNS = ["path", "profile", "id", "gender", "race", "age", "mask", "stem"]
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG

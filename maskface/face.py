@@ -28,10 +28,9 @@ import numpy as np
 import pandas as pd
 
 from maskface.cli import FlagParser, UserError, problems_error, run_cli
-from maskface.dataset import IMAGE_EXTENSIONS
 from maskface.face_detector import DETECTION_STEPS, Box, clip_box, detect_face, detector_signature
 from maskface.files import atomic_write_bytes, atomic_write_text, check_output_path
-from maskface.image_cache import decode_image, photo_digests
+from maskface.image_cache import IMAGE_EXTENSIONS, decode_image, photo_digests
 from maskface.labels import MASK_BY_STEM, MASK_NAMES
 
 # The built-in fallback when no box was ever detected and no median was supplied: a square of side

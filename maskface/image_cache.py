@@ -22,6 +22,7 @@ import numpy as np
 from maskface.cli import UserError, problems_error
 from maskface.files import atomic_write_text, file_mode, lock_temp, remove_stale_temps
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the photo files the decoder takes
 CROPS = ("center", "face", "none")
 # area: OpenCV's area averaging when shrinking (bilinear when enlarging), the toolkit's own;
 # bilinear / bicubic: Pillow's antialiased filters, what timm's transforms use for its models

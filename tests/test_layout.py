@@ -85,7 +85,7 @@ def test_the_csv_voter_starts_without_torch_opencv_or_sklearn():
 
 @pytest.mark.parametrize("command", [["train.py"], ["inference.py"], ["benchmark.py"],
                                      ["ensemble_csv.py"], ["experiments.py"], ["tune.py"],
-                                     ["-m", "maskface.sample"]])
+                                     ["-m", "maskface.sample"], ["-m", "maskface.face"]])
 def test_every_script_answers_help_without_loading_torch(command):
     # torch (and timm) take seconds to import: --help must not wait for them
     probe = ("import runpy, sys\n"
