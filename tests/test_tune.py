@@ -225,7 +225,9 @@ def test_a_killed_worker_leaves_its_trial_failed_and_uncounted(study_flags, tmp_
     victim.wait()
     assert first_epoch.is_file(), (tmp_path / "victim.log").read_text()[-2000:]
     assert states(load(tmp_path, "kill")) == ["RUNNING"]
-    time.sleep(2.5)  # past the grace period (2 heartbeats) of the dead worker's trial
+    # past the grace period (2 heartbeats) of the dead worker's trial; SQLite's CURRENT_TIMESTAMP,
+    # which Optuna stamps heartbeats and 'now' with, has whole seconds: one more to be sure
+    time.sleep(4.0)
     assert run_cli(tune.main, tune.parse_args,
                    ["--name", "kill", "--model_dir", str(tmp_path / "model"), "--trials", "1",
                     "--heartbeat", "1"]) == 0
