@@ -207,7 +207,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
     stopper = EarlyStopping(settings.early_stopping_patience)
     state = {"epoch": 0, "summary": [], "wall_s": 0.0}
     if (run_dir / run_folder.LAST).is_file():
-        state = restore_progress(settings, trainer, stopper, run_dir, extra or {}, procs)
+        state = restore_progress(trainer, stopper, run_dir, procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
     record = checkpoint_record(settings, trainer, data, extra or {})
     true_val = data.frame["label"].to_numpy()[data.val_rows]
@@ -277,22 +277,14 @@ def checkpoint_record(settings: Settings, trainer: engine.Trainer, data: FitData
             **extra}
 
 
-def restore_progress(settings: Settings, trainer: engine.Trainer,
-                     stopper: EarlyStopping, run_dir: Path, extra: dict, procs: Processes) -> dict:
+def restore_progress(trainer: engine.Trainer, stopper: EarlyStopping, run_dir: Path,
+                     procs: Processes) -> dict:
     """--resume: everything that shapes the next epochs, from last.pth (each process its own
     random state); returns the run state (epochs done, summary rows), summary.csv rewritten
-    from it. Refuses another number of processes, or data other than the run's."""
+    from it. The data and the number of processes were checked against every last.pth of the
+    run by check_resumable, before the run folder was touched."""
     saved = load_checkpoint(run_dir / run_folder.LAST)
-    trained, today = saved.get("data_fingerprint"), extra.get("data_fingerprint")
-    if trained and trained != today and not settings.accept_data_change:
-        raise UserError(f"--resume {run_dir}: the training data's fingerprint {today} differs "
-                        f"from the run's {trained} (last.pth); add --accept_data_change to go on "
-                        "anyway, or start a new run")
     states = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # per process
-    if len(states) != procs.world:
-        raise UserError(f"--resume {run_dir}: the run trained on {len(states)} process(es), this "
-                        f"is {procs.world}; resume it with torchrun --nproc_per_node "
-                        f"{len(states)} (or without torchrun for 1) to continue it exactly")
     trainer.net.load_state_dict(saved["model"])
     trainer.load_state_dict(saved)
     stopper.load_state_dict(saved["train_state"])
