@@ -82,8 +82,8 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
     config.check_flags(args)
     check_model(args)
     # --resume: each last.pth read once (mapped, not loaded) for what the settings need of it
-    lasts = [load_checkpoint(p, mmap=True) for p in run_folder.last_checkpoints(Path(args.resume))] \
-        if args.resume else []
+    lasts = {path: load_checkpoint(path, mmap=True)
+             for path in run_folder.last_checkpoints(Path(args.resume))} if args.resume else {}
     check_resume_checkpoints(args, lasts)
     if args.weights:
         models.read_state_dict(args.weights)
@@ -93,7 +93,7 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
     flags = {**vars(args), **resolved}
     preprocess = preprocess_of(flags)
     pipeline = pipelines.checked_pipeline(args.augmentation, preprocess, args.augmentation_sha256)
-    precision = run_precision(args, device, lasts[0] if lasts else None)
+    precision = run_precision(args, device, next(iter(lasts.values()), None))
     flags.update(amp=precision.amp, channels_last="on" if precision.channels_last else "off",
                  # the pipeline's file, absolute, and its hash: a replay uses the same one or refuses
                  augmentation=pipelines.resolved_value(args.augmentation),
@@ -122,11 +122,10 @@ def check_model(args: argparse.Namespace) -> None:
         raise UserError(f"--resize {resize[0]} {resize[1]}: expected H W of 16 to 4096 pixels")
 
 
-def check_resume_checkpoints(args: argparse.Namespace, lasts: list[dict]) -> None:
-    """--resume: every last.pth of the run holds the EMA weights --model_ema needs (checked before
-    the run's config.json is rewritten with this call's flags)."""
-    paths = run_folder.last_checkpoints(Path(args.resume)) if args.resume else []
-    for path, saved in zip(paths, lasts):
+def check_resume_checkpoints(args: argparse.Namespace, lasts: dict[Path, dict]) -> None:
+    """--resume: every last.pth of the run (``lasts``: path -> mapped checkpoint) holds the EMA
+    weights --model_ema needs (checked before the run's config.json is rewritten)."""
+    for path, saved in lasts.items():
         if args.model_ema and saved.get("ema") is None:
             raise UserError(f"--model_ema: {path} was trained without it and holds no EMA "
                             "weights to resume; resume without --model_ema")
