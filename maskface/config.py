@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from maskface import run_folder
+from maskface import presets, run_folder
 from maskface.cli import FlagParser, LazyChoices, UserError, registry
 from maskface.files import check_output_path, read_json_checked
 from maskface.labels import CATEGORY_CLASSES
@@ -57,7 +57,16 @@ def get_args_parser() -> FlagParser:
     run.add_argument("--name", default="exp", help="run folder name under --model_dir (exp, exp2, ...)")
     run.add_argument("--model_dir", default=os.environ.get("SM_MODEL_DIR", "./model"),
                      help="where run folders go ($SM_MODEL_DIR if set)")
-    run.add_argument("--config", default=None, help="a saved config.json replayed as defaults; flags override")
+    run.add_argument("--config", default=None,
+                     help="a saved config.json replayed as defaults; flags override (the seed "
+                          "code's config.json too: each key mapped or named as ignored)")
+    run.add_argument("--defaults", default="toolkit", choices=tuple(presets.PRESETS),
+                     help="whose values the flags not given take: this toolkit's; seed (the "
+                          "seed team's train.py: sgd with momentum, weight decay 0.01, "
+                          "lr_decay_step 5, tmax 5, maxlr 0.1, patience 4, 30 epochs at 256x192; "
+                          "its --optimizer sgd read as momentum); baseline (the competition's "
+                          "baseline: 1 epoch, MaskBaseDataset, BaseAugmentation, plain sgd, "
+                          "weight decay 5e-4). Recorded in config.json (docs/training.md)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from last.pth, with its settings, split "
                           "or folds and data; only " + ", ".join(f"--{k}" for k in RESUME_SAFE)
@@ -175,6 +184,8 @@ def get_args_parser() -> FlagParser:
     crit = p.add_argument_group("loss")
     crit.add_argument("--criterion", default="cross_entropy", choices=registry("loss", "LOSSES"),
                       help="loss (maskface/loss.py; a wrong name lists them)")
+    crit.add_argument("--arcface", dest="criterion", action="store_const", const="arcface",
+                      help=argparse.SUPPRESS)  # the seed code's switch: --criterion arcface
     crit.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength")
     crit.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
     crit.add_argument("--arc_scale", type=float, default=30.0, help="arcface logit scale")
@@ -211,13 +222,16 @@ def get_args_parser() -> FlagParser:
     opt.add_argument("--gamma", type=float, default=0.5, help="steplr/exponentiallr/lambdalr decay factor")
     opt.add_argument("--tmax", type=int, default=None,
                      help="cosineannealinglr and timm schedules: period in epochs (when not "
-                          "given: --epochs)")
+                          "given: --epochs); cycliclr: epochs per half-cycle, stepped per epoch "
+                          "as the seed code does (when not given: one epoch, stepped per batch)")
     opt.add_argument("--min_lr", type=float, default=0.0, help="timm schedules: the lr floor")
     opt.add_argument("--warmup_lr", type=float, default=1e-5,
                      help="timm schedules: the lr the warm-up starts from")
     opt.add_argument("--maxlr", type=float, default=None, help="cycliclr upper lr (when not given: 10 x --lr)")
-    opt.add_argument("--mode", default="max", choices=("min", "max"),
-                     help="reducelronplateau: min watches val loss, max watches val F1")
+    opt.add_argument("--mode", default=None, choices=presets.PLATEAU_MODES + presets.CYCLIC_MODES,
+                     help="reducelronplateau: min watches val loss, max val F1 (when not given: "
+                          "max); cycliclr: triangular, triangular2 or exp_range (amplitude x "
+                          "--gamma per step; when not given: triangular)")
     opt.add_argument("--factor", type=float, default=0.5, help="reducelronplateau factor")
     opt.add_argument("--patience", type=int, default=2, help="reducelronplateau patience (epochs)")
     opt.add_argument("--threshold", type=float, default=1e-4, help="reducelronplateau threshold")
@@ -259,13 +273,21 @@ def get_args_parser() -> FlagParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; --config replays a saved config.json under the flags actually given; --resume
+def parse_args(argv: list[str] | None = None, say=None) -> argparse.Namespace:
+    """Parse flags; --defaults' preset replaces the toolkit's defaults; --config replays a saved
+    config.json (this toolkit's or the seed code's) under the flags actually given; --resume
     (and --fold into a k-fold run folder that exists) continues that run: its recorded settings,
     as run_folder.run_record decides them from config.json and its checkpoints, with only the
-    RESUME_SAFE flags changed."""
+    RESUME_SAFE flags changed. ``say`` (a warning line on stderr when not given) hears what the
+    run reads differently from what was typed: seed meanings, ignored flags."""
+    if say is None:
+        def say(line: str) -> None:
+            print(f"warning: {line}", file=sys.stderr)
+    if argv is None:
+        argv = sys.argv[1:]
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    typed = typed_flags(argv)
     if args.resume and args.config:
         # a resume continues its own run; replaying another file over it would train a different
         # experiment under the run's name (and rewrite its config.json)
@@ -279,40 +301,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if argv is None:
                 argv = sys.argv[1:]
             argv = [*argv, "--resume", str(joined)]
+    known = {a.dest for a in parser._actions}
     if args.config:
         replay, saved = args.config, read_json_checked(args.config)
         saved.pop(run_folder.RUN_ID, None)  # a replay is a new run, with an identity of its own
+        if presets.is_seed_config(saved):
+            saved, line = presets.import_seed_config(saved, known, args.config)
+            say(line)
     elif args.resume:
         if not (Path(args.resume) / run_folder.CONFIG).is_file():
             raise UserError(f"--resume {args.resume}: not a run folder (no config.json there)")
         replay = str(Path(args.resume) / run_folder.CONFIG)
         saved = run_record(Path(args.resume))
     else:
-        return args
-    known = {a.dest for a in parser._actions}
+        if args.defaults != "toolkit":
+            parser.set_defaults(**presets.PRESETS[args.defaults])
+            args = parser.parse_args(argv)
+        return finish(args, typed, say)
     unknown = sorted(set(saved) - known - {run_folder.RUN_ID})
     if unknown:
         raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
     run_id = saved.pop(run_folder.RUN_ID, None)
     saved = {k: v for k, v in saved.items() if k not in NOT_SAVED}
     saved.setdefault("interpolation", "area")  # what a run saved before the flag existed used
+    saved.setdefault("defaults", "toolkit")  # ... and before --defaults existed
     for action in parser._actions:
-        if action.dest in saved:
+        if action.dest in saved and action.help != argparse.SUPPRESS:
             saved[action.dest] = whole_numbers(action, saved[action.dest])
             check_replayed(action, saved[action.dest], replay)
     for dest, values in WERE_BOOLEAN.items():  # run folders of older versions
         if isinstance(saved.get(dest), bool):
             saved[dest] = values[saved[dest]]
+    preset = args.defaults if "defaults" in typed else saved["defaults"]
+    parser.set_defaults(**presets.PRESETS.get(preset, {}))  # beneath the record: it holds them all
     parser.set_defaults(**saved)
     replayed = parser.parse_args(argv)
     from maskface.pipelines import resolved_value  # imports torch: only when a run is replayed
     if args.augmentation_sha256 is None and \
             resolved_value(replayed.augmentation) != saved.get("augmentation"):
         replayed.augmentation_sha256 = None  # the recorded hash is of the replayed pipeline
+    replayed = finish(replayed, typed, say)
     if replayed.resume:
         check_resumed_settings(replayed, saved, replay)
         replayed.run_id = run_id
     return replayed
+
+
+def typed_flags(argv: list[str]) -> list[str]:
+    """The flags (dests) ``argv`` gives, in the order given: what the user typed, as against what
+    defaults, presets and replays filled in."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(argv)
+    return list(vars(given))
+
+
+def finish(args: argparse.Namespace, typed: list[str], say) -> argparse.Namespace:
+    """What the parsed flags leave open, decided, and what the user typed checked against it:
+    the seed's reading of --optimizer sgd under --defaults seed, --mode for the scheduler in use
+    (one error line for a mode it does not have), then a line per typed flag the seed code would
+    have read differently (without --defaults seed) and per typed flag this run ignores."""
+    if args.defaults == "seed" and "optimizer" in typed and args.optimizer == "sgd":
+        args.optimizer = "momentum"
+        say("--optimizer sgd: read as the seed code reads it, SGD with --momentum "
+            f"{args.momentum} (recorded as --optimizer momentum)")
+    modes = {"cycliclr": presets.CYCLIC_MODES, "reducelronplateau": presets.PLATEAU_MODES}
+    own = modes.get(args.scheduler)
+    if "mode" in typed and own and args.mode not in own:
+        raise UserError(f"--mode {args.mode}: --scheduler {args.scheduler} takes "
+                        + ", ".join(own) + "; " + ", ".join(
+                            f"{', '.join(m)} belong to {name}" for name, m in modes.items()
+                            if name != args.scheduler))
+    if args.mode is None or own and args.mode not in own and not args.resume:
+        # unset, or a replayed record's mode of another scheduler: the one in use decides; a
+        # resumed cycliclr run of an older version keeps its recorded 'max' (it trained triangular)
+        args.mode = own[0] if own == presets.CYCLIC_MODES else "max"
+    values = vars(args)
+    if args.defaults != "seed":
+        for line in presets.seed_warnings(values, typed):
+            say(line)
+    for flag in typed:
+        if flag in USED_WHEN and not USED_WHEN[flag][0](args):
+            say(f"--{flag} {presets.show(values[flag])} is ignored: {USED_WHEN[flag][1]}")
+    return args
 
 
 def run_record(run_dir: Path) -> dict:
@@ -423,6 +495,60 @@ LIMITS = {
     "layer_decay": (lambda v: v is None or 0 < v <= 1, "0 < decay <= 1"),
     "min_lr": (lambda v: v >= 0, "0 or more"),
     "warmup_lr": (lambda v: v >= 0, "0 or more"),
+}
+
+
+def _timm_schedule(args: argparse.Namespace) -> bool:
+    return args.scheduler in registry("engine", "TIMM_SCHEDULERS")
+
+
+def _validates(args: argparse.Namespace) -> bool:
+    return bool(args.kfold or args.folds or args.val_ratio > 0)
+
+
+_PLATEAU = (lambda a: a.scheduler == "reducelronplateau", "only --scheduler reducelronplateau uses it")
+# flag -> (does this run use it?, when it is used): a flag typed for a run that ignores it is
+# named at the start of the run (config.finish), so no setting is dropped without a word
+USED_WHEN = {
+    "maxlr": (lambda a: a.scheduler == "cycliclr", "only --scheduler cycliclr uses it"),
+    "mode": (lambda a: a.scheduler in ("cycliclr", "reducelronplateau"),
+             "only --scheduler cycliclr and reducelronplateau use it"),
+    "factor": _PLATEAU, "patience": _PLATEAU, "threshold": _PLATEAU,
+    "lr_decay_step": (lambda a: a.scheduler in ("steplr", "step"),
+                      "only --scheduler steplr and step use it"),
+    "gamma": (lambda a: a.scheduler in ("steplr", "lambdalr", "exponentiallr", "step")
+              or a.scheduler == "cycliclr" and a.mode == "exp_range",
+              "only --scheduler steplr, lambdalr, exponentiallr, step and cycliclr with --mode "
+              "exp_range use it"),
+    "tmax": (lambda a: a.scheduler in ("cycliclr", "cosineannealinglr") or _timm_schedule(a),
+             "only --scheduler cycliclr, cosineannealinglr and timm's schedules use it"),
+    "min_lr": (_timm_schedule, "only timm's schedules (cosine, tanh, poly, step, wsd, constant) "
+                               "use it"),
+    "warmup_lr": (_timm_schedule, "only timm's schedules (cosine, tanh, poly, step, wsd, "
+                                  "constant) use it"),
+    "momentum": (lambda a: a.optimizer not in ("sgd", "adam", "adamw", "adagrad"),
+                 "--optimizer sgd, adam, adamw and adagrad have none (momentum: SGD with it)"),
+    "mixup_alpha": (lambda a: a.mixup, "only --mixup uses it"),
+    "cutmix_alpha": (lambda a: a.cutmix, "only --cutmix uses it"),
+    "smoothing": (lambda a: a.criterion == "label_smoothing",
+                  "only --criterion label_smoothing uses it"),
+    "focal_gamma": (lambda a: a.criterion == "focal", "only --criterion focal uses it"),
+    "arc_scale": (lambda a: a.criterion == "arcface", "only --criterion arcface uses it"),
+    "arc_margin": (lambda a: a.criterion == "arcface", "only --criterion arcface uses it"),
+    "class_weights_beta": (lambda a: a.class_weights == "effective",
+                           "only --class_weights effective uses it"),
+    "dataset": (lambda a: not (a.kfold or a.folds),
+                "k-fold (--kfold, --folds) always splits by person, whatever --dataset says"),
+    "val_ratio": (lambda a: not (a.kfold or a.folds),
+                  "k-fold (--kfold, --folds) validates each model on its held-out fold"),
+    "valid_batch_size": (_validates, "--val_ratio 0 leaves no validation set"),
+    "early_stopping_patience": (_validates, "--val_ratio 0 leaves no validation set"),
+    "model_ema_decay": (lambda a: a.model_ema, "only --model_ema uses it"),
+    "model_ema_warmup": (lambda a: a.model_ema, "only --model_ema uses it"),
+    "clip_mode": (lambda a: a.clip_grad is not None, "only --clip_grad uses it"),
+    "rrc_ratio": (lambda a: a.rrc_scale is not None, "only --rrc_scale uses it"),
+    "face_margin": (lambda a: a.crop in (None, "face"), "only --crop face uses it"),
+    "accept_data_change": (lambda a: a.resume, "only --resume uses it"),
 }
 
 

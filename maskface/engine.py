@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
-from maskface import augmentation, labels, loss as losses, model as models
+from maskface import augmentation, labels, loss as losses, model as models, presets
 from maskface.cli import UserError
 from maskface.distributed import Processes
 from maskface.settings import Settings
@@ -89,20 +89,32 @@ def build_scheduler(settings: Any, optimizer, steps_per_epoch: int):
         return s.LambdaLR(optimizer, lr_lambda=lambda epoch: gamma ** epoch), False
     if settings.scheduler == "exponentiallr":
         return s.ExponentialLR(optimizer, gamma=settings.gamma), False
+    # --defaults seed: the seed code's schedules as its optims.py builds them
+    seed = getattr(settings, "defaults", "toolkit") == "seed"
     if settings.scheduler == "cosineannealinglr":
-        return s.CosineAnnealingLR(optimizer, T_max=settings.tmax or settings.epochs), False
+        floor = settings.lr * presets.SEED_COSINE_FLOOR if seed else 0.0
+        return s.CosineAnnealingLR(optimizer, T_max=settings.tmax or settings.epochs,
+                                   eta_min=floor), False
     if settings.scheduler == "reducelronplateau":
         return s.ReduceLROnPlateau(optimizer, mode=settings.mode, factor=settings.factor,
                                    patience=settings.patience, threshold=settings.threshold), False
-    # cycliclr: one triangle every 2 epochs, stepping per batch; each parameter group between its
-    # own lr and that times maxlr / lr, so --head_lr_mult holds
+    # cycliclr: each parameter group between its own lr and that times maxlr / lr, so
+    # --head_lr_mult holds; --tmax epochs up, stepped per epoch (as the seed code), else one
+    # triangle every 2 epochs, stepped per batch
     base = [group["lr"] for group in optimizer.param_groups]
     if settings.lr:
         top = [lr * (settings.maxlr / settings.lr if settings.maxlr else 10) for lr in base]
     else:
         top = [settings.maxlr or 0.0] * len(base)
-    return s.CyclicLR(optimizer, base_lr=base, max_lr=top, step_size_up=steps_per_epoch,
-                      cycle_momentum=False), True
+    # runs of older versions recorded plateau's mode here; they trained triangular
+    mode = settings.mode if settings.mode in presets.CYCLIC_MODES else "triangular"
+    # the seed's CyclicLR keeps torch's default, cycling SGD's momentum against the lr
+    cycle_momentum = seed and settings.optimizer == "momentum"
+    per_batch = not settings.tmax
+    return s.CyclicLR(optimizer, base_lr=base, max_lr=top, mode=mode,
+                      gamma=1.0 if seed else settings.gamma,  # the seed left torch's 1.0
+                      step_size_up=steps_per_epoch if per_batch else settings.tmax,
+                      cycle_momentum=cycle_momentum), per_batch
 
 
 def build_network(settings: Any, n_out: int, device: torch.device, procs: Processes,
