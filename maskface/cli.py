@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import importlib
 import sys
 from typing import Callable, Iterable, Iterator, Sequence
@@ -104,6 +105,31 @@ class FlagParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.aliases = dict(aliases or {})
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace=None):
+        """As argparse's, but a flag it does not know ends in one line naming it and the nearest
+        flags that exist (exit code 2), not the whole usage."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.exit(2, f"error: {self.unknown_text(extras)}\n")
+        return namespace
+
+    def unknown_text(self, extras: list[str]) -> str:
+        """What is wrong with the arguments argparse left over: the first unknown flag and the
+        flags nearest to it, or the stray values."""
+        flags = [a.partition("=")[0] for a in extras if a.startswith("-") and a != "--"]
+        if not flags:
+            return f"unrecognized arguments: {' '.join(extras)}"
+        parsers = [self, *(p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                           for p in a.choices.values())]  # experiments.py's table and select
+        listed = sorted({o for parser in parsers for a in parser._actions
+                         if a.help != argparse.SUPPRESS
+                         for o in a.option_strings if o.startswith("--")})
+        wanted = "--" + flags[0].lstrip("-").replace("-", "_")
+        near = difflib.get_close_matches(wanted, listed, n=3, cutoff=0.6)
+        more = f" (and {len(flags) - 1} more unknown)" if len(flags) > 1 else ""
+        return (f"unknown flag {flags[0]}{more}; "
+                + (f"nearest: {', '.join(near)}" if near else f"{self.prog} --help lists them"))
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)

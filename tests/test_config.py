@@ -131,3 +131,104 @@ def test_a_blank_run_name_is_refused():
     for name in (" ", "  exp", "exp "):
         with pytest.raises(UserError, match=r"--name '.*': expected a plain folder name"):
             config.check_flags(config.parse_args(["--name", name]))
+
+
+# ------------------------------------------------------------------- --mode and ignored flags
+def parse_saying(*argv: str) -> tuple:
+    said = []
+    return config.parse_args(list(argv), say=said.append), said
+
+
+@pytest.mark.parametrize("argv, mode", [
+    ([], "max"),
+    (["--scheduler", "reducelronplateau"], "max"),
+    (["--scheduler", "reducelronplateau", "--mode", "min"], "min"),
+    (["--scheduler", "cycliclr"], "triangular"),
+    (["--scheduler", "cycliclr", "--mode", "triangular2"], "triangular2"),
+    (["--scheduler", "cycliclr", "--mode", "exp_range"], "exp_range"),
+])
+def test_mode_resolves_for_the_scheduler_in_use(argv, mode):
+    assert config.parse_args(argv).mode == mode
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--scheduler", "reducelronplateau", "--mode", "triangular"],
+     "--mode triangular: --scheduler reducelronplateau takes min, max; triangular, triangular2, "
+     "exp_range belong to cycliclr"),
+    (["--scheduler", "cycliclr", "--mode", "min"],
+     "--mode min: --scheduler cycliclr takes triangular, triangular2, exp_range; min, max belong "
+     "to reducelronplateau"),
+])
+def test_a_mode_the_scheduler_does_not_have_is_one_line(argv, expected):
+    with pytest.raises(UserError) as error:
+        config.parse_args(argv)
+    assert str(error.value) == expected
+
+
+def test_a_replayed_mode_of_another_scheduler_gives_way(tmp_path):
+    record = {k: v for k, v in vars(config.parse_args([])).items() if k not in config.NOT_SAVED}
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(record))  # "mode": "max", steplr
+    assert config.parse_args(["--config", str(saved), "--scheduler", "cycliclr"]).mode == \
+        "triangular"
+
+
+@pytest.mark.parametrize("argv, flag, why", [
+    (["--dataset", "MaskBaseDataset", "--kfold", "3"], "--dataset MaskBaseDataset",
+     "k-fold (--kfold, --folds) always splits by person, whatever --dataset says"),
+    (["--val_ratio", "0.3", "--kfold", "3"], "--val_ratio 0.3", "k-fold"),
+    (["--maxlr", "0.1"], "--maxlr 0.1", "only --scheduler cycliclr uses it"),
+    (["--mode", "triangular"], "--mode triangular", "only --scheduler cycliclr and"),
+    (["--patience", "4"], "--patience 4", "only --scheduler reducelronplateau uses it"),
+    (["--factor", "0.3"], "--factor 0.3", "reducelronplateau"),
+    (["--tmax", "5"], "--tmax 5", "cosineannealinglr"),
+    (["--lr_decay_step", "5", "--scheduler", "exponentiallr"], "--lr_decay_step 5", "steplr"),
+    (["--gamma", "0.9", "--scheduler", "cycliclr"], "--gamma 0.9", "exp_range"),
+    (["--min_lr", "0.0001"], "--min_lr 0.0001", "timm's schedules"),
+    (["--momentum", "0.8", "--optimizer", "adam"], "--momentum 0.8", "momentum: SGD with it"),
+    (["--mixup_alpha", "0.4"], "--mixup_alpha 0.4", "only --mixup uses it"),
+    (["--cutmix_alpha", "0.4"], "--cutmix_alpha 0.4", "only --cutmix uses it"),
+    (["--smoothing", "0.2"], "--smoothing 0.2", "label_smoothing"),
+    (["--focal_gamma", "1.0"], "--focal_gamma 1.0", "focal"),
+    (["--arc_margin", "0.3"], "--arc_margin 0.3", "arcface"),
+    (["--class_weights_beta", "0.9"], "--class_weights_beta 0.9", "effective"),
+    (["--valid_batch_size", "10", "--val_ratio", "0"], "--valid_batch_size 10", "no validation"),
+    (["--model_ema_decay", "0.99"], "--model_ema_decay 0.99", "--model_ema"),
+    (["--clip_mode", "value"], "--clip_mode value", "--clip_grad"),
+    (["--rrc_ratio", "1", "1"], "--rrc_ratio 1.0 1.0", "--rrc_scale"),
+    (["--face_margin", "0.2", "--crop", "center"], "--face_margin 0.2", "--crop face"),
+])
+def test_every_typed_flag_the_run_ignores_is_named(argv, flag, why):
+    _, said = parse_saying(*argv)
+    ignored = [line for line in said if " is ignored: " in line]
+    assert len(ignored) == 1 and ignored[0].startswith(f"{flag} is ignored: ") \
+        and why in ignored[0], said
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--dataset", "MaskBaseDataset"],
+    ["--kfold", "3"],
+    ["--maxlr", "0.1", "--scheduler", "cycliclr", "--tmax", "5"],
+    ["--patience", "4", "--scheduler", "reducelronplateau"],
+    ["--mixup_alpha", "0.4", "--mixup"],
+    ["--gamma", "0.9", "--scheduler", "cycliclr", "--mode", "exp_range", "--maxlr", "0.1",
+     "--tmax", "5"],
+    ["--tmax", "5", "--scheduler", "cosine"],
+    ["--momentum", "0.8", "--optimizer", "momentum", "--weight_decay", "0"],
+    ["--face_margin", "0.2", "--crop", "face"],
+])
+def test_nothing_is_said_when_every_typed_flag_counts(argv):
+    assert parse_saying(*argv)[1] == []
+
+
+def test_ignored_values_of_a_replayed_record_are_not_named(tmp_path):
+    record = {k: v for k, v in vars(config.parse_args([])).items() if k not in config.NOT_SAVED}
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**record, "maxlr": 0.5, "patience": 9}))
+    assert parse_saying("--config", str(saved))[1] == []
+
+
+def test_the_seed_codes_arcface_switch_is_criterion_arcface():
+    assert config.parse_args(["--arcface"]).criterion == "arcface"
+    assert "--arcface" not in config.get_args_parser().format_help()

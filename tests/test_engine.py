@@ -211,3 +211,48 @@ def test_benchmark_and_train_build_the_same_trainer(tiny_train_dir):
     assert type(timed.augment) is type(trained.augment)
     assert (timed.autocast_dtype, timed.channels_last) == (trained.autocast_dtype,
                                                            trained.channels_last)
+
+
+def epoch_lrs(args, n: int, steps_per_epoch: int = 7) -> tuple[list, bool, object]:
+    net = tiny_net()
+    optimizer = engine.build_optimizer(args, net.parameters(), torch.device("cpu"))
+    scheduler, per_batch = engine.build_scheduler(args, optimizer, steps_per_epoch)
+    lrs = []
+    for _ in range(n):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: the order torch expects, nothing moves
+        scheduler.step()
+    return lrs, per_batch, scheduler
+
+
+def test_cycliclr_keeps_its_three_modes_and_the_seeds_epochs_with_tmax():
+    # --tmax: epochs per half-cycle, stepped per epoch, as the seed code steps it
+    lrs, per_batch, _ = epoch_lrs(settings("--scheduler", "cycliclr", "--lr", "0.01", "--maxlr",
+                                           "0.1", "--tmax", "2", "--mode", "triangular2"), 7)
+    assert not per_batch
+    assert lrs == pytest.approx([0.01, 0.055, 0.1, 0.055, 0.01, 0.0325, 0.055])
+    lrs, _, _ = epoch_lrs(settings("--scheduler", "cycliclr", "--lr", "0.01", "--maxlr", "0.1",
+                                   "--tmax", "2"), 7)
+    assert lrs == pytest.approx([0.01, 0.055, 0.1, 0.055, 0.01, 0.055, 0.1])
+    lrs, _, _ = epoch_lrs(settings("--scheduler", "cycliclr", "--lr", "0.01", "--maxlr", "0.1",
+                                   "--tmax", "1", "--mode", "exp_range", "--gamma", "0.5"), 3)
+    assert lrs == pytest.approx([0.01, 0.01 + 0.09 * 0.5, 0.01])
+    # without --tmax: one epoch up, stepped per batch (the toolkit's, unchanged)
+    _, per_batch, scheduler = epoch_lrs(settings("--scheduler", "cycliclr"), 1)
+    assert per_batch and scheduler.total_size == 14 and scheduler.cycle_momentum is False
+
+
+def test_defaults_seed_builds_the_seeds_schedules():
+    # its CyclicLR: 0.001 -> 0.1 over 5 epochs, SGD's momentum cycled against the lr
+    lrs, per_batch, scheduler = epoch_lrs(settings("--defaults", "seed", "--scheduler",
+                                                   "cycliclr"), 6)
+    assert not per_batch and scheduler.cycle_momentum is True and scheduler.mode == "triangular"
+    assert lrs == pytest.approx([0.001, 0.0208, 0.0406, 0.0604, 0.0802, 0.1])
+    # its CosineAnnealingLR: T_max = --tmax 5 down to lr / 100; its StepLR every 5 epochs
+    lrs, _, scheduler = epoch_lrs(settings("--defaults", "seed", "--scheduler",
+                                           "cosineannealinglr"), 6)
+    assert scheduler.eta_min == pytest.approx(1e-5) and lrs[5] == pytest.approx(1e-5)
+    lrs, _, _ = epoch_lrs(settings("--defaults", "seed"), 6)
+    assert lrs == pytest.approx([1e-3] * 5 + [5e-4])
+    lrs, _, _ = epoch_lrs(settings("--scheduler", "cosineannealinglr", "--epochs", "5"), 6)
+    assert lrs[5] == 0.0

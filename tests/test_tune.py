@@ -106,7 +106,7 @@ def test_bad_flags_on_the_command_line_are_one_line_without_traceback(study_flag
                                                  train=("--lrr", "3"))],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == \
-        "error: train.py flags after '--': unrecognized arguments: --lrr 3", result.stderr
+        "error: train.py flags after '--': unknown flag --lrr; nearest: --lr, --maxlr, --min_lr", result.stderr
     for argv, says in [
         (study_flags("s", "--space", str(json_space), train=("--name", "x")), "--name after '--'"),
         (study_flags("s", "--space", str(tmp_path / "none.yaml")), "none.yaml: file not found"),
