@@ -182,10 +182,12 @@ def get_args_parser() -> FlagParser:
     net.add_argument("--drop_rate", type=float, default=0.0, help="dropout before the classifier")
 
     crit = p.add_argument_group("loss")
+    # the seed code's switch for --criterion arcface; before --criterion, so that tables of the
+    # flags by dest keep --criterion's action, and without a default of its own
+    crit.add_argument("--arcface", dest="criterion", action="store_const", const="arcface",
+                      default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     crit.add_argument("--criterion", default="cross_entropy", choices=registry("loss", "LOSSES"),
                       help="loss (maskface/loss.py; a wrong name lists them)")
-    crit.add_argument("--arcface", dest="criterion", action="store_const", const="arcface",
-                      help=argparse.SUPPRESS)  # the seed code's switch: --criterion arcface
     crit.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing strength")
     crit.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
     crit.add_argument("--arc_scale", type=float, default=30.0, help="arcface logit scale")
