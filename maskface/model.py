@@ -254,9 +254,112 @@ def _reachable(host: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm asks the hub for, in order
+
+
+def _pretrained_cfg_of(name: str) -> dict | None:
+    """timm's pretrained_cfg for a timm name or an hf-hub: repo (whose config.json names it)."""
+    if name.startswith(HUB_PREFIXES):
+        return dict(hub_config(name.split(":", 1)[1])[0])
+    cfg = timm.models.get_pretrained_cfg(name)
+    return None if cfg is None else cfg.to_dict()
+
+
+def pretrained_files(name: str) -> tuple[str | None, list[str]]:
+    """(the local file timm's pretrained weights for ``name`` would be read from, or None; every
+    file that would satisfy --pretrained offline), as timm 1.0 resolves them without a download:
+    the pretrained_cfg's own ``file``; in the Hugging Face hub cache ($HF_HOME/hub, by
+    huggingface_hub's rules) the ``hf_hub_id`` repo's model.safetensors or pytorch_model.bin (or
+    its hf_hub_filename); in torch's hub cache ($TORCH_HOME/hub/checkpoints) the basename of the
+    ``url``. Nothing is downloaded; a timm name without weights gives (None, [])."""
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+    from timm.models._hub import hf_split
+
+    cfg = _pretrained_cfg_of(name)
+    if not cfg:
+        return None, []
+    found, wanted = [], []
+    if cfg.get("file"):
+        wanted.append(str(cfg["file"]))
+        found += [str(cfg["file"])] if Path(cfg["file"]).is_file() else []
+    if cfg.get("hf_hub_id"):
+        repo, revision = hf_split(cfg["hf_hub_id"])
+        hub_cache = Path(hf_constants.HF_HUB_CACHE)
+        folder = hub_cache / f"models--{repo.replace('/', '--')}"
+        commit = revision or "main"
+        ref = folder / "refs" / commit
+        if ref.is_file():  # the snapshot folder is named by the commit the ref points at
+            commit = ref.read_text().strip()
+        elif not revision:
+            commit = "<commit>"
+        for filename in ([cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename")
+                         else HF_WEIGHT_FILES):
+            wanted.append(str(folder / "snapshots" / commit / filename))
+            cached = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=hub_cache,
+                                                            revision=revision)
+            found += [cached] if isinstance(cached, str) and Path(cached).is_file() else []
+    if cfg.get("url"):
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(
+            urllib.parse.urlparse(cfg["url"]).path).name
+        wanted.append(str(target))
+        found += [str(target)] if target.is_file() else []
+    return (found[0] if found else None), wanted
+
+
+def check_pretrained(name: str) -> str | None:
+    """--pretrained checked before any photo is decoded: the local file the weights will be read
+    from, None when they will be downloaded (the host answers), else a UserError naming every
+    file that would satisfy it offline and --weights FILE."""
+    family, inner_name = _resolve(name)
+    if family in ("base", "torchvision"):
+        _build_backbone(family, inner_name, pretrained=True)  # raises: no downloads for these
+    import huggingface_hub.constants as hf_constants
+
+    local, wanted = pretrained_files(name if family == "hub" else inner_name)
+    if not wanted:
+        raise UserError(f"--pretrained: timm has no pretrained weights for {name!r}; drop "
+                        "--pretrained or pass --weights FILE")
+    if local is not None:
+        _check_readable(local)
+        return local
+    cfg = _pretrained_cfg_of(name if family == "hub" else inner_name)
+    host = urllib.parse.urlparse(hf_constants.ENDPOINT if cfg.get("hf_hub_id")
+                                 else cfg.get("url") or "").hostname
+    why = ("HF_HUB_OFFLINE=1" if hf_constants.HF_HUB_OFFLINE
+           else f"{host} is unreachable" if not host or not _reachable(host) else None)
+    if why is None:
+        return None
+    fill = (f" (`huggingface-cli download {cfg['hf_hub_id']}` fills the hub cache)"
+            if cfg.get("hf_hub_id") else f" (downloaded from {cfg['url']})" if cfg.get("url")
+            else "")
+    raise UserError(f"--pretrained: {name}'s weights are not on this machine and cannot be "
+                    f"downloaded ({why}); any of these files satisfies it: " + " or ".join(wanted)
+                    + f"{fill}; or pass --weights FILE with a local state dict")
+
+
+def _check_readable(path: str) -> None:
+    """A cached weights file is whole enough to load (mapped, weights_only), or a UserError."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                f.keys()
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as why:  # truncated downloads and foreign files raise many types
+        raise UserError(f"--pretrained: cached weights {path} are unreadable "
+                        f"({type(why).__name__}); delete the file, or pass --weights FILE") from None
+
+
 def _timm_backbone(timm_name: str, pretrained: bool, timm_kwargs: dict | None = None) -> nn.Module:
     if not pretrained:
         return timm.create_model(timm_name, num_classes=0, **(timm_kwargs or {}))
+    local, _ = pretrained_files(timm_name)
+    if local is not None:  # read from the file found, so no hub request (or its retries) at all
+        return timm.create_model(timm_name, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay={"file": local, "source": "timm"},
+                                 **(timm_kwargs or {}))
     import huggingface_hub.constants as hf_constants
 
     offline_msg = (f"cannot download pretrained weights for {timm_name!r} (no internet?); "

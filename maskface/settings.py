@@ -87,6 +87,8 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
     check_resume_checkpoints(args, lasts)
     if args.weights:
         models.read_state_dict(args.weights)
+    if args.pretrained:  # the weights' file or their download, before any photo is decoded
+        models.check_pretrained(args.model)
     device = distributed.resolve_device(args.device)
     resolved = model_defaults(args)
     say_model_defaults(args, resolved, say)

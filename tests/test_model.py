@@ -287,3 +287,74 @@ def test_hub_names_fail_in_one_line(hub_cache, monkeypatch):
     with pytest.raises(UserError, match="unreachable; for a model in the local hub cache set "
                                         "HF_HUB_OFFLINE=1"):
         models.validate_model_name(f"hf-hub:{HUB_REPO}")
+
+
+# ---------------------------------------------------------------------------- issue 24: --pretrained
+@pytest.fixture()
+def offline_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch hub caches under tmp_path, HF_HUB_OFFLINE=1: nothing to
+    download from, nothing found until a test puts a file there."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path
+
+
+def test_pretrained_offline_names_every_file_that_would_satisfy_it(offline_caches):
+    with pytest.raises(UserError) as caught:
+        models.check_pretrained("lcnet_050")
+    message = str(caught.value)
+    assert "\n" not in message
+    hub = offline_caches / "hf" / "hub" / "models--timm--lcnet_050.ra2_in1k" / "snapshots"
+    assert f"{hub}/<commit>/model.safetensors" in message
+    assert f"{offline_caches}/torch/hub/checkpoints/lcnet_050-f447553b.pth" in message
+    assert "(HF_HUB_OFFLINE=1)" in message and message.endswith("--weights FILE with a local "
+                                                                "state dict")
+
+
+def test_pretrained_weights_in_torch_hub_cache_are_found_and_loaded(offline_caches):
+    import timm
+
+    torch.manual_seed(3)
+    source = timm.create_model("lcnet_050")
+    target = offline_caches / "torch" / "hub" / "checkpoints" / "lcnet_050-f447553b.pth"
+    target.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), target)
+    assert models.check_pretrained("lcnet_050") == str(target)
+    net = models.build_model("lcnet_050", 3, pretrained=True)
+    torch.testing.assert_close(net.backbone.state_dict()["conv_stem.weight"],
+                               source.state_dict()["conv_stem.weight"])
+
+
+def test_pretrained_weights_in_hf_hub_cache_are_found_and_loaded(offline_caches):
+    import safetensors.torch
+    import timm
+
+    torch.manual_seed(4)
+    source = timm.create_model("test_resnet")
+    repo = offline_caches / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"
+    revision = "1" * 40
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    weights = repo / "snapshots" / revision / "model.safetensors"
+    safetensors.torch.save_file(source.state_dict(), str(weights))
+    assert models.check_pretrained("test_resnet") == str(weights)
+    net = models.build_model("test_resnet", 3, pretrained=True)
+    torch.testing.assert_close(net.backbone.state_dict()["conv1.0.weight"],
+                               source.state_dict()["conv1.0.weight"])
+    weights.write_bytes(b"torn")  # a download cut short: named, not a traceback later
+    with pytest.raises(UserError, match=f"cached weights {weights} are unreadable"):
+        models.check_pretrained("test_resnet")
+
+
+def test_pretrained_refused_before_building_for_models_without_downloads():
+    with pytest.raises(UserError, match="--weights FILE"):
+        models.check_pretrained("mobilenet_v2")
+    with pytest.raises(UserError, match="BaseModel has no pretrained weights"):
+        models.check_pretrained("BaseModel")
+    with pytest.raises(UserError, match="timm has no pretrained weights for "
+                                        "'beit3_giant_patch14_224'"):
+        models.check_pretrained("beit3_giant_patch14_224")  # a pretrained_cfg with no source

@@ -76,3 +76,33 @@ def test_timm_model_brings_its_own_preprocessing_unless_overridden(tmp_path):
                     "--normalize", "imagenet", "--interpolation", "area") == {
         "resize": [160, 160], "normalize": "imagenet", "interpolation": "area"}
     assert model_normalization("test_vit") == ([0.5] * 3, [0.5] * 3)
+
+
+# ---------------------------------------------------------------------------- issue 24
+def test_pretrained_weights_missing_offline_refused_before_any_photo_is_decoded(
+        tiny_train_dir, tmp_path, monkeypatch, run_flags):
+    import huggingface_hub.constants as hf_constants
+
+    from maskface import image_cache
+
+    def spy(path):
+        raise AssertionError(f"decoded {path} before the weights were checked")
+    monkeypatch.setattr(image_cache, "decode_image", spy)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    args = config.parse_args(run_flags(tiny_train_dir, tmp_path / "out", "--model", "lcnet_050",
+                                       "--pretrained"))
+    with pytest.raises(UserError, match=r"^--pretrained: lcnet_050's weights are not on this "
+                                        r"machine .* or " + re.escape(
+                                            str(tmp_path / "torch" / "hub" / "checkpoints" /
+                                                "lcnet_050-f447553b.pth"))):
+        train.main(args)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "shared-cache").exists()
+    # a --weights file that is no state dict: refused as early
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not torch")
+    args = config.parse_args(run_flags(tiny_train_dir, tmp_path / "out", "--model", "lcnet_050",
+                                       "--weights", str(bad)))
+    with pytest.raises(UserError, match=f"^weights file {re.escape(str(bad))}: unreadable"):
+        train.main(args)
