@@ -166,7 +166,8 @@ def say_model_defaults(args: argparse.Namespace, resolved: dict, say=print) -> N
     taken = []
     if args.resize is None and tuple(resolved["resize"]) != config.DEFAULT_RESIZE:
         taken.append("input size {}x{}".format(*resolved["resize"]))
-    if args.normalize == "auto" and resolved["normalize"] == "model":
+    if args.normalize == "auto" and resolved["normalize"] == "model" and not (
+            getattr(args, "mean", None) and getattr(args, "std", None)):
         mean, std = model_normalization(args.model)
         taken.append(f"mean {[round(v, 4) for v in mean]} std {[round(v, 4) for v in std]}")
     if args.interpolation == "auto" and resolved["interpolation"] != "area":
@@ -179,14 +180,17 @@ def say_model_defaults(args: argparse.Namespace, resolved: dict, say=print) -> N
 def preprocess_of(flags: dict) -> image_cache.Preprocess:
     """The deterministic image pipeline (crop, size, edges, interpolation) of resolved flags: what
     the run's cache holds and what its checkpoints tell inference."""
-    crop = flags["crop"] or augmentation.augmentation_spec(flags["augmentation"]).crop
+    crop = flags["crop"] or ("center" if flags.get("crop_size") else
+                             augmentation.augmentation_spec(flags["augmentation"]).crop)
     # the margin only shapes face crops: other crops keep the stored default, so their cache names
     # and checkpoints stay as they were when --face_margin's default changed (0.4 -> 0.1)
     face_margin = flags["face_margin"] if crop == "face" else image_cache.Preprocess.face_margin
     return image_cache.Preprocess(resize=tuple(flags["resize"]), crop=crop, canny=flags["canny"],
                                   face_margin=face_margin,
                                   interpolation=flags["interpolation"],
-                                  crop_margin=flags["crop_margin"])
+                                  crop_margin=flags["crop_margin"],
+                                  crop_size=tuple(flags["crop_size"]) if flags.get("crop_size")
+                                  else None)
 
 
 def run_precision(args: argparse.Namespace, device, last: dict | None) -> mixed_precision.Precision:

@@ -106,3 +106,24 @@ def test_pretrained_weights_missing_offline_refused_before_any_photo_is_decoded(
                                        "--weights", str(bad)))
     with pytest.raises(UserError, match=f"^weights file {re.escape(str(bad))}: unreadable"):
         train.main(args)
+
+
+def test_crop_size_means_a_centre_crop_and_mean_std_override_normalize():
+    import numpy as np
+
+    from maskface import training
+    from maskface.settings import resolve_settings
+
+    args = config.parse_args(["--crop_size", "320", "256", "--augmentation", "BaseAugmentation",
+                              "--resize", "224", "224", "--normalize", "dataset",
+                              "--mean", "0.548", "0.504", "0.479"])
+    settings = resolve_settings(args, say=lambda _: None)
+    assert (settings.preprocess.crop, settings.preprocess.crop_size) == ("center", (320, 256))
+    images = np.full((2, 4, 4, 3), 255, dtype=np.uint8)  # the dataset's own std: 0 per channel
+    mean, std = training.normalization(settings, images, np.arange(2))
+    assert (mean, std) == ([0.548, 0.504, 0.479], [0.0, 0.0, 0.0])  # --std not given: dataset's
+    settings = resolve_settings(config.parse_args(["--std", "0.237", "0.247", "0.246"]),
+                                say=lambda _: None)
+    assert settings.preprocess.crop_size is None
+    assert training.normalization(settings, images, np.arange(2)) == (
+        [0.485, 0.456, 0.406], [0.237, 0.247, 0.246])  # ImageNet's mean, the given std
