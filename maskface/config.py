@@ -176,6 +176,9 @@ def get_args_parser() -> FlagParser:
                           "torchvision names (tv_<name> for any torchvision classifier); any timm "
                           "name (timm/<name> where torchvision has it too); hf-hub:<org>/<repo>. "
                           "A wrong name lists the choices (docs/training.md)")
+    net.add_argument("--model_args", default=None, metavar="JSON",
+                     help="with --model module:function: keyword arguments of the function as a "
+                          "JSON object, e.g. '{\"width\": 32}' (recorded with the run)")
     net.add_argument("--multi_head", action="store_true",
                      help="one backbone, three heads (mask, gender, age); 18-class p = product of heads")
     net.add_argument("--pretrained", action="store_true",

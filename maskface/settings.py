@@ -17,6 +17,7 @@ from maskface import (
     config,
     distributed,
     image_cache,
+    labels,
     mixed_precision,
     model as models,
     pipelines,
@@ -96,7 +97,7 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
     preprocess = preprocess_of(flags)
     pipeline = pipelines.checked_pipeline(args.augmentation, preprocess, args.augmentation_sha256)
     precision = run_precision(args, device, next(iter(lasts.values()), None))
-    flags.update(amp=precision.amp, channels_last="on" if precision.channels_last else "off",
+    flags.update(model=models.resolved_model_value(args.model), amp=precision.amp, channels_last="on" if precision.channels_last else "off",
                  # the pipeline's file, absolute, and its hash: a replay uses the same one or refuses
                  augmentation=pipelines.resolved_value(args.augmentation),
                  augmentation_sha256=pipeline and pipeline.sha256)
@@ -122,6 +123,24 @@ def check_model(args: argparse.Namespace) -> None:
     resize = model_defaults(args)["resize"]
     if min(resize) < 16 or max(resize) > 4096:
         raise UserError(f"--resize {resize[0]} {resize[1]}: expected H W of 16 to 4096 pixels")
+    check_user_model(args, resize)
+
+
+def check_user_model(args: argparse.Namespace, resize: list[int]) -> None:
+    """--model module:function: imported, called with num_classes (and --model_args) and run on
+    dummy images of --resize's size, before any photo is decoded."""
+    if not models.is_user_model(args.model):
+        if args.model_args:
+            raise UserError(f"--model_args {args.model_args}: only for a --model module:function "
+                            f"network; {args.model} takes none")
+        return
+    models.check_user_model_flags(args.model, pretrained=args.pretrained,
+                                  cosine_head=args.criterion == "arcface",
+                                  drop_rate=args.drop_rate)
+    outputs = (sum(labels.HEAD_SIZES) if args.multi_head
+               else labels.num_outputs(args.category, args.age_label_num))
+    models.check_user_model(args.model, outputs, models.model_args_of(args.model_args),
+                            tuple(resize))
 
 
 def check_resume_checkpoints(args: argparse.Namespace, lasts: dict[Path, dict]) -> None:

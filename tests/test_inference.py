@@ -441,3 +441,27 @@ def test_the_seed_notebook_pipeline_as_flags_is_what_inference_feeds_the_model(
     with torch.no_grad():
         expected = net(ours).softmax(1).numpy()
     np.testing.assert_allclose(result["probs"], expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_module_function_model_is_rebuilt_by_inference_from_another_folder(
+        tiny_sample, tmp_path, run_flags, monkeypatch):
+    from maskface import model as models
+    example = Path(__file__).resolve().parents[1] / "examples" / "my_model.py"
+    monkeypatch.chdir(example.parent)  # given relative: config.json records the file absolute
+    args = config.parse_args(run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1",
+                                       "--model", "my_model.py:build",
+                                       "--model_args", '{"width": 8}'))
+    run_dir = Path(train.main(args)["run_dir"])
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["model"], saved["model_args"]) == (f"{example}:build", '{"width": 8}')
+    monkeypatch.chdir(tmp_path)
+    result = infer(tiny_sample, tmp_path / "out", [run_dir])
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    assert best["model_config"]["model_args"] == {"width": 8}
+    net = models.restore_model(best)
+    pixels = torch.from_numpy(np.array(result["caches"][0])).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(best["normalize"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        expected = net((pixels - mean) / std).softmax(1).numpy()
+    np.testing.assert_allclose(result["probs"], expected, atol=1e-5)

@@ -1,6 +1,7 @@
 """maskface.settings: model defaults and timm preprocessing, fixed input sizes, class weights
 and names checked before any data is decoded."""
 import re
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,31 @@ def test_crop_size_means_a_centre_crop_and_mean_std_override_normalize():
     assert settings.preprocess.crop_size is None
     assert training.normalization(settings, images, np.arange(2)) == (
         [0.485, 0.456, 0.406], [0.237, 0.247, 0.246])  # ImageNet's mean, the given std
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model_args", '{"width": 8}'], "--model_args {\"width\": 8}: only for a --model "
+                                       "module:function network; BaseModel takes none"),
+    (["--model", "{example}:build", "--pretrained"], "--model {example}:build: a module:function "
+                                                      "network returns its own logits; drop "
+                                                      "--pretrained"),
+    (["--model", "{example}:build", "--criterion", "arcface"], "drop --criterion arcface"),
+    (["--model", "{example}:build", "--drop_rate", "0.2"], "drop --drop_rate"),
+    (["--model", "{example}:build", "--model_args", '{"depth": 3}'],
+     "--model {example}:build: build(num_classes=18, depth=3) failed (TypeError"),
+    (["--model", "{example}:nothing"], "--model: {example} has no function 'nothing'"),
+])
+def test_a_bad_module_function_model_is_refused_before_any_photo_is_decoded(
+        extra, expected, tiny_train_dir, tmp_path, monkeypatch, run_flags):
+    from maskface import image_cache
+
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "my_model.py")
+    monkeypatch.setattr(image_cache, "decode_image", lambda path: pytest.fail("decoded " + path))
+    extra = [e.replace("{example}", example) for e in extra]
+    args = config.parse_args(run_flags(tiny_train_dir, tmp_path / "out", *extra))
+    with pytest.raises(UserError) as caught:
+        train.main(args)
+    message = str(caught.value)
+    assert message.startswith("--model") and "\n" not in message
+    assert expected.replace("{example}", example) in message
+    assert not any(tmp_path.iterdir())
