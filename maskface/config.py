@@ -146,6 +146,12 @@ def get_args_parser() -> FlagParser:
     images.add_argument("--crop", default=None, choices=registry("image_cache", "CROPS"),
                         help="crop before resizing (when not given: the augmentation's; face = "
                              "detected face box)")
+    images.add_argument("--crop_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="a centre crop of H x W photo pixels before --resize, placed as "
+                             "torchvision's CenterCrop (e.g. 320 256, then --resize 224 224); a "
+                             "photo smaller than it is refused, not padded. With --crop center "
+                             "(implied); when not given: the baseline's centre box made to "
+                             "--resize's aspect")
     images.add_argument("--face_margin", type=float, default=0.1,  # face.DEFAULT_MARGIN
                         help="--crop face: the face box (hairline to chin) grown by this fraction "
                              "per side, then made to --resize's aspect, so the resize does not "
@@ -156,6 +162,13 @@ def get_args_parser() -> FlagParser:
                         help="mean/std: imagenet; dataset (the training images' own); model (a "
                              "timm model's pretrained_cfg); auto = model for a timm model with "
                              "--pretrained or --weights, else imagenet")
+    images.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="per-channel mean on the 0-1 scale, as torchvision's Normalize "
+                             "(e.g. 0.548 0.504 0.479; not 0-255), overriding --normalize's; "
+                             "recorded with the run and used by inference")
+    images.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="per-channel std on the 0-1 scale, each above 0 (e.g. 0.237 0.247 "
+                             "0.246), overriding --normalize's; recorded and used by inference")
     images.add_argument("--interpolation", default="auto",
                         choices=LazyChoices(lambda: ("auto", *registry("image_cache", "INTERPOLATIONS")), "interpolations"),
                         help="resizing into the cache: area (OpenCV area averaging); bilinear or "
@@ -172,6 +185,9 @@ def get_args_parser() -> FlagParser:
                           "torchvision names (tv_<name> for any torchvision classifier); any timm "
                           "name (timm/<name> where torchvision has it too); hf-hub:<org>/<repo>. "
                           "A wrong name lists the choices (docs/training.md)")
+    net.add_argument("--model_args", default=None, metavar="JSON",
+                     help="with --model module:function: keyword arguments of the function as a "
+                          "JSON object, e.g. '{\"width\": 32}' (recorded with the run)")
     net.add_argument("--multi_head", action="store_true",
                      help="one backbone, three heads (mask, gender, age); 18-class p = product of heads")
     net.add_argument("--pretrained", action="store_true",
@@ -579,6 +595,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.rrc_scale is not None and not 0 < args.rrc_scale[0] <= args.rrc_scale[1] <= 1:
         raise UserError(f"--rrc_scale {args.rrc_scale[0]} {args.rrc_scale[1]}: expected "
                         "0 < LO <= HI <= 1 (area fractions)")
+    check_notebook_flags(args)
     if not 0 < args.rrc_ratio[0] <= args.rrc_ratio[1]:
         raise UserError(f"--rrc_ratio {args.rrc_ratio[0]} {args.rrc_ratio[1]}: expected "
                         "0 < LO <= HI (aspect ratios)")
@@ -588,6 +605,31 @@ def check_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {path}: file not found")
     if args.resume and not (Path(args.resume) / run_folder.CONFIG).is_file():
         raise UserError(f"--resume {args.resume}: not a run folder (no config.json there)")
+
+
+def check_notebook_flags(args: argparse.Namespace) -> None:
+    """--mean, --std (0-1 scale: 0-255 values are the usual slip) and --crop_size (a centre crop,
+    so --crop center or none given)."""
+    for flag, low in (("mean", 0.0), ("std", None)):
+        values = getattr(args, flag)
+        if values is None:
+            continue
+        shown = " ".join(f"{v:g}" for v in values)
+        fits = all(math.isfinite(v) and (0 <= v <= 1 if low is not None else 0 < v <= 1)
+                   for v in values)
+        if not fits:
+            raise UserError(f"--{flag} {shown}: expected three numbers "
+                            + ("from 0 to 1" if low is not None else "above 0, at most 1")
+                            + " (R G B on the 0-1 scale, as torchvision's Normalize; divide "
+                              "0-255 values by 255)")
+    if args.crop_size is not None:
+        height, width = args.crop_size
+        if not (16 <= height <= 8192 and 16 <= width <= 8192):
+            raise UserError(f"--crop_size {height} {width}: expected H W of 16 to 8192 photo "
+                            "pixels")
+        if args.crop not in (None, "center"):
+            raise UserError(f"--crop_size {height} {width} is a centre crop; --crop {args.crop} "
+                            "crops otherwise: give one (or --crop center)")
 
 
 def drop_range(text: str | None) -> tuple[int, int] | None:

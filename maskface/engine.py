@@ -123,7 +123,9 @@ def build_network(settings: Any, n_out: int, device: torch.device, procs: Proces
     net = models.build_model(settings.model, n_out, multi_head=settings.multi_head,
                              canny=settings.canny, cosine_head=settings.criterion == "arcface",
                              cosine_scale=settings.arc_scale, pretrained=settings.pretrained,
-                             weights=settings.weights, drop_rate=settings.drop_rate)
+                             weights=settings.weights, drop_rate=settings.drop_rate,
+                             model_args=models.model_args_of(getattr(settings, "model_args", None))
+                             or None)
     if settings.sync_bn and procs.distributed and device.type != "cuda":
         procs.say("--sync_bn: SyncBatchNorm runs on CUDA only; ignored on CPU")
     elif settings.sync_bn and procs.distributed:

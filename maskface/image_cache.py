@@ -41,6 +41,9 @@ class Preprocess:
     # cached beyond the crop on each side, as a fraction of its height/width: room for random
     # crops in training; evaluation takes the centred --resize box, the crop of margin 0
     crop_margin: float = 0.0
+    # --crop_size: the centre crop's H, W in photo pixels (torchvision's CenterCrop), resized to
+    # --resize whatever its aspect; None: center_box, the baseline's box made to --resize's aspect
+    crop_size: tuple[int, int] | None = None
 
     @property
     def channels(self) -> int:
@@ -64,12 +67,18 @@ class Preprocess:
             del values["interpolation"]
         if not self.crop_margin:  # the cache names and checkpoints of margin-0 runs stay as they were
             del values["crop_margin"]
+        if self.crop_size is None:  # likewise for runs without --crop_size
+            del values["crop_size"]
+        else:
+            values["crop_size"] = list(self.crop_size)
         return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocess":
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         known["resize"] = tuple(known.get("resize", cls.resize))
+        if known.get("crop_size") is not None:
+            known["crop_size"] = tuple(known["crop_size"])
         return cls(**known)
 
 
@@ -82,6 +91,18 @@ def center_box(width: int, height: int, aspect_hw: float) -> tuple[int, int, int
         crop_w = crop_h / aspect_hw
     x0, y0 = int(round((width - crop_w) / 2)), int(round((height - crop_h) / 2))
     return x0, y0, x0 + int(round(crop_w)), y0 + int(round(crop_h))
+
+
+def sized_center_box(width: int, height: int,
+                     crop_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred box of ``crop_size`` (H, W) pixels, placed as torchvision's CenterCrop places
+    it; UserError when the photo is smaller (CenterCrop would pad it with black)."""
+    crop_h, crop_w = crop_size
+    if crop_h > height or crop_w > width:
+        raise UserError(f"photo is {width}x{height} (WxH) pixels, smaller than --crop_size "
+                        f"{crop_h} {crop_w} (H W); expected photos at least that large")
+    x0, y0 = int(round((width - crop_w) / 2.0)), int(round((height - crop_h) / 2.0))
+    return x0, y0, x0 + crop_w, y0 + crop_h
 
 
 MIN_IMAGE_SIDE = 16  # pixels; anything smaller is no photo of a person (and cannot be cropped)
@@ -104,7 +125,9 @@ def preprocess_image(image: np.ndarray, preprocess: Preprocess,
     """Crop (box, or the preprocess's centre crop) and resize one RGB image -> uint8 [H, W, C]."""
     height, width = preprocess.resize
     if box is None and preprocess.crop == "center":
-        box = center_box(image.shape[1], image.shape[0], height / width)
+        box = (sized_center_box(image.shape[1], image.shape[0], preprocess.crop_size)
+               if preprocess.crop_size else center_box(image.shape[1], image.shape[0],
+                                                       height / width))
     if preprocess.crop_margin:
         image = _crop_with_margin(image, box, preprocess)
         height, width = preprocess.cached_size
@@ -252,8 +275,11 @@ def _fill_caches(paths, variants, targets, progress, threads) -> None:
             except UserError as why:
                 problems.append(str(why))
                 return
-            for out, (pre, boxes) in zip(outputs, variants):
-                out[i] = preprocess_image(image, pre, None if boxes is None else boxes[i])
+            try:
+                for out, (pre, boxes) in zip(outputs, variants):
+                    out[i] = preprocess_image(image, pre, None if boxes is None else boxes[i])
+            except UserError as why:  # a photo smaller than --crop_size
+                problems.append(f"{paths[i]}: {why}")
 
         # OpenCV releases the GIL while decoding, so threads decode in parallel
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import importlib
+import importlib.util
+import json
 import socket
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Callable
@@ -48,7 +53,9 @@ MODEL_HELP = ("BaseModel; a torchvision model (" + ", ".join(TORCHVISION_MODELS)
                 "classifier); a timm name (timm.list_models(), e.g. convnext_atto or "
                 "resnet18.a1_in1k with its pretrained tag; timm/<name> for timm's where a "
                 "torchvision model has the same name); or hf-hub:<org>/<repo> for a timm model "
-                "on the Hugging Face hub (offline: HF_HUB_OFFLINE=1 with a local hub cache)")
+                "on the Hugging Face hub (offline: HF_HUB_OFFLINE=1 with a local hub cache); "
+                "or module:function, your own network (module: a .py path or an importable "
+                "module; function(num_classes, **--model_args) returns an nn.Module of logits)")
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -132,12 +139,142 @@ class ImageClassifier(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=1)
 
 
+class UserClassifier(ImageClassifier):
+    """[edge_mix] -> a --model module:function network, whose logits are the model's own: no
+    dropout or heads of the toolkit's (``heads`` is empty, so per-part learning rates see the
+    network as the backbone)."""
+
+    def __init__(self, network: nn.Module, canny: bool = False) -> None:
+        super().__init__(network, 0, (), canny=canny)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.edge_mix is not None:
+            images = self.edge_mix(images)
+        return self.backbone(images)
+
+
+def is_user_model(name: str) -> bool:
+    """Whether --model names the user's own network as module:function (timm and torchvision
+    names never hold a colon; hf-hub: is timm's)."""
+    return ":" in name and not name.startswith(HUB_PREFIXES)
+
+
+def resolved_model_value(name: str) -> str:
+    """The --model value a run records: a module:function's .py file made absolute, so a replay
+    or inference from another folder imports the same file; every other name as given."""
+    if not is_user_model(name):
+        return name
+    module, _, function = name.rpartition(":")
+    if module.endswith(".py") or Path(module).is_file():
+        return f"{Path(module).resolve()}:{function}"
+    return name
+
+
+def user_model_function(name: str) -> tuple[Callable[..., nn.Module], str | None]:
+    """(the function, the sha256 of its module's file) of --model module:function; UserError
+    naming the value when the module does not import or has no such function."""
+    module_name, _, function_name = name.rpartition(":")
+    where = f"--model {name}"
+    if not module_name or not function_name:
+        raise UserError(f"{where}: expected module:function (a .py path or an importable module, "
+                        "then the function's name)")
+    path = Path(module_name)
+    try:
+        if module_name.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise UserError(f"{where}: {module_name}: file not found")
+            # a name of its own per file: two runs' model files never shadow each other
+            unique = "maskface_model_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            spec = importlib.util.spec_from_file_location(unique, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[unique] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except UserError:
+        raise
+    except ModuleNotFoundError as why:
+        raise UserError(f"{where}: {_reason(why)} (give a .py path or an importable module, "
+                        "then :function)") from None
+    except Exception as why:  # the user's code raised while importing
+        raise UserError(f"{where}: {module_name} does not import ({_reason(why)})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"{where}: {module_name} has no function '{function_name}'")
+    source = getattr(module, "__file__", None)
+    sha256 = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
+    return function, sha256
+
+
+def _reason(why: BaseException) -> str:
+    text = str(why).strip()
+    return type(why).__name__ + (f": {text.splitlines()[0]}" if text else "")
+
+
+def model_args_of(text: str | None) -> dict:
+    """--model_args JSON -> the keyword arguments of a module:function model; UserError unless
+    a JSON object."""
+    if not text:
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as why:
+        raise UserError(f"--model_args {text}: not JSON ({why.msg} at character {why.pos}); "
+                        "expected an object, e.g. '{\"width\": 32}'") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--model_args {text}: expected a JSON object of keyword arguments, "
+                        "e.g. '{\"width\": 32}'")
+    return values
+
+
+def _user_network(name: str, num_outputs: int, model_args: dict | None,
+                  source_sha256: str | None) -> tuple[nn.Module, str | None]:
+    function, sha256 = user_model_function(name)
+    if source_sha256 and sha256 != source_sha256:
+        # the weights would load into changed code: a wrong score with exit 0, so refuse
+        raise UserError(f"--model {name}: the module changed since the model was trained (sha256 "
+                        f"{source_sha256[:12]}... then, {(sha256 or 'none')[:12]}... now); "
+                        "restore the file the run trained with")
+    where = f"--model {name}"
+    try:
+        network = function(num_classes=num_outputs, **(model_args or {}))
+    except Exception as why:  # the user's code: name it and what it was given
+        raise UserError(f"{where}: {name.rpartition(':')[2]}(num_classes={num_outputs}"
+                        + "".join(f", {k}={v!r}" for k, v in (model_args or {}).items())
+                        + f") failed ({_reason(why)})") from None
+    if not isinstance(network, nn.Module):
+        raise UserError(f"{where}: returns a {type(network).__name__}; expected a torch "
+                        "nn.Module that maps [B, 3, H, W] images to [B, num_classes] logits")
+    return network, sha256
+
+
+def check_user_model(name: str, num_outputs: int, model_args: dict | None,
+                     size: tuple[int, int]) -> None:
+    """Build a module:function model and run it on two dummy images of ``size`` before any photo
+    is decoded: UserError unless it returns [2, num_outputs] logits."""
+    network, _ = _user_network(name, num_outputs, model_args, None)
+    dummy = torch.zeros(2, 3, *size)
+    network.eval()
+    try:
+        with torch.no_grad():
+            out = network(dummy)
+    except Exception as why:
+        raise UserError(f"--model {name}: fails on a [2, 3, {size[0]}, {size[1]}] batch "
+                        f"({_reason(why)})") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_outputs):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"--model {name}: returns {got} for a [2, 3, {size[0]}, {size[1]}] batch; "
+                        f"expected [2, {num_outputs}] logits")
+
+
 def _resolve(name: str) -> tuple[str, str]:
     """name -> (family, name inside that family); unknown names raise ValueError."""
     if name == "BaseModel":
         return "base", name
     if name.startswith(HUB_PREFIXES):
         return "hub", name.split(":", 1)[1]
+    if is_user_model(name):
+        return "user", name
     if name in TORCHVISION_MODELS:
         return "torchvision", name
     if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in _torchvision_names():
@@ -162,6 +299,11 @@ def validate_model_name(name: str) -> None:
     family, inner_name = _resolve(name)
     if family == "hub":
         hub_config(inner_name)
+    if family == "user":
+        try:
+            user_model_function(name)
+        except UserError as why:
+            raise ValueError(str(why).removeprefix(f"--model {name}: ")) from None
 
 
 def is_timm(name: str) -> bool:
@@ -254,9 +396,114 @@ def _reachable(host: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm asks the hub for, in order
+
+
+def _pretrained_cfg_of(name: str) -> dict | None:
+    """timm's pretrained_cfg for a timm name or an hf-hub: repo (whose config.json names it)."""
+    if name.startswith(HUB_PREFIXES):
+        return dict(hub_config(name.split(":", 1)[1])[0])
+    cfg = timm.models.get_pretrained_cfg(name)
+    return None if cfg is None else cfg.to_dict()
+
+
+def pretrained_files(name: str) -> tuple[str | None, list[str]]:
+    """(the local file timm's pretrained weights for ``name`` would be read from, or None; every
+    file that would satisfy --pretrained offline), as timm 1.0 resolves them without a download:
+    the pretrained_cfg's own ``file``; in the Hugging Face hub cache ($HF_HOME/hub, by
+    huggingface_hub's rules) the ``hf_hub_id`` repo's model.safetensors or pytorch_model.bin (or
+    its hf_hub_filename); in torch's hub cache ($TORCH_HOME/hub/checkpoints) the basename of the
+    ``url``. Nothing is downloaded; a timm name without weights gives (None, [])."""
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
+    from timm.models._hub import hf_split
+
+    cfg = _pretrained_cfg_of(name)
+    if not cfg:
+        return None, []
+    found, wanted = [], []
+    if cfg.get("file"):
+        wanted.append(str(cfg["file"]))
+        found += [str(cfg["file"])] if Path(cfg["file"]).is_file() else []
+    if cfg.get("hf_hub_id"):
+        repo, revision = hf_split(cfg["hf_hub_id"])
+        hub_cache = Path(hf_constants.HF_HUB_CACHE)
+        folder = hub_cache / f"models--{repo.replace('/', '--')}"
+        commit = revision or "main"
+        ref = folder / "refs" / commit
+        if ref.is_file():  # the snapshot folder is named by the commit the ref points at
+            commit = ref.read_text().strip()
+        elif not revision:
+            commit = "<commit>"
+        for filename in ([cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename")
+                         else HF_WEIGHT_FILES):
+            wanted.append(str(folder / "snapshots" / commit / filename))
+            cached = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=hub_cache,
+                                                            revision=revision)
+            found += [cached] if isinstance(cached, str) and Path(cached).is_file() else []
+    if cfg.get("url"):
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(
+            urllib.parse.urlparse(cfg["url"]).path).name
+        wanted.append(str(target))
+        found += [str(target)] if target.is_file() else []
+    return (found[0] if found else None), wanted
+
+
+def check_pretrained(name: str) -> str | None:
+    """--pretrained checked before any photo is decoded: the local file the weights will be read
+    from, None when they will be downloaded (the host answers), else a UserError naming every
+    file that would satisfy it offline and --weights FILE."""
+    family, inner_name = _resolve(name)
+    if family in ("base", "torchvision"):
+        _build_backbone(family, inner_name, pretrained=True)  # raises: no downloads for these
+    if family == "user":
+        check_user_model_flags(name, pretrained=True, cosine_head=False, drop_rate=0.0)
+    import huggingface_hub.constants as hf_constants
+
+    local, wanted = pretrained_files(name if family == "hub" else inner_name)
+    if not wanted:
+        raise UserError(f"--pretrained: timm has no pretrained weights for {name!r}; drop "
+                        "--pretrained or pass --weights FILE")
+    if local is not None:
+        _check_readable(local)
+        return local
+    cfg = _pretrained_cfg_of(name if family == "hub" else inner_name)
+    host = urllib.parse.urlparse(hf_constants.ENDPOINT if cfg.get("hf_hub_id")
+                                 else cfg.get("url") or "").hostname
+    why = ("HF_HUB_OFFLINE=1" if hf_constants.HF_HUB_OFFLINE
+           else f"{host} is unreachable" if not host or not _reachable(host) else None)
+    if why is None:
+        return None
+    fill = (f" (`huggingface-cli download {cfg['hf_hub_id']}` fills the hub cache)"
+            if cfg.get("hf_hub_id") else f" (downloaded from {cfg['url']})" if cfg.get("url")
+            else "")
+    raise UserError(f"--pretrained: {name}'s weights are not on this machine and cannot be "
+                    f"downloaded ({why}); any of these files satisfies it: " + " or ".join(wanted)
+                    + f"{fill}; or pass --weights FILE with a local state dict")
+
+
+def _check_readable(path: str) -> None:
+    """A cached weights file is whole enough to load (mapped, weights_only), or a UserError."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                f.keys()
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as why:  # truncated downloads and foreign files raise many types
+        raise UserError(f"--pretrained: cached weights {path} are unreadable "
+                        f"({type(why).__name__}); delete the file, or pass --weights FILE") from None
+
+
 def _timm_backbone(timm_name: str, pretrained: bool, timm_kwargs: dict | None = None) -> nn.Module:
     if not pretrained:
         return timm.create_model(timm_name, num_classes=0, **(timm_kwargs or {}))
+    local, _ = pretrained_files(timm_name)
+    if local is not None:  # read from the file found, so no hub request (or its retries) at all
+        return timm.create_model(timm_name, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay={"file": local, "source": "timm"},
+                                 **(timm_kwargs or {}))
     import huggingface_hub.constants as hf_constants
 
     offline_msg = (f"cannot download pretrained weights for {timm_name!r} (no internet?); "
@@ -301,7 +548,8 @@ def _build_backbone(family: str, name: str, pretrained: bool,
 def build_model(name: str, num_classes: int, *, multi_head: bool = False, canny: bool = False,
                 cosine_head: bool = False, cosine_scale: float = 30.0, pretrained: bool = False,
                 weights: str | None = None, drop_rate: float = 0.0,
-                timm_kwargs: dict | None = None) -> nn.Module:
+                timm_kwargs: dict | None = None, model_args: dict | None = None,
+                source_sha256: str | None = None) -> nn.Module:
     """Build a classifier returning logits [B, num_classes], or [B, 8] (mask, gender, age) heads.
 
     ``model.model_config`` holds every argument needed to rebuild it with build_model(**config);
@@ -311,6 +559,11 @@ def build_model(name: str, num_classes: int, *, multi_head: bool = False, canny:
     family, inner_name = _resolve(name)
     if multi_head and num_classes != NUM_CLASSES:
         raise ValueError(f"multi_head predicts all {NUM_CLASSES} classes; got num_classes={num_classes}")
+    if family == "user":
+        return _build_user_model(name, num_classes, multi_head=multi_head, canny=canny,
+                                 cosine_head=cosine_head, pretrained=pretrained, weights=weights,
+                                 drop_rate=drop_rate, model_args=model_args,
+                                 source_sha256=source_sha256)
     if family == "hub":  # recorded (and rebuilt) as timm/<architecture> with the repo's arguments
         _, architecture, hub_args = hub_config(inner_name)
         timm_kwargs = {k: v for k, v in (hub_args or {}).items() if k != "num_classes"}
@@ -326,6 +579,37 @@ def build_model(name: str, num_classes: int, *, multi_head: bool = False, canny:
         net.model_config["timm_kwargs"] = dict(timm_kwargs)
     if cosine_head:  # the arcface loss reads cosines back as logits / scale: both must agree
         net.model_config["cosine_scale"] = cosine_scale
+    if weights:
+        load_weights(net, weights)
+    return net
+
+
+def check_user_model_flags(name: str, *, pretrained: bool, cosine_head: bool,
+                           drop_rate: float) -> None:
+    """What a module:function network cannot take, since it returns its own logits."""
+    for given, flag in ((pretrained, "--pretrained (load weights in your function, or pass "
+                                     "--weights FILE)"),
+                        (cosine_head, "--criterion arcface (it needs the toolkit's cosine head)"),
+                        (drop_rate, "--drop_rate (put dropout in your network)")):
+        if given:
+            raise UserError(f"--model {name}: a module:function network returns its own logits; "
+                            f"drop {flag}")
+
+
+def _build_user_model(name: str, num_classes: int, *, multi_head: bool, canny: bool,
+                      cosine_head: bool, pretrained: bool, weights: str | None, drop_rate: float,
+                      model_args: dict | None, source_sha256: str | None) -> nn.Module:
+    """A module:function network in the toolkit's shape; its model_config records the function's
+    arguments and its module's sha256, so a checkpoint rebuilds it by the same import, or refuses
+    when the file changed."""
+    check_user_model_flags(name, pretrained=pretrained, cosine_head=cosine_head,
+                           drop_rate=drop_rate)
+    outputs = sum(HEAD_SIZES) if multi_head else num_classes
+    network, sha256 = _user_network(name, outputs, model_args, source_sha256)
+    net = UserClassifier(network, canny=canny)
+    net.model_config = {"name": name, "num_classes": num_classes, "multi_head": multi_head,
+                        "canny": canny, "cosine_head": False, "drop_rate": 0.0,
+                        "model_args": dict(model_args or {}), "source_sha256": sha256}
     if weights:
         load_weights(net, weights)
     return net

@@ -17,6 +17,7 @@ from maskface import (
     config,
     distributed,
     image_cache,
+    labels,
     mixed_precision,
     model as models,
     pipelines,
@@ -87,6 +88,8 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
     check_resume_checkpoints(args, lasts)
     if args.weights:
         models.read_state_dict(args.weights)
+    if args.pretrained:  # the weights' file or their download, before any photo is decoded
+        models.check_pretrained(args.model)
     device = distributed.resolve_device(args.device)
     resolved = model_defaults(args)
     say_model_defaults(args, resolved, say)
@@ -94,7 +97,7 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
     preprocess = preprocess_of(flags)
     pipeline = pipelines.checked_pipeline(args.augmentation, preprocess, args.augmentation_sha256)
     precision = run_precision(args, device, next(iter(lasts.values()), None))
-    flags.update(amp=precision.amp, channels_last="on" if precision.channels_last else "off",
+    flags.update(model=models.resolved_model_value(args.model), amp=precision.amp, channels_last="on" if precision.channels_last else "off",
                  # the pipeline's file, absolute, and its hash: a replay uses the same one or refuses
                  augmentation=pipelines.resolved_value(args.augmentation),
                  augmentation_sha256=pipeline and pipeline.sha256)
@@ -120,6 +123,24 @@ def check_model(args: argparse.Namespace) -> None:
     resize = model_defaults(args)["resize"]
     if min(resize) < 16 or max(resize) > 4096:
         raise UserError(f"--resize {resize[0]} {resize[1]}: expected H W of 16 to 4096 pixels")
+    check_user_model(args, resize)
+
+
+def check_user_model(args: argparse.Namespace, resize: list[int]) -> None:
+    """--model module:function: imported, called with num_classes (and --model_args) and run on
+    dummy images of --resize's size, before any photo is decoded."""
+    if not models.is_user_model(args.model):
+        if args.model_args:
+            raise UserError(f"--model_args {args.model_args}: only for a --model module:function "
+                            f"network; {args.model} takes none")
+        return
+    models.check_user_model_flags(args.model, pretrained=args.pretrained,
+                                  cosine_head=args.criterion == "arcface",
+                                  drop_rate=args.drop_rate)
+    outputs = (sum(labels.HEAD_SIZES) if args.multi_head
+               else labels.num_outputs(args.category, args.age_label_num))
+    models.check_user_model(args.model, outputs, models.model_args_of(args.model_args),
+                            tuple(resize))
 
 
 def check_resume_checkpoints(args: argparse.Namespace, lasts: dict[Path, dict]) -> None:
@@ -164,7 +185,8 @@ def say_model_defaults(args: argparse.Namespace, resolved: dict, say=print) -> N
     taken = []
     if args.resize is None and tuple(resolved["resize"]) != config.DEFAULT_RESIZE:
         taken.append("input size {}x{}".format(*resolved["resize"]))
-    if args.normalize == "auto" and resolved["normalize"] == "model":
+    if args.normalize == "auto" and resolved["normalize"] == "model" and not (
+            getattr(args, "mean", None) and getattr(args, "std", None)):
         mean, std = model_normalization(args.model)
         taken.append(f"mean {[round(v, 4) for v in mean]} std {[round(v, 4) for v in std]}")
     if args.interpolation == "auto" and resolved["interpolation"] != "area":
@@ -177,14 +199,17 @@ def say_model_defaults(args: argparse.Namespace, resolved: dict, say=print) -> N
 def preprocess_of(flags: dict) -> image_cache.Preprocess:
     """The deterministic image pipeline (crop, size, edges, interpolation) of resolved flags: what
     the run's cache holds and what its checkpoints tell inference."""
-    crop = flags["crop"] or augmentation.augmentation_spec(flags["augmentation"]).crop
+    crop = flags["crop"] or ("center" if flags.get("crop_size") else
+                             augmentation.augmentation_spec(flags["augmentation"]).crop)
     # the margin only shapes face crops: other crops keep the stored default, so their cache names
     # and checkpoints stay as they were when --face_margin's default changed (0.4 -> 0.1)
     face_margin = flags["face_margin"] if crop == "face" else image_cache.Preprocess.face_margin
     return image_cache.Preprocess(resize=tuple(flags["resize"]), crop=crop, canny=flags["canny"],
                                   face_margin=face_margin,
                                   interpolation=flags["interpolation"],
-                                  crop_margin=flags["crop_margin"])
+                                  crop_margin=flags["crop_margin"],
+                                  crop_size=tuple(flags["crop_size"]) if flags.get("crop_size")
+                                  else None)
 
 
 def run_precision(args: argparse.Namespace, device, last: dict | None) -> mixed_precision.Precision:

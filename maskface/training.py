@@ -107,7 +107,16 @@ def train_rows_after_policies(args, frame: pd.DataFrame,
 
 def normalization(settings: Settings, images: np.ndarray,
                   train_rows: np.ndarray) -> tuple[list, list]:
-    """The mean/std a model is fed with: --normalize as resolved (dataset: its training photos')."""
+    """The mean/std a model is fed with: --mean and --std where given, else --normalize as
+    resolved (dataset: its training photos')."""
+    if settings.flags.get("mean") and settings.flags.get("std"):
+        return list(settings.mean), list(settings.std)
+    mean, std = _normalize_mode(settings, images, train_rows)
+    return list(settings.flags.get("mean") or mean), list(settings.flags.get("std") or std)
+
+
+def _normalize_mode(settings: Settings, images: np.ndarray,
+                    train_rows: np.ndarray) -> tuple[list, list]:
     if settings.normalize == "model":
         return model_normalization(settings.model)
     if settings.normalize == "imagenet":

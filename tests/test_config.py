@@ -232,3 +232,33 @@ def test_ignored_values_of_a_replayed_record_are_not_named(tmp_path):
 def test_the_seed_codes_arcface_switch_is_criterion_arcface():
     assert config.parse_args(["--arcface"]).criterion == "arcface"
     assert "--arcface" not in config.get_args_parser().format_help()
+
+
+# ---------------------------------------------------------------------------- issue 24
+@pytest.mark.parametrize("extra, expected", [
+    (["--mean", "123.7", "116.3", "103.5"], "--mean 123.7 116.3 103.5: expected three numbers "
+                                            "from 0 to 1 (R G B on the 0-1 scale"),
+    (["--std", "0.2", "0", "0.2"], "--std 0.2 0 0.2: expected three numbers above 0, at most 1"),
+    (["--std", "nan", "0.2", "0.2"], "--std nan 0.2 0.2: expected three numbers above 0"),
+    (["--crop_size", "8", "256"], "--crop_size 8 256: expected H W of 16 to 8192 photo pixels"),
+    (["--crop_size", "320", "256", "--crop", "face"], "--crop_size 320 256 is a centre crop; "
+                                                      "--crop face crops otherwise"),
+])
+def test_bad_normalisation_and_crop_size_rejected_before_any_work(extra, expected, tmp_path):
+    args = config.parse_args([*extra, "--data_dir", str(tmp_path / "nowhere"),
+                              "--model_dir", str(tmp_path / "runs"),
+                              "--cache_dir", str(tmp_path / "c")])
+    with pytest.raises(UserError, match="^" + re.escape(expected)):
+        train.main(args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_mean_std_and_crop_size_take_three_and_two_numbers(capsys):
+    for argv in (["--mean", "0.5", "0.5"], ["--crop_size", "320"]):
+        with pytest.raises(SystemExit):
+            config.parse_args(argv)
+    assert "expected 3 arguments" in capsys.readouterr().err
+    args = config.parse_args(["--mean", "0.548", "0.504", "0.479", "--std", "0.237", "0.247",
+                              "0.246", "--crop_size", "320", "256"])
+    assert (args.mean, args.std, args.crop_size) == ([0.548, 0.504, 0.479],
+                                                      [0.237, 0.247, 0.246], [320, 256])

@@ -173,3 +173,50 @@ def test_interpolation_is_preprocessing_and_its_default_keeps_old_cache_names(ti
     expected = np.asarray(Image.fromarray(image[y0:y1, x0:x1]).resize((24, 32), Image.BICUBIC))
     np.testing.assert_array_equal(image_cache.preprocess_image(image, bicubic), expected)
     assert not np.array_equal(image_cache.preprocess_image(image, default), expected)
+
+
+# ---------------------------------------------------------------------------- issue 24: --crop_size
+SEED_MEAN, SEED_STD = (0.548, 0.504, 0.479), (0.237, 0.247, 0.246)
+
+
+def test_crop_size_then_resize_is_torchvisions_center_crop_then_resize(tiny_train_dir):
+    """The seed team's notebook: CenterCrop(320, 256) -> Resize(224, 224) on a 512x384 photo."""
+    from PIL import Image
+    from torchvision import transforms
+
+    path = str(sorted(tiny_train_dir.glob("*/mask1.*"))[0])
+    seed = image_cache.Preprocess(resize=(224, 224), crop="center", interpolation="bilinear",
+                                  crop_size=(320, 256))
+    image = image_cache.decode_image(path)
+    assert image.shape[:2] == (512, 384)
+    theirs = transforms.Compose([transforms.CenterCrop((320, 256)), transforms.Resize((224, 224))])
+    expected = np.asarray(theirs(Image.open(path).convert("RGB")))
+    ours = image_cache.preprocess_image(image, seed)
+    assert ours.shape == expected.shape == (224, 224, 3)
+    # the same box and filter: only the JPEG decoders (OpenCV's, Pillow's) may differ by a level
+    assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 2
+    # the baseline's box (made to --resize's aspect) is another crop: the test can tell them apart
+    other = image_cache.preprocess_image(image, image_cache.Preprocess(
+        resize=(224, 224), interpolation="bilinear"))
+    assert np.abs(other.astype(int) - expected.astype(int)).mean() > 5
+
+
+def test_crop_size_is_in_the_cache_key_and_round_trips(tiny_train_dir):
+    path = str(sorted(tiny_train_dir.glob("*/normal.*"))[0])
+    plain = image_cache.Preprocess(resize=(32, 24))
+    sized = image_cache.Preprocess(resize=(32, 24), crop_size=(320, 256))
+    assert "crop_size" not in plain.to_dict()  # old cache names and checkpoints hold
+    assert sized.to_dict()["crop_size"] == [320, 256]
+    assert image_cache.Preprocess.from_dict(sized.to_dict()) == sized
+    assert image_cache.cache_key([path], sized) != image_cache.cache_key([path], plain)
+
+
+def test_a_photo_smaller_than_crop_size_is_named_and_nothing_written(tiny_train_dir, tmp_path):
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/normal.*"))[:2]]
+    too_big = image_cache.Preprocess(resize=(32, 24), crop_size=(600, 256))
+    with pytest.raises(UserError) as caught:
+        image_cache.build_cache(paths, too_big, tmp_path / "cache", progress=False)
+    assert str(caught.value).count("photo is 384x512 (WxH) pixels, smaller than --crop_size "
+                                   "600 256") == 2
+    assert paths[0] in str(caught.value)
+    assert not list((tmp_path / "cache").glob("*.npy"))

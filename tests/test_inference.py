@@ -402,3 +402,66 @@ def test_inference_never_writes_over_its_inputs(run_copy, own_eval_dir, tmp_path
             "--device", "cpu", *answers]))
     assert {p: p.read_bytes() for p in before} == before
     assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+# ---------------------------------------------------------------------------- issue 24
+@pytest.mark.slow
+def test_the_seed_notebook_pipeline_as_flags_is_what_inference_feeds_the_model(
+        tiny_sample, tmp_path, run_flags):
+    """CenterCrop(320, 256) -> Resize(224, 224) -> Normalize(mean, std), the seed team's notebook
+    pipeline, as --crop_size, --resize, --interpolation bilinear, --mean and --std: recorded with
+    the run and applied by inference to the eval photos."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from maskface import model as models
+    mean, std = [0.548, 0.504, 0.479], [0.237, 0.247, 0.246]
+    seed_flags = ["--crop_size", "320", "256", "--resize", "224", "224", "--interpolation",
+                  "bilinear", "--mean", *map(str, mean), "--std", *map(str, std)]
+    args = config.parse_args(run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1",
+                                       "--val_ratio", "0", *seed_flags))
+    run_dir = Path(train.main(args)["run_dir"])
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["crop_size"], saved["mean"], saved["std"]) == ([320, 256], mean, std)
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    assert best["normalize"] == {"mean": mean, "std": std}
+    assert best["preprocess"]["crop_size"] == [320, 256]
+    result = infer(tiny_sample, tmp_path / "out", [run_dir])
+    info = pd.read_csv(tiny_sample / "eval" / "info.csv", dtype={"ImageID": str})
+    notebook = transforms.Compose([transforms.CenterCrop((320, 256)),
+                                   transforms.Resize((224, 224)), transforms.ToTensor(),
+                                   transforms.Normalize(mean, std)])
+    theirs = torch.stack([notebook(Image.open(tiny_sample / "eval" / "images" / image_id)
+                                   .convert("RGB")) for image_id in info["ImageID"]])
+    pixels = torch.from_numpy(np.array(result["caches"][0])).permute(0, 3, 1, 2).float() / 255
+    ours = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    # one JPEG-decoder level (OpenCV's vs Pillow's) is 1/255/std, about 0.017
+    assert (ours - theirs).abs().max() <= 2.5 / 255 / min(std)
+    net = models.restore_model(best)
+    with torch.no_grad():
+        expected = net(ours).softmax(1).numpy()
+    np.testing.assert_allclose(result["probs"], expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_module_function_model_is_rebuilt_by_inference_from_another_folder(
+        tiny_sample, tmp_path, run_flags, monkeypatch):
+    from maskface import model as models
+    example = Path(__file__).resolve().parents[1] / "examples" / "my_model.py"
+    monkeypatch.chdir(example.parent)  # given relative: config.json records the file absolute
+    args = config.parse_args(run_flags(tiny_sample / "train" / "images", tmp_path, "--epochs", "1",
+                                       "--model", "my_model.py:build",
+                                       "--model_args", '{"width": 8}'))
+    run_dir = Path(train.main(args)["run_dir"])
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["model"], saved["model_args"]) == (f"{example}:build", '{"width": 8}')
+    monkeypatch.chdir(tmp_path)
+    result = infer(tiny_sample, tmp_path / "out", [run_dir])
+    best = torch.load(run_dir / "best.pth", weights_only=True)
+    assert best["model_config"]["model_args"] == {"width": 8}
+    net = models.restore_model(best)
+    pixels = torch.from_numpy(np.array(result["caches"][0])).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(best["normalize"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        expected = net((pixels - mean) / std).softmax(1).numpy()
+    np.testing.assert_allclose(result["probs"], expected, atol=1e-5)

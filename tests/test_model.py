@@ -1,6 +1,7 @@
 """model.py: shapes, heads, Canny input, weight loading, name validation and offline errors."""
 import errno
 import os
+import re
 import socket
 from unittest import mock
 
@@ -287,3 +288,154 @@ def test_hub_names_fail_in_one_line(hub_cache, monkeypatch):
     with pytest.raises(UserError, match="unreachable; for a model in the local hub cache set "
                                         "HF_HUB_OFFLINE=1"):
         models.validate_model_name(f"hf-hub:{HUB_REPO}")
+
+
+# ---------------------------------------------------------------------------- issue 24: --pretrained
+@pytest.fixture()
+def offline_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch hub caches under tmp_path, HF_HUB_OFFLINE=1: nothing to
+    download from, nothing found until a test puts a file there."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path
+
+
+def test_pretrained_offline_names_every_file_that_would_satisfy_it(offline_caches):
+    with pytest.raises(UserError) as caught:
+        models.check_pretrained("lcnet_050")
+    message = str(caught.value)
+    assert "\n" not in message
+    hub = offline_caches / "hf" / "hub" / "models--timm--lcnet_050.ra2_in1k" / "snapshots"
+    assert f"{hub}/<commit>/model.safetensors" in message
+    assert f"{offline_caches}/torch/hub/checkpoints/lcnet_050-f447553b.pth" in message
+    assert "(HF_HUB_OFFLINE=1)" in message and message.endswith("--weights FILE with a local "
+                                                                "state dict")
+
+
+def test_pretrained_weights_in_torch_hub_cache_are_found_and_loaded(offline_caches):
+    import timm
+
+    torch.manual_seed(3)
+    source = timm.create_model("lcnet_050")
+    target = offline_caches / "torch" / "hub" / "checkpoints" / "lcnet_050-f447553b.pth"
+    target.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), target)
+    assert models.check_pretrained("lcnet_050") == str(target)
+    net = models.build_model("lcnet_050", 3, pretrained=True)
+    torch.testing.assert_close(net.backbone.state_dict()["conv_stem.weight"],
+                               source.state_dict()["conv_stem.weight"])
+
+
+def test_pretrained_weights_in_hf_hub_cache_are_found_and_loaded(offline_caches):
+    import safetensors.torch
+    import timm
+
+    torch.manual_seed(4)
+    source = timm.create_model("test_resnet")
+    repo = offline_caches / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"
+    revision = "1" * 40
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    weights = repo / "snapshots" / revision / "model.safetensors"
+    safetensors.torch.save_file(source.state_dict(), str(weights))
+    assert models.check_pretrained("test_resnet") == str(weights)
+    net = models.build_model("test_resnet", 3, pretrained=True)
+    torch.testing.assert_close(net.backbone.state_dict()["conv1.0.weight"],
+                               source.state_dict()["conv1.0.weight"])
+    weights.write_bytes(b"torn")  # a download cut short: named, not a traceback later
+    with pytest.raises(UserError, match=f"cached weights {weights} are unreadable"):
+        models.check_pretrained("test_resnet")
+
+
+def test_pretrained_refused_before_building_for_models_without_downloads():
+    with pytest.raises(UserError, match="--weights FILE"):
+        models.check_pretrained("mobilenet_v2")
+    with pytest.raises(UserError, match="BaseModel has no pretrained weights"):
+        models.check_pretrained("BaseModel")
+    with pytest.raises(UserError, match="timm has no pretrained weights for "
+                                        "'beit3_giant_patch14_224'"):
+        models.check_pretrained("beit3_giant_patch14_224")  # a pretrained_cfg with no source
+
+
+# ---------------------------------------------------------------------------- issue 24: --model module:function
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                       "my_model.py")
+
+
+def test_a_module_function_model_builds_records_and_rebuilds_from_its_checkpoint(tmp_path):
+    import io
+
+    net = models.build_model(f"{EXAMPLE}:build", 18, model_args={"width": 8}, canny=True).eval()
+    config = net.model_config
+    assert config["name"] == f"{EXAMPLE}:build" and config["model_args"] == {"width": 8}
+    assert len(config["source_sha256"]) == 64
+    buffer = io.BytesIO()
+    torch.save({"model_config": config, "model": net.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # plain values only: the safe load reads it
+    rebuilt = models.restore_model(saved)
+    x = torch.rand(2, 4, 32, 24)
+    torch.testing.assert_close(rebuilt(x), net(x))
+    assert rebuilt(x).shape == (2, 18)
+    multi = models.build_model(f"{EXAMPLE}:build", 18, multi_head=True, model_args={"width": 8})
+    assert multi.eval()(images()).shape == (2, sum(labels.HEAD_SIZES))
+
+
+def test_a_changed_model_file_is_refused_when_its_checkpoint_is_rebuilt(tmp_path):
+    source = tmp_path / "net.py"
+    source.write_text("from torch import nn\n"
+                      "def build(num_classes):\n"
+                      "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n")
+    net = models.build_model(f"{source}:build", 3)
+    net(images())  # the lazy layer takes its shape
+    checkpoint = {"model_config": net.model_config, "model": net.state_dict()}
+    source.write_text(source.read_text().replace("nn.Flatten(), ", "nn.Flatten(), nn.Tanh(), "))
+    with pytest.raises(UserError, match=r"the module changed since the model was trained"):
+        models.restore_model(checkpoint)
+
+
+@pytest.mark.parametrize("spec, body, expected", [
+    ("{dir}/missing.py:build", None, "--model {dir}/missing.py:build: {dir}/missing.py: file not "
+                                     "found"),
+    ("no_such_module_xyz:build", None, "--model no_such_module_xyz:build: ModuleNotFoundError: "
+                                       "No module named 'no_such_module_xyz'"),
+    ("{dir}/net.py:other", "def build(num_classes):\n    return None\n",
+     "--model {dir}/net.py:other: {dir}/net.py has no function 'other'"),
+    ("{dir}/net.py:build", "def build(num_classes):\n    return [num_classes]\n",
+     "--model {dir}/net.py:build: returns a list; expected a torch nn.Module"),
+    ("{dir}/net.py:build", "raise ImportError('no cv2 here')\n",
+     "--model {dir}/net.py:build: {dir}/net.py does not import (ImportError: no cv2 here)"),
+    ("{dir}/net.py:build", "def build(num_classes, depth):\n    pass\n",
+     "--model {dir}/net.py:build: build(num_classes=3) failed (TypeError"),
+])
+def test_a_bad_module_function_model_is_one_line_naming_it(tmp_path, spec, body, expected):
+    if body is not None:
+        (tmp_path / "net.py").write_text(body)
+    spec, expected = spec.format(dir=tmp_path), expected.format(dir=tmp_path)
+    with pytest.raises(UserError) as caught:
+        models.build_model(spec, 3)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+
+
+def test_a_module_function_model_must_return_logits_of_the_right_width(tmp_path):
+    source = tmp_path / "net.py"
+    source.write_text("from torch import nn\n"
+                      "def build(num_classes):\n"
+                      "    return nn.Conv2d(3, num_classes, 1)\n")
+    with pytest.raises(UserError, match=re.escape(
+            f"--model {source}:build: returns [2, 18, 32, 24] for a [2, 3, 32, 24] batch; "
+            "expected [2, 18] logits")):
+        models.check_user_model(f"{source}:build", 18, {}, (32, 24))
+    models.check_user_model(f"{EXAMPLE}:build", 18, {"width": 4}, (32, 24))
+
+
+def test_model_args_must_be_a_json_object():
+    assert models.model_args_of('{"width": 8}') == {"width": 8}
+    with pytest.raises(UserError, match=r"^--model_args \[8\]: expected a JSON object"):
+        models.model_args_of("[8]")
+    with pytest.raises(UserError, match=r"^--model_args \{width: 8\}: not JSON"):
+        models.model_args_of("{width: 8}")
