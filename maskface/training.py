@@ -479,9 +479,10 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
         atomic_write_text(run_dir / run_folder.FOLDS, plan.folds.to_frame("fold").to_csv())
     results = {}
     if reporter is not None:  # the run's ETA counts every fold this call still trains
-        reporter.plan([model_work(settings, *plan.rows[k], procs, fold=k)
-                       for k in (range(plan.n_folds) if settings.fold is None else [settings.fold])
-                       if not (run_folder.fold_dir(run_dir, k) / run_folder.DONE).is_file()],
+        ours = range(plan.n_folds) if settings.fold is None else [settings.fold]
+        pending = [k for k in ours
+                   if not (run_folder.fold_dir(run_dir, k) / run_folder.DONE).is_file()]
+        reporter.plan([model_work(settings, *plan.rows[k], procs, fold=k) for k in pending],
                       n_folds=plan.n_folds)
     for fold in range(plan.n_folds) if settings.fold is None else [settings.fold]:
         fold_dir = run_folder.fold_dir(run_dir, fold)
