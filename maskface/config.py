@@ -43,7 +43,8 @@ def augmentation_value(text: str) -> str:
 
 # flags a resumed run may change: they decide how long and where it runs, not what it computes
 RESUME_SAFE = ("epochs", "early_stopping_patience", "log_interval", "valid_batch_size",
-               "num_workers", "cache_dir", "device", "compile", "data_dir", "augment_workers")
+               "num_workers", "cache_dir", "device", "compile", "data_dir", "augment_workers",
+               "log_seconds", "progress")
 # ... and those that only say how this call runs, never saved in config.json
 NOT_SAVED = ("resume", "config", "fold", "accept_data_change")
 
@@ -74,7 +75,16 @@ def get_args_parser() -> FlagParser:
     run.add_argument("--accept_data_change", action="store_true",
                      help="with --resume: go on although photos were added, removed or changed "
                           "since the run started (new people are left out); refused otherwise")
-    run.add_argument("--log_interval", type=int, default=20, help="batches between TensorBoard loss points")
+    run.add_argument("--log_interval", type=int, default=20,
+                     help="batches between TensorBoard loss points and between progress lines")
+    run.add_argument("--log_seconds", type=float, default=30.0,
+                     help="progress lines: one sooner when this many seconds pass without one "
+                          "(0 = every --log_interval batches only)")
+    run.add_argument("--progress", default="auto", choices=registry("progress", "MODES"),
+                     help="while training: bar (tqdm, naming the fold, with the run's ETA), "
+                          "lines (plain lines: images/s, loss, ETAs of the epoch and the run), "
+                          "off; auto = bar when stdout and stderr are terminals, else lines "
+                          "(nohup, a notebook, a pipe)")
 
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", default=None,
@@ -491,6 +501,7 @@ LIMITS = {
     "warmup_epochs": (lambda v: v >= 0, "0 or more epochs"),
     "early_stopping_patience": (lambda v: v >= -1, "-1 or 0 (off) or a number of epochs"),
     "log_interval": (lambda v: v >= 1, "at least 1 batch"),
+    "log_seconds": (lambda v: v >= 0, "0 (every --log_interval batches only) or more seconds"),
     "num_workers": (lambda v: 0 <= v <= 256, "0 (one per core) to 256"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "0 <= seed < 2**32"),
     "mixup_alpha": (lambda v: v > 0, "a Beta parameter above 0"),

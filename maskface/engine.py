@@ -20,11 +20,11 @@ import timm.scheduler
 import torch
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
-from tqdm import tqdm
 
 from maskface import augmentation, labels, loss as losses, model as models, presets
 from maskface.cli import UserError
 from maskface.distributed import Processes
+from maskface.progress import StepObserver, bare_bar
 from maskface.settings import Settings
 
 # every other name is timm's create_optimizer_v2, less those that need CUDA-only packages
@@ -270,10 +270,13 @@ def _check_finite(value: float, where: str, optimizer) -> None:
 
 def train_one_epoch(trainer: Trainer, batches, *, augment: nn.Module | None = None,
                     warmup: tuple[int, int] | None = None, epoch: int = 0,
-                    log_interval: int = 20, writer=None, progress: bool = True) -> dict:
+                    log_interval: int = 20, writer=None, progress: bool = True,
+                    on_step: StepObserver | None = None) -> dict:
     """One pass over ``batches`` (uint8 images, targets, rows); returns {'loss', 'images',
     'seconds', 'images_per_s'}. ``augment`` replaces the trainer's (the benchmark's ready
     batches); ``warmup`` = (steps done before this epoch, warm-up steps in all) ramps the lr.
+    ``on_step`` hears of every batch (maskface.progress prints what a run shows); without it,
+    ``progress`` draws a bare bar on a terminal.
 
     Every ``trainer.accum_steps`` batches make one optimizer update: each batch's loss is divided
     by the number of batches of its group (the epoch's last group may be shorter), so the update
@@ -292,9 +295,9 @@ def train_one_epoch(trainer: Trainer, batches, *, augment: nn.Module | None = No
     accum = trainer.accum_steps
     n_batches = len(batches) if accum > 1 else 0
     optimizer.zero_grad(set_to_none=True)
-    # disable=None hides the bar when stderr is not a terminal (logs, CI)
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=None if progress else True)
-    for step, (images, targets, _) in enumerate(bar):
+    if on_step is None and progress:
+        on_step = bare_bar(len(batches), f"epoch {epoch + 1}")
+    for step, (images, targets, _) in enumerate(batches):
         if warmup is not None:  # linear warm-up over the first warmup epochs, per batch
             done, total = warmup[0] + step + 1, warmup[1]
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -330,9 +333,10 @@ def train_one_epoch(trainer: Trainer, batches, *, augment: nn.Module | None = No
         if device.type != "cuda" or (step + 1) % log_interval == 0:
             value = batch_loss.item()
             _check_finite(value, f"at epoch {epoch + 1}, batch {step + 1}", optimizer)
-            bar.set_postfix(loss=f"{value:.4f}")
             if writer is not None and (step + 1) % log_interval == 0:
                 writer.add_scalar("Loss/train_batch", value, epoch * len(batches) + step)
+        if on_step is not None:  # the loss stays a device tensor: reading it waits for the GPU
+            on_step(step + 1, len(images), batch_loss.detach(), optimizer.param_groups[0]["lr"])
     mean_loss = (total_loss / max(seen, 1)).item()
     _check_finite(mean_loss, f"in epoch {epoch + 1}", optimizer)
     seconds = time.perf_counter() - started

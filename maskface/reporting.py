@@ -166,7 +166,8 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
 
 
 # bookkeeping flags: where files go and how often to log say nothing about the experiment
-HPARAMS_SKIPPED = ("model_dir", "cache_dir", "config", "resume", "log_interval", "num_workers")
+HPARAMS_SKIPPED = ("model_dir", "cache_dir", "config", "resume", "log_interval", "num_workers",
+                   "log_seconds", "progress")
 # every run declares all of them (TensorBoard shows the columns of one run's declaration, picked
 # arbitrarily); a run logs the values it has: single runs val_*, k-fold runs oof_* too
 HPARAMS_METRICS = ("best_val_f1", "val_f1_mask", "val_f1_gender", "val_f1_age", "oof_f1",

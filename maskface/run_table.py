@@ -31,6 +31,7 @@ METRIC_COLUMNS = ["epochs", "val_f1", "oof_f1", "f1_mask", "f1_gender", "f1_age"
 
 # settings that are columns of their own, bookkeeping, or differ by construction (--folds)
 NOT_COMPARED = {"name", "model_dir", "cache_dir", "config", "resume", "fold", "log_interval",
+                "log_seconds", "progress",
                 "num_workers", "model", "category", "resize", "crop", "epochs", "kfold", "folds",
                 run_folder.RUN_ID}
 

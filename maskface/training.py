@@ -8,6 +8,7 @@ then fits each model with engine.py's trainer, epoch by epoch, writing the run f
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from maskface.cli import UserError
 from maskface.data_dirs import resolve_train_dir
 from maskface.distributed import Processes
 from maskface.files import atomic_write_text
+from maskface.progress import ModelWork, Reporter
 from maskface.settings import Settings, model_normalization, resolve_settings
 
 
@@ -195,10 +197,13 @@ class FitData:
 
 
 def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None = None,
-        procs: Processes = Processes(), hparams: bool = True, progress: Progress = None) -> dict:
+        procs: Processes = Processes(), hparams: bool = True, progress: Progress = None,
+        reporter: Reporter | None = None) -> dict:
     """Train one model; rank 0 writes best.pth, last.pth, summary.csv and TensorBoard events
     (with the run's HParams session at the end unless ``hparams`` is off: a k-fold run logs one
-    for the whole run instead)."""
+    for the whole run instead). ``reporter`` shows the steps as they train."""
+    if reporter is None:
+        reporter = Reporter("off", epochs=settings.epochs)
     device = distributed.process_device(settings.device, procs)
     distributed.seed_everything(settings.seed)
     n_out = labels.num_outputs(settings.category, settings.age_label_num)
@@ -219,6 +224,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
         state = restore_progress(trainer, stopper, run_dir, procs)
         procs.say(f"resume: {run_dir} from epoch {state['epoch']} (best F1 {stopper.best_f1:.4f})")
     record = checkpoint_record(settings, trainer, data, extra or {})
+    reporter.start_model((extra or {}).get("fold"), state["epoch"])
     true_val = data.frame["label"].to_numpy()[data.val_rows]
     writer = None
     if procs.main:
@@ -228,7 +234,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
         since = time.perf_counter()
         for epoch in range(state["epoch"], settings.epochs):
             train, val, val_ema = run_epoch(settings, trainer, train_batches, val_batches,
-                                            true_val, mine, epoch, writer, procs)
+                                            true_val, mine, epoch, writer, procs, reporter)
             row = summary_row(epoch, train, val, lr=trainer.optimizer.param_groups[0]["lr"],
                               val_ema=val_ema)
             step_schedule(settings, trainer, val, warming=epoch < settings.warmup_epochs)
@@ -250,6 +256,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
                 save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
                            weights_of)
                 print(epoch_line(settings, row, improved, kept), flush=True)
+            reporter.end_epoch()
             procs.barrier()
             if progress is not None:  # after the checkpoint: a run stopped here can be resumed
                 progress({"event": "epoch", "run_dir": run_dir, "fold": (extra or {}).get("fold"),
@@ -257,6 +264,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
             if stopper.should_stop:
                 procs.say(stopper.message(epoch + 1))
                 break
+        reporter.end_model()
         if writer is not None and hparams:
             reporting.log_hparams(writer, settings.flags, reporting.run_hparams_metrics(
                 state["summary"], stopper.best_f1, stopper.best_epoch, state["wall_s"]))
@@ -308,23 +316,27 @@ def restore_progress(trainer: engine.Trainer, stopper: EarlyStopping, run_dir: P
 
 def run_epoch(settings: Settings, trainer: engine.Trainer, train_batches, val_batches,
               true_val: np.ndarray, mine: np.ndarray, epoch: int, writer,
-              procs: Processes) -> tuple[dict, dict, dict | None]:
+              procs: Processes, reporter: Reporter | None = None) -> tuple[dict, dict, dict | None]:
     """Train one epoch (warming the lr up per batch during the first --warmup_epochs, unless a
     timm schedule warms up itself), then score validation; returns (train metrics gathered over
-    processes, val metrics, the EMA weights' val metrics or None)."""
+    processes, val metrics, the EMA weights' val metrics or None). ``reporter`` shows the steps
+    and a long validation."""
     if train_batches.sampler is not None:
         train_batches.sampler.set_epoch(epoch)
     steps = len(train_batches)
     warmup = (epoch * steps, settings.warmup_epochs * steps) \
         if epoch < settings.warmup_epochs and not engine.is_timm_schedule(trainer.scheduler) \
         else None
+    on_step = reporter.epoch(epoch, steps) if reporter is not None else None
     train = engine.train_one_epoch(trainer, train_batches, warmup=warmup, epoch=epoch,
                                    log_interval=settings.log_interval, writer=writer,
-                                   progress=procs.main)
+                                   progress=False, on_step=on_step)
     train = gather_train_metrics(train, procs)
     if not len(true_val):
         return train, {"loss": float("nan"), "f1": float("nan"), "acc": float("nan")}, None
     scored = [trainer.runner] + ([trainer.ema.module] if trainer.ema is not None else [])
+    if reporter is not None:
+        val_batches = reporter.validating(val_batches)
     vals = [predict.evaluate(model, val_batches, trainer.augment, true_val,
                             category=settings.category, age_label_num=settings.age_label_num,
                             criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
@@ -467,7 +479,7 @@ def check_run_folds(run_dir: Path, folds: pd.Series, recorded: pd.DataFrame | No
 
 def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
               images: np.ndarray, run_dir: Path, extra: dict, procs: Processes,
-              progress: Progress = None) -> dict:
+              progress: Progress = None, reporter: Reporter | None = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
     every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
@@ -475,6 +487,12 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
     if procs.main and not (run_dir / run_folder.FOLDS).is_file():  # written once per run
         atomic_write_text(run_dir / run_folder.FOLDS, plan.folds.to_frame("fold").to_csv())
     results = {}
+    if reporter is not None:  # the run's ETA counts every fold this call still trains
+        ours = range(plan.n_folds) if settings.fold is None else [settings.fold]
+        pending = [k for k in ours
+                   if not (run_folder.fold_dir(run_dir, k) / run_folder.DONE).is_file()]
+        reporter.plan([model_work(settings, *plan.rows[k], procs, fold=k) for k in pending],
+                      n_folds=plan.n_folds)
     for fold in range(plan.n_folds) if settings.fold is None else [settings.fold]:
         fold_dir = run_folder.fold_dir(run_dir, fold)
         done = fold_dir / run_folder.DONE
@@ -487,7 +505,7 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
         procs.say(f"fold {fold}/{plan.n_folds}: {len(val_rows)} val photos")
         data = FitData(frame, images, train_rows, val_rows, mean, std)
         result = fit(settings, data, fold_dir, extra={**extra, "fold": fold}, procs=procs,
-                     hparams=False, progress=progress)
+                     hparams=False, progress=progress, reporter=reporter)
         results[fold] = {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
                          "epochs_done": len(result["summary"]), "wall_s": result["wall_s"]}
         if procs.main:
@@ -593,14 +611,20 @@ def train(args, progress: Progress = None) -> dict:
               f" crop {preprocess.crop} | {distributed.process_device(settings.device, procs)} x "
               f"{procs.world} process(es) | {settings.precision.describe()}")
     extra = {"face": face_info, "data_fingerprint": run_folder.data_fingerprint(photos)}
+    # what the run shows while it trains: rank 0 only, however many processes run
+    reporter = Reporter(settings.progress if procs.main else "off", epochs=settings.epochs,
+                        log_interval=settings.log_interval, log_seconds=settings.log_seconds,
+                        world=procs.world)
     try:
         if plan is not None:
-            return run_kfold(settings, frame, plan, images, run_dir, extra, procs, progress)
+            return run_kfold(settings, frame, plan, images, run_dir, extra, procs, progress,
+                             reporter)
         mean, std = normalization(settings, images, train_rows)
         procs.say(f"split: {len(np.unique(train_rows))} train photos ({len(train_rows)} with "
                   f"repeats), {len(val_rows)} val photos")
+        reporter.plan([model_work(settings, train_rows, val_rows, procs)])
         result = fit(settings, FitData(frame, images, train_rows, val_rows, mean, std), run_dir,
-                     extra=extra, procs=procs, progress=progress)
+                     extra=extra, procs=procs, progress=progress, reporter=reporter)
         if procs.main:  # a finished run says so, with its wall time (what experiments.py lists)
             atomic_write_text(run_dir / run_folder.DONE, json.dumps(
                 {"best_f1": result["best_f1"], "best_epoch": result["best_epoch"],
@@ -610,6 +634,14 @@ def train(args, progress: Progress = None) -> dict:
             run_folder.remove_if_no_checkpoint(run_dir)
         raise
     return {"run_dir": run_dir, **result}
+
+
+def model_work(settings: Settings, train_rows: np.ndarray, val_rows: np.ndarray,
+               procs: Processes, fold: int | None = None) -> ModelWork:
+    """A model's work per epoch for the run's ETA: this process's share of its photos (each
+    process trains and validates 1/world of them)."""
+    return ModelWork(fold, math.ceil(len(train_rows) / procs.world),
+                     math.ceil(len(val_rows) / procs.world), settings.epochs)
 
 
 def with_run_id(settings: Settings) -> Settings:

@@ -77,7 +77,7 @@ def test_old_spellings_and_defaults():
     ("--patience", "-1"), ("--face_margin", "-1"), ("--smoothing", "1.5"),
     ("--model_ema_decay", "1"), ("--model_ema_decay", "0"), ("--grad_accum_steps", "0"),
     ("--clip_grad", "0"), ("--class_weights_beta", "1"), ("--head_lr_mult", "-1"),
-    ("--layer_decay", "0"), ("--min_lr", "-1"),
+    ("--layer_decay", "0"), ("--min_lr", "-1"), ("--log_seconds", "-1"),
 ])
 def test_bad_numbers_rejected_before_any_work(flag, value, tmp_path):
     args = config.parse_args([flag, value, "--data_dir", str(tmp_path / "nowhere"),

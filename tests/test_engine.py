@@ -80,6 +80,16 @@ def test_accumulated_batches_make_the_update_of_one_big_batch():
         assert_same(trained(tiny_trainer(), [2, 2, 2, 2]), one_big)
 
 
+def test_every_step_is_reported_to_the_observer_with_its_images_loss_and_lr():
+    heard = []
+    result = engine.train_one_epoch(tiny_trainer(accum=2), batches([3, 2, 3]), progress=False,
+                                    on_step=lambda *report: heard.append(report))
+    assert [(step, images) for step, images, _, _ in heard] == [(1, 3), (2, 2), (3, 3)]
+    assert all(lr == 0.5 for *_, lr in heard)
+    mean = sum(float(loss) * images for _, images, loss, _ in heard) / 8
+    assert mean == pytest.approx(result["loss"], rel=1e-5)
+
+
 def test_clipping_bounds_the_update_and_happens_on_unscaled_gradients():
     start = {k: v.clone() for k, v in tiny_net().state_dict().items()}
     clipped = trained(tiny_trainer(clip=1e-3), [8])

@@ -21,7 +21,8 @@ SCRIPTS = {"train", "inference", "benchmark", "ensemble_csv", "experiments", "tu
 # the package's modules, lowest first: a module imports only from layers below its own
 LAYERS = [
     {"cli"},                                                      # errors, flags
-    {"files", "augmentation", "distributed", "face_detector", "presets"},
+    {"files", "augmentation", "distributed", "face_detector", "presets",
+     "progress"},
     {"labels", "image_cache"},
     {"dataset", "ensemble", "loss", "model", "run_folder", "sample"},
     {"checkpoint", "data_dirs", "face", "mixed_precision", "pipelines", "reporting", "selection",

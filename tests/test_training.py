@@ -1,8 +1,10 @@
 """maskface.training: whole runs and their files, k-fold with out-of-fold predictions, model and
 loss variants, early stopping, exact resume after SIGKILL (also EMA, timm schedules, k-fold,
 torchrun), refused resumes (another fold's seed, folds.csv edited, a one-fold folds file;
-config.json left as it was, its "epochs" kept by a shortened resume), a one-image last batch."""
+config.json left as it was, its "epochs" kept by a shortened resume), a one-image last batch,
+progress lines in a log and the bar on a terminal."""
 import csv
+import io
 import json
 import os
 import re
@@ -134,7 +136,8 @@ def test_torchrun_two_processes_gloo(tiny_train_dir, tmp_path, kfold_args):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         torchrun + ["train.py", *kfold_args(tiny_train_dir, tmp_path, "--epochs", "2",
-                                             "--name", "ddp", "--device", "cpu", "--sync_bn")],  # ignored on CPU, said once
+                                             "--name", "ddp", "--device", "cpu", "--sync_bn",  # ignored on CPU, said once
+                                             "--log_interval", "1")],
         cwd=ROOT, capture_output=True, text=True, timeout=400,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -143,6 +146,7 @@ def test_torchrun_two_processes_gloo(tiny_train_dir, tmp_path, kfold_args):
     run_dir = tmp_path / "runs" / "ddp"
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert result.stdout.count("epoch 2/2:") == 1  # one process reports
+    assert result.stdout.count("epoch 2/2 step 1/") == 1  # and shows its progress
     assert result.stdout.count("SyncBatchNorm runs on CUDA only") == 1
     checkpoint = torch.load(run_dir / "best.pth", weights_only=False)
     assert not any(k.startswith("module.") for k in checkpoint["model"])
@@ -452,3 +456,60 @@ def test_a_refused_resume_leaves_config_json_as_it_was(run_copy, tiny_train_dir,
 def test_a_shortened_resume_keeps_the_recorded_epochs(run_copy):
     train.main(config.parse_args(["--resume", str(run_copy), "--epochs", "1"]))
     assert json.loads((run_copy / "config.json").read_text())["epochs"] == 2  # trained 2 of 2
+
+
+# ---------------------------------------------------------------------------- progress output
+PROGRESS_LINE = re.compile(
+    r"^(?:fold (\d+)/(\d+) )?epoch (\d+)/(\d+) step (\d+)/(\d+): loss (\S+), lr (\S+), "
+    r"(\d+) img/s, epoch ETA (\?|[\d:]+), run ETA (\?|[\d:]+)$")
+
+
+def eta_seconds(text: str) -> int | None:
+    return None if text == "?" else sum(int(p) * 60 ** i
+                                        for i, p in enumerate(reversed(text.split(":"))))
+
+
+@pytest.mark.slow
+def test_a_kfold_run_in_a_log_prints_a_line_per_step_with_fold_rate_loss_and_etas(
+        tiny_train_dir, tmp_path, kfold_args, capsys):
+    train.main(config.parse_args(kfold_args(tiny_train_dir, tmp_path, "--kfold", "2",
+                                            "--epochs", "2", "--log_interval", "1",
+                                            "--name", "cvlog")))
+    out, err = capsys.readouterr()  # captured: not a terminal, so plain lines
+    found = [m for m in map(PROGRESS_LINE.match, out.splitlines()) if m]
+    seen = {}
+    for m in found:
+        fold, n_folds, epoch, epochs, step, steps = (int(g) for g in m.groups()[:6])
+        assert (n_folds, epochs) == (2, 2)
+        seen.setdefault((fold, epoch), []).append((step, steps))
+        assert np.isfinite(float(m.group(7))) and float(m.group(8)) == pytest.approx(1e-3)
+        assert int(m.group(9)) > 0
+        epoch_eta, run_eta = eta_seconds(m.group(10)), eta_seconds(m.group(11))
+        assert (epoch_eta is None) == (run_eta is None)
+        if run_eta is not None:
+            assert run_eta >= epoch_eta
+        if (fold, epoch) != (0, 1) or step > 2:  # only the first epoch's first steps lack one
+            assert run_eta is not None, m.group(0)
+    assert sorted(seen) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    for lines in seen.values():  # --log_interval 1: every step once
+        assert [step for step, _ in lines] == list(range(1, lines[0][1] + 1))
+    assert "%|" not in err  # no bar beside the lines
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.slow
+def test_on_a_terminal_the_bar_names_the_fold_and_no_line_is_printed(tiny_train_dir, tmp_path,
+                                                                      kfold_args, monkeypatch):
+    out, err = Terminal(), Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    train.main(config.parse_args(kfold_args(tiny_train_dir, tmp_path, "--kfold", "2", "--fold",
+                                            "1", "--epochs", "1", "--log_interval", "1")))
+    assert "fold 1/2 epoch 1/1" in err.getvalue()
+    assert re.search(r"run ETA (\?|\d+:\d\d)", err.getvalue())
+    assert "epoch 1/1:" in out.getvalue()  # the epoch's line, as ever
+    assert not any(map(PROGRESS_LINE.match, out.getvalue().splitlines()))
