@@ -65,7 +65,8 @@ def get_args_parser() -> FlagParser:
              "model. With a selection file of experiments.py select: its runs, weighted as "
              "selected, with its calibration (no --model_dir then)")
     add("--weights", type=float, nargs="+", default=None, metavar="W",
-        help="with --ensemble: one positive weight per run of --model_dir, in order (a k-fold "
+        help="with --ensemble: one positive weight per run of --model_dir, in order (a model "
+             "dir's finished runs by name, as printed; a k-fold "
              "run's folds share its weight; default: every run 1)")
     add("--tta", default="none", type=tta_views, metavar="VIEWS",
         help="test-time views averaged as probabilities: none, or a comma list of "

@@ -19,7 +19,6 @@ import torch
 from sklearn.metrics import f1_score
 
 from maskface import config, dataset, distributed, image_cache, mixed_precision, predict, run_folder
-from maskface.run_table import find_runs, is_run_dir
 from maskface.checkpoint import read_checkpoint
 from maskface.cli import UserError
 from maskface.data_dirs import resolve_eval_dir
@@ -43,6 +42,7 @@ from maskface.files import (
 )
 from maskface.labels import PROB_COLUMNS, check_labels
 from maskface.predict import LoadedModel
+from maskface.run_table import find_runs, is_run_dir
 from maskface.scores import check_answers, print_scores, score_answers
 from maskface.selection import Selection, read_selection, selection_probabilities
 
@@ -247,7 +247,7 @@ def output_paths(output_dir: str | Path, name_csv: str) -> tuple[Path, Path]:
     """The submission and probability CSV paths, checked to be writable as files before any
     model loads: neither written means no half-written output."""
     if Path(name_csv).name == name_csv and name_csv and not Path(name_csv).suffix:
-        name_csv += ".csv"  # --name_csv effb0 means effb0.csv, as the competition's scripts took it
+        name_csv += ".csv"  # a submission is only ever a .csv: 'effb0' can only mean effb0.csv
     if Path(name_csv).name != name_csv or not name_csv.endswith(".csv"):
         raise UserError(f"--name_csv {name_csv}: expected a file name ending in .csv (or with no "
                         "extension: .csv is added), not a path")
