@@ -13,6 +13,7 @@ from maskface.cli import FlagParser, UserError, run_cli
 from maskface.ensemble import aligned_matrix, calibrated_predictions, hard_vote, soft_vote
 from maskface.files import check_output_path, read_csv_checked, write_together
 from maskface.labels import PROB_COLUMNS, check_labels, check_probabilities
+from maskface.scores import check_answers, print_scores, score_answers
 from maskface.selection import read_selection_json, selection_offsets
 
 DEFAULT_DIR = Path("output")
@@ -123,6 +124,10 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     output = check_output_path(args.output, "--output")
     probs_output = (check_output_path(args.probs_output, "--probs_output")
                     if args.probs_output else None)
+    answers_path = Path(args.answers) if args.answers else None
+    if answers_path and answers_path.resolve() in {output.resolve()} | (
+            {probs_output.resolve()} if probs_output else set()):
+        raise UserError(f"--answers {answers_path}: is also an output")
     paths = [Path(p) for p in args.files] or find_inputs(output, probs_output, args.soft)
     # a selection of one run is still worth applying: its calibration offsets
     check_inputs(paths, args.weights, [output] + ([probs_output] if probs_output else []),
@@ -134,6 +139,12 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
     reader = read_probabilities if args.soft else read_predictions
     tables = [reader(path) for path in paths]
     check_same_ids(tables, paths)
+    answers = None
+    if answers_path:  # checked before the vote is written: a bad file leaves nothing behind
+        if answers_path.resolve() in {path.resolve() for path in paths}:
+            raise UserError(f"--answers {answers_path}: is also a file to vote")
+        answers = read_csv_checked(answers_path, ["ImageID", "ans"])
+        check_answers(answers, list(tables[0].index), str(answers_path), against=str(paths[0]))
     n_ties = None
     if args.soft:
         answer, mean_probs = soft_vote(tables, weights)
@@ -161,6 +172,8 @@ def main(args: argparse.Namespace) -> pd.DataFrame:
         print(f"  {path}{member}  weight {weight:g}  agreement with the result {agrees:.4f}")
     if n_ties is not None:
         print(f"ties broken: {n_ties}")
+    if answers is not None:  # the same report as inference.py --answers
+        print_scores(score_answers(result, answers))
     return result
 
 
@@ -186,6 +199,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "probability CSVs, in the file's member order")
     parser.add_argument("--no_calibrate", action="store_true",
                         help="with --weights_file: ignore the selection's calibration offsets")
+    parser.add_argument("--answers", default=None, metavar="FILE",
+                        help="CSV ImageID,ans with the truth (the eval set's answers): print the "
+                             "vote's macro F1, accuracy, per-head F1, per-class precision/recall/"
+                             "F1/support and confusion, as inference.py --answers does")
     parser.add_argument("--probs_output", default=None,
                         help="with --soft: also write the mean probabilities (ImageID, p0..p17)")
     return parser

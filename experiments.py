@@ -91,7 +91,7 @@ def select_main(args: argparse.Namespace) -> dict:
     oof_runs = [selection.read_oof_run(run_dir, name) for name, run_dir in runs]
     result = selection.select_runs(oof_runs, steps=args.steps, patience=args.patience,
                                    repeats=args.split_repeats, seed=args.seed,
-                                   calibrate=not args.no_calibrate)
+                                   calibrate=not args.no_calibrate, keep_mix=args.keep_mix)
     command = shlex.join(["python", "experiments.py", *sys.argv[1:]]) \
         if Path(sys.argv[0]).name == "experiments.py" else "experiments.select"
     document = selection.selection_document(result, output, command)
@@ -136,9 +136,11 @@ def get_args_parser() -> FlagParser:
                     "it on the OOF). Then per-class calibration offsets are fitted on the mix, and "
                     "a split-half check (select on half the people, score on the other half, "
                     "both ways, --split_repeats random halvings) prints the held-out gain over the "
-                    "best single run chosen on the same half. Writes a selection JSON (run paths "
-                    "relative to it) for inference.py --ensemble FILE and ensemble_csv.py --soft "
-                    "--weights_file FILE.")
+                    "best single run chosen on the same half; when its verdict says the mix's gain (or "
+                    "the calibration's) does not hold, the file holds what it recommends instead "
+                    "(and says so in \"verdict\"), unless --keep_mix. Writes a selection JSON "
+                    "(run paths relative to it) for inference.py --ensemble FILE and "
+                    "ensemble_csv.py --soft --weights_file FILE.")
     pick.add_argument("runs", nargs="+", metavar="RUN_OR_MODEL_DIR",
                       help="k-fold run folders, or model dirs (their finished k-fold runs)")
     pick.add_argument("--filter", default=None, metavar="GLOB",
@@ -154,6 +156,10 @@ def get_args_parser() -> FlagParser:
     pick.add_argument("--seed", type=int, default=0, help="seed of the halvings")
     pick.add_argument("--no_calibrate", action="store_true",
                       help="store no calibration offsets (the plain weighted vote)")
+    pick.add_argument("--keep_mix", action="store_true",
+                      help="write the selected mix and its calibration even when the split-half "
+                           "verdict does not hold them (by default the file then holds what the "
+                           "verdict recommends: the best single run alone, no calibration)")
     return parser
 
 

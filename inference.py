@@ -20,6 +20,20 @@ from maskface.ensemble import VOTING_RULE
 from maskface.run_folder import CALIBRATION
 
 
+def tta_views(text: str) -> str:
+    """--tta as given, checked against the view registry (read lazily: --help stays quick)."""
+    views = registry("predict", "TTA_VIEWS")
+    names = [name.strip() for name in text.split(",")]
+    if text == "none":
+        return text
+    unknown = [name for name in names if name not in views]
+    if unknown or len(set(names)) < len(names) or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected none, or views separated by commas, each once, from "
+            f"{', '.join(views)}")
+    return ",".join(names)
+
+
 def get_args_parser() -> FlagParser:
     p = FlagParser(description="Write the submission CSV from trained run folders. Every flag is "
                                "also accepted with hyphens (--model-dir).", epilog=VOTING_RULE)
@@ -50,8 +64,14 @@ def get_args_parser() -> FlagParser:
         help="use every model given (all folds of a k-fold run); needed for more than one "
              "model. With a selection file of experiments.py select: its runs, weighted as "
              "selected, with its calibration (no --model_dir then)")
-    add("--tta", default="none", choices=registry("predict", "TTA_MODES"),
-        help="test-time augmentation: flip averages the original and mirrored view")
+    add("--weights", type=float, nargs="+", default=None, metavar="W",
+        help="with --ensemble: one positive weight per run of --model_dir, in order (a model "
+             "dir's finished runs by name, as printed; a k-fold "
+             "run's folds share its weight; default: every run 1)")
+    add("--tta", default="none", type=tta_views, metavar="VIEWS",
+        help="test-time views averaged as probabilities: none, or a comma list of "
+             "registry views (flip: the mirror image; shift: 4 shifts by 1/16 of the size; "
+             "scale: zoomed in and out by 10%%), e.g. flip or flip,scale")
     add("--answers", default=None, metavar="FILE",
         help="CSV ImageID,ans with the truth: print macro F1, accuracy, per-head F1, "
              "per-class precision/recall/F1/support, confusion")

@@ -20,15 +20,16 @@ CALIBRATION_GRID = np.linspace(-2.0, 2.0, 17)  # coarse on purpose: a fine grid 
 
 VOTING_RULE = """\
 soft voting:
-  Every checkpoint is one model (each fold of a k-fold run counts as one). A model's
-  probabilities are averaged over its views (--tta flip: original + mirrored), then:
-  - 18-class models (plain or multi-head) each give one 18-class estimate;
-  - per-category models (--category mask/gender/age; 6 age bins folded to 3) are averaged
-    per category, and a complete mask+gender+age trio gives ONE 18-class estimate
-    p(mask) * p(gender) * p(age);
-  - the answer's probabilities are the mean of all 18-class estimates.
-  Probabilities are averaged, never logits. Per-category models without a complete trio need
-  an 18-class model (they are then ignored, with a warning); otherwise it is an error.
+  Every run counts once, however many checkpoints it has: a model's probabilities are
+  averaged over its views (--tta), a k-fold run's over its folds, then:
+  - 18-class runs (plain or multi-head) each give one 18-class estimate, weight 1 (or its
+    --weights number);
+  - per-category runs (--category mask/gender/age; 6 age bins folded to 3) are averaged
+    per category by their weights, and a complete mask+gender+age trio gives ONE 18-class
+    estimate p(mask) * p(gender) * p(age), weighted by the mean weight of its runs;
+  - the answer's probabilities are the weighted mean of the 18-class estimates.
+  Probabilities are averaged, never logits. Per-category runs without a complete trio need
+  an 18-class run (they are then ignored, with a warning); otherwise it is an error.
   ans = argmax(log p + calibration offsets) when calibrated; the _probs.csv keeps the raw p."""
 
 
@@ -85,6 +86,74 @@ def combine_categories(probs_by_category: dict[str, list[np.ndarray]],
         heads = [ensemble_probabilities(probs_by_category[c]) for c in HEAD_CATEGORIES]
         estimates.append(labels.heads_to_class_probs(*heads))
     return ensemble_probabilities(estimates)
+
+
+def check_run_weights(weights: Sequence[float] | None, n_runs: int, flag: str = "--weights"
+                      ) -> np.ndarray:
+    """One finite weight > 0 per run (all 1 when not given); UserError naming the flag."""
+    if weights is None:
+        return np.ones(n_runs)
+    if len(weights) != n_runs:
+        raise UserError(f"{flag}: {len(weights)} weight(s) for {n_runs} run(s); expected one per "
+                        "run, in the order the runs are given")
+    if not all(np.isfinite(w) and w > 0 for w in weights):
+        raise UserError(f"{flag}: " + " ".join(f"{w:g}" for w in weights)
+                        + "; expected positive finite numbers")
+    return np.asarray(weights, dtype=np.float64)
+
+
+def run_vote_shares(categories: Sequence[str], n_models: Sequence[int],
+                    weights: np.ndarray) -> list[tuple[str, float]]:
+    """What each checkpoint weighs in combine_runs, per run: (what the share is of, the share of
+    one of its checkpoints). An 18-class run's checkpoint: its share of the answer's vote; a
+    per-category run's: its share of its head's average (the trio itself weighs
+    ``trio_share``)."""
+    multi = [i for i, c in enumerate(categories) if c == "multi"]
+    heads = {c: [i for i, cat in enumerate(categories) if cat == c] for c in HEAD_CATEGORIES}
+    trio = all(heads.values())
+    trio_weight = float(np.mean([weights[i] for c in HEAD_CATEGORIES for i in heads[c]])) \
+        if trio else 0.0
+    total = sum(weights[i] for i in multi) + trio_weight
+    shares = []
+    for i, category in enumerate(categories):
+        if category == "multi":
+            shares.append(("the vote", weights[i] / total / n_models[i]))
+        elif trio:
+            head_total = sum(weights[j] for j in heads[category])
+            shares.append((f"the {category} head (the trio weighs {trio_weight / total:.4f})",
+                           weights[i] / head_total / n_models[i]))
+        else:
+            shares.append(("nothing (no complete trio)", 0.0))
+    return shares
+
+
+def combine_runs(runs: Sequence[tuple[str, Sequence[np.ndarray]]],
+                 weights: Sequence[float] | None = None,
+                 say: Callable[[str], None] = print) -> np.ndarray:
+    """The soft vote of runs, each (category, its checkpoints' probabilities): a run's
+    checkpoints (a k-fold run's folds) are averaged first, so a 5-fold run weighs as much as a
+    single one; then 18-class runs and a mask+gender+age trio vote with ``weights`` (one per run,
+    all 1 by default; see VOTING_RULE)."""
+    weight = check_run_weights(weights, len(runs))
+    per_run = [ensemble_probabilities(list(probs)) for _, probs in runs]
+    categories = [category for category, _ in runs]
+    check_categories(categories)
+    heads = {c: [i for i, cat in enumerate(categories) if cat == c] for c in HEAD_CATEGORIES}
+    multi = [i for i, c in enumerate(categories) if c == "multi"]
+    estimates = [per_run[i] for i in multi]
+    estimate_weights = [weight[i] for i in multi]
+    if any(heads.values()):
+        if not all(heads.values()):
+            missing = [c for c in HEAD_CATEGORIES if not heads[c]]
+            say(f"warning: no {', '.join(missing)} model; the per-category models are ignored")
+        else:
+            head_probs = [weighted_probabilities([per_run[i] for i in heads[c]],
+                                                 [weight[i] for i in heads[c]])
+                          for c in HEAD_CATEGORIES]
+            estimates.append(labels.heads_to_class_probs(*head_probs))
+            estimate_weights.append(float(np.mean([weight[i] for c in HEAD_CATEGORIES
+                                                   for i in heads[c]])))
+    return weighted_probabilities(estimates, estimate_weights)
 
 
 # ----------------------------------------------------------------------------------------------

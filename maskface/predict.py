@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, f1_score
 from torch import nn
 
 from maskface import augmentation, dataset, image_cache, labels, mixed_precision, model as models
+from maskface import scores
 from maskface.cli import UserError
 from maskface.distributed import Processes
 
@@ -40,21 +40,65 @@ def predict_probabilities(model: nn.Module, batches, augment: nn.Module, *, cate
     return np.concatenate(probs), total_loss / max(seen, 1)
 
 
-def mirrored(batches):
-    """The same batches flipped left to right, for flip TTA."""
-    for images, targets, rows in batches:  # uint8 [B, H, W, C]: W is dim 2
-        yield images.flip(2), targets, rows
+def _mirror(images: torch.Tensor) -> torch.Tensor:
+    return images.flip(2)  # uint8 [B, H, W, C]: W is dim 2
 
 
-TTA_MODES = ("none", "flip")
+def _warp(zoom: float = 1.0, dx: float = 0.0, dy: float = 0.0):
+    """A view of a uint8 [B, H, W, C] batch: the content zoomed by ``zoom`` about the centre and
+    moved by ``dx`` / ``dy`` of the width / height, bilinear, mirrored beyond the edges as
+    training's warps and the cache's crops are (never black borders the model never saw), back
+    to uint8 so the model's own eval preprocessing follows."""
+    def view(images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        theta = torch.tensor([[1 / zoom, 0.0, -2 * dx], [0.0, 1 / zoom, -2 * dy]],
+                             dtype=x.dtype, device=x.device).expand(len(x), 2, 3)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                                              align_corners=False)
+        return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return view
+
+
+SHIFT = 1 / 16  # of the height / width: 8 x 6 pixels at 128 x 96
+ZOOM = 1.1
+
+# --tta's named views: each adds these transforms of the cached batch to the original view, and
+# every view's probabilities are averaged with equal weight. Measured on the dev set in
+# docs/ensembles.md (which pay, and what each costs).
+TTA_VIEWS: dict[str, tuple] = {
+    "flip": (_mirror,),
+    "shift": (_warp(dx=SHIFT), _warp(dx=-SHIFT), _warp(dy=SHIFT), _warp(dy=-SHIFT)),
+    "scale": (_warp(zoom=ZOOM), _warp(zoom=1 / ZOOM)),
+}
+TTA_MODES = ("none", *TTA_VIEWS)  # the single-view spellings
+
+
+def tta_transforms(tta: str) -> list:
+    """The transforms of ``tta`` ('none', or view names of TTA_VIEWS separated by commas) added
+    to the original view; UserError on an unknown name."""
+    if tta == "none":
+        return []
+    names = [name.strip() for name in tta.split(",")]
+    unknown = [name for name in names if name not in TTA_VIEWS]
+    if unknown or len(set(names)) < len(names):
+        raise UserError(f"--tta {tta}: expected none, or views separated by commas, each once, "
+                        f"from {', '.join(TTA_VIEWS)}")
+    return [transform for name in names for transform in TTA_VIEWS[name]]
+
+
+def viewed(batches, transform):
+    """The same batches seen through one TTA transform (applied on the batch's device)."""
+    for images, targets, rows in batches:
+        yield transform(images), targets, rows
 
 
 def predict_views(model: nn.Module, batches, augment: nn.Module, *, tta: str = "none",
                   category: str, age_label_num: int = 3, autocast_dtype=None,
                   channels_last: bool = False) -> np.ndarray:
-    """Scored-space probabilities averaged over the test-time views (--tta flip: the photo and
-    its mirror image)."""
-    views = [batches, mirrored(batches)] if tta == "flip" else [batches]
+    """Scored-space probabilities averaged over the test-time views: the photo and each
+    transform of ``tta`` (tta_transforms: flip, shift, scale or a comma list of them)."""
+    views = [batches, *(viewed(batches, t) for t in tta_transforms(tta))]
     probs = [predict_probabilities(model, view, augment, category=category,
                                    age_label_num=age_label_num, autocast_dtype=autocast_dtype,
                                    channels_last=channels_last)[0] for view in views]
@@ -63,36 +107,13 @@ def predict_views(model: nn.Module, batches, augment: nn.Module, *, tta: str = "
 
 def score(probs: np.ndarray, true_labels: np.ndarray, category: str) -> dict:
     """Macro F1 (sklearn, the competition's metric), accuracy, for 18 classes per-head F1, and
-    'per_class' (per_class_scores)."""
-    truth = labels.category_target(true_labels, category)
-    predicted = probs.argmax(1)
-    metrics = {"f1": f1_score(truth, predicted, average="macro"),
-               "acc": float((truth == predicted).mean())}
-    if category == "multi":
-        for head, t, p in zip(("mask", "gender", "age"), labels.decode_class(truth),
-                              labels.decode_class(predicted)):
-            metrics[f"f1_{head}"] = f1_score(t, p, average="macro")
-    metrics["per_class"] = per_class_scores(truth, predicted, category)
-    return metrics
+    'per_class' (per_class_scores) of the probabilities' argmax."""
+    return scores.label_scores(labels.category_target(true_labels, category), probs.argmax(1),
+                               category)
 
 
-def per_class_scores(truth: np.ndarray, predicted: np.ndarray, category: str) -> dict:
-    """{class name: {precision, recall, f1, support}} for every class of ``category``, from
-    scikit-learn's classification_report (a class never predicted scores 0, not a warning).
-    Macro F1 is the mean of these F1s over the classes present in truth or predictions."""
-    names = labels.class_names(category)
-    report = classification_report(truth, predicted, labels=np.arange(len(names)),
-                                   target_names=names, output_dict=True, zero_division=0)
-    return {name: {"precision": float(report[name]["precision"]),
-                   "recall": float(report[name]["recall"]),
-                   "f1": float(report[name]["f1-score"]),
-                   "support": int(report[name]["support"])} for name in names}
-
-
-def worst_class(per_class: dict) -> tuple[str, float] | None:
-    """(name, F1) of the class with the lowest F1 among those with photos; None without any."""
-    present = [(name, row["f1"]) for name, row in per_class.items() if row["support"]]
-    return min(present, key=lambda item: item[1]) if present else None
+per_class_scores = scores.per_class_scores  # one implementation, shared with ensemble_csv.py
+worst_class = scores.worst_class
 
 
 def evaluate(model: nn.Module, batches, augment: nn.Module, true_labels: np.ndarray, *,

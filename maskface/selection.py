@@ -298,21 +298,36 @@ def judged(gains: Sequence[float]) -> str:
     return "is uncertain" if gains.mean() > 0 else "does not hold"
 
 
+def recommendation(check: dict, alone: bool = False) -> dict:
+    """What the split-half check recommends: 'single' (the best single run instead of a mix
+    whose gain does not hold) and 'no_calibrate' (calibration whose gain does not hold), with the
+    judgements and the calibration's held-out gains. The calibration is judged for what is kept:
+    the best single run's offsets when the single replaces the mix, else the mix's."""
+    mix = judged(check["mix"]["gains"])
+    single = not alone and mix != "holds"
+    calibration_gains = np.asarray(check["single_calibrated"]["gains"]) if single else \
+        np.subtract(check["mix_calibrated"]["gains"], check["mix"]["gains"])
+    calibration = judged(calibration_gains)
+    return {"mix": mix, "single": single, "calibration": calibration,
+            "calibration_gains": calibration_gains,
+            "no_calibrate": calibration == "does not hold"}
+
+
 def verdict(check: dict, best_single: str, alone: bool = False) -> str:
     """What the split-half check says in words: whether the mix's gain over the best single run
     holds on people it was not selected on, whether the calibration's does, and what is safer."""
-    mix = judged(check["mix"]["gains"])
-    calibration_gains = np.subtract(check["mix_calibrated"]["gains"], check["mix"]["gains"])
-    calibration = judged(calibration_gains)
+    advice = recommendation(check, alone)
+    calibration_gains = advice["calibration_gains"]
     words = (f"the selection is the best single run {best_single} alone" if alone else
-             f"the mix's gain over the best single run {mix} on held-out people "
+             f"the mix's gain over the best single run {advice['mix']} on held-out people "
              f"({check['mix']['positive']}/{check['halves']} halves gained)")
-    words += (f"; calibration's {calibration} ({calibration_gains.mean():+.4f}, "
+    whose = "the best single run's calibration" if advice["single"] else "calibration's"
+    words += (f"; {whose} {advice['calibration']} ({calibration_gains.mean():+.4f}, "
               f"{int((calibration_gains > 0).sum())}/{check['halves']} halves gained)")
     safer = []
-    if not alone and mix != "holds":
+    if advice["single"]:
         safer.append(f"--steps 1 (the best single run {best_single} alone)")
-    if calibration == "does not hold":
+    if advice["no_calibrate"]:
         safer.append("--no_calibrate")
     return "verdict: " + words + (f"; safer: {' '.join(safer)}" if safer else "")
 
@@ -322,9 +337,11 @@ def verdict(check: dict, best_single: str, alone: bool = False) -> str:
 # ----------------------------------------------------------------------------------------------
 def select_runs(runs: Sequence[OofRun], *, steps: int = STEPS, patience: int = PATIENCE,
                 repeats: int = SPLIT_REPEATS, seed: int = 0, calibrate: bool = True,
-                say: Callable[[str], None] = print) -> dict:
+                keep_mix: bool = False, say: Callable[[str], None] = print) -> dict:
     """Check the runs combine, select greedily, calibrate the mix, run the split-half check;
-    returns the selection (what write_selection stores), printing each step."""
+    returns the selection (what write_selection stores), printing each step. What the check
+    recommends (recommendation) replaces the selected mix and calibration unless ``keep_mix``;
+    'selected' keeps what the greedy selection chose, 'verdict' what was done about it."""
     check_same_folds(runs)
     labels = truth_labels(runs)
     candidates = build_candidates(runs)
@@ -359,9 +376,41 @@ def select_runs(runs: Sequence[OofRun], *, steps: int = STEPS, patience: int = P
                          zip(ARMS, ("mix", "best single + calibration", "mix + calibration")))
         say(f"split-half check ({check['halves']} halves of the people, select on one, score on "
             f"the other): held-out F1 gain over the best single run: {arms}")
-        say(verdict(check, candidates[single["added"]].label, alone=len(members) == 1))
+    oof_f1 = chosen.history[chosen.best_step - 1]["f1"]
+    selected = {"members": members, "oof_f1": oof_f1,
+                "calibrated_f1": calibrated_f1 if calibrate else None}
+    followed = None
+    if check:
+        alone = len(members) == 1
+        text = verdict(check, candidates[single["added"]].label, alone=alone)
+        say(text)
+        advice = recommendation(check, alone)
+        applied = ([f"the best single run {candidates[single['added']].label} alone (--steps 1)"]
+                   if advice["single"] else []) + (
+                      ["no calibration (--no_calibrate)"]
+                      if advice["no_calibrate"] and calibrate else [])
+        followed = {"text": text, "applied": [] if keep_mix else applied,
+                    "kept_mix": bool(keep_mix and applied)}
+        if applied and keep_mix:
+            say("--keep_mix: the selection file holds the selected mix"
+                + (" and its calibration" if calibrate else "")
+                + ", not what the verdict recommends (" + "; ".join(applied) + ")")
+        elif applied:
+            if advice["single"]:
+                best = candidates[single["added"]]
+                members = [{"runs": list(best.runs), "weight": 1.0, "picked": 1}]
+                mix, oof_f1 = best.probs, single["f1"]
+            if advice["no_calibrate"]:
+                calibrate = False
+            offsets = fit_calibration(mix, labels) if calibrate else None
+            calibrated_f1 = macro_f1(labels, calibrated_predictions(mix, offsets))
+            say("the selection file holds what the verdict recommends: " + "; ".join(applied)
+                + f" -> OOF macro F1 {oof_f1:.4f}"
+                + (f", calibrated {calibrated_f1:.4f}" if calibrate else "")
+                + " (--keep_mix writes the selected mix instead)")
     return {"runs": runs, "members": members, "offsets": offsets,
-            "oof_f1": chosen.history[chosen.best_step - 1]["f1"], "calibrated_f1": calibrated_f1,
+            "oof_f1": oof_f1, "calibrated_f1": calibrated_f1,
+            "selected": selected, "verdict": followed,
             "best_single": {"runs": list(candidates[single["added"]].runs), "oof_f1": single["f1"]},
             "steps": [{"step": e["step"], "added": candidates[e["added"]].label,
                        "oof_f1": e["f1"]} for e in chosen.history],
@@ -376,6 +425,8 @@ def selection_document(result: dict, output: Path, command: str) -> dict:
                      "category": r.category, "oof_f1": round(r.oof_f1, 6),
                      "oof_sha256": r.oof_sha256} for r in result["runs"] if r.name in used}
     document = {"format": SELECTION_FORMAT, "runs": runs, "members": result["members"]}
+    if result.get("verdict"):  # what the split-half check recommended, and whether it was followed
+        document["verdict"] = {**result["verdict"], "selected": result["selected"]}
     if result["offsets"] is not None:
         document["calibration"] = {"offsets": [round(float(v), 6) for v in result["offsets"]],
                                    "oof_f1_before": result["oof_f1"],

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import f1_score
 
 from maskface import config, dataset, distributed, image_cache, mixed_precision, predict, run_folder
 from maskface.checkpoint import read_checkpoint
@@ -25,11 +25,13 @@ from maskface.data_dirs import resolve_eval_dir
 from maskface.ensemble import (
     calibrated_predictions,
     check_categories,
-    combine_categories,
+    check_run_weights,
+    combine_runs,
     ensemble_probabilities,
     fit_calibration,
     read_calibration,
     read_oof,
+    run_vote_shares,
 )
 from maskface.files import (
     atomic_write_text,
@@ -38,8 +40,10 @@ from maskface.files import (
     read_csv_checked,
     write_together,
 )
-from maskface.labels import NUM_CLASSES, PROB_COLUMNS, check_labels
+from maskface.labels import PROB_COLUMNS, check_labels
 from maskface.predict import LoadedModel
+from maskface.run_table import find_runs, is_run_dir
+from maskface.scores import check_answers, print_scores, score_answers
 from maskface.selection import Selection, read_selection, selection_probabilities
 
 
@@ -71,6 +75,36 @@ def find_checkpoints(run_dirs: Sequence[str | Path]) -> list[Path]:
     if twice:
         raise UserError(f"--model_dir: {', '.join(twice)} given more than once")
     return found
+
+
+def finished_runs(model_dir: Path, say: Callable[[str], None] = print) -> list[Path] | None:
+    """The finished runs inside a model dir (a folder holding run folders, as experiments.py
+    select reads it): a single run with done.json, a k-fold run with oof.csv; the unfinished ones
+    are skipped and named. None when ``model_dir`` is a run folder or holds none."""
+    if not model_dir.is_dir() or is_run_dir(model_dir) or not any(
+            d.is_dir() and is_run_dir(d) for d in model_dir.iterdir()):
+        return None
+    runs = [d for _, d in find_runs([str(model_dir)])]
+    done = [d for d in runs if (d / run_folder.DONE).is_file() or (d / run_folder.OOF).is_file()]
+    skipped = [d.name for d in runs if d not in done]
+    if skipped:
+        say(f"--model_dir {model_dir}: skipped {len(skipped)} unfinished run(s) (no done.json, "
+            f"or a k-fold run without oof.csv): {', '.join(skipped)}")
+    if not done:
+        raise UserError(f"--model_dir {model_dir}: no finished run inside (a run finishes with "
+                        "done.json, a k-fold run with oof.csv); finish one with train.py --resume")
+    say(f"--model_dir {model_dir}: {len(done)} finished run(s): "
+        + ", ".join(d.name for d in done))
+    return done
+
+
+def expand_model_dirs(paths: Sequence[str | Path], say: Callable[[str], None] = print
+                      ) -> list[Path]:
+    """--model_dir as given, a model dir replaced by its finished runs (finished_runs)."""
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        expanded += finished_runs(path, say) or [path]
+    return expanded
 
 
 def _shown(value) -> str:
@@ -194,20 +228,6 @@ def resolve_calibration(args: argparse.Namespace, run_dirs: Sequence[Path],
 # ----------------------------------------------------------------------------------------------
 # Submission checks and scoring
 # ----------------------------------------------------------------------------------------------
-def check_answers(answers: pd.DataFrame, image_ids: Sequence[str], where: str) -> None:
-    """The answers must hold exactly the ImageIDs of info.csv, once each, with labels 0..17."""
-    given, expected = answers["ImageID"], set(image_ids)
-    extra = sorted(set(given) - expected)
-    absent = sorted(expected - set(given))
-    doubled = sorted(set(given[given.duplicated()]))
-    for problem, ids in (("not in info.csv", extra), ("of info.csv missing", absent),
-                         ("listed twice", doubled)):
-        if ids:
-            raise UserError(f"{where}: {len(ids)} ImageID(s) {problem}, e.g. {ids[0]}; "
-                            "the answers must match info.csv's ImageIDs")
-    check_labels(answers["ans"], where)
-
-
 def validate_submission(info: pd.DataFrame, submission: pd.DataFrame) -> None:
     """One row per info.csv ImageID in info.csv's order, ans an integer 0..17."""
     if list(submission.columns) != ["ImageID", "ans"]:
@@ -220,38 +240,17 @@ def validate_submission(info: pd.DataFrame, submission: pd.DataFrame) -> None:
     check_labels(submission["ans"], "submission")
 
 
-def score_answers(predictions: pd.DataFrame, answers_df: pd.DataFrame) -> dict:
-    """Macro F1 (sklearn), accuracy, per-head F1 and the 18x18 confusion matrix (rows: truth)."""
-    check_answers(answers_df, predictions["ImageID"].tolist(), "answers")
-    truth = answers_df.set_index("ImageID")["ans"].loc[predictions["ImageID"]].to_numpy(int)
-    predicted = predictions["ans"].to_numpy(int)
-    # one-hot rows are probabilities whose argmax is the prediction: predict.score's metrics apply
-    metrics = predict.score(np.eye(NUM_CLASSES)[predicted], truth, "multi")
-    metrics["confusion"] = confusion_matrix(truth, predicted, labels=list(range(NUM_CLASSES)))
-    return metrics
-
-
-def print_scores(metrics: dict, say: Callable[[str], None] = print) -> None:
-    say(f"answers: macro F1 {metrics['f1']:.4f}, accuracy {metrics['acc']:.4f} | F1 mask "
-        f"{metrics['f1_mask']:.4f}, gender {metrics['f1_gender']:.4f}, age {metrics['f1_age']:.4f}")
-    per_class = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
-    worst = predict.worst_class(metrics["per_class"])
-    say("per class (macro F1 is the mean of the f1 column over the classes present"
-        + (f"; worst: {worst[0]}" if worst else "") + "):\n"
-        + per_class.to_string(float_format=lambda v: f"{v:.4f}"))
-    table = pd.DataFrame(metrics["confusion"], index=[f"t{c}" for c in range(NUM_CLASSES)],
-                         columns=[f"p{c}" for c in range(NUM_CLASSES)])
-    say("confusion matrix (rows: true class, columns: predicted):\n" + table.to_string())
-
-
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 def output_paths(output_dir: str | Path, name_csv: str) -> tuple[Path, Path]:
     """The submission and probability CSV paths, checked to be writable as files before any
     model loads: neither written means no half-written output."""
+    if Path(name_csv).name == name_csv and name_csv and not Path(name_csv).suffix:
+        name_csv += ".csv"  # a submission is only ever a .csv: 'effb0' can only mean effb0.csv
     if Path(name_csv).name != name_csv or not name_csv.endswith(".csv"):
-        raise UserError(f"--name_csv {name_csv}: expected a file name ending in .csv")
+        raise UserError(f"--name_csv {name_csv}: expected a file name ending in .csv (or with no "
+                        "extension: .csv is added), not a path")
     output_dir = check_output_path(output_dir, "--output_dir", folder=True)
     paths = output_dir / name_csv, output_dir / f"{Path(name_csv).stem}_probs.csv"
     for path in paths:
@@ -268,12 +267,17 @@ def resolve_runs(args: argparse.Namespace) -> tuple[list[Path], list[Path], list
                         "JSON of experiments.py select, or nothing (then the runs of --model_dir)")
     if isinstance(args.ensemble, str) and args.model_dir:  # the flags first, then the file
         raise UserError(f"--ensemble {args.ensemble} names its runs; drop --model_dir")
+    if isinstance(args.ensemble, str) and getattr(args, "weights", None):
+        raise UserError(f"--weights: {args.ensemble} weighs its own members; drop --weights")
     chosen = read_selection(args.ensemble) if isinstance(args.ensemble, str) else None
     if chosen is None:
-        run_dirs = [Path(p) for p in (args.model_dir
-                                      or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])]
-        checkpoints = find_checkpoints(run_dirs)
-        return run_dirs, checkpoints, [str(p) for p in checkpoints], None
+        run_dirs = expand_model_dirs(args.model_dir
+                                     or [os.environ.get("SM_CHANNEL_MODEL", "./model/exp")])
+        per_run = [find_checkpoints([run_dir]) for run_dir in run_dirs]
+        checkpoints = find_checkpoints([p for paths in per_run for p in paths])
+        owners = [str(run_dir) for run_dir, paths in zip(run_dirs, per_run) for _ in paths]
+        check_run_weights(getattr(args, "weights", None), len(run_dirs))
+        return run_dirs, checkpoints, owners, None
     per_run = {name: find_checkpoints([run_dir]) for name, run_dir in chosen.run_dirs.items()}
     checkpoints = find_checkpoints([p for paths in per_run.values() for p in paths])
     owners = [name for name, paths in per_run.items() for _ in paths]
@@ -295,6 +299,32 @@ def weighted_by_selection(chosen: Selection, loaded: Sequence[LoadedModel], owne
                                             for run, p in probs_by_run.items()})
 
 
+def weighted_by_run(loaded: Sequence[LoadedModel], owners: list[str],
+                    model_probs: list[np.ndarray], weights: Sequence[float] | None,
+                    say: Callable[[str], None] = print) -> np.ndarray:
+    """The soft vote of --model_dir's runs: each run's checkpoints (a k-fold run's folds)
+    averaged first, the runs weighted 1 each or by --weights; each checkpoint's share said once."""
+    runs: dict[str, tuple[str, list[np.ndarray], list[LoadedModel]]] = {}
+    for m, owner, probs in zip(loaded, owners, model_probs):
+        category, probs_list, models = runs.setdefault(owner, (m.category, [], []))
+        if m.category != category:
+            raise UserError(f"{m.path}: a {m.category} model in run {owner}, whose other "
+                            f"checkpoints are {category} models")
+        probs_list.append(probs)
+        models.append(m)
+    entries = list(runs.values())
+    if len(loaded) > 1:
+        weight = check_run_weights(weights, len(entries))
+        shares = run_vote_shares([c for c, _, _ in entries], [len(p) for _, p, _ in entries],
+                                 weight)
+        lines = [f"  {m.path}  {share:.4f} of {of}" for (_, _, models), (of, share)
+                 in zip(entries, shares) for m in models]
+        say(f"soft vote of {len(entries)} run(s), each weighing "
+            + ("1 (--weights to change)" if weights is None else "its --weights number")
+            + "; each checkpoint's share:\n" + "\n".join(lines))
+    return combine_runs([(c, p) for c, p, _ in entries], weights, say)
+
+
 def predict_eval(args: argparse.Namespace) -> dict:
     """Predict as ``args`` (inference.py's flags) say; returns {'predictions', 'probs', 'output_csv', ...}."""
     if args.fit_calibration:
@@ -309,6 +339,8 @@ def predict_eval(args: argparse.Namespace) -> dict:
     if args.amp != "checkpoint":  # a GPU without bf16 is named before any work
         mixed_precision.choose_precision(args.amp, "auto", device)
     run_dirs, checkpoints, owners, chosen = resolve_runs(args)
+    if getattr(args, "weights", None) and not args.ensemble:
+        raise UserError("--weights weighs the runs of an ensemble; add --ensemble")
     if len(checkpoints) > 1 and not args.ensemble:
         raise UserError(f"{len(checkpoints)} models found ({', '.join(map(str, checkpoints))}); "
                         "add --ensemble to average them")
@@ -347,10 +379,7 @@ def predict_eval(args: argparse.Namespace) -> dict:
     if chosen is not None:
         probs = weighted_by_selection(chosen, loaded, owners, model_probs)
     else:
-        probs_by_category: dict[str, list[np.ndarray]] = {}
-        for m, probs in zip(loaded, model_probs):
-            probs_by_category.setdefault(m.category, []).append(probs)
-        probs = combine_categories(probs_by_category)
+        probs = weighted_by_run(loaded, owners, model_probs, getattr(args, "weights", None))
 
     predictions = pd.DataFrame({"ImageID": info["ImageID"].to_numpy(),
                                 "ans": calibrated_predictions(probs, offsets).astype(np.int64)})

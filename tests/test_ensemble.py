@@ -181,3 +181,42 @@ def _as_submission(probs_csv: Path) -> Path:
     pd.DataFrame({"ImageID": table["ImageID"],
                   "ans": table.filter(like="p").to_numpy().argmax(1)}).to_csv(out, index=False)
     return out
+
+
+# ---------------------------------------------------------------------------- runs, not checkpoints
+def random_probs(n_rows: int, n_classes: int, seed: int) -> np.ndarray:
+    p = np.random.default_rng(seed).random((n_rows, n_classes)) + 0.01
+    return p / p.sum(1, keepdims=True)
+
+
+def test_a_k_fold_run_weighs_as_much_as_a_single_run():
+    folds = [random_probs(5, 18, seed) for seed in range(3)]
+    single = random_probs(5, 18, 9)
+    voted = ensemble.combine_runs([("multi", folds), ("multi", [single])])
+    # each run counts once: the single run's probabilities weigh 1/2, not 1/4
+    np.testing.assert_allclose(voted, 0.5 * np.mean(folds, 0) + 0.5 * single)
+    weighted = ensemble.combine_runs([("multi", folds), ("multi", [single])], [1, 3])
+    np.testing.assert_allclose(weighted, 0.25 * np.mean(folds, 0) + 0.75 * single)
+    shares = ensemble.run_vote_shares(["multi", "multi"], [3, 1], np.ones(2))
+    assert [share for _, share in shares] == pytest.approx([1 / 6, 1 / 2])
+
+
+def test_a_trio_votes_as_one_run_weighted_by_its_runs_mean_weight():
+    heads = {c: random_probs(4, n, i) for i, (c, n) in
+             enumerate((("mask", 3), ("gender", 2), ("age", 3)))}
+    multi = random_probs(4, 18, 7)
+    runs = [("multi", [multi])] + [(c, [p, p]) for c, p in heads.items()]
+    trio = labels.heads_to_class_probs(heads["mask"], heads["gender"], heads["age"])
+    np.testing.assert_allclose(ensemble.combine_runs(runs), (multi + trio) / 2)
+    np.testing.assert_allclose(ensemble.combine_runs(runs, [2, 1, 2, 3]), (2 * multi + 2 * trio) / 4)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([1], r"--weights: 1 weight\(s\) for 2 run\(s\)"),
+    ([1, 0], r"--weights: 1 0; expected positive finite numbers"),
+    ([1, float("nan")], "expected positive finite numbers"),
+])
+def test_run_weights_are_checked_in_one_line(weights, message):
+    runs = [("multi", [random_probs(2, 18, 0)]), ("multi", [random_probs(2, 18, 1)])]
+    with pytest.raises(UserError, match=message):
+        ensemble.combine_runs(runs, weights)

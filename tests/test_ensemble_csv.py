@@ -250,3 +250,43 @@ def test_folder_given_as_input_says_so(tmp_path):
     with pytest.raises(UserError, match=r"DIR: is a folder; expected a CSV file"):
         run([a, tmp_path / "DIR"], "-o", tmp_path / "r.csv")
     assert not (tmp_path / "r.csv").exists()
+
+
+# ---------------------------------------------------------------------------- --answers
+def test_answers_print_macro_f1_and_the_per_class_table_as_inference_does(tmp_path, capsys):
+    from sklearn.metrics import f1_score
+    ids = [f"{i}.jpg" for i in range(6)]
+    truth = [0, 1, 2, 0, 1, 17]
+    a = write_submission(tmp_path / "a.csv", ids, [0, 1, 2, 1, 1, 17])
+    b = write_submission(tmp_path / "b.csv", ids, [0, 1, 0, 1, 2, 17])
+    answers = write_submission(tmp_path / "answers.csv", ids[::-1], truth[::-1])  # any order
+    result = run([a, b], "-o", tmp_path / "v.csv", "--answers", answers)
+    out = capsys.readouterr().out
+    expected = f1_score(truth, result["ans"], average="macro")
+    assert f"answers: macro F1 {expected:.4f}" in out
+    assert "per class (macro F1 is the mean of the f1 column" in out
+    assert "17 not_wear-female-60+" in out and "confusion matrix" in out
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({"0.jpg": 1}, r"1 ImageID\(s\) of .*a\.csv missing, e\.g\. 1\.jpg"),
+    ({"0.jpg": 1, "1.jpg": 2, "x.jpg": 3}, r"1 ImageID\(s\) not in .*a\.csv, e\.g\. x\.jpg"),
+    ({"0.jpg": 1, "1.jpg": 18}, r"not an integer 0\.\.17"),
+], ids=["missing", "extra", "bad_label"])
+def test_bad_answers_are_one_line_and_nothing_is_written(tmp_path, capsys, rows, message):
+    a = write_submission(tmp_path / "a.csv", ["0.jpg", "1.jpg"], [0, 1])
+    b = write_submission(tmp_path / "b.csv", ["0.jpg", "1.jpg"], [0, 2])
+    answers = write_submission(tmp_path / "answers.csv", rows, rows.values())
+    out = tmp_path / "v.csv"
+    code = run_cli(main, parse_args, [str(a), str(b), "-o", str(out), "--answers", str(answers)])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err) and str(answers) in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_answers_that_are_also_the_output_are_refused(tmp_path, capsys):
+    a = write_submission(tmp_path / "a.csv", ["0.jpg"], [0])
+    b = write_submission(tmp_path / "b.csv", ["0.jpg"], [0])
+    code = run_cli(main, parse_args, [str(a), str(b), "-o", str(a.with_name("v.csv")),
+                                      "--answers", str(a.with_name("v.csv"))])
+    assert code == 2 and "is also an output" in capsys.readouterr().err

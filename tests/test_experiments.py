@@ -324,3 +324,27 @@ def test_a_hidden_run_folder_is_listed_by_the_table(finished_run, tmp_path):
     (models / ".cache").mkdir()  # not a run
     table = experiments.main(experiments.parse_args(["table", str(models)]))
     assert sorted(table["run"]) == [".baseline", "visible"]
+
+
+def test_the_file_holds_what_the_verdict_recommends_unless_keep_mix(tmp_path, capsys):
+    photos = people(60)
+    labels = photos["label"].to_numpy()
+    # pure noise lifts the OOF F1 by chance; the split-half check does not confirm it
+    write_oof_run(tmp_path / "model" / "noise", photos, noisy_probs(labels, 0.0, 18, 1))
+    write_oof_run(tmp_path / "model" / "good", photos, noisy_probs(labels, 2.5, 18, 2))
+    experiments.main(experiments.parse_args(["select", str(tmp_path / "model")]))
+    document = json.loads((tmp_path / "model" / "selection.json").read_text())
+    assert document["members"] == [{"runs": ["good"], "weight": 1.0, "picked": 1}]
+    assert set(document["runs"]) == {"good"}
+    verdict = document["verdict"]
+    assert verdict["applied"][0].startswith("the best single run good alone")
+    assert "noise" in [m["runs"][0] for m in verdict["selected"]["members"]]
+    assert not verdict["kept_mix"] and "safer: --steps 1" in verdict["text"]
+    assert "holds what the verdict recommends" in capsys.readouterr().out
+
+    experiments.main(experiments.parse_args(["select", str(tmp_path / "model"), "--keep_mix",
+                                             "-o", str(tmp_path / "mix.json")]))
+    kept = json.loads((tmp_path / "mix.json").read_text())
+    assert kept["members"] == verdict["selected"]["members"] and kept["verdict"]["kept_mix"]
+    assert set(kept["runs"]) == {"noise", "good"} and kept["verdict"]["applied"] == []
+    assert "--keep_mix: the selection file holds the selected mix" in capsys.readouterr().out

@@ -465,3 +465,23 @@ def test_a_module_function_model_is_rebuilt_by_inference_from_another_folder(
     with torch.no_grad():
         expected = net((pixels - mean) / std).softmax(1).numpy()
     np.testing.assert_allclose(result["probs"], expected, atol=1e-5)
+
+
+def test_tta_takes_a_comma_list_of_registry_views(capsys):
+    assert inference.parse_args(["--tta", "flip,scale"]).tta == "flip,scale"
+    assert inference.parse_args([]).tta == "none"
+    for bad in ("rotate", "flip,flip"):  # argparse's usage line, then the one error line
+        with pytest.raises(SystemExit) as stop:
+            inference.parse_args(["--tta", bad])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.strip().splitlines()[-1].endswith(
+            f"--tta: '{bad}': expected none, or views separated by commas, each once, from "
+            "flip, shift, scale")
+
+
+@pytest.mark.slow
+def test_tta_views_average_their_probabilities(tiny_sample, trained_run, tmp_path):
+    plain = infer(tiny_sample, tmp_path / "a", [trained_run])["probs"]
+    every = infer(tiny_sample, tmp_path / "b", [trained_run], "--tta", "flip,shift,scale")["probs"]
+    np.testing.assert_allclose(every.sum(1), 1, atol=1e-6)
+    assert not np.allclose(plain, every, atol=1e-4)  # the views were seen and averaged

@@ -24,7 +24,7 @@ LAYERS = [
     {"files", "augmentation", "distributed", "face_detector", "presets",
      "progress"},
     {"labels", "image_cache"},
-    {"dataset", "ensemble", "loss", "model", "run_folder", "sample"},
+    {"dataset", "ensemble", "loss", "model", "run_folder", "sample", "scores"},
     {"checkpoint", "data_dirs", "face", "mixed_precision", "pipelines", "reporting", "selection",
      "bench.usual_pipeline"},
     {"config", "predict", "run_table"},

@@ -63,14 +63,36 @@ def test_split_half_check_exposes_a_gain_fitted_to_noise(tmp_path, capsys):
         ("noise", noisy_probs(labels, 0.0, 18, 1)), ("good", noisy_probs(labels, 2.5, 18, 2)))]
     result = selection.select_runs(runs, repeats=5)
     # the pure-noise run raises the OOF F1 a little by chance ...
-    assert "noise" in [m["runs"][0] for m in result["members"]]
-    assert result["oof_f1"] > result["best_single"]["oof_f1"]
+    assert "noise" in [m["runs"][0] for m in result["selected"]["members"]]
+    assert result["selected"]["oof_f1"] > result["best_single"]["oof_f1"]
     # ... which the held-out halves do not confirm, and the verdict says so
     check = result["split_half"]
     assert check["mix"]["mean"] < 0.01 and check["mix"]["positive"] < 0.8 * check["halves"]
     out = capsys.readouterr().out
     assert "verdict: " in out and "gain over the best single run holds" not in out
     assert "safer: --steps 1 (the best single run good alone)" in out
+    # so the selection is what the verdict recommends, not the mix it rejected
+    assert result["members"] == [{"runs": ["good"], "weight": 1.0, "picked": 1}]
+    assert result["oof_f1"] == result["best_single"]["oof_f1"]
+    assert result["verdict"]["applied"] and not result["verdict"]["kept_mix"]
+    assert "the selection file holds what the verdict recommends" in out
+    # the single's offsets are fitted on the single's OOF, not the rejected mix's
+    good = [r for r in runs if r.name == "good"][0]
+    np.testing.assert_allclose(result["offsets"], selection.fit_calibration(good.probs,
+                                                                            good.labels))
+
+
+def test_keep_mix_writes_the_mix_the_verdict_rejected(tmp_path, capsys):
+    photos = people(60)
+    labels = photos["label"].to_numpy()
+    runs = [selection.read_oof_run(write_oof_run(tmp_path / n, photos, p), n) for n, p in (
+        ("noise", noisy_probs(labels, 0.0, 18, 1)), ("good", noisy_probs(labels, 2.5, 18, 2)))]
+    result = selection.select_runs(runs, repeats=5, keep_mix=True)
+    assert result["members"] == result["selected"]["members"]
+    assert "noise" in [m["runs"][0] for m in result["members"]]
+    assert result["verdict"] == {"text": result["verdict"]["text"], "applied": [],
+                                 "kept_mix": True}
+    assert "--keep_mix: the selection file holds the selected mix" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("seed", range(12))
