@@ -29,13 +29,17 @@ BEST = "best.pth"                 # the best epoch's weights, with all inference
 LAST = "last.pth"                 # the last epoch, with all --resume needs
 SUMMARY = "summary.csv"           # one row per epoch
 PER_CLASS = "per_class.csv"       # the best epoch's (k-fold: the out-of-fold) per-class scores
-CONFUSION = "confusion.png"       # the best epoch's confusion matrices
-DONE = "done.json"                # written once the run (or fold) has finished
+CONFUSION = "confusion.png"       # the best epoch's (k-fold: the out-of-fold) confusion matrices
+DONE = "done.json"                # written last, once the run (a fold; a k-fold run: all) finished
 FOLDS = "folds.csv"               # k-fold: profile -> fold
 OOF = "oof.csv"                   # k-fold: every photo scored by the fold model that never saw it
 OOF_METRICS = "oof_metrics.json"  # k-fold: the out-of-fold scores
 CALIBRATION = "calibration.json"  # inference.py --fit_calibration: per-class offsets
 RUN_ID = "run_id"                 # config.json's and every checkpoint's: which run they belong to
+TRACKING = "tracking"             # config.json's: commit, command line, start, crop used (no setting)
+NOTE = "note.json"                # experiments.py note: leaderboard scores and notes, latest last
+MISTAKES = "mistakes.png"         # the most confident mistakes (best epoch's val; k-fold: OOF)
+MISTAKES_CSV = "mistakes.csv"     # ... the same photos: path in the data folder, truth, prediction
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_mask", "f1_gender",
                   "f1_age", "lr", "seconds", "images_per_s", "val_f1_ema"]

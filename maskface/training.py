@@ -7,6 +7,7 @@ then fits each model with engine.py's trainer, epoch by epoch, writing the run f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -576,7 +577,7 @@ def train(args, progress: Progress = None) -> dict:
     images, face_info = build_image_cache(settings, frame, say=procs.say)
     if procs.main:
         procs.barrier()
-        run_dir = run_folder.prepare_run_dir(settings, photos, record)
+        run_dir = run_folder.prepare_run_dir(settings, photos, tracked(settings, record, procs))
     run_dir = Path(procs.broadcast(str(run_dir) if procs.main else None))
     preprocess = settings.preprocess
     procs.say(f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
@@ -611,6 +612,27 @@ def with_run_id(settings: Settings) -> Settings:
     shared = settings.fold is not None and not settings.resume
     record = {k: v for k, v in settings.record().items() if k not in config.RESUME_SAFE}
     return settings.replace(**{run_folder.RUN_ID: run_folder.new_run_id(record if shared else None)})
+
+
+def tracked(settings: Settings, record: dict | None, procs: Processes) -> dict:
+    """What config.json records (``record``, else the settings'), with its "tracking" block: the
+    code, command and start of the run and the preprocessing its cache held; a resumed run keeps
+    its own block, adds this call, and says so when the code changed since it started."""
+    previous = None
+    if settings.resume:
+        try:
+            previous = json.loads((Path(settings.resume) / run_folder.CONFIG).read_text()).get(
+                run_folder.TRACKING)
+        except (OSError, ValueError, AttributeError):  # checked before; a torn one only loses this
+            previous = None
+    preprocess = settings.preprocess
+    used = {**dataclasses.asdict(preprocess), "resize": list(preprocess.resize),
+            "cached_size": list(preprocess.cached_size)}
+    tracking = config.tracking_record(used, previous)
+    change = config.commit_change(previous, tracking.get("resumes", [tracking])[-1])
+    if change:
+        procs.say(change)
+    return {**(settings.record() if record is None else record), run_folder.TRACKING: tracking}
 
 
 def check_resumable(settings: Settings, photos: pd.DataFrame, procs: Processes) -> dict:

@@ -452,3 +452,19 @@ def test_a_refused_resume_leaves_config_json_as_it_was(run_copy, tiny_train_dir,
 def test_a_shortened_resume_keeps_the_recorded_epochs(run_copy):
     train.main(config.parse_args(["--resume", str(run_copy), "--epochs", "1"]))
     assert json.loads((run_copy / "config.json").read_text())["epochs"] == 2  # trained 2 of 2
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_code_changed_goes_on_and_says_so(run_copy, capsys):
+    path = run_copy / "config.json"
+    record = json.loads(path.read_text())
+    record["tracking"]["commit"] = "0" * 40  # the run started at another commit
+    path.write_text(json.dumps(record))
+    result = train.main(config.parse_args(["--resume", str(run_copy), "--epochs", "3"]))
+    out = capsys.readouterr().out
+    now = config.git_state()["commit"]
+    if now:
+        assert f"note: this run started at commit 0000000, the code is now at {now[:7]}" in out
+    assert len(result["summary"]) == 3
+    tracking = json.loads(path.read_text())["tracking"]
+    assert tracking["commit"] == "0" * 40 and len(tracking["resumes"]) == 1
