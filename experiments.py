@@ -4,15 +4,17 @@
     python experiments.py table model --sort oof_f1 --filter 'cv-*' --csv runs.csv
     python experiments.py select model/cv-a model/cv-b model/cv-c -o model/selection.json
     python inference.py --ensemble model/selection.json         # the submission, as selected
+    python experiments.py note model/cv-a --lb 0.7421 --text "public LB, tta flip"
 
 The table reads the small files of each run folder (config.json, summary.csv, done.json, folds.csv,
-oof_metrics.json), never its checkpoints, and lists a half-written folder with what it lacks
-(maskface/run_table.py). Selection: see maskface/selection.py and `python experiments.py select --help`.
+oof_metrics.json, note.json), never its checkpoints, and lists a half-written folder with what it
+lacks (maskface/run_table.py). A note (a leaderboard score, a text) is kept in the run's note.json. Selection: see maskface/selection.py and `python experiments.py select --help`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -101,12 +103,35 @@ def select_main(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# note
+# ----------------------------------------------------------------------------------------------
+def note_main(args: argparse.Namespace) -> list[dict]:
+    """Add a leaderboard score and/or a text to a run's note.json (the table shows the latest)."""
+    run_dir = Path(args.run)
+    if not (run_dir / run_folder.CONFIG).is_file():
+        raise UserError(f"{run_dir}: not a run folder (no {run_folder.CONFIG} there); expected a "
+                        "folder written by train.py")
+    if args.lb is None and args.text is None:
+        raise UserError("note: give --lb SCORE, --text TEXT or both")
+    if args.lb is not None and not (math.isfinite(args.lb) and 0 <= args.lb <= 1):
+        raise UserError(f"--lb {args.lb}: expected a macro F1 score from 0 to 1")
+    text = None if args.text is None else " ".join(args.text.split())  # one line in the table
+    if args.text is not None and not text:
+        raise UserError("--text: empty; expected a few words about the run")
+    notes = run_folder.add_note(run_dir, args.lb, text)
+    print(f"{run_dir / run_folder.NOTE}: note {len(notes)}"
+          + (f", lb {args.lb:.4f}" if args.lb is not None else "")
+          + (f": {text}" if text else ""))
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------
 # Flags and main
 # ----------------------------------------------------------------------------------------------
 def get_args_parser() -> FlagParser:
     parser = FlagParser(description="A table of runs, and the out-of-fold ensemble selection. "
                                     "Every flag is also accepted with hyphens (--split-repeats).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{table,select}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{table,select,note}")
     table = commands.add_parser(
         "table", help="one row per run folder: settings that differ, F1, speed, wall time",
         description="One row per run folder (k-fold, per-category and half-written ones "
@@ -115,12 +140,16 @@ def get_args_parser() -> FlagParser:
                     "differ between the runs shown, epochs done/asked, best val macro F1 (mean "
                     "over folds), OOF macro F1, per-head F1 (OOF for k-fold runs, the best val "
                     "epoch's for single runs), training images/s, wall time of the epochs "
-                    "(summed over folds), and what a run lacks.")
+                    "(summed over folds), what a run lacks, the latest leaderboard score and "
+                    "note (experiments.py note), the commit it started from (7 characters, * "
+                    "when the tree had uncommitted changes) and its folder relative to the "
+                    "current one.")
     table.add_argument("dirs", nargs="*", default=[os.environ.get("SM_MODEL_DIR", "./model")],
                        metavar="DIR", help="model dirs (their run folders) or run folders "
                                            "(default: $SM_MODEL_DIR, else ./model)")
     table.add_argument("--sort", default="run", metavar="COLUMN",
-                       help="sort by this column: numbers largest first, text A-Z")
+                       help="sort by this column: numbers largest first, text A-Z (e.g. oof_f1, "
+                            "lb)")
     table.add_argument("--reverse", action="store_true", help="flip the sort order")
     table.add_argument("--filter", default=None, metavar="GLOB",
                        help="only runs whose name matches, e.g. 'cv-*'")
@@ -160,6 +189,15 @@ def get_args_parser() -> FlagParser:
                       help="write the selected mix and its calibration even when the split-half "
                            "verdict does not hold them (by default the file then holds what the "
                            "verdict recommends: the best single run alone, no calibration)")
+    note = commands.add_parser(
+        "note", help="record a leaderboard score and/or a note for a run",
+        description="Append a leaderboard score and/or a note to RUN/note.json (every note is "
+                    "kept, stamped UTC); the table shows the latest score (column lb, --sort lb) "
+                    "and the latest note.")
+    note.add_argument("run", metavar="RUN", help="a run folder (written by train.py)")
+    note.add_argument("--lb", type=float, default=None, metavar="SCORE",
+                      help="the leaderboard's macro F1 of this run's submission, 0 to 1")
+    note.add_argument("--text", default=None, help="a note, e.g. what was submitted")
     return parser
 
 
@@ -168,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace):
-    return table_main(args) if args.command == "table" else select_main(args)
+    return {"table": table_main, "select": select_main, "note": note_main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ import argparse
 import json
 import math
 import os
+import shlex
+import socket
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from maskface import presets, run_folder
@@ -47,6 +51,10 @@ RESUME_SAFE = ("epochs", "early_stopping_patience", "log_interval", "valid_batch
                "log_seconds", "progress")
 # ... and those that only say how this call runs, never saved in config.json
 NOT_SAVED = ("resume", "config", "fold", "accept_data_change")
+# config.json's record of where a run came from (run_folder.TRACKING): never a setting, so a
+# replay (--config, --resume) ignores it
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+GIT_TIMEOUT_S = 10
 
 
 def get_args_parser() -> FlagParser:
@@ -346,6 +354,7 @@ def parse_args(argv: list[str] | None = None, say=None) -> argparse.Namespace:
             parser.set_defaults(**presets.PRESETS[args.defaults])
             args = parser.parse_args(argv)
         return finish(args, typed, say)
+    saved.pop(run_folder.TRACKING, None)  # where the run came from, not how to train
     unknown = sorted(set(saved) - known - {run_folder.RUN_ID})
     if unknown:
         raise UserError(f"{replay}: unknown setting(s) {', '.join(unknown)}")
@@ -425,6 +434,54 @@ def run_record(run_dir: Path) -> dict:
     checkpoints = {path: load_checkpoint(path, mmap=True)
                    for path in run_folder.run_checkpoints(run_dir)}
     return run_folder.check_run_record(run_dir, recorded, checkpoints, RESUME_SAFE + NOT_SAVED)
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict:
+    """{"commit": HEAD's full hash, "dirty": whether tracked or untracked files differ from it}
+    of the git checkout at ``root``; both None where git is missing, ``root`` is no checkout, or
+    git does not answer in GIT_TIMEOUT_S (never an error: a copy without git still trains)."""
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *argv], capture_output=True, text=True,
+                                  timeout=GIT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+    commit = git("rev-parse", "--show-toplevel")
+    # a folder inside another project's checkout (a copy unpacked in a user's repo) is no checkout
+    # of this one: its HEAD would name the wrong code
+    if commit is None or Path(commit.strip()).resolve() != Path(root).resolve():
+        return {"commit": None, "dirty": None}
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    return {"commit": commit.strip() if commit else None,
+            "dirty": bool(status.strip()) if commit and status is not None else None}
+
+
+def tracking_record(preprocess: dict, previous: dict | None = None,
+                    argv: list[str] | None = None, root: Path = PROJECT_ROOT) -> dict:
+    """config.json's "tracking" block: the code (git commit, dirty), the command line, the start
+    time (UTC) and host, and the preprocessing the cache actually held (``preprocess``: crop,
+    size, margins). A resumed run keeps its own (``previous``) and adds this call to "resumes"."""
+    now = {**git_state(root),
+           "command": shlex.join(["python", *(sys.argv if argv is None else argv)]),
+           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "host": socket.gethostname()}
+    if isinstance(previous, dict) and previous.get("started"):
+        resumes = previous.get("resumes") if isinstance(previous.get("resumes"), list) else []
+        return {**previous, "resumes": [*resumes, now]}
+    return {**now, "preprocess": preprocess}
+
+
+def commit_change(previous: dict | None, now: dict) -> str | None:
+    """The line a resume says when the code changed since the run started (useful, never a
+    refusal: a fix may be why it is resumed); None when the same or unknown."""
+    if not isinstance(previous, dict):
+        return None
+    before, after = previous.get("commit"), now.get("commit")
+    if not before or not after or before == after:
+        return None
+    return (f"note: this run started at commit {before[:7]}, the code is now at {after[:7]}"
+            + (" (with uncommitted changes)" if now.get("dirty") else ""))
 
 
 def whole_numbers(action: argparse.Action, value):

@@ -139,6 +139,27 @@ def lock_temp(path: str | Path):
     return handle
 
 
+def hold_shared(path: str | Path):
+    """An open handle holding a shared flock on ``path`` for as long as it is open: marks a file
+    as read by a running job (any number may hold it), so try_lock_exclusive refuses it. Waits
+    while an exclusive holder (a prune deciding on it) has it."""
+    handle = open(path, "rb")
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    return handle
+
+
+def try_lock_exclusive(path: str | Path):
+    """An open handle holding an exclusive flock on ``path`` when no one holds any lock on it
+    (no running job reads it, nothing writes it); None otherwise, at once, without waiting."""
+    handle = open(path, "rb")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def file_inside(value: str, folder: str | Path, where: str) -> Path:
     """The file a CSV cell names inside ``folder``: a relative path (or an absolute one within the
     folder) that never climbs out of it with '..'; UserError naming the cell otherwise."""

@@ -4,14 +4,25 @@ content, that every epoch, fold, inference and benchmark then reads (memory-mapp
 
 Preprocess is the deterministic part of the image pipeline; it travels in checkpoints so that
 inference prepares pixels exactly as training did.
+
+    python -m maskface.image_cache --cache_dir .cache list                # entries, oldest first
+    python -m maskface.image_cache --cache_dir .cache prune --max_size 2G # oldest go first
+
+A job holds a shared lock on every cache file it reads (until it exits), and prune deletes only
+entries it can lock exclusively: never one a running job reads.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
+import math
 import os
+import re
+import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +30,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from maskface.cli import UserError, problems_error
-from maskface.files import atomic_write_text, file_mode, lock_temp, remove_stale_temps
+from maskface.cli import FlagParser, UserError, problems_error, run_cli
+from maskface.files import (
+    atomic_write_text,
+    file_mode,
+    hold_shared,
+    lock_temp,
+    remove_stale_temps,
+    try_lock_exclusive,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # the photo files the decoder takes
 CROPS = ("center", "face", "none")
@@ -234,10 +252,38 @@ def build_caches(paths: list[str], variants: list[tuple[Preprocess, np.ndarray |
             for cache, target, shape in zip(caches, targets, shapes)]
 
 
+# the cache files this process reads, each with a shared lock held until the process exits (its
+# memmaps may live as long), so that prune never deletes them
+_HELD: dict[str, object] = {}
+
+
+def _hold(target: Path) -> bool:
+    """Take (or keep) this process's shared lock on ``target`` and mark it used now (prune goes
+    oldest first); False when it vanished meanwhile (pruned: rebuild it)."""
+    key = os.path.abspath(target)
+    try:
+        handle = hold_shared(target)
+        same = os.fstat(handle.fileno()).st_ino == os.stat(target).st_ino
+    except FileNotFoundError:
+        return False
+    if not same:  # deleted between open and lock: the name now means nothing, or another file
+        handle.close()
+        return False
+    old = _HELD.pop(key, None)
+    if old is not None:
+        old.close()
+    _HELD[key] = handle
+    try:  # the .json's time, not the .npy's: the .npy's stays its build's
+        os.utime(target.with_suffix(".json"))
+    except OSError:  # another user's cache, or no .json: its age stays the build's
+        pass
+    return True
+
+
 def _open_cache(target: Path, shape: tuple, rebuilt: bool = False) -> np.ndarray | None:
     """The cache file as a read-only memmap, None when it is missing or torn (then removed, so
     it is rebuilt: its name says which photos and preprocessing it holds, never its state)."""
-    if not target.exists():
+    if not target.exists() or not _hold(target):
         return None
     try:
         images = np.load(target, mmap_mode="r")
@@ -317,3 +363,198 @@ def _reserve(tmp: str, target: Path) -> None:
         raise OSError(why.errno, f"{why.strerror} (writing the image cache)", str(target)) from None
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache folder: its entries listed and pruned (python -m maskface.image_cache)
+# ----------------------------------------------------------------------------------------------
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+AGE_UNITS = {"d": 86400, "h": 3600, "m": 60}
+
+
+@dataclass
+class CacheEntry:
+    """One cache: images-<key>.npy (the pixels) and images-<key>.json (what they are)."""
+    name: str
+    files: list[Path]
+    size: int
+    last_use: float  # its build, or the latest job that opened it (the .json's mtime)
+    holds: str       # resize, crop, interpolation, margin, edges, photos
+    complete: bool   # False: the .json alone (a prune cut short); never read, rebuilt when needed
+
+
+def cache_entries(cache_dir: Path) -> list[CacheEntry]:
+    """Every entry of the cache folder, oldest first."""
+    entries = []
+    for name in sorted({p.stem for p in Path(cache_dir).glob("images-*.npy")}
+                       | {p.stem for p in Path(cache_dir).glob("images-*.json")}):
+        files = [f for f in (cache_dir / f"{name}.npy", cache_dir / f"{name}.json") if f.exists()]
+        try:
+            stats = [f.stat() for f in files]
+        except FileNotFoundError:  # pruned by another call while listed
+            continue
+        entries.append(CacheEntry(name, files, sum(st.st_size for st in stats),
+                                  max(st.st_mtime for st in stats),
+                                  _describe(cache_dir / f"{name}.json"),
+                                  files[0].suffix == ".npy"))
+    return sorted(entries, key=lambda e: e.last_use)
+
+
+def _describe(info: Path) -> str:
+    try:
+        record = json.loads(info.read_text())
+        pre = Preprocess.from_dict(record["preprocess"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+    parts = ["{}x{}".format(*pre.resize), pre.crop, pre.interpolation]
+    parts += [f"margin {pre.crop_margin:g}"] * bool(pre.crop_margin) + ["canny"] * pre.canny
+    return " ".join(parts) + f", {record.get('n_images', '?')} photos"
+
+
+def parse_size(text: str) -> int:
+    """'2G', '500M', '1.5 GiB', '0' -> bytes (K, M, G, T: powers of 1024)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not found:
+        raise UserError(f"--max_size {text}: expected a size such as 2G, 500M or 0")
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2).upper()])
+
+
+def parse_age(text: str) -> float:
+    """'30d', '12h', '90m', '7' (days) -> seconds."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhm]?)\s*", text, re.IGNORECASE)
+    if not found:
+        raise UserError(f"--older_than {text}: expected an age such as 30d, 12h or 7 (days)")
+    return float(found.group(1)) * AGE_UNITS[found.group(2).lower() or "d"]
+
+
+def shown_size(size: float) -> str:
+    unit = next(u for u in ("T", "G", "M", "K", "") if size >= SIZE_UNITS[u] or u == "")
+    return f"{size / SIZE_UNITS[unit]:.1f} {unit}B" if unit else f"{int(size)} B"
+
+
+def _in_use(entry: CacheEntry) -> bool:
+    if not entry.complete:
+        return False
+    try:
+        handle = try_lock_exclusive(entry.files[0])
+    except FileNotFoundError:
+        return False
+    if handle is None:
+        return True
+    handle.close()
+    return False
+
+
+def list_cache(cache_dir: Path) -> list[CacheEntry]:
+    """Print every entry (oldest first): name, what it holds, size, last use, in use or not."""
+    entries = cache_entries(cache_dir)
+    now = time.time()
+    for e in entries:
+        state = "in use" if _in_use(e) else "" if e.complete else "incomplete (no .npy): pruned first"
+        print(f"{e.name}  {e.holds}  {shown_size(e.size)}  used {_ago(now - e.last_use)}"
+              + (f"  {state}" if state else ""))
+    faces = cache_dir / "face_boxes.csv"  # face.FACE_BOX_CACHE: the detections, never pruned
+    extra = f"; {faces.name} {shown_size(faces.stat().st_size)} (never pruned)" \
+        if faces.is_file() else ""
+    print(f"{len(entries)} cache entr{'y' if len(entries) == 1 else 'ies'}, "
+          f"{shown_size(sum(e.size for e in entries))} in {cache_dir}{extra}")
+    return entries
+
+
+def _ago(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit} ago"
+    return "just now"
+
+
+def _delete(entry: CacheEntry) -> bool:
+    """Delete an entry no running job holds (checked under an exclusive lock, kept while
+    deleting); the .npy first, at once: a prune cut short leaves at most its .json, which no run
+    reads (a run rebuilds a cache whose .npy is missing)."""
+    handle = None
+    if entry.complete:
+        try:
+            handle = try_lock_exclusive(entry.files[0])
+        except FileNotFoundError:  # gone already
+            handle = None
+        else:
+            if handle is None:
+                return False
+    try:
+        for f in entry.files:
+            f.unlink(missing_ok=True)
+    finally:
+        if handle is not None:
+            handle.close()
+    return True
+
+
+def prune_cache(cache_dir: Path, max_size: int | None = None, older_than: float | None = None,
+                dry_run: bool = False) -> list[CacheEntry]:
+    """Delete entries, oldest first, until the rest is at most ``max_size`` bytes, and every
+    entry unused for ``older_than`` seconds; an entry a running job reads is skipped and said.
+    Returns the entries deleted (with ``dry_run``: that would be)."""
+    remove_stale_temps(cache_dir, ".images-*")  # killed builds
+    entries = cache_entries(cache_dir)
+    total, now, deleted = sum(e.size for e in entries), time.time(), []
+    for entry in entries:
+        old = older_than is not None and now - entry.last_use > older_than
+        if not (old or not entry.complete or max_size is not None and total > max_size):
+            continue
+        if dry_run and not _in_use(entry) or not dry_run and _delete(entry):
+            deleted.append(entry)
+            total -= entry.size
+            print(f"{'would delete' if dry_run else 'deleted'} {entry.name}  {entry.holds}  "
+                  f"{shown_size(entry.size)}  used {_ago(now - entry.last_use)}")
+        else:
+            print(f"skipped {entry.name}: in use by a running job")
+    print(f"{'would free' if dry_run else 'freed'} {shown_size(sum(e.size for e in deleted))}; "
+          f"{shown_size(total)} left in {cache_dir}"
+          + (f" (above --max_size {shown_size(max_size)}: the rest is in use)"
+             if max_size is not None and total > max_size else ""))
+    return deleted
+
+
+def get_args_parser() -> FlagParser:
+    parser = FlagParser(description="The image cache folder: list its entries (oldest first) or "
+                                    "prune them. An entry a running job reads is never deleted.")
+    parser.add_argument("--cache_dir", default=".cache", help="the cache folder (train.py's, "
+                        "inference.py's --cache_dir)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,prune}")
+    commands.add_parser("list", help="every entry: what it holds, size, last use, in use",
+                        description="Every cache entry, oldest use first: its name, what it "
+                                    "holds (size, crop, resizing, photos), its size, when a job "
+                                    "last opened it, and whether a running job reads it now.")
+    prune = commands.add_parser(
+        "prune", help="delete the oldest entries (never one in use)",
+        description="Delete cache entries, least recently used first, until the rest fits "
+                    "--max_size, and every entry unused for --older_than. An entry a running "
+                    "job reads is skipped (and said); a later run rebuilds what it needs.")
+    prune.add_argument("--max_size", default=None, metavar="SIZE",
+                       help="keep at most this much, e.g. 2G, 500M, 0 (K, M, G, T: powers of 1024)")
+    prune.add_argument("--older_than", default=None, metavar="AGE",
+                       help="delete entries unused for this long, e.g. 30d, 12h, 7 (days)")
+    prune.add_argument("--dry_run", action="store_true", help="only say what would be deleted")
+    return parser
+
+
+def cache_main(args: argparse.Namespace) -> list[CacheEntry]:
+    """The command line: every flag checked before anything is deleted."""
+    cache_dir = Path(args.cache_dir)
+    if not cache_dir.is_dir():
+        raise UserError(f"--cache_dir {cache_dir}: no such folder; expected an image cache "
+                        "folder (train.py's --cache_dir)")
+    if args.command == "list":
+        return list_cache(cache_dir)
+    if args.max_size is None and args.older_than is None:
+        raise UserError("prune: give --max_size SIZE, --older_than AGE or both")
+    max_size = None if args.max_size is None else parse_size(args.max_size)
+    older_than = None if args.older_than is None else parse_age(args.older_than)
+    if older_than is not None and not math.isfinite(older_than):
+        raise UserError(f"--older_than {args.older_than}: expected a finite age")
+    return prune_cache(cache_dir, max_size, older_than, args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(cache_main, get_args_parser().parse_args))

@@ -1,7 +1,8 @@
 """What a run shows of itself: TensorBoard scalars and figures per epoch (per-class F1, the
 confusion matrix with class names and per-head matrices, the most confident mistakes on
-validation photos), the best epoch's confusion matrix as a PNG in the run folder, and at its end
-an HParams session (flags -> final metrics)."""
+validation photos), the best epoch's confusion matrix and most confident mistakes (with the
+photos' paths) as PNGs in the run folder, a k-fold run's from its out-of-fold predictions, and at
+its end an HParams session (flags -> final metrics)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from maskface import labels, run_folder
-from maskface.files import atomic_write_bytes, read_csv_checked
+from maskface.files import atomic_write_bytes, atomic_write_text, read_csv_checked
 
 matplotlib.use("Agg")  # files and TensorBoard only: no window, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -101,15 +102,20 @@ def confident_mistakes(truth: np.ndarray, predicted: np.ndarray, probs: np.ndarr
     return np.asarray(picked, dtype=np.int64)
 
 
+PATH_CHARS = 44  # of a photo's path under its grid cell: the end, which names person and file
+
+
 def prediction_grid_figure(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
-                           confidence: np.ndarray, names: list[str], cols: int = 4):
+                           confidence: np.ndarray, names: list[str], cols: int = 4,
+                           paths: list[str] | None = None):
     """The photos as one mosaic in one axes (16 subplots cost more than the model's epoch at
-    tiny sizes), each captioned true -> predicted (p)."""
+    tiny sizes), each captioned true -> predicted (p), and its path when ``paths`` are given."""
     n, height, width = len(images), images.shape[1], images.shape[2]
     cols = min(n, cols)
     rows = math.ceil(n / cols)
     scale = 2.4 / width  # inches per pixel: a 2.4-inch column whatever the photo size
-    gap, margin = int(0.38 / scale), int(0.1 / scale)  # caption room above, space beside
+    # caption room above (a third line for the path), space beside
+    gap, margin = int((0.38 if paths is None else 0.52) / scale), int(0.1 / scale)
     cell_h, cell_w = height + gap, width + margin
     mosaic = np.full((rows * cell_h, cols * cell_w, 3), 255, dtype=np.uint8)
     figure = plt.figure(figsize=(cols * cell_w * scale, rows * cell_h * scale + 0.3))
@@ -117,7 +123,11 @@ def prediction_grid_figure(images: np.ndarray, truth: np.ndarray, predicted: np.
     for k, (image, t, p, c) in enumerate(zip(images, truth, predicted, confidence)):
         top, left = (k // cols) * cell_h + gap, (k % cols) * cell_w
         mosaic[top:top + height, left:left + width] = image[..., :3]
-        axes.text(left, top - gap * 0.1, f"true {names[t]}\npred {names[p]} ({c:.2f})",
+        caption = f"true {names[t]}\npred {names[p]} ({c:.2f})"
+        if paths is not None:
+            path = str(paths[k])
+            caption += "\n" + (path if len(path) <= PATH_CHARS else "..." + path[3 - PATH_CHARS:])
+        axes.text(left, top - gap * 0.1, caption,
                   fontsize=7, va="bottom", color="green" if t == p else "red")
     axes.imshow(mosaic, aspect="auto", interpolation="nearest")
     axes.axis("off")
@@ -125,13 +135,62 @@ def prediction_grid_figure(images: np.ndarray, truth: np.ndarray, predicted: np.
     return figure
 
 
+def mistakes_image(images: np.ndarray, rows: np.ndarray, truth: np.ndarray,
+                   predicted: np.ndarray, probs: np.ndarray, category: str,
+                   margin: tuple[int, int] = (0, 0), paths: list[str] | None = None,
+                   title: str = "") -> tuple[np.ndarray | None, np.ndarray]:
+    """(the grid of the most confident mistakes as RGB, None when there is none; their positions
+    among ``rows``): photos ``images[rows]`` with their ``truth``, ``predicted`` and ``probs``;
+    ``margin``: the cache's beyond the crop (the photos shown are the centred crops the model
+    saw)."""
+    shown = confident_mistakes(truth, predicted, probs)
+    if not len(shown):
+        return None, shown
+    pad_h, pad_w = margin
+    photos = np.asarray(images[rows[shown]])
+    photos = photos[:, pad_h:photos.shape[1] - pad_h, pad_w:photos.shape[2] - pad_w]
+    figure = prediction_grid_figure(photos, truth[shown], predicted[shown],
+                                    probs[shown, predicted[shown]], labels.class_names(category),
+                                    paths=None if paths is None else [paths[k] for k in shown])
+    if title:
+        figure.suptitle(f"{title}: most confident mistakes (true -> predicted, p)", fontsize=9,
+                        y=0.995)
+    return render(figure), shown
+
+
+def save_mistakes(run_dir: Path, image: np.ndarray | None, shown: np.ndarray, truth: np.ndarray,
+                  predicted: np.ndarray, probs: np.ndarray, category: str, paths: list[str],
+                  folds: np.ndarray | None = None) -> None:
+    """mistakes.png (``image``; a blank note when nothing was wrong) and mistakes.csv beside it:
+    rank, the photo's path in the data folder, true and predicted class, confidence (and the
+    fold that scored it), in the grid's order."""
+    import pandas as pd
+    names = labels.class_names(category)
+    table = pd.DataFrame({"rank": np.arange(1, len(shown) + 1),
+                          "path": [paths[k] for k in shown],
+                          "true": [names[t] for t in truth[shown]],
+                          "predicted": [names[p] for p in predicted[shown]],
+                          "confidence": probs[shown, predicted[shown]].round(4)})
+    if folds is not None:
+        table["fold"] = folds[shown]
+    if image is None:
+        figure = plt.figure(figsize=(4, 0.6))
+        figure.text(0.5, 0.5, "no wrong prediction", ha="center", va="center")
+        image = render(figure)
+        plt.close(figure)
+    save_png(image, Path(run_dir) / run_folder.MISTAKES)
+    atomic_write_text(Path(run_dir) / run_folder.MISTAKES_CSV, table.to_csv(index=False))
+
+
 def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.ndarray,
               category: str, *, confusion_png: str | Path | None = None,
-              which: str = "", margin: tuple[int, int] = (0, 0)) -> None:
+              which: str = "", margin: tuple[int, int] = (0, 0),
+              paths: list[str] | None = None) -> None:
     """TensorBoard scalars and figures of one epoch; ``val`` is what the epoch's candidate for
     best.pth scored (``which``: ' (EMA)' when that is the EMA weights), and ``confusion_png``
-    where its confusion matrix is also saved; ``margin``: the cache's beyond the crop (the
-    photos shown are the centred crops the model saw)."""
+    where its confusion matrix is also saved, with its most confident mistakes beside it
+    (mistakes.png, mistakes.csv naming the photos by ``paths``, one per val row); ``margin``:
+    the cache's beyond the crop (the photos shown are the centred crops the model saw)."""
     step = row["epoch"]
     writer.add_scalar("Loss/train", row["train_loss"], step)
     writer.add_scalar("LR", row["lr"], step)
@@ -153,15 +212,28 @@ def log_epoch(writer, row: dict, val: dict, images: np.ndarray, val_rows: np.nda
     if confusion_png is not None:
         save_png(image, confusion_png)
     writer.add_image("Confusion/val", image, step, dataformats="HWC")
-    shown = confident_mistakes(truth, predicted, val["probs"])
-    if len(shown):
-        pad_h, pad_w = margin
-        photos = np.asarray(images[val_rows[shown]])
-        photos = photos[:, pad_h:photos.shape[1] - pad_h, pad_w:photos.shape[2] - pad_w]
-        figure = prediction_grid_figure(photos, truth[shown], predicted[shown],
-                                        val["probs"][shown, predicted[shown]],
-                                        labels.class_names(category))
-        writer.add_image("Predictions/val", render(figure), step, dataformats="HWC")
+    grid, shown = mistakes_image(images, val_rows, truth, predicted, val["probs"], category,
+                                 margin, paths, title=f"epoch {step}{which}")
+    if grid is not None:
+        writer.add_image("Predictions/val", grid, step, dataformats="HWC")
+    if confusion_png is not None and paths is not None:
+        save_mistakes(Path(confusion_png).parent, grid, shown, truth, predicted, val["probs"],
+                      category, paths)
+    plt.close("all")
+
+
+def write_oof_figures(run_dir: Path, probs: np.ndarray, truth: np.ndarray, images: np.ndarray,
+                      category: str, paths: list[str], folds: np.ndarray, f1: float,
+                      margin: tuple[int, int] = (0, 0)) -> None:
+    """A k-fold run's own confusion.png and mistakes.png + mistakes.csv, from its out-of-fold
+    probabilities (``probs``, one row per photo of ``images``; ``truth`` in the scored classes)."""
+    predicted = probs.argmax(1)
+    save_png(render(confusion_figure(truth, predicted, category,
+                                     title=f"out-of-fold, macro F1 {f1:.4f}")),
+             Path(run_dir) / run_folder.CONFUSION)
+    grid, shown = mistakes_image(images, np.arange(len(truth)), truth, predicted, probs,
+                                 category, margin, paths, title="out-of-fold")
+    save_mistakes(run_dir, grid, shown, truth, predicted, probs, category, paths, folds)
     plt.close("all")
 
 

@@ -1,6 +1,6 @@
 """A run's folder and every file in it, named here and nowhere else: its name ({name}, then
 {name}2, {name}3, ...), config.json and photos.csv written together, summary.csv, per_class.csv,
-the k-fold files, the folder of a run that failed before its first checkpoint removed, and the
+the k-fold files, the notes of experiments.py note, the folder of a run that failed before its first checkpoint removed, and the
 record of the photos a run trains on (path, content digest, label, role), which a --resume
 compares with today's data so that it continues the same experiment or refuses.
 """
@@ -14,12 +14,19 @@ import json
 import os
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
 from maskface.cli import UserError
-from maskface.files import atomic_write_text, read_csv_checked, remove_stale_temps, write_together
+from maskface.files import (
+    atomic_write_text,
+    read_csv_checked,
+    read_json_checked,
+    remove_stale_temps,
+    write_together,
+)
 from maskface.labels import check_labels
 
 # the files of a run folder (a k-fold run: the run's own, and a fold{k}/ folder per fold)
@@ -29,13 +36,17 @@ BEST = "best.pth"                 # the best epoch's weights, with all inference
 LAST = "last.pth"                 # the last epoch, with all --resume needs
 SUMMARY = "summary.csv"           # one row per epoch
 PER_CLASS = "per_class.csv"       # the best epoch's (k-fold: the out-of-fold) per-class scores
-CONFUSION = "confusion.png"       # the best epoch's confusion matrices
-DONE = "done.json"                # written once the run (or fold) has finished
+CONFUSION = "confusion.png"       # the best epoch's (k-fold: the out-of-fold) confusion matrices
+DONE = "done.json"                # written last, once the run (a fold; a k-fold run: all) finished
 FOLDS = "folds.csv"               # k-fold: profile -> fold
 OOF = "oof.csv"                   # k-fold: every photo scored by the fold model that never saw it
 OOF_METRICS = "oof_metrics.json"  # k-fold: the out-of-fold scores
 CALIBRATION = "calibration.json"  # inference.py --fit_calibration: per-class offsets
 RUN_ID = "run_id"                 # config.json's and every checkpoint's: which run they belong to
+TRACKING = "tracking"             # config.json's: commit, command line, start, crop used (no setting)
+NOTE = "note.json"                # experiments.py note: leaderboard scores and notes, latest last
+MISTAKES = "mistakes.png"         # the most confident mistakes (best epoch's val; k-fold: OOF)
+MISTAKES_CSV = "mistakes.csv"     # ... the same photos: path in the data folder, truth, prediction
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "val_loss", "val_f1", "val_acc", "f1_mask", "f1_gender",
                   "f1_age", "lr", "seconds", "images_per_s", "val_f1_ema"]
@@ -283,3 +294,33 @@ def continued_photos(args: argparse.Namespace, frame: pd.DataFrame, data_dir: Pa
             "photos it still has")
     keep = today["path"].isin(before.index).to_numpy()
     return frame[keep].reset_index(drop=True), recorded.set_index("path").loc[today["path"][keep]]
+
+
+def read_notes(run_dir: Path) -> list[dict]:
+    """The notes of a run (experiments.py note), oldest first; [] when it has none. UserError
+    naming note.json when it is not a list of notes."""
+    path = Path(run_dir) / NOTE
+    if not path.exists():
+        return []
+    notes = read_json_checked(path).get("notes")
+    if not isinstance(notes, list) or not all(isinstance(n, dict) for n in notes):
+        raise UserError(f"{path}: expected {{\"notes\": [{{\"time\", \"lb\", \"text\"}}, ...]}}")
+    return notes
+
+
+def add_note(run_dir: Path, lb: float | None, text: str | None) -> list[dict]:
+    """One more note (a leaderboard score, a text, or both, stamped UTC) in the run's note.json,
+    written whole; every earlier note is kept. Returns the notes."""
+    notes = [*read_notes(run_dir), {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                    "lb": lb, "text": text}]
+    atomic_write_text(Path(run_dir) / NOTE, json.dumps({"notes": notes}, indent=2))
+    return notes
+
+
+def latest_note(notes: list[dict]) -> dict:
+    """{"lb", "note"}: the latest leaderboard score and the latest text among ``notes`` (a note
+    with only a text keeps the score before it, and the other way round)."""
+    lbs = [n["lb"] for n in notes if isinstance(n.get("lb"), (int, float))
+           and not isinstance(n.get("lb"), bool)]
+    texts = [n["text"] for n in notes if isinstance(n.get("text"), str) and n["text"]]
+    return {"lb": float(lbs[-1]) if lbs else None, "note": texts[-1] if texts else None}

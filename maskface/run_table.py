@@ -1,6 +1,7 @@
 """Every run folder in one table (experiments.py table): each run's flags, its best val macro F1
-or out-of-fold F1, per-head F1, speed and wall time, read from the small files of its folder
-(config.json, summary.csv, done.json, folds.csv, oof_metrics.json), never its checkpoints; a
+or out-of-fold F1, per-head F1, speed and wall time, its latest leaderboard score and note, the
+commit it started from and its path, read from the small files of its folder (config.json,
+summary.csv, done.json, folds.csv, oof_metrics.json, note.json), never its checkpoints; a
 half-written folder is listed with what it lacks, a tune.py study's folder by its trials.
 """
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +31,17 @@ METRIC_COLUMNS = ["epochs", "val_f1", "oof_f1", "f1_mask", "f1_gender", "f1_age"
                   "images_per_s", "wall_s", "status"]
 
 
+# experiments.py note's latest leaderboard score and text; the code a run started from (short
+# hash, * when the tree had uncommitted changes); its folder relative to the current one
+TRACKING_COLUMNS = ["lb", "note", "commit", "path"]
+NOTE_WIDTH = 40  # characters of a note the text table shows (the CSV keeps it whole)
+
+
 # settings that are columns of their own, bookkeeping, or differ by construction (--folds)
 NOT_COMPARED = {"name", "model_dir", "cache_dir", "config", "resume", "fold", "log_interval",
                 "log_seconds", "progress",
                 "num_workers", "model", "category", "resize", "crop", "epochs", "kfold", "folds",
-                run_folder.RUN_ID}
+                run_folder.RUN_ID, run_folder.TRACKING}
 
 
 HEADS = ("f1_mask", "f1_gender", "f1_age")
@@ -172,6 +180,9 @@ def kfold_row(run_dir: Path, settings: dict, problems: list[str]) -> dict:
         row.update({"oof_f1": oof.get("f1"), **{h: oof.get(h) for h in HEADS if h in oof}})
     if not (run_dir / run_folder.OOF).is_file():
         problems.append(f"no oof.csv ({finished}/{n_folds} folds done)")
+    elif run_folder.TRACKING in settings and not (run_dir / run_folder.DONE).is_file():
+        # a run of a version that writes done.json (after oof.csv and the figures) lacks it
+        problems.append(f"no done.json: its reports were cut short (train.py --resume {run_dir})")
     return row
 
 
@@ -199,8 +210,27 @@ def run_row(name: str, run_dir: Path) -> tuple[dict, dict]:
     marks = [mark for file, mark in (("pruned.json", "pruned by tune.py"),
                                      ("failed.json", "failed: its tune.py worker stopped"))
              if (run_dir / file).is_file()]
+    row.update(tracking_cells(run_dir, settings, problems))
     row["status"] = "; ".join(marks + problems) if marks or problems else "done"
     return row, settings
+
+
+def tracking_cells(run_dir: Path, settings: dict, problems: list[str]) -> dict:
+    """The lb, note, commit and path cells of a run's row."""
+    try:
+        cells = run_folder.latest_note(run_folder.read_notes(run_dir))
+    except UserError:
+        problems.append(f"unreadable {run_folder.NOTE}")
+        cells = {}
+    tracking = settings.get(run_folder.TRACKING)
+    commit = tracking.get("commit") if isinstance(tracking, dict) else None
+    if isinstance(commit, str) and commit:
+        cells["commit"] = commit[:7] + ("*" if tracking.get("dirty") else "")
+    try:
+        cells["path"] = os.path.relpath(run_dir)
+    except ValueError:  # another drive (Windows): no relative path
+        cells["path"] = str(run_dir)
+    return cells
 
 
 def shown_setting(value) -> str:
@@ -218,7 +248,8 @@ def experiment_table(runs: list[tuple[str, Path]]) -> pd.DataFrame:
                                          if k in s}) > 1]
     for row, s in zip(rows, settings):
         row.update({k: shown_setting(s[k]) for k in differing if k in s})
-    return pd.DataFrame(list(rows), columns=FIXED_COLUMNS + differing + METRIC_COLUMNS)
+    return pd.DataFrame(list(rows), columns=FIXED_COLUMNS + differing + METRIC_COLUMNS
+                        + TRACKING_COLUMNS)
 
 
 def sort_table(table: pd.DataFrame, column: str, reverse: bool = False) -> pd.DataFrame:
@@ -234,7 +265,7 @@ def sort_table(table: pd.DataFrame, column: str, reverse: bool = False) -> pd.Da
     return table.loc[order].reset_index(drop=True)
 
 
-DIGITS = {"val_f1": 4, "oof_f1": 4, "f1_mask": 4, "f1_gender": 4, "f1_age": 4,
+DIGITS = {"val_f1": 4, "oof_f1": 4, "lb": 4, "f1_mask": 4, "f1_gender": 4, "f1_age": 4,
           "images_per_s": 0, "wall_s": 0}
 
 
@@ -243,6 +274,9 @@ def render(table: pd.DataFrame) -> str:
     def cell(column: str, value) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
+        if column == "note":
+            text = " ".join(str(value).split())  # one line per run
+            return text if len(text) <= NOTE_WIDTH else text[:NOTE_WIDTH - 3] + "..."
         return f"{float(value):.{DIGITS[column]}f}" if column in DIGITS else str(value)
 
     columns = {c: [c] + [cell(c, v) for v in table[c]] for c in table.columns}

@@ -95,6 +95,10 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
     say_model_defaults(args, resolved, say)
     flags = {**vars(args), **resolved}
     preprocess = preprocess_of(flags)
+    if not args.resume:
+        # config.json names the crop actually used, not null for "the augmentation's": a replay
+        # crops as the run did (a resumed run keeps what it recorded, which its checkpoints hold)
+        flags["crop"] = preprocess.crop
     pipeline = pipelines.checked_pipeline(args.augmentation, preprocess, args.augmentation_sha256)
     precision = run_precision(args, device, next(iter(lasts.values()), None))
     flags.update(model=models.resolved_model_value(args.model), amp=precision.amp, channels_last="on" if precision.channels_last else "off",

@@ -7,8 +7,10 @@ then fits each model with engine.py's trainer, epoch by epoch, writing the run f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +228,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
     record = checkpoint_record(settings, trainer, data, extra or {})
     reporter.start_model((extra or {}).get("fold"), state["epoch"])
     true_val = data.frame["label"].to_numpy()[data.val_rows]
+    val_paths = data_paths(settings, data.frame, data.val_rows)  # named in mistakes.csv
     writer = None
     if procs.main:
         from torch.utils.tensorboard import SummaryWriter
@@ -252,7 +255,7 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
                 reporting.log_epoch(writer, row, kept, data.images, data.val_rows,
                                     settings.category, which=" (EMA)" if weights_of == "ema" else "",
                                     confusion_png=run_dir / run_folder.CONFUSION if improved else None,
-                                    margin=preprocess.margin_pixels)
+                                    margin=preprocess.margin_pixels, paths=val_paths)
                 save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
                            weights_of)
                 print(epoch_line(settings, row, improved, kept), flush=True)
@@ -275,6 +278,11 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
               f"{run_dir / run_folder.BEST}")
     return {"best_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
             "summary": state["summary"], "wall_s": state["wall_s"]}
+
+
+def data_paths(settings: Settings, frame: pd.DataFrame, rows: np.ndarray) -> list[str]:
+    """The photos of ``rows`` by their path inside the data folder (as photos.csv names them)."""
+    return [os.path.relpath(p, settings.data_dir) for p in frame["path"].to_numpy()[rows]]
 
 
 def checkpoint_record(settings: Settings, trainer: engine.Trainer, data: FitData,
@@ -482,7 +490,8 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
               progress: Progress = None, reporter: Reporter | None = None) -> dict:
     """Train K fold models in run_dir/fold{k} (fresh model, optimizer, schedule and early stopping
     each, on ``plan``'s rows); finished folds are skipped on --resume. Writes folds.csv and, once
-    every fold is done, oof.csv: every photo scored by the fold model that never saw it."""
+    every fold is done, oof.csv (every photo scored by the fold model that never saw it), its
+    per-class scores and figures, then the run's own done.json."""
     check_run_folds(run_dir, plan.folds, None)  # a fold started beside this one wrote others?
     if procs.main and not (run_dir / run_folder.FOLDS).is_file():  # written once per run
         atomic_write_text(run_dir / run_folder.FOLDS, plan.folds.to_frame("fold").to_csv())
@@ -516,6 +525,8 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
     pending = [k for k in range(plan.n_folds)
                if not (run_folder.fold_dir(run_dir, k) / run_folder.DONE).is_file()]
     if pending:
+        if procs.main:  # a fold retrained since: the run is not finished any more
+            (run_dir / run_folder.DONE).unlink(missing_ok=True)
         procs.say(f"folds {pending} still to train; oof.csv is written when all are done "
                   f"(train them with --fold, then run once more with --resume {run_dir})")
         return {"run_dir": run_dir, "best_f1": float("nan"), "folds": results}
@@ -524,13 +535,30 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
     if procs.main:
         metrics = write_out_of_fold(settings, frame, images, run_dir, plan, procs)
         reporting.log_kfold_hparams(run_dir, settings.flags, plan.n_folds, metrics)
+        write_kfold_done(run_dir, plan.n_folds, metrics)
     metrics = procs.broadcast(metrics)
     return {"run_dir": run_dir, "best_f1": metrics["f1"], "oof": metrics, "folds": results}
 
 
+def write_kfold_done(run_dir: Path, n_folds: int, metrics: dict) -> None:
+    """The k-fold run's own done.json, written after oof.csv and its figures: the whole run
+    finished (its OOF F1, the folds' summed epochs and wall time)."""
+    folds = []
+    for k in range(n_folds):
+        try:
+            folds.append(json.loads((run_folder.fold_dir(run_dir, k) / run_folder.DONE).read_text()))
+        except (OSError, ValueError):  # a hand-edited one costs the sums only
+            folds.append({})
+    atomic_write_text(run_dir / run_folder.DONE, json.dumps(
+        {"oof_f1": metrics["f1"], "n_folds": n_folds,
+         "epochs_done": sum(f.get("epochs_done", 0) for f in folds),
+         "wall_s": sum(f.get("wall_s", 0.0) for f in folds)}))
+
+
 def write_out_of_fold(settings: Settings, frame: pd.DataFrame, images: np.ndarray,
                       run_dir: Path, plan: FoldPlan, procs: Processes) -> dict:
-    """oof.csv (path, profile, fold, label, p0..) and oof_metrics.json; prints the OOF F1."""
+    """oof.csv (path, profile, fold, label, p0..), oof_metrics.json, per_class.csv and the run's
+    confusion.png, mistakes.png and mistakes.csv; prints the OOF F1."""
     oof = np.zeros((len(frame), labels.CATEGORY_CLASSES[settings.category]))
     for fold in range(plan.n_folds):
         rows = np.flatnonzero(plan.fold_of_row == fold)
@@ -545,6 +573,9 @@ def write_out_of_fold(settings: Settings, frame: pd.DataFrame, images: np.ndarra
     atomic_write_text(run_dir / run_folder.OOF, pd.concat([table, probs], axis=1).to_csv(index=False))
     atomic_write_text(run_dir / run_folder.OOF_METRICS, json.dumps(metrics, indent=2))
     run_folder.write_per_class(run_dir / run_folder.PER_CLASS, metrics["per_class"])
+    reporting.write_oof_figures(run_dir, oof, table["label"].to_numpy(), images, settings.category,
+                                data_paths(settings, frame, np.arange(len(frame))),
+                                plan.fold_of_row, metrics["f1"], settings.preprocess.margin_pixels)
     heads = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("f1_"))
     worst = predict.worst_class(metrics["per_class"])
     print(f"out-of-fold: macro F1 {metrics['f1']:.4f}, acc {metrics['acc']:.4f}"
@@ -603,7 +634,7 @@ def train(args, progress: Progress = None) -> dict:
     images, face_info = build_image_cache(settings, frame, say=procs.say)
     if procs.main:
         procs.barrier()
-        run_dir = run_folder.prepare_run_dir(settings, photos, record)
+        run_dir = run_folder.prepare_run_dir(settings, photos, tracked(settings, record, procs))
     run_dir = Path(procs.broadcast(str(run_dir) if procs.main else None))
     preprocess = settings.preprocess
     procs.say(f"run: {run_dir} | {frame['profile'].nunique()} people, {len(frame)} photos | "
@@ -652,6 +683,27 @@ def with_run_id(settings: Settings) -> Settings:
     shared = settings.fold is not None and not settings.resume
     record = {k: v for k, v in settings.record().items() if k not in config.RESUME_SAFE}
     return settings.replace(**{run_folder.RUN_ID: run_folder.new_run_id(record if shared else None)})
+
+
+def tracked(settings: Settings, record: dict | None, procs: Processes) -> dict:
+    """What config.json records (``record``, else the settings'), with its "tracking" block: the
+    code, command and start of the run and the preprocessing its cache held; a resumed run keeps
+    its own block, adds this call, and says so when the code changed since it started."""
+    previous = None
+    if settings.resume:
+        try:
+            previous = json.loads((Path(settings.resume) / run_folder.CONFIG).read_text()).get(
+                run_folder.TRACKING)
+        except (OSError, ValueError, AttributeError):  # checked before; a torn one only loses this
+            previous = None
+    preprocess = settings.preprocess
+    used = {**dataclasses.asdict(preprocess), "resize": list(preprocess.resize),
+            "cached_size": list(preprocess.cached_size)}
+    tracking = config.tracking_record(used, previous)
+    change = config.commit_change(previous, tracking.get("resumes", [tracking])[-1])
+    if change:
+        procs.say(change)
+    return {**(settings.record() if record is None else record), run_folder.TRACKING: tracking}
 
 
 def check_resumable(settings: Settings, photos: pd.DataFrame, procs: Processes) -> dict:

@@ -262,3 +262,67 @@ def test_mean_std_and_crop_size_take_three_and_two_numbers(capsys):
                               "0.246", "--crop_size", "320", "256"])
     assert (args.mean, args.std, args.crop_size) == ([0.548, 0.504, 0.479],
                                                       [0.237, 0.247, 0.246], [320, 256])
+
+
+# ---------------------------------------------------------------------------- tracking
+def test_a_run_records_its_commit_command_start_and_the_crop_it_used(finished_run):
+    record = json.loads((finished_run / "config.json").read_text())
+    tracking = record["tracking"]
+    assert record["crop"] == "center"  # the augmentation's crop, no longer null
+    assert tracking["preprocess"]["crop"] == "center"
+    assert tracking["preprocess"]["resize"] == [32, 24] == tracking["preprocess"]["cached_size"]
+    assert tracking["command"].startswith("python ")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", tracking["started"])
+    state = config.git_state()
+    assert tracking["commit"] == state["commit"]  # None where the project is no git checkout
+    if state["commit"] is not None:
+        assert re.fullmatch(r"[0-9a-f]{40}", tracking["commit"])
+        assert isinstance(tracking["dirty"], bool)
+
+
+def test_a_copy_without_git_records_null_and_no_error(tmp_path):
+    assert config.git_state(tmp_path) == {"commit": None, "dirty": None}
+    tracking = config.tracking_record({"crop": "face"}, root=tmp_path, argv=["train.py", "--x y"])
+    assert tracking["commit"] is None and tracking["dirty"] is None
+    assert tracking["command"] == "python train.py '--x y'"
+    assert tracking["preprocess"] == {"crop": "face"}
+
+
+def test_git_state_reads_the_commit_and_the_dirt_of_a_checkout(tmp_path):
+    import subprocess
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    try:
+        subprocess.run([*git, "init", "-q"], check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("no git on this machine")
+    (tmp_path / "a.txt").write_text("a")
+    subprocess.run([*git, "add", "a.txt"], check=True, timeout=30)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True, timeout=30)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+    assert config.git_state(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "a.txt").write_text("b")
+    assert config.git_state(tmp_path) == {"commit": head, "dirty": True}
+    (tmp_path / "inner").mkdir()  # a folder inside a checkout is not a checkout of its own
+    assert config.git_state(tmp_path / "inner")["commit"] is None
+
+
+def test_a_replay_ignores_the_tracking_block(finished_run, tmp_path):
+    record = json.loads((finished_run / "config.json").read_text())
+    record["tracking"] = {"commit": "0" * 40, "anything": ["at", "all"]}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(record))
+    args = config.parse_args(["--config", str(path)])
+    assert not hasattr(args, "tracking") and args.crop == "center"
+
+
+def test_a_resume_keeps_the_runs_tracking_and_notes_a_changed_commit():
+    first = {"commit": "a" * 40, "dirty": False, "command": "python train.py",
+             "started": "2026-12-01T00:00:00+00:00", "host": "h", "preprocess": {"crop": "face"}}
+    again = config.tracking_record({"crop": "center"}, previous=first, argv=["train.py"])
+    assert {k: again[k] for k in first} == first and len(again["resumes"]) == 1
+    now = {**again["resumes"][0], "commit": "b" * 40, "dirty": True}
+    assert config.commit_change(first, now) == ("note: this run started at commit aaaaaaa, the "
+                                                "code is now at bbbbbbb (with uncommitted changes)")
+    assert config.commit_change(first, {**now, "commit": "a" * 40}) is None
+    assert config.commit_change(None, now) is None

@@ -348,3 +348,51 @@ def test_the_file_holds_what_the_verdict_recommends_unless_keep_mix(tmp_path, ca
     assert kept["members"] == verdict["selected"]["members"] and kept["verdict"]["kept_mix"]
     assert set(kept["runs"]) == {"noise", "good"} and kept["verdict"]["applied"] == []
     assert "--keep_mix: the selection file holds the selected mix" in capsys.readouterr().out
+
+
+def note_cli(capsys, *argv) -> tuple[int, str]:
+    code = run_cli(experiments.main, experiments.parse_args, ["note", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def test_notes_are_kept_and_the_table_shows_and_sorts_by_the_latest(finished_run, tmp_path,
+                                                                     capsys, monkeypatch):
+    models = tmp_path / "model"
+    for name in ("a", "b", "c"):
+        shutil.copytree(finished_run, models / name)
+    record = json.loads((models / "b" / "config.json").read_text())
+    record["tracking"].update(commit="0123456789" * 4, dirty=True)
+    (models / "b" / "config.json").write_text(json.dumps(record))
+    assert note_cli(capsys, models / "a", "--lb", "0.61", "--text", "first\ntry")[0] == 0
+    assert note_cli(capsys, models / "a", "--text", "  tta   flip ")[0] == 0
+    assert note_cli(capsys, models / "b", "--lb", 0.7421)[0] == 0
+    notes = json.loads((models / "a" / "note.json").read_text())["notes"]
+    assert [(n["lb"], n["text"]) for n in notes] == [(0.61, "first try"), (None, "tta flip")]
+    assert all(n["time"].endswith("+00:00") for n in notes)
+    monkeypatch.chdir(tmp_path)
+    table = experiments.main(experiments.parse_args(["table", "model", "--sort", "lb"]))
+    out = capsys.readouterr().out
+    assert table["run"].tolist() == ["b", "a", "c"]  # largest lb first, none last
+    by_run = table.set_index("run")
+    assert by_run.loc["a", "lb"] == 0.61 and by_run.loc["a", "note"] == "tta flip"
+    assert by_run.loc["b", "commit"] == "0123456*"
+    assert by_run.loc["a", "path"] == str(Path("model") / "a")
+    assert "0.7421" in out and "tta flip" in out and "0123456*" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{run}/fold9"], "not a run folder (no config.json there)"),
+    (["{run}"], "give --lb SCORE, --text TEXT or both"),
+    (["{run}", "--lb", "74.21"], "--lb 74.21: expected a macro F1 score from 0 to 1"),
+    (["{run}", "--lb", "nan"], "--lb nan: expected a macro F1 score from 0 to 1"),
+    (["{run}", "--text", " "], "--text: empty"),
+    (["{run}", "--lb", "0.5", "--note_json", "bad"], "note.json: expected {\"notes\""),
+])
+def test_a_bad_note_is_one_line_and_writes_nothing(run_copy, capsys, argv, message):
+    if "--note_json" in argv:
+        argv = argv[:-2]
+        (run_copy / "note.json").write_text('{"notes": 3}')
+    before = sorted(p.name for p in run_copy.iterdir())
+    code, err = note_cli(capsys, *(a.format(run=run_copy) for a in argv))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in run_copy.iterdir()) == before

@@ -1,5 +1,6 @@
 """maskface.image_cache: decode-once cache files, their reuse and rebuild, corrupt, tiny, torn
-and replaced photos, full disks, permissions, centre boxes and interpolation in the key."""
+and replaced photos, full disks, permissions, centre boxes and interpolation in the key; the cache
+folder listed and pruned (oldest first, never an entry a job reads, a cut-short prune rebuilt)."""
 import errno
 import os
 import shutil
@@ -220,3 +221,135 @@ def test_a_photo_smaller_than_crop_size_is_named_and_nothing_written(tiny_train_
                                    "600 256") == 2
     assert paths[0] in str(caught.value)
     assert not list((tmp_path / "cache").glob("*.npy"))
+
+
+# ---------------------------------------------------------------------------- listing and pruning
+def cache_cli(capsys, cache_dir, *argv) -> tuple[int, str, str]:
+    code = run_cli(image_cache.cache_main, image_cache.get_args_parser().parse_args,
+                   ["--cache_dir", str(cache_dir), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def copy_entry(cache_dir: Path, source: Path, name: str, age_s: float) -> None:
+    """Another entry like ``source`` (its .npy and .json), last used ``age_s`` ago; no job holds it."""
+    for suffix in (".npy", ".json"):
+        target = cache_dir / f"{name}{suffix}"
+        shutil.copy(source.with_suffix(suffix), target)
+        stamp = target.stat().st_mtime - age_s
+        os.utime(target, (stamp, stamp))
+
+
+def test_prune_deletes_oldest_first_and_never_an_entry_a_job_reads(tiny_train_dir, tmp_path,
+                                                                   capsys):
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:6]]
+    cache = tmp_path / "cache"
+    held = image_cache.build_cache(paths, image_cache.Preprocess(resize=(32, 24)), cache,
+                                   progress=False)  # this process reads it: held until it exits
+    mine = next(cache.glob("images-*.npy"))
+    for name, days in (("images-old", 9), ("images-older", 20), ("images-new", 1)):
+        copy_entry(cache, mine, name, days * 86400)
+    code, out, _ = cache_cli(capsys, cache, "list")
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[0] for line in lines[:4]] == [
+        "images-older", "images-old", "images-new", mine.stem]  # oldest use first
+    assert "32x24 center area, 6 photos" in lines[0] and lines[3].endswith("in use")
+    assert lines[4].startswith("4 cache entries")
+    size = mine.stat().st_size + mine.with_suffix(".json").stat().st_size
+    code, out, _ = cache_cli(capsys, cache, "prune", "--max_size", str(size * 2 + 10))
+    assert code == 0 and "deleted images-older" in out and "deleted images-old " in out
+    assert {p.stem for p in cache.glob("images-*.npy")} == {"images-new", mine.stem}
+    code, out, _ = cache_cli(capsys, cache, "prune", "--max_size", "0")
+    assert "deleted images-new" in out and f"skipped {mine.stem}: in use by a running job" in out
+    assert "the rest is in use" in out
+    assert [p.name for p in cache.iterdir()] and {p.stem for p in cache.iterdir()} == {mine.stem}
+    assert np.array_equal(held, image_cache.build_cache(paths, image_cache.Preprocess(
+        resize=(32, 24)), cache, progress=False))
+
+
+def test_prune_older_than_and_dry_run(tiny_train_dir, tmp_path, capsys):
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:3]]
+    cache = tmp_path / "cache"
+    image_cache.build_cache(paths, image_cache.Preprocess(resize=(32, 24)), cache, progress=False)
+    mine = next(cache.glob("images-*.npy"))
+    copy_entry(cache, mine, "images-stale", 40 * 86400)
+    code, out, _ = cache_cli(capsys, cache, "prune", "--older_than", "30d", "--dry_run")
+    assert code == 0 and "would delete images-stale" in out and (cache / "images-stale.npy").exists()
+    code, out, _ = cache_cli(capsys, cache, "prune", "--older_than", "30")
+    assert "deleted images-stale" in out and not (cache / "images-stale.json").exists()
+    assert mine.exists()
+
+
+def test_a_prune_cut_short_leaves_an_entry_a_later_run_rebuilds(tiny_train_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    import subprocess
+    import sys
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:4]]
+    pre = image_cache.Preprocess(resize=(32, 24))
+    cache = tmp_path / "cache"
+    # built by another process (which has exited): no lock of this one on it
+    subprocess.run([sys.executable, "-c", "import sys; from maskface import image_cache; "
+                    "image_cache.build_cache(sys.argv[1:], image_cache.Preprocess(resize=(32, 24)),"
+                    f" {str(cache)!r}, progress=False)", *paths], check=True, timeout=120,
+                   cwd=Path(__file__).resolve().parents[1])
+    entry = next(cache.glob("images-*.npy"))
+    real_unlink = Path.unlink
+
+    def killed_after_the_first_file(self, missing_ok=False):
+        real_unlink(self, missing_ok=missing_ok)
+        raise KeyboardInterrupt  # the kill, between the entry's two files
+
+    monkeypatch.setattr(Path, "unlink", killed_after_the_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        image_cache.prune_cache(cache, max_size=0)
+    monkeypatch.undo()
+    assert not entry.exists() and entry.with_suffix(".json").exists()  # half deleted
+    assert "incomplete (no .npy)" in cache_cli(capsys, cache, "list")[1]
+    images = image_cache.build_cache(paths, pre, cache, progress=False)  # rebuilt, not read
+    direct = image_cache.preprocess_image(image_cache.decode_image(paths[2]), pre)
+    assert entry.exists() and np.array_equal(images[2], direct)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune"], "prune: give --max_size SIZE, --older_than AGE or both"),
+    (["prune", "--max_size", "2X"], "--max_size 2X: expected a size such as 2G, 500M or 0"),
+    (["prune", "--older_than", "soon"], "--older_than soon: expected an age such as 30d"),
+])
+def test_bad_prune_flags_are_one_line_and_delete_nothing(tmp_path, capsys, argv, message):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "images-x.npy").write_bytes(b"x")
+    code, out, err = cache_cli(capsys, cache, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert (cache / "images-x.npy").exists()
+    code, _, err = cache_cli(capsys, tmp_path / "nothing", "list")
+    assert code == 2 and "--cache_dir" in err and "no such folder" in err
+
+
+def test_sizes_and_ages_read_as_people_write_them():
+    assert image_cache.parse_size("2G") == 2 * 1024 ** 3
+    assert image_cache.parse_size("1.5 GiB") == int(1.5 * 1024 ** 3)
+    assert image_cache.parse_size("500m") == 500 * 1024 ** 2 and image_cache.parse_size("0") == 0
+    assert image_cache.parse_age("12h") == 12 * 3600 and image_cache.parse_age("7") == 7 * 86400
+
+
+@pytest.mark.slow
+def test_an_entry_another_running_process_reads_is_kept_until_it_exits(tiny_train_dir, tmp_path,
+                                                                       capsys):
+    import sys
+    paths = [str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:3]]
+    cache = tmp_path / "cache"
+    job = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from maskface import image_cache; "
+         "image_cache.build_cache(sys.argv[1:], image_cache.Preprocess(resize=(32, 24)), "
+         f"{str(cache)!r}, progress=False); print('ready', flush=True); sys.stdin.read()", *paths],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert job.stdout.readline().strip() == "ready"
+        code, out, _ = cache_cli(capsys, cache, "prune", "--max_size", "0")
+        assert code == 0 and "in use by a running job" in out and any(cache.glob("images-*.npy"))
+    finally:
+        job.communicate("", timeout=60)  # the job ends: its lock goes with it
+    code, out, _ = cache_cli(capsys, cache, "prune", "--max_size", "0")
+    assert "deleted images-" in out and not any(cache.glob("images-*"))

@@ -14,7 +14,7 @@ import benchmark
 import ensemble_csv
 import experiments
 import inference
-from maskface import config, face, sample
+from maskface import config, face, image_cache, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train", "inference", "benchmark", "ensemble_csv", "experiments", "tune"}
@@ -86,7 +86,8 @@ def test_the_csv_voter_starts_without_torch_opencv_or_sklearn():
 
 @pytest.mark.parametrize("command", [["train.py"], ["inference.py"], ["benchmark.py"],
                                      ["ensemble_csv.py"], ["experiments.py"], ["tune.py"],
-                                     ["-m", "maskface.sample"], ["-m", "maskface.face"]])
+                                     ["-m", "maskface.sample"], ["-m", "maskface.face"],
+                                     ["-m", "maskface.image_cache"]])
 def test_every_script_answers_help_without_loading_torch(command):
     # torch (and timm) take seconds to import: --help must not wait for them
     probe = ("import runpy, sys\n"
@@ -111,7 +112,10 @@ PARSERS = {"train": config.get_args_parser, "inference": inference.get_args_pars
            "experiments": experiments.get_args_parser,
            "experiments table": lambda: subcommand_parser(experiments.get_args_parser(), "table"),
            "experiments select": lambda: subcommand_parser(experiments.get_args_parser(),
-                                                           "select")}
+                                                           "select"),
+           "experiments note": lambda: subcommand_parser(experiments.get_args_parser(), "note"),
+           "image_cache": image_cache.get_args_parser,
+           "image_cache prune": lambda: subcommand_parser(image_cache.get_args_parser(), "prune")}
 
 
 @pytest.mark.parametrize("script", list(PARSERS))
@@ -151,6 +155,8 @@ def test_hyphens_work_in_every_script():
     assert ensemble_csv.parse_args(["a.csv", "b.csv", "--probs-output", "p.csv"]).probs_output == "p.csv"
     assert benchmark.parse_args(["--side-by-side", "2"]).side_by_side == [2]
     assert sample.get_args_parser().parse_args(["--n-train-people", "5"]).n_train_people == 5
+    assert image_cache.get_args_parser().parse_args(
+        ["--cache-dir", "c", "prune", "--max-size", "1G", "--dry-run"]).max_size == "1G"
     args = experiments.parse_args(["select", "run", "--split-repeats", "2", "--no-calibrate"])
     assert args.split_repeats == 2 and args.no_calibrate and args.runs == ["run"]
     assert ensemble_csv.parse_args(["a", "b", "--soft", "--weights-file", "s.json"]).weights_file \

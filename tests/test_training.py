@@ -63,6 +63,21 @@ def test_kfold_writes_folds_and_out_of_fold_predictions(tiny_train_dir, tmp_path
     # every photo was scored by the fold whose model never trained on its person
     assert (oof["fold"].to_numpy() == oof["profile"].map(folds.set_index("profile")["fold"])).all()
     assert result["oof"]["f1"] == pytest.approx(f1_score(oof["label"], probs.argmax(1), average="macro"))
+    # the run's own reports, from oof.csv, and done.json saying the whole run finished
+    per_class = pd.read_csv(run_dir / "per_class.csv")
+    assert per_class["f1"].mean() == pytest.approx(result["oof"]["f1"], abs=1e-3)
+    assert (run_dir / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "mistakes.png").read_bytes()[:4] == b"\x89PNG"
+    mistakes = pd.read_csv(run_dir / "mistakes.csv")
+    assert list(mistakes.columns) == ["rank", "path", "true", "predicted", "confidence", "fold"]
+    scored = oof.assign(path=[str(Path(p).relative_to(tiny_train_dir)) for p in oof["path"]],
+                        predicted=probs.argmax(1)).set_index("path")
+    assert 0 < len(mistakes) <= 16 and all((tiny_train_dir / p).is_file() for p in mistakes["path"])
+    for row in mistakes.itertuples():  # each one wrong, as oof.csv says, by the fold that scored it
+        assert labels.class_names("multi")[scored.loc[row.path, "predicted"]] == row.predicted
+        assert row.true != row.predicted and scored.loc[row.path, "fold"] == row.fold
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["oof_f1"] == pytest.approx(result["oof"]["f1"]) and done["epochs_done"] == 3
     # the OOF probabilities of fold 1's photos are fold 1's model's own predictions
     checkpoint = torch.load(run_dir / "fold1" / "best.pth", weights_only=False)
     assert checkpoint["fold"] == 1
@@ -102,9 +117,15 @@ def test_single_fold_then_resume_completes_the_run(tiny_train_dir, tmp_path, kfo
     first = train.main(config.parse_args(args + ["--fold", "1"]))
     run_dir = first["run_dir"]
     assert (run_dir / "fold1" / "done.json").is_file() and not (run_dir / "fold0").exists()
-    assert not (run_dir / "oof.csv").exists()
+    assert not (run_dir / "oof.csv").exists() and not (run_dir / "done.json").exists()
     finished = train.main(config.parse_args(args + ["--fold", "0"]))
     assert finished["run_dir"] == run_dir and (run_dir / "oof.csv").is_file()
+    assert json.loads((run_dir / "done.json").read_text())["n_folds"] == 2
+    # a fold's done.json gone (to retrain it): the run is no longer finished
+    (run_dir / "fold0" / "done.json").unlink()
+    shutil.rmtree(run_dir / "fold0")
+    again = train.main(config.parse_args(args + ["--fold", "1"]))
+    assert again["run_dir"] == run_dir and not (run_dir / "done.json").exists()
 
 
 @pytest.mark.slow
@@ -513,3 +534,19 @@ def test_on_a_terminal_the_bar_names_the_fold_and_no_line_is_printed(tiny_train_
     assert re.search(r"run ETA (\?|\d+:\d\d)", err.getvalue())
     assert "epoch 1/1:" in out.getvalue()  # the epoch's line, as ever
     assert not any(map(PROGRESS_LINE.match, out.getvalue().splitlines()))
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_code_changed_goes_on_and_says_so(run_copy, capsys):
+    path = run_copy / "config.json"
+    record = json.loads(path.read_text())
+    record["tracking"]["commit"] = "0" * 40  # the run started at another commit
+    path.write_text(json.dumps(record))
+    result = train.main(config.parse_args(["--resume", str(run_copy), "--epochs", "3"]))
+    out = capsys.readouterr().out
+    now = config.git_state()["commit"]
+    if now:
+        assert f"note: this run started at commit 0000000, the code is now at {now[:7]}" in out
+    assert len(result["summary"]) == 3
+    tracking = json.loads(path.read_text())["tracking"]
+    assert tracking["commit"] == "0" * 40 and len(tracking["resumes"]) == 1
