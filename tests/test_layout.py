@@ -22,10 +22,10 @@ SCRIPTS = {"train", "inference", "benchmark", "ensemble_csv", "experiments", "tu
 LAYERS = [
     {"cli"},                                                      # errors, flags
     {"files", "augmentation", "distributed", "face_detector"},
-    {"labels", "image_cache"},
+    {"labels", "image_cache", "phases"},
     {"dataset", "ensemble", "loss", "model", "run_folder", "sample"},
     {"checkpoint", "data_dirs", "face", "mixed_precision", "pipelines", "reporting", "selection",
-     "bench.usual_pipeline"},
+     "bench.usual_pipeline", "bench.timm_peer"},
     {"config", "predict", "run_table"},
     {"settings", "submission", "bench.end_to_end"},
     {"engine"},
