@@ -36,7 +36,13 @@ The last line holds the two headline figures in a fixed form, for scripts to par
 train.py (--epochs, cache built from scratch) + inference.py on --eval_dir, against the usual
 pipeline (maskface/bench/usual_pipeline.py: PIL + torchvision per image in a DataLoader, a plain fp32 loop
 with validation every epoch, inference through the same loader) on the same split, and prints both
-times and their ratio (last line: "end to end: toolkit 1.9x faster than the usual pipeline").
+times and their ratio (last line: "end to end: toolkit 1.9x faster than the usual pipeline"),
+with the wall and CPU seconds of each phase of the toolkit's scripts (startup, cache, epochs,
+validation, checkpoints, prediction). With --peer_timm PATH the other job is timm's own train.py
+(PATH, run unchanged on an ImageFolder view of the same split; its checkpoint predicts the eval
+photos through timm's eval transform):
+    python benchmark.py --end_to_end --peer_timm PATH/train.py --data_dir DEV/train/images \
+        --eval_dir DEV/eval --model resnet18 --resize 128 96 --epochs 4 --batch_size 32
 """
 from __future__ import annotations
 
@@ -89,6 +95,13 @@ def get_args_parser() -> FlagParser:
     add("--eval_dir", default=None,
         help="--end_to_end: eval folder with info.csv and images/ ($SM_CHANNEL_EVAL, else the "
              "bundled sample)")
+    add("--peer_timm", default=None, metavar="PATH",
+        help="--end_to_end: time timm's own train.py (the file at PATH, run unchanged) on the "
+             "same people and eval photos instead of the usual pipeline; both jobs' wall and CPU "
+             "seconds and busy cores per phase")
+    add("--peer_workers", type=int, default=4, metavar="N",
+        help="--peer_timm: loader workers of timm's train.py and of its prediction (timm's "
+             "default: 4)")
     add("--side_by_side", type=int, nargs="+", default=[], metavar="N",
         help="also time N training processes at once on the device (folds run side by side) "
              "against one, e.g. --side_by_side 2 4; off when not given")

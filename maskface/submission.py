@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 
-from maskface import config, dataset, distributed, image_cache, mixed_precision, predict, run_folder
+from maskface import (config, dataset, distributed, image_cache, mixed_precision, phases, predict,
+                      run_folder)
 from maskface.checkpoint import read_checkpoint
 from maskface.cli import UserError
 from maskface.data_dirs import resolve_eval_dir
@@ -369,13 +370,16 @@ def predict_eval(args: argparse.Namespace) -> dict:
         check_answers(answers, info["ImageID"].tolist(), args.answers)
     offsets = resolve_calibration(args, run_dirs, chosen=chosen)
 
-    loaded = load_models(checkpoints, resize=args.resize, crop=args.crop,
-                         augmentation=args.augmentation, amp=args.amp, device=device)
+    with phases.phase("load models"):
+        loaded = load_models(checkpoints, resize=args.resize, crop=args.crop,
+                             augmentation=args.augmentation, amp=args.amp, device=device)
     check_categories([m.category for m in loaded])
-    caches = build_image_caches(loaded, info["path"].tolist(), args.cache_dir)
-    model_probs = [predict_model(m, images, device=device, batch_size=args.batch_size,
-                                 tta=args.tta)
-                   for m, images in zip(loaded, caches)]
+    with phases.phase("cache"):
+        caches = build_image_caches(loaded, info["path"].tolist(), args.cache_dir)
+    with phases.phase("predict"):
+        model_probs = [predict_model(m, images, device=device, batch_size=args.batch_size,
+                                     tta=args.tta)
+                       for m, images in zip(loaded, caches)]
     if chosen is not None:
         probs = weighted_by_selection(chosen, loaded, owners, model_probs)
     else:

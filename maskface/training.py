@@ -29,6 +29,7 @@ from maskface import (
     image_cache,
     labels,
     mixed_precision,
+    phases,
     pipelines,
     predict,
     reporting,
@@ -252,12 +253,16 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
             improved = stopper.step(kept["f1"], epoch + 1, always_improves=not len(data.val_rows))
             rng = procs.gather(distributed.rng_state())  # every process's: a resume is exact on each
             if procs.main:
-                reporting.log_epoch(writer, row, kept, data.images, data.val_rows,
-                                    settings.category, which=" (EMA)" if weights_of == "ema" else "",
-                                    confusion_png=run_dir / run_folder.CONFUSION if improved else None,
-                                    margin=preprocess.margin_pixels, paths=val_paths)
-                save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
-                           weights_of)
+                with phases.phase("report"):  # TensorBoard figures, the confusion PNG
+                    reporting.log_epoch(writer, row, kept, data.images, data.val_rows,
+                                        settings.category,
+                                        which=" (EMA)" if weights_of == "ema" else "",
+                                        confusion_png=run_dir / run_folder.CONFUSION
+                                        if improved else None,
+                                        margin=preprocess.margin_pixels, paths=val_paths)
+                with phases.phase("save"):
+                    save_epoch(run_dir, record, trainer, stopper, state, kept, improved, rng,
+                               weights_of)
                 print(epoch_line(settings, row, improved, kept), flush=True)
             reporter.end_epoch()
             procs.barrier()
@@ -336,20 +341,23 @@ def run_epoch(settings: Settings, trainer: engine.Trainer, train_batches, val_ba
         if epoch < settings.warmup_epochs and not engine.is_timm_schedule(trainer.scheduler) \
         else None
     on_step = reporter.epoch(epoch, steps) if reporter is not None else None
-    train = engine.train_one_epoch(trainer, train_batches, warmup=warmup, epoch=epoch,
-                                   log_interval=settings.log_interval, writer=writer,
-                                   progress=False, on_step=on_step)
+    with phases.phase("train"):
+        train = engine.train_one_epoch(trainer, train_batches, warmup=warmup, epoch=epoch,
+                                       log_interval=settings.log_interval, writer=writer,
+                                       progress=False, on_step=on_step)
     train = gather_train_metrics(train, procs)
     if not len(true_val):
         return train, {"loss": float("nan"), "f1": float("nan"), "acc": float("nan")}, None
     scored = [trainer.runner] + ([trainer.ema.module] if trainer.ema is not None else [])
     if reporter is not None:
         val_batches = reporter.validating(val_batches)
-    vals = [predict.evaluate(model, val_batches, trainer.augment, true_val,
-                            category=settings.category, age_label_num=settings.age_label_num,
-                            criterion=trainer.criterion, autocast_dtype=trainer.autocast_dtype,
-                            channels_last=trainer.channels_last, procs=procs, positions=mine)
-            for model in scored]
+    with phases.phase("validate"):
+        vals = [predict.evaluate(model, val_batches, trainer.augment, true_val,
+                                 category=settings.category, age_label_num=settings.age_label_num,
+                                 criterion=trainer.criterion,
+                                 autocast_dtype=trainer.autocast_dtype,
+                                 channels_last=trainer.channels_last, procs=procs, positions=mine)
+                for model in scored]
     return train, vals[0], vals[1] if len(vals) > 1 else None
 
 
@@ -611,7 +619,8 @@ def train(args, progress: Progress = None) -> dict:
     if settings.compile and distributed.resolve_device(settings.device).type == "cpu":
         procs.say("note: --compile measured no gain on a CPU (docs/performance.md) and compiles "
                   "for a minute or more before the first batch")
-    data_dir, frame = load_records(settings, say=procs.say)
+    with phases.phase("records"):
+        data_dir, frame = load_records(settings, say=procs.say)
     frame, recorded = (run_folder.continued_photos(settings, frame, data_dir, procs.say)
                        if settings.resume else (frame, None))
     # split or folds decided (and checked) before any photo is decoded or folder written
@@ -631,7 +640,8 @@ def train(args, progress: Progress = None) -> dict:
         record = check_resumable(settings, photos, procs)
     if not procs.main:  # rank 0 decodes into the cache; the others then read it
         procs.barrier()
-    images, face_info = build_image_cache(settings, frame, say=procs.say)
+    with phases.phase("cache"):
+        images, face_info = build_image_cache(settings, frame, say=procs.say)
     if procs.main:
         procs.barrier()
         run_dir = run_folder.prepare_run_dir(settings, photos, tracked(settings, record, procs))

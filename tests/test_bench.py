@@ -1,7 +1,9 @@
 """maskface.bench: the headline's format (speed), the usual pipeline's batches and shuffling
 against the toolkit's (usual_pipeline), ceilings and loops in both precisions (timing), two
-whole jobs timed (end_to_end)."""
+whole jobs timed (end_to_end), timm's train.py as the peer job (timm_peer, with a stand-in
+script in tests/peers)."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import torch
 
 import benchmark
 from maskface import augmentation, dataset, image_cache
-from maskface.bench import speed, timing, usual_pipeline
+from maskface.bench import speed, timing, timm_peer, usual_pipeline
+from maskface.cli import UserError
 
 HEADLINE = re.compile(r"^data path ratio: \d+\.\dx; train loop / ceiling: \d+%$")
 
@@ -120,3 +123,95 @@ def test_end_to_end_times_both_whole_jobs(tiny_sample, tmp_path, capsys):
     assert re.match(r"^end to end: toolkit \d+\.\d\dx faster than the usual pipeline$", printed[-1])
     assert (tmp_path / "e2e.md").read_text() == results["table"]
     assert not any((tmp_path / "scratch").iterdir())  # the scratch runs and caches are removed
+
+
+FAKE_PEER = Path(__file__).resolve().parent / "peers" / "fake_timm_train.py"
+
+
+def test_the_peer_sees_our_split_in_every_class_folder_with_a_fixed_class_map(tmp_path):
+    photos = tmp_path / "photos"
+    paths = []
+    for person in ("001_female_Asian_45", "002_male_Asian_20"):
+        (photos / person).mkdir(parents=True)
+        for stem in ("mask1", "normal"):
+            (photos / person / f"{stem}.jpg").write_bytes(b"\xff\xd8\xff")
+            paths.append(str(photos / person / f"{stem}.jpg"))
+    labels = np.array([4, 16, 0, 12])
+    class_map = timm_peer.build_image_folder(tmp_path / "view", paths, labels,
+                                             {"train": np.array([0, 1]),
+                                              "validation": np.array([2, 3])})
+    names = class_map.read_text().split()
+    assert names == [f"{k:02d}" for k in range(18)]  # line k is class k: timm's index
+    for split in ("train", "validation"):  # every class folder, even the empty ones
+        assert sorted(p.name for p in (tmp_path / "view" / split).iterdir()) == names
+    linked = tmp_path / "view" / "train" / "16" / "001_female_Asian_45_normal.jpg"
+    assert linked.is_symlink() and linked.resolve() == Path(paths[1]).resolve()
+    assert (tmp_path / "view" / "validation" / "00" / "002_male_Asian_20_mask1.jpg").is_symlink()
+    assert sum(1 for _ in (tmp_path / "view").rglob("*.jpg")) == 4
+
+
+def test_the_peer_gets_the_jobs_settings_and_timms_defaults_otherwise(tmp_path):
+    job = {"model": "resnet18", "resize": [128, 96], "epochs": 4, "optimizer": "adam",
+           "lr": 1e-3, "batch_size": 32, "peer_workers": 4, "device": "cpu"}
+    flags = timm_peer.peer_flags(job, tmp_path / "data", tmp_path / "map.txt", tmp_path / "out")
+    text = " ".join(flags)
+    for expected in ("--model resnet18", "--num-classes 18", "--input-size 3 128 96",
+                     "--epochs 4", "--opt adam", "--lr 0.001", "-b 32", "--workers 4",
+                     "--device cpu", "--train-split train --val-split validation"):
+        assert expected in text
+    assert "--sched" not in text and "--warmup-epochs" not in text  # timm's own defaults
+
+
+class NotAllowed:
+    """A class no weights_only load accepts (module level, so that torch.save can pickle it)."""
+
+
+def test_a_checkpoint_that_needs_more_than_weights_only_is_one_user_error(tmp_path):
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"arch": "resnet18", "args": NotAllowed()}, path)
+    with pytest.raises(UserError, match=r"model_best.pth.tar: not a timm train.py checkpoint"):
+        timm_peer.load_peer_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_end_to_end_against_a_peer_script_times_both_jobs_and_the_phases(tiny_sample, tmp_path,
+                                                                         capsys):
+    results = benchmark.main(benchmark.parse_args([
+        "--end_to_end", "--peer_timm", str(FAKE_PEER), "--peer_workers", "0",
+        "--data_dir", str(tiny_sample / "train" / "images"), "--model", "resnet18",
+        "--eval_dir", str(tiny_sample / "eval"), "--resize", "32", "24", "--epochs", "1",
+        "--batch_size", "16", "--device", "cpu", "--cache_dir", str(tmp_path / "scratch"),
+        "--output", str(tmp_path / "e2e.md")]))
+    toolkit, peer = results["toolkit"], results["peer"]
+    assert "usual" not in results
+    assert results["ratio"] == pytest.approx(peer["wall_s"] / toolkit["seconds"])
+    assert len(peer["predictions"]) == results["n_eval"] == 4 * 7
+    assert 0 <= peer["eval_f1"] <= 1 and 0 <= toolkit["eval_f1"] <= 1
+    assert peer["train"]["cpu_s"] > 0 and peer["predict"]["cpu_s"] > 0
+    assert toolkit["cpu_s"] > 0
+    # each script wrote its phases: the startup, the cache, the epoch, the prediction
+    scripts = [p["script"] for p in toolkit["profiles"]]
+    assert scripts == ["train.py", "inference.py"]
+    train_phases = {r["phase"] for r in toolkit["profiles"][0]["phases"]}
+    assert {"startup", "records", "cache", "train", "validate", "save"} <= train_phases
+    assert {"startup", "cache", "predict"} <= {r["phase"] for r in toolkit["profiles"][1]["phases"]}
+    table = results["table"]
+    assert "| toolkit train.py: training epochs |" in table
+    assert "| timm train.py: whole process" in table
+    assert (tmp_path / "e2e.md").read_text() == table
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert re.match(r"^end to end: toolkit \d+\.\d\dx faster than timm train.py$", printed[-1])
+    assert not any((tmp_path / "scratch").iterdir())
+
+
+@pytest.mark.slow
+def test_a_failing_peer_is_one_user_error_naming_it(tiny_sample, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_PEER_FAIL", "1")
+    with pytest.raises(UserError, match=r"--peer_timm .*fake_timm_train.py: exited with 1 "
+                                        r"\(fake peer: told to fail\)"):
+        benchmark.main(benchmark.parse_args([
+            "--end_to_end", "--peer_timm", str(FAKE_PEER), "--model", "resnet18",
+            "--data_dir", str(tiny_sample / "train" / "images"),
+            "--eval_dir", str(tiny_sample / "eval"), "--resize", "32", "24", "--epochs", "1",
+            "--batch_size", "16", "--device", "cpu", "--cache_dir", str(tmp_path / "scratch")]))
+    assert not any((tmp_path / "scratch").iterdir())

@@ -94,3 +94,30 @@ def test_output_paths_of_the_wrong_kind_fail_before_any_work(tiny_train_dir, tmp
         benchmark.main(benchmark.parse_args(argv + [f.format(tmp=tmp_path) for f in flags]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no cache, no output
     assert not any((tmp_path / "adir").iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--end_to_end", "--peer_timm", "{tmp}/no/train.py"],
+     r"^--peer_timm .*no/train.py: no such file; expected timm's train.py"),
+    (["--end_to_end", "--peer_timm", "{tmp}/afile"], r"^--peer_timm .*afile: expected a Python"),
+    (["--peer_timm", "{tmp}/train.py"], r"^--peer_timm .*train.py: only with --end_to_end"),
+    (["--end_to_end", "--peer_timm", "{tmp}/train.py", "--model", "BaseModel"],
+     r"^--model BaseModel: --peer_timm needs a model timm's train.py knows"),
+    (["--end_to_end", "--peer_workers", "-1"], r"^--peer_workers -1: expected 0 or more"),
+])
+def test_peer_flags_are_checked_before_any_work(tiny_sample, tmp_path, monkeypatch, flags,
+                                                message):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the benchmark started before --peer_timm was checked")
+
+    monkeypatch.setattr(speed, "end_to_end_main", no_work)
+    monkeypatch.setattr(speed, "measure_cache", no_work)
+    (tmp_path / "afile").write_text("not a script")
+    (tmp_path / "train.py").write_text("")
+    argv = ["--data_dir", str(tiny_sample / "train" / "images"), "--eval_dir",
+            str(tiny_sample / "eval"), "--device", "cpu", "--model", "resnet18",
+            "--cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(UserError, match=message) as raised:
+        benchmark.main(benchmark.parse_args(argv + [f.format(tmp=tmp_path) for f in flags]))
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "cache").exists()

@@ -23,10 +23,10 @@ LAYERS = [
     {"cli"},                                                      # errors, flags
     {"files", "augmentation", "distributed", "face_detector", "presets",
      "progress"},
-    {"labels", "image_cache"},
+    {"labels", "image_cache", "phases"},
     {"dataset", "ensemble", "loss", "model", "run_folder", "sample", "scores"},
     {"checkpoint", "data_dirs", "face", "mixed_precision", "pipelines", "reporting", "selection",
-     "bench.usual_pipeline"},
+     "bench.usual_pipeline", "bench.timm_peer"},
     {"config", "predict", "run_table"},
     {"settings", "submission", "bench.end_to_end"},
     {"engine"},

@@ -30,7 +30,7 @@ from maskface import (
     pipelines,
     predict,
 )
-from maskface.bench import end_to_end, timing, usual_pipeline
+from maskface.bench import end_to_end, timing, timm_peer, usual_pipeline
 from maskface.cli import UserError
 from maskface.data_dirs import resolve_train_dir
 from maskface.files import atomic_write_text, check_output_path
@@ -51,6 +51,17 @@ def check_args(args: argparse.Namespace) -> None:
                         "process counts of at least 1")
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
+    if getattr(args, "peer_timm", None) is not None:
+        if not args.end_to_end:
+            raise UserError(f"--peer_timm {args.peer_timm}: only with --end_to_end (it times "
+                            "whole jobs)")
+        timm_peer.check_peer_script(args.peer_timm)
+        import timm
+        if not timm.is_model(args.model):
+            raise UserError(f"--model {args.model}: --peer_timm needs a model timm's train.py "
+                            "knows (e.g. resnet18)")
+    if getattr(args, "peer_workers", 0) < 0:
+        raise UserError(f"--peer_workers {args.peer_workers}: expected 0 or more")
     if args.augment_workers is not None and args.augment_workers < 0:
         raise UserError(f"--augment_workers {args.augment_workers}: expected 0 or more")
     preprocess = image_cache.Preprocess(resize=tuple(args.resize))
@@ -255,6 +266,7 @@ def end_to_end_main(args: argparse.Namespace) -> dict:
     job = {key: getattr(args, key) for key in (
         "model", "resize", "epochs", "batch_size", "device", "amp", "channels_last",
         "augmentation", "optimizer", "workers", "data_dir", "eval_dir")}
+    job["peer_timm"], job["peer_workers"] = args.peer_timm, args.peer_workers
     parent = Path(args.cache_dir) if args.cache_dir else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="benchmark-e2e-", dir=parent))
@@ -263,12 +275,14 @@ def end_to_end_main(args: argparse.Namespace) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     machine["load_average_end"] = round(os.getloadavg()[0], 1)
-    report = end_to_end.format_report(results, job, machine)
+    peer = "peer" in results
+    report = (end_to_end.format_peer_report if peer else end_to_end.format_report)(
+        results, job, machine)
     if args.output:
         atomic_write_text(args.output, report)
     results["table"] = report
-    results["headline"] = (f"end to end: toolkit {results['ratio']:.2f}x faster than the usual "
-                           "pipeline")
+    results["headline"] = (f"end to end: toolkit {results['ratio']:.2f}x faster than "
+                           f"{'timm train.py' if peer else 'the usual pipeline'}")
     print(report)
     print(results["headline"], flush=True)
     return results
