@@ -207,20 +207,8 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
     for the whole run instead). ``reporter`` shows the steps as they train."""
     if reporter is None:
         reporter = Reporter("off", epochs=settings.epochs)
-    device = distributed.process_device(settings.device, procs)
-    distributed.seed_everything(settings.seed)
-    n_out = labels.num_outputs(settings.category, settings.age_label_num)
     preprocess = settings.preprocess
-    train_batches, val_batches, mine = training_batches(
-        settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs)
-    class_weights = engine.class_weights_of(settings, train_batches.targets.cpu().numpy())
-    trainer = engine.build_trainer(settings, n_out, device, steps_per_epoch=len(train_batches),
-                                   mean=data.mean, std=data.std,
-                                   channels=preprocess.channels, procs=procs,
-                                   class_weights=class_weights,
-                                   margin=preprocess.margin_pixels)
-    if procs.distributed:  # different augmentation draws per process, same model init
-        torch.manual_seed(settings.seed * 1000 + procs.rank)
+    trainer, train_batches, val_batches, mine = seeded_trainer(settings, data, procs)
     stopper = EarlyStopping(settings.early_stopping_patience)
     state = {"epoch": 0, "summary": [], "wall_s": 0.0}
     if (run_dir / run_folder.LAST).is_file():
@@ -283,6 +271,26 @@ def fit(settings: Settings, data: FitData, run_dir: Path, *, extra: dict | None 
               f"{run_dir / run_folder.BEST}")
     return {"best_f1": stopper.best_f1, "best_epoch": stopper.best_epoch,
             "summary": state["summary"], "wall_s": state["wall_s"]}
+
+
+def seeded_trainer(settings: Settings, data: FitData, procs: Processes) -> tuple:
+    """The seeded model, optimizer and batches of one fit: (trainer, train batches, validation
+    batches, this process's validation positions)."""
+    device = distributed.process_device(settings.device, procs)
+    distributed.seed_everything(settings.seed)
+    n_out = labels.num_outputs(settings.category, settings.age_label_num)
+    preprocess = settings.preprocess
+    train_batches, val_batches, mine = training_batches(
+        settings, data.frame, data.images, data.train_rows, data.val_rows, n_out, device, procs)
+    class_weights = engine.class_weights_of(settings, train_batches.targets.cpu().numpy())
+    trainer = engine.build_trainer(settings, n_out, device, steps_per_epoch=len(train_batches),
+                                   mean=data.mean, std=data.std,
+                                   channels=preprocess.channels, procs=procs,
+                                   class_weights=class_weights,
+                                   margin=preprocess.margin_pixels)
+    if procs.distributed:  # different augmentation draws per process, same model init
+        torch.manual_seed(settings.seed * 1000 + procs.rank)
+    return trainer, train_batches, val_batches, mine
 
 
 def data_paths(settings: Settings, frame: pd.DataFrame, rows: np.ndarray) -> list[str]:
