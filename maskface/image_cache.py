@@ -14,6 +14,7 @@ entries it can lock exclusively: never one a running job reads.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import hashlib
 import json
@@ -255,6 +256,14 @@ def build_caches(paths: list[str], variants: list[tuple[Preprocess, np.ndarray |
 # the cache files this process reads, each with a shared lock held until the process exits (its
 # memmaps may live as long), so that prune never deletes them
 _HELD: dict[str, object] = {}
+
+
+@atexit.register
+def _release_held() -> None:
+    """Close the held handles at exit (the kernel would drop the locks anyway; closing them keeps
+    the interpreter from warning about open files)."""
+    while _HELD:
+        _HELD.popitem()[1].close()
 
 
 def _hold(target: Path) -> bool:
