@@ -177,7 +177,7 @@ def test_a_checkpoint_that_needs_more_than_weights_only_is_one_user_error(tmp_pa
 def test_end_to_end_against_a_peer_script_times_both_jobs_and_the_phases(tiny_sample, tmp_path,
                                                                          capsys):
     results = benchmark.main(benchmark.parse_args([
-        "--end_to_end", "--peer_timm", str(FAKE_PEER), "--peer_workers", "0",
+        "--end_to_end", "--peer_timm", str(FAKE_PEER), "--peer_workers", "1",
         "--data_dir", str(tiny_sample / "train" / "images"), "--model", "resnet18",
         "--eval_dir", str(tiny_sample / "eval"), "--resize", "32", "24", "--epochs", "1",
         "--batch_size", "16", "--device", "cpu", "--cache_dir", str(tmp_path / "scratch"),

@@ -105,13 +105,28 @@ def load_peer_checkpoint(path: Path) -> dict:
                         f"({first})") from None
 
 
+class Photos:
+    """The eval photos through a transform, for a DataLoader (module level: its worker processes
+    receive it pickled)."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB"))
+
+
 def predict_peer(checkpoint: str, paths: list[str], workers: int, batch_size: int) -> np.ndarray:
     """The class of every photo by the checkpoint's model, through timm's eval transform
     (resolve_data_config of the checkpoint's own flags + create_transform), as timm validates;
     run in a process of its own (see time_peer_predict)."""
     import timm
     import torch
-    from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
     saved = load_peer_checkpoint(Path(checkpoint))
@@ -121,15 +136,8 @@ def predict_peer(checkpoint: str, paths: list[str], workers: int, batch_size: in
     net.eval()
     transform = create_transform(**resolve_data_config(flags, model=net))
 
-    class Photos(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(paths)
-
-        def __getitem__(self, i: int):
-            with Image.open(paths[i]) as image:
-                return transform(image.convert("RGB"))
-
-    loader = torch.utils.data.DataLoader(Photos(), batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(Photos(paths, transform), batch_size=batch_size,
+                                         num_workers=workers)
     with torch.no_grad():
         return np.concatenate([net(batch).argmax(1).numpy() for batch in loader])
 
