@@ -668,3 +668,30 @@ face.main([{str(tiny_train_dir)!r}, "--limit", "2", "--cache", {str(cache)!r}])
     _, n_detected = face.detect_boxes([str(p) for p in sorted(tiny_train_dir.glob("*/*.jpg"))[:14]],
                                       None, cache, progress=False)
     assert n_detected == 14 - 5
+
+
+def test_detection_in_worker_processes_writes_the_same_cache_byte_for_byte(tiny_train_dir,
+                                                                          tmp_path):
+    paths = sorted(str(p) for p in tiny_train_dir.glob("*/*"))[:40]
+    broken = tmp_path / "p9" / "normal.jpg"  # an unreadable photo among them, in a worker too
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a jpeg")
+    paths.insert(7, str(broken))
+    caches = {}
+    for workers in (1, 2):
+        cache = tmp_path / f"boxes-{workers}.csv"
+        with pytest.raises(UserError, match=r"normal\.jpg") as error:
+            face.detect_boxes(paths, None, cache, progress=False, workers=workers)
+        assert "p9" in str(error.value)
+        caches[workers] = cache.read_bytes()  # the readable photos' boxes, kept
+    assert caches[1] == caches[2] and caches[1].count(b"\n") == 41  # header + 40 photos
+    table, n_detected = face.detect_boxes(paths[:7] + paths[8:], None, tmp_path / "boxes-2.csv",
+                                          progress=False, workers=2)
+    assert n_detected == 0 and len(table) == 40  # every box came from the cache
+
+
+def test_detection_workers_are_one_per_core_with_enough_photos_each():
+    cores = len(os.sched_getaffinity(0))
+    assert face.detection_workers(10) == 1  # too few photos to pay for a process
+    assert face.detection_workers(face.DETECT_PER_WORKER * 64) == cores
+    assert face.detection_workers(5, workers=8) == 5 and face.detection_workers(0) == 1
