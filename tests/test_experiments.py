@@ -156,7 +156,10 @@ def test_inference_with_the_selection_file_applies_the_selected_weights(
         model_dir, tiny_sample, tmp_path, capsys):
     runs = tmp_path / "model"
     shutil.copytree(model_dir, runs, ignore=shutil.ignore_patterns("single"))
-    selected = experiments.main(experiments.parse_args(["select", str(runs), "--split_repeats", "1"]))
+    # --keep_mix: the file holds the two-run mix even when the split-half verdict on these tiny
+    # runs would keep the best run alone
+    selected = experiments.main(experiments.parse_args(["select", str(runs), "--split_repeats", "1",
+                                                        "--keep_mix"]))
     document = json.loads((runs / "selection.json").read_text())
     eval_dir = tiny_sample / "eval"
     common = ["--data_dir", str(eval_dir), "--cache_dir", str(tmp_path / "cache"),
