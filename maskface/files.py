@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -278,3 +281,37 @@ def csv_line_names(n_rows: int) -> list[str]:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def error_reason(why: BaseException) -> str:
+    """'Type: first line of the message': a user's exception, fit for a one-line error."""
+    text = str(why).strip()
+    return type(why).__name__ + (f": {text.splitlines()[0]}" if text else "")
+
+
+def import_user_module(module_name: str, where: str, prefix: str):
+    """(module, its source file resolved or None) of a user's code: a .py path or an importable
+    module name. A file gets a module name of its own (``prefix`` + a digest of its path,
+    registered in sys.modules, so two runs' files never shadow each other and dataclasses and
+    pickling find it). UserError starting with ``where`` when it is missing or does not import."""
+    path = Path(module_name)
+    try:
+        if module_name.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise UserError(f"{where}: {module_name}: file not found")
+            unique = prefix + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            spec = importlib.util.spec_from_file_location(unique, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[unique] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except UserError:
+        raise
+    except ModuleNotFoundError as why:
+        raise UserError(f"{where}: {error_reason(why)} (give a .py path or an importable module, "
+                        "then :function)") from None
+    except Exception as why:  # the user's code raised while importing
+        raise UserError(f"{where}: {module_name} does not import ({error_reason(why)})") from None
+    source = getattr(module, "__file__", None)
+    return module, (str(Path(source).resolve()) if source else None)

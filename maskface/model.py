@@ -12,11 +12,8 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
-import importlib
-import importlib.util
 import json
 import socket
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import Callable
@@ -29,6 +26,7 @@ from torch import nn
 
 from maskface import labels
 from maskface.cli import UserError
+from maskface.files import error_reason, import_user_module
 from maskface.labels import HEAD_SIZES, NUM_CLASSES
 
 # They win over timm models of the same name; "timm/<name>" reaches timm's, "tv_<name>" any other
@@ -178,37 +176,12 @@ def user_model_function(name: str) -> tuple[Callable[..., nn.Module], str | None
     if not module_name or not function_name:
         raise UserError(f"{where}: expected module:function (a .py path or an importable module, "
                         "then the function's name)")
-    path = Path(module_name)
-    try:
-        if module_name.endswith(".py") or path.is_file():
-            if not path.is_file():
-                raise UserError(f"{where}: {module_name}: file not found")
-            # a name of its own per file: two runs' model files never shadow each other
-            unique = "maskface_model_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-            spec = importlib.util.spec_from_file_location(unique, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[unique] = module
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except UserError:
-        raise
-    except ModuleNotFoundError as why:
-        raise UserError(f"{where}: {_reason(why)} (give a .py path or an importable module, "
-                        "then :function)") from None
-    except Exception as why:  # the user's code raised while importing
-        raise UserError(f"{where}: {module_name} does not import ({_reason(why)})") from None
+    module, source = import_user_module(module_name, where, "maskface_model_")
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"{where}: {module_name} has no function '{function_name}'")
-    source = getattr(module, "__file__", None)
     sha256 = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
     return function, sha256
-
-
-def _reason(why: BaseException) -> str:
-    text = str(why).strip()
-    return type(why).__name__ + (f": {text.splitlines()[0]}" if text else "")
 
 
 def model_args_of(text: str | None) -> dict:
@@ -241,7 +214,7 @@ def _user_network(name: str, num_outputs: int, model_args: dict | None,
     except Exception as why:  # the user's code: name it and what it was given
         raise UserError(f"{where}: {name.rpartition(':')[2]}(num_classes={num_outputs}"
                         + "".join(f", {k}={v!r}" for k, v in (model_args or {}).items())
-                        + f") failed ({_reason(why)})") from None
+                        + f") failed ({error_reason(why)})") from None
     if not isinstance(network, nn.Module):
         raise UserError(f"{where}: returns a {type(network).__name__}; expected a torch "
                         "nn.Module that maps [B, 3, H, W] images to [B, num_classes] logits")
@@ -260,7 +233,7 @@ def check_user_model(name: str, num_outputs: int, model_args: dict | None,
             out = network(dummy)
     except Exception as why:
         raise UserError(f"--model {name}: fails on a [2, 3, {size[0]}, {size[1]}] batch "
-                        f"({_reason(why)})") from None
+                        f"({error_reason(why)})") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_outputs):
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"--model {name}: returns {got} for a [2, 3, {size[0]}, {size[1]}] batch; "

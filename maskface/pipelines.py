@@ -17,9 +17,6 @@ checkpoints restore): the same seed gives the same batches with any number of wo
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import random
@@ -43,7 +40,7 @@ from maskface.augmentation import (
     is_pipeline_value,
 )
 from maskface.cli import UserError
-from maskface.files import file_sha256
+from maskface.files import error_reason, file_sha256, import_user_module
 
 CHECK_DRAWS = 8  # dummy runs before training: a transform that resizes only sometimes shows up
 KINDS = ("albumentations", "torchvision", "policy")
@@ -99,7 +96,7 @@ class Pipeline:
             else:
                 out = self.transform(torch.from_numpy(image).permute(2, 0, 1))
         except Exception as why:  # the user's code: name it and what it was given
-            raise UserError(f"{where}: fails on a {shape} uint8 image ({_reason(why)})") from None
+            raise UserError(f"{where}: fails on a {shape} uint8 image ({error_reason(why)})") from None
         if isinstance(out, torch.Tensor):
             out = out.detach().cpu()
             out = out.permute(1, 2, 0).numpy() if out.ndim == 3 else out.numpy()
@@ -168,7 +165,8 @@ def _load(value: str) -> Pipeline:
     if value.lower().endswith(PIPELINE_SUFFIXES):
         return _load_file(value)
     module_name, _, function_name = value.rpartition(":")
-    module, source = _import(module_name, value)
+    module, source = import_user_module(module_name, f"--augmentation {value}",
+                                        "maskface_pipeline_")
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"--augmentation {value}: {module_name} has no function "
@@ -176,7 +174,7 @@ def _load(value: str) -> Pipeline:
     try:
         transform = function()
     except Exception as why:
-        raise UserError(f"--augmentation {value}: {function_name}() failed ({_reason(why)})") \
+        raise UserError(f"--augmentation {value}: {function_name}() failed ({error_reason(why)})") \
             from None
     kind = _kind(transform)
     if kind is None:
@@ -200,46 +198,11 @@ def _load_file(path: str) -> Pipeline:
         transform = A.load(path, data_format=data_format)
     except Exception as why:  # JSON/YAML syntax, an unknown transform name, bad arguments
         raise UserError(f"{path}: not an albumentations pipeline A.load can read "
-                        f"({_reason(why)})") from None
+                        f"({error_reason(why)})") from None
     if _kind(transform) != "albumentations":
         raise UserError(f"{path}: holds a {type(transform).__name__}; expected an albumentations "
                         "pipeline (A.save(A.Compose([...]), path))")
     return Pipeline(path, "albumentations", path, file_sha256(path), transform)
-
-
-def _import(module_name: str, value: str):
-    """(module, its source file) of a .py path or an importable module name."""
-    path = Path(module_name)
-    if module_name.endswith(".py") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"--augmentation {value}: {module_name}: file not found")
-        # a name of its own per file, registered so dataclasses and pickling find the module
-        name = "maskface_pipeline_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        loader = spec.loader.exec_module
-    else:
-        loader = None
-    try:
-        if loader is not None:
-            loader(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ModuleNotFoundError as why:
-        raise UserError(f"--augmentation {value}: {_reason(why)} (give a .py path or an "
-                        "importable module, then :function)") from None
-    except Exception as why:  # its code raised while importing
-        raise UserError(f"--augmentation {value}: {module_name} does not import "
-                        f"({_reason(why)})") from None
-    source = getattr(module, "__file__", None)
-    return module, (str(Path(source).resolve()) if source else None)
-
-
-def _reason(why: BaseException) -> str:
-    """'Type: first line of the message': a user's exception, fit for a one-line error."""
-    text = str(why).strip()
-    return type(why).__name__ + (f": {text.splitlines()[0]}" if text else "")
 
 
 def _kind(transform) -> str | None:

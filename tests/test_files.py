@@ -141,3 +141,23 @@ def test_experiments_select_finds_a_read_only_output_before_the_work(tmp_path, c
                    ["select", *runs, "-o", str(UNWRITABLE / "sel.json")])
     err = capsys.readouterr().err
     assert code == 2 and "/sys is not writable" in err, err
+
+
+def test_import_user_module_reads_a_file_or_a_module_and_names_what_fails(tmp_path):
+    good = tmp_path / "mine.py"
+    good.write_text("VALUE = 7\n")
+    module, source = files.import_user_module(str(good), "--x mine.py:f", "test_mod_")
+    assert module.VALUE == 7 and source == str(good.resolve())
+    assert module.__name__.startswith("test_mod_")
+    module, _ = files.import_user_module("json", "--x json:f", "test_mod_")
+    assert module.__name__ == "json"
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('bad\\nsecond line')\n")
+    for name, expected in ((str(broken), f"--x: {broken} does not import (RuntimeError: bad)"),
+                           (str(tmp_path / "gone.py"), f"--x: {tmp_path / 'gone.py'}: file not "
+                                                       "found"),
+                           ("no_such_module_here", "--x: ModuleNotFoundError: No module named "
+                                                   "'no_such_module_here' (give a .py path")):
+        with pytest.raises(UserError) as error:
+            files.import_user_module(name, "--x", "test_mod_")
+        assert str(error.value).startswith(expected) and "\n" not in str(error.value)

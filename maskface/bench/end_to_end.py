@@ -183,17 +183,10 @@ def format_phases(profiles: list[dict], peer: dict | None = None) -> list[str]:
 
 def format_peer_report(results: dict, job: dict, machine: dict) -> str:
     """Markdown: the toolkit's job against timm's train.py, then the phases."""
-    t, p, (height, width) = results["toolkit"], results["peer"], job["resize"]
+    t, p = results["toolkit"], results["peer"]
     train_s, infer_s = (s["wall_s"] for s in t["scripts"])
     return "\n".join([
-        f"## End to end against timm's train.py: {job['model']} {height}x{width}, "
-        f"{job['epochs']} epochs + inference, batch {job['batch_size']}, {machine['device']}",
-        "",
-        f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, load average "
-        f"{machine['load_average']} at start, {machine['load_average_end']} at end",
-        f"data: {results['n_train']} train + {results['n_val']} val photos in "
-        f"{results['data_dir']}, {results['n_eval']} eval photos in {results['eval_dir']}",
-        "",
+        *_heading("End to end against timm's train.py", results, job, machine),
         "| job | macro F1 | wall s (train + predict) | CPU s | cores used | ratio |",
         "|---|---:|---:|---:|---:|---:|",
         f"| toolkit: train.py + inference.py, cold cache, {t['precision']} | "
@@ -209,18 +202,24 @@ def format_peer_report(results: dict, job: dict, machine: dict) -> str:
     ]) + "\n"
 
 
+def _heading(title: str, results: dict, job: dict, machine: dict) -> list[str]:
+    """A report's title (the job), machine and data lines, then a blank line."""
+    height, width = job["resize"]
+    return [f"## {title}: {job['model']} {height}x{width}, {job['epochs']} epochs + inference, "
+            f"batch {job['batch_size']}, {machine['device']}",
+            "",
+            f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, load average "
+            f"{machine['load_average']} at start, {machine['load_average_end']} at end",
+            f"data: {results['n_train']} train + {results['n_val']} val photos in "
+            f"{results['data_dir']}, {results['n_eval']} eval photos in {results['eval_dir']}",
+            ""]
+
+
 def format_report(results: dict, job: dict, machine: dict) -> str:
     """Markdown: what ran where, then one row per whole job."""
-    t, u, (height, width) = results["toolkit"], results["usual"], job["resize"]
+    t, u = results["toolkit"], results["usual"]
     return "\n".join([
-        f"## End to end: {job['model']} {height}x{width}, {job['epochs']} epochs + inference, "
-        f"batch {job['batch_size']}, {machine['device']}",
-        "",
-        f"machine: {machine['cpus']} CPUs, torch {machine['torch']}, load average "
-        f"{machine['load_average']} at start, {machine['load_average_end']} at end",
-        f"data: {results['n_train']} train + {results['n_val']} val photos in "
-        f"{results['data_dir']}, {results['n_eval']} eval photos in {results['eval_dir']}",
-        "",
+        *_heading("End to end", results, job, machine),
         "| whole job | seconds | best val F1 | eval F1 | ratio |",
         "|---|---:|---:|---:|---:|",
         f"| usual pipeline: PIL + torchvision per image, DataLoader {job['workers']} workers, "
