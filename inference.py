@@ -21,17 +21,13 @@ from maskface.run_folder import CALIBRATION
 
 
 def tta_views(text: str) -> str:
-    """--tta as given, checked against the view registry (read lazily: --help stays quick)."""
-    views = registry("predict", "TTA_VIEWS")
-    names = [name.strip() for name in text.split(",")]
-    if text == "none":
-        return text
-    unknown = [name for name in names if name not in views]
-    if unknown or len(set(names)) < len(names) or not names:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected none, or views separated by commas, each once, from "
-            f"{', '.join(views)}")
-    return ",".join(names)
+    """--tta as given, checked against the view registry (predict.tta_view_names; torch loads
+    only when --tta is given, so --help stays quick)."""
+    from maskface.predict import tta_view_names
+    try:
+        return ",".join(tta_view_names(text)) or "none"
+    except ValueError as why:
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}") from None
 
 
 def get_args_parser() -> FlagParser:

@@ -678,18 +678,13 @@ def check_flags(args: argparse.Namespace) -> None:
 def check_notebook_flags(args: argparse.Namespace) -> None:
     """--mean, --std (0-1 scale: 0-255 values are the usual slip) and --crop_size (a centre crop,
     so --crop center or none given)."""
-    for flag, low in (("mean", 0.0), ("std", None)):
+    for flag, fits, expected in (("mean", lambda v: 0 <= v <= 1, "from 0 to 1"),
+                                 ("std", lambda v: 0 < v <= 1, "above 0, at most 1")):
         values = getattr(args, flag)
-        if values is None:
-            continue
-        shown = " ".join(f"{v:g}" for v in values)
-        fits = all(math.isfinite(v) and (0 <= v <= 1 if low is not None else 0 < v <= 1)
-                   for v in values)
-        if not fits:
-            raise UserError(f"--{flag} {shown}: expected three numbers "
-                            + ("from 0 to 1" if low is not None else "above 0, at most 1")
-                            + " (R G B on the 0-1 scale, as torchvision's Normalize; divide "
-                              "0-255 values by 255)")
+        if values is not None and not all(math.isfinite(v) and fits(v) for v in values):
+            shown = " ".join(f"{v:g}" for v in values)
+            raise UserError(f"--{flag} {shown}: expected three numbers {expected} (R G B on the "
+                            "0-1 scale, as torchvision's Normalize; divide 0-255 values by 255)")
     if args.crop_size is not None:
         height, width = args.crop_size
         if not (16 <= height <= 8192 and 16 <= width <= 8192):

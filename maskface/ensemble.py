@@ -102,14 +102,19 @@ def check_run_weights(weights: Sequence[float] | None, n_runs: int, flag: str = 
     return np.asarray(weights, dtype=np.float64)
 
 
+def _run_groups(categories: Sequence[str]) -> tuple[list[int], dict[str, list[int]]]:
+    """(the positions of the 18-class runs, {head category: the positions of its runs})."""
+    return ([i for i, c in enumerate(categories) if c == "multi"],
+            {c: [i for i, cat in enumerate(categories) if cat == c] for c in HEAD_CATEGORIES})
+
+
 def run_vote_shares(categories: Sequence[str], n_models: Sequence[int],
                     weights: np.ndarray) -> list[tuple[str, float]]:
     """What each checkpoint weighs in combine_runs, per run: (what the share is of, the share of
     one of its checkpoints). An 18-class run's checkpoint: its share of the answer's vote; a
     per-category run's: its share of its head's average (the trio itself weighs
     ``trio_share``)."""
-    multi = [i for i, c in enumerate(categories) if c == "multi"]
-    heads = {c: [i for i, cat in enumerate(categories) if cat == c] for c in HEAD_CATEGORIES}
+    multi, heads = _run_groups(categories)
     trio = all(heads.values())
     trio_weight = float(np.mean([weights[i] for c in HEAD_CATEGORIES for i in heads[c]])) \
         if trio else 0.0
@@ -138,8 +143,7 @@ def combine_runs(runs: Sequence[tuple[str, Sequence[np.ndarray]]],
     per_run = [ensemble_probabilities(list(probs)) for _, probs in runs]
     categories = [category for category, _ in runs]
     check_categories(categories)
-    heads = {c: [i for i, cat in enumerate(categories) if cat == c] for c in HEAD_CATEGORIES}
-    multi = [i for i, c in enumerate(categories) if c == "multi"]
+    multi, heads = _run_groups(categories)
     estimates = [per_run[i] for i in multi]
     estimate_weights = [weight[i] for i in multi]
     if any(heads.values()):

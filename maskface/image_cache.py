@@ -441,17 +441,24 @@ def shown_size(size: float) -> str:
     return f"{size / SIZE_UNITS[unit]:.1f} {unit}B" if unit else f"{int(size)} B"
 
 
-def _in_use(entry: CacheEntry) -> bool:
+def _lock_unless_in_use(entry: CacheEntry) -> tuple[bool, object | None]:
+    """(whether a running job reads the entry, else an exclusive lock on its .npy held for the
+    caller to close): an entry without its .npy (a prune cut short, or gone meanwhile) is read by
+    no job and needs no lock."""
     if not entry.complete:
-        return False
+        return False, None
     try:
         handle = try_lock_exclusive(entry.files[0])
     except FileNotFoundError:
-        return False
-    if handle is None:
-        return True
-    handle.close()
-    return False
+        return False, None
+    return handle is None, handle
+
+
+def _in_use(entry: CacheEntry) -> bool:
+    in_use, handle = _lock_unless_in_use(entry)
+    if handle is not None:
+        handle.close()
+    return in_use
 
 
 def list_cache(cache_dir: Path) -> list[CacheEntry]:
@@ -471,7 +478,7 @@ def list_cache(cache_dir: Path) -> list[CacheEntry]:
 
 
 def _ago(seconds: float) -> str:
-    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, span in AGE_UNITS.items():  # days, hours, minutes
         if seconds >= span:
             return f"{seconds / span:.0f}{unit} ago"
     return "just now"
@@ -481,15 +488,9 @@ def _delete(entry: CacheEntry) -> bool:
     """Delete an entry no running job holds (checked under an exclusive lock, kept while
     deleting); the .npy first, at once: a prune cut short leaves at most its .json, which no run
     reads (a run rebuilds a cache whose .npy is missing)."""
-    handle = None
-    if entry.complete:
-        try:
-            handle = try_lock_exclusive(entry.files[0])
-        except FileNotFoundError:  # gone already
-            handle = None
-        else:
-            if handle is None:
-                return False
+    in_use, handle = _lock_unless_in_use(entry)
+    if in_use:
+        return False
     try:
         for f in entry.files:
             f.unlink(missing_ok=True)

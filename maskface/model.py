@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import json
 import socket
 import urllib.parse
@@ -26,7 +25,7 @@ from torch import nn
 
 from maskface import labels
 from maskface.cli import UserError
-from maskface.files import error_reason, import_user_module
+from maskface.files import error_reason, file_sha256, import_user_module
 from maskface.labels import HEAD_SIZES, NUM_CLASSES
 
 # They win over timm models of the same name; "timm/<name>" reaches timm's, "tv_<name>" any other
@@ -180,8 +179,7 @@ def user_model_function(name: str) -> tuple[Callable[..., nn.Module], str | None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"{where}: {module_name} has no function '{function_name}'")
-    sha256 = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
-    return function, sha256
+    return function, file_sha256(source) if source else None
 
 
 def model_args_of(text: str | None) -> dict:
@@ -425,8 +423,8 @@ def pretrained_files(name: str) -> tuple[str | None, list[str]]:
 def torchvision_pretrained_file(name: str) -> str:
     """The file ``name``'s ImageNet weights are read from: torchvision's own file in torch's hub
     cache ($TORCH_HOME/hub/checkpoints, named as its download), the default weights' first, then
-    the model's other weights (e.g. mobilenet_v2's V1 file), checked readable; else a UserError
-    naming those exact paths, where they come from, and the other ways."""
+    the model's other weights (e.g. mobilenet_v2's V1 file); else a UserError naming those exact
+    paths, where they come from, and the other ways."""
     try:
         enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError, AttributeError):
@@ -446,7 +444,6 @@ def torchvision_pretrained_file(name: str) -> str:
             + " or ".join(f"{f} ({w}, from {w.url})" for f, w in zip(files, choices))
             + (f"; --model {timm_name} --pretrained reads timm's weights from its caches"
                if timm_name else "") + "; or pass --weights FILE with a local state dict")
-    _check_readable(str(found))
     return str(found)
 
 
@@ -458,7 +455,9 @@ def check_pretrained(name: str) -> str | None:
     if family == "base":
         _build_backbone(family, inner_name, pretrained=True)  # raises: it has none
     if family == "torchvision":
-        return torchvision_pretrained_file(inner_name)
+        local = torchvision_pretrained_file(inner_name)
+        _check_readable(local)
+        return local
     if family == "user":
         check_user_model_flags(name, pretrained=True, cosine_head=False, drop_rate=0.0)
     import huggingface_hub.constants as hf_constants

@@ -74,16 +74,25 @@ TTA_VIEWS: dict[str, tuple] = {
 TTA_MODES = ("none", *TTA_VIEWS)  # the single-view spellings
 
 
-def tta_transforms(tta: str) -> list:
-    """The transforms of ``tta`` ('none', or view names of TTA_VIEWS separated by commas) added
-    to the original view; UserError on an unknown name."""
+def tta_view_names(tta: str) -> list[str]:
+    """The view names of ``tta`` ('none': [], else names of TTA_VIEWS separated by commas, each
+    once); ValueError saying what is expected otherwise."""
     if tta == "none":
         return []
     names = [name.strip() for name in tta.split(",")]
-    unknown = [name for name in names if name not in TTA_VIEWS]
-    if unknown or len(set(names)) < len(names):
-        raise UserError(f"--tta {tta}: expected none, or views separated by commas, each once, "
-                        f"from {', '.join(TTA_VIEWS)}")
+    if any(name not in TTA_VIEWS for name in names) or len(set(names)) < len(names):
+        raise ValueError("expected none, or views separated by commas, each once, from "
+                         + ", ".join(TTA_VIEWS))
+    return names
+
+
+def tta_transforms(tta: str) -> list:
+    """The transforms of ``tta`` (tta_view_names) added to the original view; UserError on an
+    unknown name."""
+    try:
+        names = tta_view_names(tta)
+    except ValueError as why:
+        raise UserError(f"--tta {tta}: {why}") from None
     return [transform for name in names for transform in TTA_VIEWS[name]]
 
 

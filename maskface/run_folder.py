@@ -1,8 +1,9 @@
 """A run's folder and every file in it, named here and nowhere else: its name ({name}, then
 {name}2, {name}3, ...), config.json and photos.csv written together, summary.csv, per_class.csv,
-the k-fold files, the notes of experiments.py note, the folder of a run that failed before its first checkpoint removed, and the
-record of the photos a run trains on (path, content digest, label, role), which a --resume
-compares with today's data so that it continues the same experiment or refuses.
+the k-fold files, the notes of experiments.py note, the folder of a run that failed before its
+first checkpoint removed, and the record of the photos a run trains on (path, content digest,
+label, role), which a --resume compares with today's data so that it continues the same
+experiment or refuses.
 """
 from __future__ import annotations
 

@@ -101,7 +101,8 @@ def resolve_settings(args: argparse.Namespace, say: Callable[[str], None] = prin
         flags["crop"] = preprocess.crop
     pipeline = pipelines.checked_pipeline(args.augmentation, preprocess, args.augmentation_sha256)
     precision = run_precision(args, device, next(iter(lasts.values()), None))
-    flags.update(model=models.resolved_model_value(args.model), amp=precision.amp, channels_last="on" if precision.channels_last else "off",
+    flags.update(model=models.resolved_model_value(args.model), amp=precision.amp,
+                 channels_last="on" if precision.channels_last else "off",
                  # the pipeline's file, absolute, and its hash: a replay uses the same one or refuses
                  augmentation=pipelines.resolved_value(args.augmentation),
                  augmentation_sha256=pipeline and pipeline.sha256)

@@ -114,10 +114,11 @@ def normalization(settings: Settings, images: np.ndarray,
                   train_rows: np.ndarray) -> tuple[list, list]:
     """The mean/std a model is fed with: --mean and --std where given, else --normalize as
     resolved (dataset: its training photos')."""
-    if settings.flags.get("mean") and settings.flags.get("std"):
-        return list(settings.mean), list(settings.std)
+    given_mean, given_std = settings.flags.get("mean"), settings.flags.get("std")
+    if given_mean and given_std:  # the dataset's statistics need not be computed at all
+        return list(given_mean), list(given_std)
     mean, std = _normalize_mode(settings, images, train_rows)
-    return list(settings.flags.get("mean") or mean), list(settings.flags.get("std") or std)
+    return list(given_mean or mean), list(given_std or std)
 
 
 def _normalize_mode(settings: Settings, images: np.ndarray,
@@ -512,13 +513,13 @@ def run_kfold(settings: Settings, frame: pd.DataFrame, plan: FoldPlan,
     if procs.main and not (run_dir / run_folder.FOLDS).is_file():  # written once per run
         atomic_write_text(run_dir / run_folder.FOLDS, plan.folds.to_frame("fold").to_csv())
     results = {}
+    ours = range(plan.n_folds) if settings.fold is None else [settings.fold]
     if reporter is not None:  # the run's ETA counts every fold this call still trains
-        ours = range(plan.n_folds) if settings.fold is None else [settings.fold]
         pending = [k for k in ours
                    if not (run_folder.fold_dir(run_dir, k) / run_folder.DONE).is_file()]
         reporter.plan([model_work(settings, *plan.rows[k], procs, fold=k) for k in pending],
                       n_folds=plan.n_folds)
-    for fold in range(plan.n_folds) if settings.fold is None else [settings.fold]:
+    for fold in ours:
         fold_dir = run_folder.fold_dir(run_dir, fold)
         done = fold_dir / run_folder.DONE
         if done.is_file():

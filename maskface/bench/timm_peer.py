@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from maskface.cli import UserError
+from maskface.labels import NUM_CLASSES
 
-N_CLASSES = 18
 SPLITS = ("train", "validation")  # timm train.py's --train-split / --val-split defaults
 
 
@@ -44,7 +44,7 @@ def build_image_folder(root: Path, paths: list[str], labels: np.ndarray,
     """root/<split>/<class>/<photo> as symlinks to the photos (class folders 00..17, every one
     made, even empty), and root/class_map.txt fixing class k at index k: timm numbers only the
     classes it finds files for, so a class missing from a split would shift the others."""
-    names = [f"{k:02d}" for k in range(N_CLASSES)]
+    names = [f"{k:02d}" for k in range(NUM_CLASSES)]
     for split, split_rows in rows.items():
         for name in names:
             (root / split / name).mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def peer_flags(job: dict, data_root: Path, class_map: Path, out_dir: Path) -> li
     height, width = job["resize"]
     flags = ["--data-dir", str(data_root), "--train-split", SPLITS[0], "--val-split", SPLITS[1],
              "--class-map", str(class_map), "--model", job["model"],
-             "--num-classes", str(N_CLASSES), "--input-size", "3", str(height), str(width),
+             "--num-classes", str(NUM_CLASSES), "--input-size", "3", str(height), str(width),
              "--epochs", str(job["epochs"]), "--opt", job["optimizer"], "--lr", str(job["lr"]),
              "-b", str(job["batch_size"]), "--workers", str(job["peer_workers"]),
              "--output", str(out_dir), "--experiment", "peer"]
@@ -131,7 +131,7 @@ def predict_peer(checkpoint: str, paths: list[str], workers: int, batch_size: in
 
     saved = load_peer_checkpoint(Path(checkpoint))
     flags = vars(saved.get("args") or argparse.Namespace())
-    net = timm.create_model(saved["arch"], num_classes=N_CLASSES)
+    net = timm.create_model(saved["arch"], num_classes=NUM_CLASSES)
     net.load_state_dict(saved["state_dict"])
     net.eval()
     transform = create_transform(**resolve_data_config(flags, model=net))
